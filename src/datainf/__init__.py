@@ -1,0 +1,36 @@
+"""datainf: which fine-tuning examples made a LoRA-tuned model behave as it does.
+
+DataInf (Kwon et al., ICLR 2024) and its baselines (Exact, LiSSA, Hessian-free) on per-example
+LoRA gradients of transformers and diffusers models.
+
+Sign convention: influence > 0 = harmful (up-weighting the training example raises the test loss),
+influence < 0 = helpful.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from datainf.errors import DataInfError
+from datainf.influence import InfluenceConfig, block_lambdas, influence, influence_from_config
+from datainf.methods import available_methods, register_method
+from datainf.scores import SIGN_CONVENTION, Scores
+from datainf.store import GradientStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataInfError",
+    "GradientStore",
+    "InfluenceConfig",
+    "SIGN_CONVENTION",
+    "Scores",
+    "available_methods",
+    "block_lambdas",
+    "influence",
+    "influence_from_config",
+    "register_method",
+    "__version__",
+]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,0 +1,71 @@
+"""Exception types raised by datainf.
+
+Every error datainf raises on bad input derives from :class:`DataInfError`, so callers (and the CLI,
+which turns them into a one-line message and exit code 2) can catch them in one place. Messages say
+what is wrong *and* what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DataInfError",
+    "ConfigError",
+    "EmptyInputError",
+    "BlockMismatchError",
+    "NonFiniteGradientError",
+    "StoreError",
+    "StoreCorruptedError",
+    "StoreMismatchError",
+    "FingerprintMismatchError",
+    "LoRAValidationError",
+    "DatasetError",
+    "TaskInputError",
+]
+
+
+class DataInfError(Exception):
+    """Base class of every error datainf raises on bad input or bad state."""
+
+
+class ConfigError(DataInfError, ValueError):
+    """A setting is out of range or inconsistent (e.g. damping <= 0, unknown method)."""
+
+
+class EmptyInputError(DataInfError, ValueError):
+    """A dataset, gradient set or store holds no examples."""
+
+
+class BlockMismatchError(DataInfError, ValueError):
+    """Train and test gradients disagree on block names or block sizes."""
+
+
+class NonFiniteGradientError(DataInfError, ValueError):
+    """A gradient (or loss) holds NaN or infinity; the message names the block and example ids."""
+
+
+class StoreError(DataInfError):
+    """Base class of gradient-store problems."""
+
+
+class StoreCorruptedError(StoreError):
+    """A store's manifest or shard cannot be read, or does not match its manifest."""
+
+
+class StoreMismatchError(StoreError):
+    """An existing store was written with a different configuration than the one asked for."""
+
+
+class FingerprintMismatchError(StoreError):
+    """Train and test gradients were produced by different models/adapters."""
+
+
+class LoRAValidationError(DataInfError, ValueError):
+    """The model's LoRA adapters cannot be used (none found, merged, unsupported variant, ...)."""
+
+
+class DatasetError(DataInfError, ValueError):
+    """A dataset file or its columns cannot be used (missing file/column, empty, unknown labels)."""
+
+
+class TaskInputError(DataInfError, ValueError):
+    """An example cannot be turned into a loss (label out of range, no response tokens, ...)."""

@@ -1,0 +1,302 @@
+"""The functional entry point: influence scores from per-block training and test gradients.
+
+Pipeline of :func:`influence` (method.md sections 2-3):
+
+1. validate the inputs (non-empty, same blocks and sizes, same model fingerprint, finite);
+2. ``lambda_l = damping * mean_i ||g_il||^2 / d_l`` per block from the *training* gradients (read
+   from the store's recorded norms: no pass over the gradients), or one fixed ``lambda``;
+3. test matrix ``V_l``: the mean test gradient (``average`` mode, ``m = 1``) or every test gradient
+   (``pairwise`` mode);
+4. the method's preconditioning, ``R_l ~= V_l (G_l + lambda_l I)^-1`` (its own streaming passes);
+5. one scoring pass: ``I[:, k] = - sum_l R_l g_kl``.
+
+Streaming passes over the training gradients: DataInf 2, Hessian-free 1, LiSSA ``iterations + 1``,
+Exact ``groups + 1``. Peak memory is one batch of gradients plus ``O(m sum_l d_l)`` plus the scores,
+independent of ``n`` (Exact's Woodbury branch excepted: it keeps ``X_l`` of blocks with ``d_l > n``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from datainf.errors import BlockMismatchError, ConfigError, EmptyInputError, FingerprintMismatchError, NonFiniteGradientError, StoreError
+from datainf.methods import MethodContext, get_method
+from datainf.scores import Scores
+from datainf.store import GradientStore
+
+__all__ = ["InfluenceConfig", "influence", "influence_from_config", "block_lambdas", "GradientsLike"]
+
+logger = logging.getLogger(__name__)
+
+GradientsLike = GradientStore | Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class InfluenceConfig:
+    """Settings of one influence computation (recorded with the scores).
+
+    Attributes:
+        method: registered method name (``datainf``, ``exact``, ``lissa``, ``hessian_free``).
+        mode: ``average`` (one score per training example, on the mean test loss) or ``pairwise``
+            (an ``m x n`` matrix, one row per test example).
+        damping: ``lambda_l = damping * mean_i ||g_il||^2 / d_l`` (paper: 0.1). Must be > 0.
+        fixed_lambda: use this ``lambda`` for every block instead (must be > 0).
+        method_options: the method's own options, e.g. ``{"iterations": 10, "scale": 1.0}`` for LiSSA.
+        batch_size: training examples read per batch.
+        compute_dtype: ``float32`` or ``float64``; default float64 when the gradients are stored in
+            float64, else float32 (sums are accumulated in float64 either way; Exact solves in float64).
+        device: where the arithmetic runs (``cpu``, ``cuda``, ...).
+    """
+
+    method: str = "datainf"
+    mode: Literal["average", "pairwise"] = "average"
+    damping: float = 0.1
+    fixed_lambda: float | None = None
+    method_options: Mapping[str, Any] = field(default_factory=dict)
+    batch_size: int = 1024
+    compute_dtype: str | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("average", "pairwise"):
+            raise ConfigError(f"mode must be 'average' or 'pairwise', got {self.mode!r}.")
+        if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping > 0):
+            raise ConfigError(
+                f"damping must be a finite number > 0 (the paper uses 0.1), got {self.damping!r}: "
+                "lambda = 0 makes the inverse undefined."
+            )
+        if self.fixed_lambda is not None and not (math.isfinite(self.fixed_lambda) and self.fixed_lambda > 0):
+            raise ConfigError(f"fixed_lambda must be a finite number > 0, got {self.fixed_lambda!r}.")
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {self.batch_size}.")
+        if self.compute_dtype not in (None, "float32", "float64"):
+            raise ConfigError(f"compute_dtype must be 'float32' or 'float64', got {self.compute_dtype!r}.")
+        get_method(self.method, self.method_options)  # validates the name and the options
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["method_options"] = dict(self.method_options)
+        return out
+
+
+def _as_store(gradients: GradientsLike, role: str) -> GradientStore:
+    if isinstance(gradients, GradientStore):
+        if not gradients.is_complete:
+            raise StoreError(
+                f"The {role} gradient store is unfinished ({gradients.num_examples} examples so far); rerun the "
+                "gradient collection (it resumes) or call store.finalize()."
+            )
+        if gradients.num_examples == 0:
+            raise EmptyInputError(f"The {role} gradients hold no examples.")
+        return gradients
+    if isinstance(gradients, Mapping):
+        if not gradients:
+            raise EmptyInputError(f"The {role} gradients are empty: pass a mapping block name -> tensor ({role} size, d_l).")
+        try:
+            return GradientStore.from_tensors(gradients)
+        except NonFiniteGradientError as err:
+            raise NonFiniteGradientError(f"{role} gradients: {err}") from err
+        except EmptyInputError as err:
+            raise EmptyInputError(f"The {role} gradients hold no examples.") from err
+    raise ConfigError(
+        f"{role} gradients must be a GradientStore or a mapping block name -> tensor, got {type(gradients).__name__}."
+    )
+
+
+def _check_compatible(train: GradientStore, test: GradientStore) -> None:
+    train_dims, test_dims = train.block_dims, test.block_dims
+    only_train = sorted(set(train_dims) - set(test_dims))
+    only_test = sorted(set(test_dims) - set(train_dims))
+    if only_train or only_test:
+        raise BlockMismatchError(
+            f"Train and test gradients have different blocks: only in train {only_train[:5]}"
+            f"{'...' if len(only_train) > 5 else ''}, only in test {only_test[:5]}{'...' if len(only_test) > 5 else ''}. "
+            "Compute both with the same model and adapter."
+        )
+    sizes = [(b, train_dims[b], test_dims[b]) for b in train_dims if train_dims[b] != test_dims[b]]
+    if sizes:
+        raise BlockMismatchError(
+            "Train and test blocks differ in size: "
+            + ", ".join(f"{b} (train {a}, test {c})" for b, a, c in sizes[:5])
+            + ". Compute both with the same model and adapter."
+        )
+    a, b = train.fingerprint.get("model"), test.fingerprint.get("model")
+    if a is not None and b is not None and a != b:
+        raise FingerprintMismatchError(
+            f"Train gradients come from model/adapter {a!r} but test gradients from {b!r}; influence needs both from "
+            "the same fine-tuned model. Recompute one of them."
+        )
+
+
+def block_lambdas(
+    store: GradientStore, *, damping: float = 0.1, fixed_lambda: float | None = None, sum_over_processes: Any = None
+) -> dict[str, float]:
+    """Per-block damping ``lambda_l = damping * (1 / (n d_l)) sum_i ||g_il||^2`` (method.md section 2).
+
+    Computed from the store's recorded squared norms (float64), so it costs no pass over the
+    gradients. With ``fixed_lambda`` every block gets that value. Blocks whose gradients are all zero
+    get ``0.0`` (they are skipped by every method: they contribute nothing to any score).
+    """
+    norms = store.squared_norms()  # (n, L)
+    if not torch.isfinite(norms).all():
+        bad = (~torch.isfinite(norms)).any(dim=1).nonzero().flatten().tolist()
+        raise NonFiniteGradientError(
+            f"Non-finite gradients for training examples {[store.ids[i] for i in bad[:10]]}; recompute them."
+        )
+    totals = norms.sum(dim=0)
+    count = torch.tensor(float(norms.shape[0]), dtype=torch.float64)
+    if sum_over_processes is not None:
+        totals, count = sum_over_processes(totals), sum_over_processes(count)
+    out: dict[str, float] = {}
+    for j, (name, dim) in enumerate(store.block_dims.items()):
+        if float(totals[j]) == 0.0:
+            out[name] = 0.0
+        elif fixed_lambda is not None:
+            out[name] = float(fixed_lambda)
+        else:
+            out[name] = damping * float(totals[j]) / (float(count) * dim)
+    return out
+
+
+def _default_compute_dtype(store: GradientStore, requested: str | None) -> torch.dtype:
+    if requested is not None:
+        return getattr(torch, requested)
+    return torch.float64 if store.torch_dtype == torch.float64 else torch.float32
+
+
+def influence_from_config(
+    train: GradientsLike, test: GradientsLike, config: InfluenceConfig, *, progress: bool = True
+) -> Scores:
+    """Run :func:`influence` with an :class:`InfluenceConfig` (what the CLI uses)."""
+    started = time.perf_counter()
+    train_store, test_store = _as_store(train, "train"), _as_store(test, "test")
+    _check_compatible(train_store, test_store)
+    method = get_method(config.method, config.method_options)
+    compute_dtype = _default_compute_dtype(train_store, config.compute_dtype)
+    device = torch.device(config.device)
+
+    lambdas = block_lambdas(train_store, damping=config.damping, fixed_lambda=config.fixed_lambda)
+    zero_blocks = sorted(b for b, lam in lambdas.items() if lam == 0.0)
+    if zero_blocks:
+        logger.warning(
+            "%d block(s) have all-zero training gradients and contribute nothing to any score: %s%s",
+            len(zero_blocks), zero_blocks[:3], "..." if len(zero_blocks) > 3 else "",
+        )
+    blocks = sorted(b for b in train_store.block_dims if lambdas[b] > 0)
+    if not blocks:
+        raise EmptyInputError("Every training gradient is zero: there is nothing to attribute. Check that the adapter is trainable.")
+
+    test_grads = test_store.to_dict()
+    vectors: dict[str, torch.Tensor] = {}
+    for name in blocks:
+        v = test_grads[name].to(torch.float64)
+        if config.mode == "average":
+            v = v.mean(dim=0, keepdim=True)
+        vectors[name] = v.to(device=device, dtype=compute_dtype)
+
+    ctx = MethodContext(
+        train=train_store,
+        lambdas=lambdas,
+        blocks=blocks,
+        batch_size=config.batch_size,
+        compute_dtype=compute_dtype,
+        device=device,
+        progress=progress,
+        total_examples=train_store.num_examples,
+    )
+    preconditioned = method.precondition(vectors, ctx)
+    precondition_seconds = time.perf_counter() - started
+
+    rows = next(iter(preconditioned.vectors.values())).shape[0]
+    values = torch.empty(rows, train_store.num_examples, dtype=torch.float64)
+    start = 0
+    for batch in ctx.stream(f"Scores ({method.name})"):
+        size = next(iter(batch.values())).shape[0]
+        partial = torch.zeros(rows, size, dtype=compute_dtype, device=device)
+        for name in blocks:
+            partial -= preconditioned.vectors[name] @ batch[name].T  # (m, b)
+        values[:, start : start + size] = partial.to("cpu", torch.float64)
+        start += size
+
+    settings = {
+        **config.to_dict(),
+        "method": method.name,
+        "method_options": method.settings(),
+        "lambdas": {b: lambdas[b] for b in train_store.block_dims},
+        "compute_dtype": str(compute_dtype).replace("torch.", ""),
+        "storage_dtype": train_store.dtype,
+        "fingerprint": train_store.fingerprint,
+    }
+    diagnostics = {
+        **preconditioned.diagnostics,
+        "seconds": time.perf_counter() - started,
+        "precondition_seconds": precondition_seconds,
+        "passes": ctx.passes,
+        "passes_description": f"{method.passes_description} + 1 scoring pass",
+        "zero_gradient_blocks": zero_blocks,
+    }
+    return Scores(
+        values=values[0] if config.mode == "average" else values,
+        train_ids=train_store.ids,
+        test_ids=test_store.ids,
+        method=method.name,
+        mode=config.mode,
+        settings=settings,
+        diagnostics=diagnostics,
+    )
+
+
+def influence(
+    train: GradientsLike,
+    test: GradientsLike,
+    *,
+    method: str = "datainf",
+    mode: Literal["average", "pairwise"] = "average",
+    damping: float = 0.1,
+    fixed_lambda: float | None = None,
+    method_options: Mapping[str, Any] | None = None,
+    batch_size: int = 1024,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Scores:
+    """Influence of every training example on the test loss (positive = harmful).
+
+    Args:
+        train: training gradients, a :class:`~datainf.store.GradientStore` or a mapping block name ->
+            tensor of shape ``(n, d_l)``.
+        test: test gradients, same blocks, shape ``(m, d_l)``.
+        method: ``datainf`` (paper eq. 5), ``exact``, ``lissa`` or ``hessian_free``.
+        mode: ``average`` -> ``Scores.values`` of shape ``(n,)``; ``pairwise`` -> ``(m, n)``.
+        damping: ``lambda_l = damping * mean_i ||g_il||^2 / d_l`` per block (> 0; paper 0.1).
+        fixed_lambda: one ``lambda`` for every block instead.
+        method_options: e.g. ``{"iterations": 10, "scale": "trace"}`` for LiSSA,
+            ``{"max_memory_gb": 4}`` for Exact.
+        batch_size: training examples per streamed batch.
+        device: where the arithmetic runs.
+        progress: show progress bars.
+
+    Returns:
+        :class:`~datainf.scores.Scores`; ``values[k] > 0`` means example ``k`` raises the test loss.
+
+    Raises:
+        EmptyInputError, BlockMismatchError, FingerprintMismatchError, NonFiniteGradientError,
+        ConfigError (all :class:`~datainf.errors.DataInfError`).
+    """
+    config = InfluenceConfig(
+        method=method,
+        mode=mode,
+        damping=damping,
+        fixed_lambda=fixed_lambda,
+        method_options=dict(method_options or {}),
+        batch_size=batch_size,
+        device=device,
+    )
+    return influence_from_config(train, test, config, progress=progress)

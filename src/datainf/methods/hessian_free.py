@@ -1,0 +1,23 @@
+"""Hessian-free influence: the plain gradient dot product at the final checkpoint (TracIn-like)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from datainf.methods.base import InfluenceMethod, MethodContext, Preconditioned, register_method
+
+
+@register_method
+class HessianFree(InfluenceMethod):
+    """Replaces ``(G_l + lambda_l I)^-1`` by the identity: ``R_l = V_l``, so ``I(k) = - sum_l v_l . g_kl``.
+
+    Ignores the damping. No pass of its own: only the engine's scoring pass reads the gradients.
+    """
+
+    name = "hessian_free"
+    passes_description = "0 passes (R = V)"
+
+    def precondition(self, test: Mapping[str, torch.Tensor], ctx: MethodContext) -> Preconditioned:
+        return Preconditioned({name: test[name] for name in ctx.blocks})

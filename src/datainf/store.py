@@ -1,0 +1,599 @@
+"""Per-example gradient storage: a RAM backend for small runs and a sharded disk backend for large ones.
+
+A store holds, for ``n`` examples, one flattened gradient per *block* (one trainable tensor, e.g. a
+``lora_A`` weight): block ``l`` is an ``(n, d_l)`` matrix ``X_l`` whose row ``i`` is ``g_il``
+(method.md section 1). Alongside the gradients it keeps each example's squared norm per block,
+``||g_il||^2`` (float64, computed from the *stored* values), so that the per-block damping
+``lambda_l`` and DataInf's denominators cost no extra pass over the gradients.
+
+Disk layout (one folder)::
+
+    manifest.json                     format, block names and sizes, storage dtype, fingerprint,
+                                      shard list (file, ids, bytes), complete flag
+    shard-00000.safetensors           one tensor per block, (k, d_l) in the storage dtype, plus
+                                      "__sq_norms__" (k, L) float64 in block order
+    ...
+
+Writes are atomic: a shard is written to a temporary file and renamed, then the manifest is
+rewritten the same way. An interrupted run therefore leaves only finished shards listed; reopening
+the folder with :meth:`GradientStore.create` and the same configuration resumes after them (the
+examples already stored are in :attr:`GradientStore.ids`). Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from datainf.errors import (
+    BlockMismatchError,
+    ConfigError,
+    EmptyInputError,
+    NonFiniteGradientError,
+    StoreCorruptedError,
+    StoreError,
+    StoreMismatchError,
+)
+
+__all__ = ["GradientStore", "RamGradientStore", "DiskGradientStore", "STORAGE_DTYPES", "atomic_write_bytes"]
+
+logger = logging.getLogger(__name__)
+
+STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_FORMAT = "datainf-gradient-store"
+_VERSION = 1
+_NORMS_KEY = "__sq_norms__"
+_MANIFEST = "manifest.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _non_finite_ids(values: torch.Tensor, ids: Sequence[str], limit: int = 10) -> list[str]:
+    bad_rows = (~torch.isfinite(values)).reshape(values.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+    return [ids[i] for i in bad_rows[:limit]] + (["..."] if len(bad_rows) > limit else [])
+
+
+def _validate_block_dims(block_dims: Mapping[str, int]) -> dict[str, int]:
+    if not block_dims:
+        raise ConfigError("A gradient store needs at least one block (a mapping block name -> size d_l); got none.")
+    out: dict[str, int] = {}
+    for name, dim in block_dims.items():
+        if not isinstance(name, str) or not name or name.startswith("__"):
+            raise ConfigError(f"Block name {name!r} is not usable: names must be non-empty strings not starting with '__'.")
+        if int(dim) <= 0:
+            raise ConfigError(f"Block {name!r} has size {dim}; every block needs at least one parameter.")
+        out[name] = int(dim)
+    return out
+
+
+class GradientStore(ABC):
+    """Per-example gradients of ``n`` examples, block by block; appendable and readable in batches.
+
+    Create one with :meth:`create` (``path=None`` gives the RAM backend), :meth:`open` an existing
+    disk store, or wrap in-memory tensors with :meth:`from_tensors`.
+    """
+
+    def __init__(self, block_dims: Mapping[str, int], dtype: str, fingerprint: Mapping[str, str] | None) -> None:
+        if dtype not in STORAGE_DTYPES:
+            raise ConfigError(f"Storage dtype {dtype!r} is not supported; use one of {sorted(STORAGE_DTYPES)}.")
+        self._block_dims = _validate_block_dims(block_dims)
+        self._dtype_name = dtype
+        self._fingerprint = {str(k): str(v) for k, v in (fingerprint or {}).items()}
+        self._ids: list[str] = []
+        self._id_set: set[str] = set()
+        self._complete = False
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def create(
+        path: str | os.PathLike[str] | None = None,
+        *,
+        block_dims: Mapping[str, int],
+        dtype: str = "float32",
+        fingerprint: Mapping[str, str] | None = None,
+        shard_size: int = 1024,
+        overwrite: bool = False,
+    ) -> GradientStore:
+        """Make a new store, or reopen an unfinished disk store with the same configuration.
+
+        Args:
+            path: folder of a disk store, or ``None`` for the RAM backend.
+            block_dims: block name -> number of parameters ``d_l``, in a fixed order.
+            dtype: storage dtype, one of ``float32`` (default), ``bfloat16``, ``float16``, ``float64``.
+            fingerprint: strings identifying what produced the gradients; key ``"model"`` identifies
+                the base model + adapter and must agree between train and test stores.
+            shard_size: examples per shard file (disk backend).
+            overwrite: delete an existing store at ``path`` instead of resuming it.
+        """
+        if path is None:
+            return RamGradientStore(block_dims=block_dims, dtype=dtype, fingerprint=fingerprint)
+        return DiskGradientStore._create(
+            Path(path), block_dims=block_dims, dtype=dtype, fingerprint=fingerprint, shard_size=shard_size, overwrite=overwrite
+        )
+
+    @staticmethod
+    def open(path: str | os.PathLike[str]) -> DiskGradientStore:
+        """Open an existing disk store for reading (refuses corrupted or unknown folders)."""
+        return DiskGradientStore._open(Path(path))
+
+    @staticmethod
+    def from_tensors(
+        grads: Mapping[str, torch.Tensor],
+        *,
+        ids: Sequence[str] | None = None,
+        fingerprint: Mapping[str, str] | None = None,
+    ) -> RamGradientStore:
+        """Wrap in-memory gradients: block name -> tensor of shape ``(n, d_l)`` (or ``(n, *shape)``).
+
+        The dtype is kept when it is a storage dtype (float64 stays float64), else float32.
+        """
+        if not grads:
+            raise EmptyInputError("No gradient blocks were given: pass a mapping block name -> tensor (n, d_l).")
+        first = next(iter(grads.values()))
+        n = int(first.shape[0]) if first.dim() > 0 else 0
+        dims: dict[str, int] = {}
+        flat: dict[str, torch.Tensor] = {}
+        for name, tensor in grads.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise ConfigError(f"Block {name!r} is a {type(tensor).__name__}, not a torch.Tensor of shape (n, d_l).")
+            if tensor.dim() < 2 or tensor.shape[0] != n:
+                raise BlockMismatchError(
+                    f"Block {name!r} has shape {tuple(tensor.shape)}; every block must be (n, d_l) with the same n "
+                    f"(the first block has n={n})."
+                )
+            flat[name] = tensor.reshape(n, -1)
+            dims[name] = flat[name].shape[1]
+        if n == 0:
+            raise EmptyInputError("The gradients hold no examples (n = 0).")
+        dtype = next((k for k, v in STORAGE_DTYPES.items() if v == first.dtype), "float32")
+        store = RamGradientStore(block_dims=dims, dtype=dtype, fingerprint=fingerprint)
+        store.append([str(i) for i in range(n)] if ids is None else list(ids), flat)
+        store.finalize()
+        return store
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def block_dims(self) -> dict[str, int]:
+        """Block name -> size ``d_l``, in storage order."""
+        return dict(self._block_dims)
+
+    @property
+    def dtype(self) -> str:
+        """Storage dtype name."""
+        return self._dtype_name
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return STORAGE_DTYPES[self._dtype_name]
+
+    @property
+    def fingerprint(self) -> dict[str, str]:
+        return dict(self._fingerprint)
+
+    @property
+    def ids(self) -> list[str]:
+        """Ids of the stored examples, in storage order (buffered, unflushed ones included)."""
+        return list(self._ids)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self._ids)
+
+    @property
+    def is_complete(self) -> bool:
+        return self._complete
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __enter__(self) -> GradientStore:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.flush()
+
+    # ------------------------------------------------------------------ writing
+    def append(self, ids: Sequence[str], grads: Mapping[str, torch.Tensor]) -> None:
+        """Add a batch of ``b`` examples: ``grads[name]`` has shape ``(b, d_l)`` (or ``(b, *shape)``).
+
+        Raises:
+            BlockMismatchError: block names or sizes differ from the store's.
+            NonFiniteGradientError: a value is NaN/inf (before or after the cast to the storage dtype).
+            StoreError: an id is already stored, or the store is finalized.
+        """
+        if self._complete:
+            raise StoreError("This gradient store is finalized; create a new one (or pass overwrite=True) to add examples.")
+        ids = [str(i) for i in ids]
+        b = len(ids)
+        if b == 0:
+            return
+        missing = [k for k in self._block_dims if k not in grads]
+        extra = [k for k in grads if k not in self._block_dims]
+        if missing or extra:
+            raise BlockMismatchError(
+                f"The batch's blocks do not match the store's: missing {missing[:5]}, unexpected {extra[:5]}. "
+                "Collect gradients with the same model and adapter as the store was created for."
+            )
+        dupes = [i for i in ids if i in self._id_set]
+        if dupes or len(set(ids)) != b:
+            raise StoreError(f"Example ids must be unique; already stored or repeated: {dupes[:10] or ids[:10]}.")
+        target = self.torch_dtype
+        stored: dict[str, torch.Tensor] = {}
+        norms = torch.empty(b, len(self._block_dims), dtype=torch.float64)
+        for j, (name, dim) in enumerate(self._block_dims.items()):
+            tensor = grads[name].detach()
+            if tensor.shape[0] != b or tensor[0].numel() != dim:
+                raise BlockMismatchError(
+                    f"Block {name!r}: got shape {tuple(tensor.shape)} for {b} examples, expected ({b}, {dim})."
+                )
+            tensor = tensor.reshape(b, dim)
+            if not torch.isfinite(tensor).all():
+                raise NonFiniteGradientError(
+                    f"Non-finite gradient in block {name!r} for examples {_non_finite_ids(tensor, ids)}. "
+                    "Check these examples' losses (empty targets, extreme values) or lower the learning rate of the fine-tune."
+                )
+            cast = tensor.to(device="cpu", dtype=target).contiguous()
+            if not torch.isfinite(cast).all():
+                raise NonFiniteGradientError(
+                    f"Block {name!r} overflows the storage dtype {self._dtype_name} for examples "
+                    f"{_non_finite_ids(cast, ids)}; use dtype='bfloat16' or 'float32'."
+                )
+            stored[name] = cast
+            norms[:, j] = cast.to(torch.float64).pow(2).sum(dim=1)
+        self._write(ids, stored, norms)
+        self._ids.extend(ids)
+        self._id_set.update(ids)
+
+    def flush(self) -> None:
+        """Write buffered examples out (disk backend); a no-op for the RAM backend."""
+
+    def finalize(self) -> None:
+        """Flush and mark the store complete; further appends are refused."""
+        self.flush()
+        self._complete = True
+
+    @abstractmethod
+    def _write(self, ids: list[str], grads: dict[str, torch.Tensor], sq_norms: torch.Tensor) -> None: ...
+
+    # ------------------------------------------------------------------ reading
+    @abstractmethod
+    def iter_batches(
+        self, batch_size: int = 1024, blocks: Sequence[str] | None = None
+    ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+        """Yield ``(ids, {block: tensor (b, d_l)})`` in storage order, ``b <= batch_size``, storage dtype.
+
+        Batches never span two shards, so their sizes may vary. ``blocks`` restricts what is read.
+        """
+
+    @abstractmethod
+    def squared_norms(self) -> torch.Tensor:
+        """``||g_il||^2`` of every stored example and block: float64 tensor of shape ``(n, L)`` (block order)."""
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """Every block as one ``(n, d_l)`` tensor in the storage dtype (loads everything into RAM)."""
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in self._block_dims}
+        for _, batch in self.iter_batches(batch_size=1 << 30):
+            for name, tensor in batch.items():
+                parts[name].append(tensor)
+        return {
+            name: (torch.cat(chunks) if chunks else torch.empty(0, self._block_dims[name], dtype=self.torch_dtype))
+            for name, chunks in parts.items()
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(n={self.num_examples}, blocks={len(self._block_dims)}, "
+            f"params={sum(self._block_dims.values())}, dtype={self._dtype_name}, complete={self._complete})"
+        )
+
+
+class RamGradientStore(GradientStore):
+    """Gradients kept in memory as a list of appended chunks."""
+
+    def __init__(self, *, block_dims: Mapping[str, int], dtype: str = "float32", fingerprint: Mapping[str, str] | None = None) -> None:
+        super().__init__(block_dims, dtype, fingerprint)
+        self._chunks: list[tuple[list[str], dict[str, torch.Tensor]]] = []
+        self._norm_chunks: list[torch.Tensor] = []
+
+    def _write(self, ids: list[str], grads: dict[str, torch.Tensor], sq_norms: torch.Tensor) -> None:
+        self._chunks.append((ids, grads))
+        self._norm_chunks.append(sq_norms)
+
+    def iter_batches(
+        self, batch_size: int = 1024, blocks: Sequence[str] | None = None
+    ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}.")
+        names = list(self._block_dims) if blocks is None else list(blocks)
+        for ids, grads in self._chunks:
+            for start in range(0, len(ids), batch_size):
+                stop = start + batch_size
+                yield ids[start:stop], {name: grads[name][start:stop] for name in names}
+
+    def squared_norms(self) -> torch.Tensor:
+        if not self._norm_chunks:
+            return torch.empty(0, len(self._block_dims), dtype=torch.float64)
+        return torch.cat(self._norm_chunks)
+
+
+class DiskGradientStore(GradientStore):
+    """Gradients in safetensors shards under one folder, described by ``manifest.json``."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        block_dims: Mapping[str, int],
+        dtype: str,
+        fingerprint: Mapping[str, str] | None,
+        shard_size: int,
+    ) -> None:
+        super().__init__(block_dims, dtype, fingerprint)
+        if shard_size <= 0:
+            raise ConfigError(f"shard_size must be positive, got {shard_size}.")
+        self.path = path
+        self.shard_size = int(shard_size)
+        self._shards: list[dict[str, Any]] = []
+        self._buffer_ids: list[str] = []
+        self._buffer: dict[str, list[torch.Tensor]] = {name: [] for name in self._block_dims}
+        self._buffer_norms: list[torch.Tensor] = []
+        self._norms_cache: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ manifest
+    def _manifest(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "blocks": [[name, dim] for name, dim in self._block_dims.items()],
+            "dtype": self._dtype_name,
+            "fingerprint": self._fingerprint,
+            "shard_size": self.shard_size,
+            "complete": self._complete,
+            "num_examples": sum(s["num_examples"] for s in self._shards),
+            "shards": self._shards,
+        }
+
+    def _write_manifest(self) -> None:
+        atomic_write_bytes(self.path / _MANIFEST, json.dumps(self._manifest(), indent=1).encode())
+
+    def _same_config(self, other: dict[str, Any]) -> list[str]:
+        mine = self._manifest()
+        return [key for key in ("blocks", "dtype", "fingerprint", "shard_size") if mine[key] != other.get(key)]
+
+    @classmethod
+    def _create(
+        cls,
+        path: Path,
+        *,
+        block_dims: Mapping[str, int],
+        dtype: str,
+        fingerprint: Mapping[str, str] | None,
+        shard_size: int,
+        overwrite: bool,
+    ) -> DiskGradientStore:
+        store = cls(path, block_dims=block_dims, dtype=dtype, fingerprint=fingerprint, shard_size=shard_size)
+        manifest_path = path / _MANIFEST
+        if path.exists() and overwrite:
+            if manifest_path.exists() or not any(path.iterdir()):
+                shutil.rmtree(path)
+            else:
+                raise StoreError(f"{path} exists and is not a gradient store; refusing to delete it. Choose another folder.")
+        if manifest_path.exists():
+            existing = cls._open(path)
+            differences = store._same_config(existing._manifest())
+            if differences:
+                raise StoreMismatchError(
+                    f"The gradient store at {path} was written with a different {', '.join(differences)} "
+                    f"(stored: {', '.join(f'{k}={existing._manifest()[k]!r}' for k in differences)[:400]}). "
+                    "Pass overwrite=True (CLI: --overwrite) to replace it, or choose another folder."
+                )
+            if existing.num_examples:
+                logger.info("Resuming gradient store %s: %d examples already stored.", path, existing.num_examples)
+            existing._complete = False
+            return existing
+        if path.exists() and any(path.iterdir()):
+            raise StoreError(f"{path} exists, is not empty and holds no gradient store manifest; choose another folder.")
+        path.mkdir(parents=True, exist_ok=True)
+        store._write_manifest()
+        return store
+
+    @classmethod
+    def _open(cls, path: Path) -> DiskGradientStore:
+        manifest_path = path / _MANIFEST
+        if not manifest_path.is_file():
+            raise StoreCorruptedError(
+                f"No gradient store at {path}: {_MANIFEST} is missing. Compute gradients into it first (datainf grads)."
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("format") != _FORMAT:
+                raise ValueError(f"format is {manifest.get('format')!r}")
+            if manifest.get("version") != _VERSION:
+                raise ValueError(f"version {manifest.get('version')!r} is not {_VERSION}")
+            block_dims = {str(name): int(dim) for name, dim in manifest["blocks"]}
+            store = cls(
+                path,
+                block_dims=block_dims,
+                dtype=str(manifest["dtype"]),
+                fingerprint=manifest.get("fingerprint") or {},
+                shard_size=int(manifest["shard_size"]),
+            )
+            shards = list(manifest["shards"])
+            for shard in shards:
+                for key in ("file", "num_examples", "ids", "bytes", "sha256"):
+                    if key not in shard:
+                        raise ValueError(f"a shard entry lacks {key!r}")
+        except (ValueError, KeyError, TypeError) as err:
+            raise StoreCorruptedError(
+                f"The gradient store manifest {manifest_path} is unreadable ({err}). Delete {path} and recompute the gradients."
+            ) from err
+        except ConfigError as err:
+            raise StoreCorruptedError(f"The gradient store manifest {manifest_path} is invalid: {err}") from err
+        for shard in shards:
+            file = path / shard["file"]
+            if not file.is_file():
+                raise StoreCorruptedError(
+                    f"Shard {file} listed in {manifest_path} is missing. Rerun the same command to recompute it after "
+                    f"deleting the store, or restore the file."
+                )
+            if file.stat().st_size != shard["bytes"]:
+                raise StoreCorruptedError(
+                    f"Shard {file} has {file.stat().st_size} bytes but the manifest records {shard['bytes']}: it is "
+                    "truncated or was replaced. Delete the store folder and recompute the gradients."
+                )
+            if len(shard["ids"]) != shard["num_examples"]:
+                raise StoreCorruptedError(f"Shard {file}: the manifest lists {len(shard['ids'])} ids for {shard['num_examples']} examples.")
+            store._ids.extend(shard["ids"])
+        store._shards = shards
+        store._id_set = set(store._ids)
+        if len(store._id_set) != len(store._ids):
+            raise StoreCorruptedError(f"The gradient store at {path} lists some example ids twice; delete it and recompute.")
+        store._complete = bool(manifest.get("complete", False))
+        return store
+
+    # ------------------------------------------------------------------ writing
+    def _write(self, ids: list[str], grads: dict[str, torch.Tensor], sq_norms: torch.Tensor) -> None:
+        self._buffer_ids.extend(ids)
+        for name, tensor in grads.items():
+            self._buffer[name].append(tensor)
+        self._buffer_norms.append(sq_norms)
+        while len(self._buffer_ids) >= self.shard_size:
+            self._write_shard(self.shard_size)
+
+    def flush(self) -> None:
+        while self._buffer_ids:
+            self._write_shard(min(self.shard_size, len(self._buffer_ids)))
+
+    def finalize(self) -> None:
+        self.flush()
+        self._complete = True
+        self._write_manifest()
+
+    def _write_shard(self, count: int) -> None:
+        ids = self._buffer_ids[:count]
+        tensors: dict[str, torch.Tensor] = {}
+        for name in self._block_dims:
+            joined = torch.cat(self._buffer[name])
+            tensors[name] = joined[:count].contiguous()
+            self._buffer[name] = [joined[count:]] if joined.shape[0] > count else []
+        norms = torch.cat(self._buffer_norms)
+        tensors[_NORMS_KEY] = norms[:count].contiguous()
+        self._buffer_norms = [norms[count:]] if norms.shape[0] > count else []
+        self._buffer_ids = self._buffer_ids[count:]
+
+        file_name = f"shard-{len(self._shards):05d}.safetensors"
+        final = self.path / file_name
+        fd, tmp = tempfile.mkstemp(prefix=f".{file_name}.", suffix=".tmp", dir=self.path)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"format": _FORMAT})
+            digest = _sha256(Path(tmp))
+            size = os.path.getsize(tmp)
+            os.replace(tmp, final)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._shards.append({"file": file_name, "num_examples": count, "ids": ids, "bytes": size, "sha256": digest})
+        self._norms_cache = None
+        self._write_manifest()
+
+    # ------------------------------------------------------------------ reading
+    def _read_shard(self, shard: dict[str, Any], names: Sequence[str]) -> dict[str, torch.Tensor]:
+        file = self.path / shard["file"]
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                out = {name: handle.get_tensor(name) for name in names}
+        except Exception as err:  # safetensors raises several error types on damaged files
+            raise StoreCorruptedError(
+                f"Shard {file} cannot be read ({type(err).__name__}: {err}). Delete the store folder and recompute the gradients."
+            ) from err
+        for name, tensor in out.items():
+            expected = (shard["num_examples"], len(self._block_dims) if name == _NORMS_KEY else self._block_dims[name])
+            if tuple(tensor.shape) != expected:
+                raise StoreCorruptedError(
+                    f"Shard {file}: tensor {name!r} has shape {tuple(tensor.shape)}, the manifest implies {expected}. "
+                    "Delete the store folder and recompute the gradients."
+                )
+        return out
+
+    def iter_batches(
+        self, batch_size: int = 1024, blocks: Sequence[str] | None = None
+    ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}.")
+        if self._buffer_ids:
+            self.flush()
+        names = list(self._block_dims) if blocks is None else list(blocks)
+        unknown = [n for n in names if n not in self._block_dims]
+        if unknown:
+            raise BlockMismatchError(f"Unknown blocks {unknown[:5]}; the store holds {list(self._block_dims)[:5]}...")
+        for shard in self._shards:
+            tensors = self._read_shard(shard, names)
+            ids = shard["ids"]
+            for start in range(0, len(ids), batch_size):
+                stop = start + batch_size
+                yield ids[start:stop], {name: tensors[name][start:stop] for name in names}
+
+    def squared_norms(self) -> torch.Tensor:
+        if self._buffer_ids:
+            self.flush()
+        if self._norms_cache is None:
+            parts = [self._read_shard(shard, [_NORMS_KEY])[_NORMS_KEY] for shard in self._shards]
+            self._norms_cache = torch.cat(parts) if parts else torch.empty(0, len(self._block_dims), dtype=torch.float64)
+        return self._norms_cache
+
+    def verify(self) -> None:
+        """Check every shard's SHA-256 against the manifest (reads the whole store once)."""
+        for shard in self._shards:
+            file = self.path / shard["file"]
+            if _sha256(file) != shard["sha256"]:
+                raise StoreCorruptedError(
+                    f"Shard {file} does not match its recorded checksum: its contents changed after it was written. "
+                    "Delete the store folder and recompute the gradients."
+                )
+        for shard in self._shards:
+            norms = self._read_shard(shard, [_NORMS_KEY])[_NORMS_KEY]
+            if not torch.isfinite(norms).all() or (norms < 0).any():
+                raise StoreCorruptedError(f"Shard {self.path / shard['file']} holds invalid squared norms.")
