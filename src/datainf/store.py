@@ -170,6 +170,8 @@ class GradientStore(ABC):
             raise EmptyInputError("No gradient blocks were given: pass a mapping block name -> tensor (n, d_l).")
         first = next(iter(grads.values()))
         n = int(first.shape[0]) if first.dim() > 0 else 0
+        if n == 0:
+            raise EmptyInputError("The gradients hold no examples (n = 0).")
         dims: dict[str, int] = {}
         flat: dict[str, torch.Tensor] = {}
         for name, tensor in grads.items():
@@ -182,8 +184,6 @@ class GradientStore(ABC):
                 )
             flat[name] = tensor.reshape(n, -1)
             dims[name] = flat[name].shape[1]
-        if n == 0:
-            raise EmptyInputError("The gradients hold no examples (n = 0).")
         dtype = next((k for k, v in STORAGE_DTYPES.items() if v == first.dtype), "float32")
         store = RamGradientStore(block_dims=dims, dtype=dtype, fingerprint=fingerprint)
         store.append([str(i) for i in range(n)] if ids is None else list(ids), flat)
