@@ -10,7 +10,8 @@ Pipeline of :func:`influence` (method.md sections 2-3):
 4. the method's preconditioning, ``R_l ~= V_l (G_l + lambda_l I)^-1`` (its own streaming passes);
 5. one scoring pass: ``I[:, k] = - sum_l R_l g_kl``.
 
-Streaming passes over the training gradients: DataInf 2, Hessian-free 1, LiSSA ``iterations + 1``,
+Sums over examples accumulate in the compute dtype (float32 unless the gradients are float64), in
+place. Streaming passes over the training gradients: DataInf 2, Hessian-free 1, LiSSA ``iterations + 1``,
 Exact ``groups + 1``. Peak memory is one batch of gradients plus ``O(m sum_l d_l)`` plus the scores,
 independent of ``n`` (Exact's Woodbury branch excepted: it keeps ``X_l`` of blocks with ``d_l > n``).
 """
@@ -52,7 +53,7 @@ class InfluenceConfig:
         method_options: the method's own options, e.g. ``{"iterations": 10, "scale": 1.0}`` for LiSSA.
         batch_size: training examples read per batch.
         compute_dtype: ``float32`` or ``float64``; default float64 when the gradients are stored in
-            float64, else float32 (sums are accumulated in float64 either way; Exact solves in float64).
+            float64, else float32 (Exact always solves in float64).
         device: where the arithmetic runs (``cpu``, ``cuda``, ...).
     """
 
@@ -197,9 +198,9 @@ def influence_from_config(
     test_grads = test_store.to_dict()
     vectors: dict[str, torch.Tensor] = {}
     for name in blocks:
-        v = test_grads[name].to(torch.float64)
+        v = test_grads.pop(name)
         if config.mode == "average":
-            v = v.mean(dim=0, keepdim=True)
+            v = v.mean(dim=0, keepdim=True, dtype=torch.float64)
         vectors[name] = v.to(device=device, dtype=compute_dtype)
 
     ctx = MethodContext(
@@ -220,10 +221,10 @@ def influence_from_config(
     start = 0
     for batch in ctx.stream(f"Scores ({method.name})"):
         size = next(iter(batch.values())).shape[0]
-        partial = torch.zeros(rows, size, dtype=compute_dtype, device=device)
+        partial = torch.zeros(size, rows, dtype=compute_dtype, device=device)  # (b, m)
         for name in blocks:
-            partial -= preconditioned.vectors[name] @ batch[name].T  # (m, b)
-        values[:, start : start + size] = partial.to("cpu", torch.float64)
+            partial.addmm_(batch[name], preconditioned.vectors[name].T, alpha=-1.0)  # -= X_b R_l^T
+        values[:, start : start + size] = partial.T.to("cpu", torch.float64)
         start += size
 
     settings = {

@@ -269,19 +269,22 @@ class GradientStore(ABC):
                     f"Block {name!r}: got shape {tuple(tensor.shape)} for {b} examples, expected ({b}, {dim})."
                 )
             tensor = tensor.reshape(b, dim)
-            if not torch.isfinite(tensor).all():
+            cast = tensor.to(device="cpu", dtype=target).contiguous()
+            # A row holds NaN/inf exactly when its squared norm (float64, no overflow for 16/32-bit values) does.
+            squared = torch.linalg.vector_norm(cast, dim=1, dtype=torch.float64).square()
+            if not torch.isfinite(squared).all():
+                original_finite = torch.isfinite(tensor).all() if cast is not tensor else False
+                if original_finite:
+                    raise NonFiniteGradientError(
+                        f"Block {name!r} overflows the storage dtype {self._dtype_name} for examples "
+                        f"{_non_finite_ids(cast, ids)}; use dtype='bfloat16' or 'float32'."
+                    )
                 raise NonFiniteGradientError(
                     f"Non-finite gradient in block {name!r} for examples {_non_finite_ids(tensor, ids)}. "
                     "Check these examples' losses (empty targets, extreme values) or lower the learning rate of the fine-tune."
                 )
-            cast = tensor.to(device="cpu", dtype=target).contiguous()
-            if not torch.isfinite(cast).all():
-                raise NonFiniteGradientError(
-                    f"Block {name!r} overflows the storage dtype {self._dtype_name} for examples "
-                    f"{_non_finite_ids(cast, ids)}; use dtype='bfloat16' or 'float32'."
-                )
             stored[name] = cast
-            norms[:, j] = cast.to(torch.float64).pow(2).sum(dim=1)
+            norms[:, j] = squared
         self._write(ids, stored, norms)
         self._ids.extend(ids)
         self._id_set.update(ids)

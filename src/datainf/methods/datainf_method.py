@@ -20,7 +20,8 @@ class DataInf(InfluenceMethod):
         C_l = (V_l X_l^T) / (lambda_l + ||g_il||^2)         (m x n, formed one batch at a time)
         R_l = ( V_l - C_l X_l / n ) / lambda_l              (m x d_l)
 
-    One streaming pass accumulates ``sum_i c_il g_il``; no ``n x n`` Gram matrix is ever formed.
+    One streaming pass accumulates ``sum_i c_il g_il`` in place (compute dtype); no ``n x n`` Gram matrix is
+    ever formed.
     Time ``O(m sum_l n d_l)``, memory ``O(m sum_l d_l)`` beyond one batch.
     """
 
@@ -28,15 +29,15 @@ class DataInf(InfluenceMethod):
     passes_description = "1 pass (accumulates sum_i c_i g_i per block)"
 
     def precondition(self, test: Mapping[str, torch.Tensor], ctx: MethodContext) -> Preconditioned:
-        sums = {name: torch.zeros_like(test[name], dtype=torch.float64) for name in ctx.blocks}
+        sums = {name: torch.zeros_like(test[name]) for name in ctx.blocks}  # (m, d_l) each
         for batch in ctx.stream("DataInf"):
             for name in ctx.blocks:
-                grads = batch[name]  # (b, d)
-                denominators = ctx.lambdas[name] + grads.pow(2).sum(dim=1)  # (b,)
-                coefficients = (test[name] @ grads.T) / denominators  # (m, b)
-                sums[name] += (coefficients @ grads).to(torch.float64)  # (m, d)
+                grads = batch[name]  # (b, d_l)
+                denominators = ctx.lambdas[name] + torch.linalg.vector_norm(grads, dim=1).square()  # (b,)
+                coefficients = (grads @ test[name].T).div_(denominators.unsqueeze(1)).T  # (m, b): c_il
+                sums[name].addmm_(coefficients, grads)  # += C_l X_l   (m, d_l)
         vectors = {}
         for name in ctx.blocks:
-            total = ctx.sum_over_processes(sums[name])
-            vectors[name] = ((test[name].to(torch.float64) - total / ctx.total_examples) / ctx.lambdas[name]).to(ctx.compute_dtype)
+            total = ctx.sum_over_processes(sums.pop(name))
+            vectors[name] = total.div_(-ctx.total_examples).add_(test[name]).div_(ctx.lambdas[name])
         return Preconditioned(vectors)

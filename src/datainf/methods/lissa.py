@@ -68,14 +68,14 @@ class Lissa(InfluenceMethod):
         first: dict[str, float] = {}
         last: dict[str, float] = {}
         for step in range(int(self.options.iterations)):
-            products = {b: torch.zeros_like(v[b]) for b in ctx.blocks}
             current = {b: r[b].to(ctx.compute_dtype) for b in ctx.blocks}
+            products = {b: torch.zeros_like(current[b]) for b in ctx.blocks}
             for batch in ctx.stream(f"LiSSA {step + 1}/{self.options.iterations}"):
                 for b in ctx.blocks:
                     x = batch[b]
-                    products[b] += ((current[b] @ x.T) @ x).to(torch.float64)  # (m, d): r X^T X
+                    products[b].addmm_((x @ current[b].T).T, x)  # (m, d): += r X_b^T X_b
             for b in ctx.blocks:
-                hvp = ctx.sum_over_processes(products[b]) / n + ctx.lambdas[b] * r[b]
+                hvp = ctx.sum_over_processes(products.pop(b)).to(torch.float64) / n + ctx.lambdas[b] * r[b]
                 residual = v[b] - hvp / scales[b]
                 r[b] = r[b] + residual
                 norm = float(residual.norm())
