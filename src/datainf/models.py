@@ -1,0 +1,453 @@
+"""Load a local Hugging Face model folder, optionally with a trained peft LoRA adapter.
+
+datainf works offline: every model and adapter is a local folder. A name that is not a local path
+(e.g. a hub id such as ``roberta-large``) is refused at once with a clear message instead of letting
+``from_pretrained`` try the network.
+
+Two task kinds are supported:
+
+* ``"classification"``: ``AutoModelForSequenceClassification`` with ``num_labels`` classes (read from
+  the adapter's ``datainf_adapter.json`` when the adapter was trained by :mod:`datainf.finetune`);
+* ``"causal-lm"``: ``AutoModelForCausalLM``. Encoder models that can run as decoders (BERT, RoBERTa,
+  ...) are loaded with ``is_decoder=True`` (causal attention), e.g. all-MiniLM-L6-v2 as a small LM.
+
+An adapter is checked against the base model before and after loading; a mismatch (different base
+model recorded by datainf, weight shapes that do not fit, target modules absent, adapter tensors that
+find no place in the model) raises one :class:`ModelLoadError` that names both folders.
+
+The model fingerprint used in gradient stores is :func:`datainf.gradients.lora.model_fingerprint`
+(owned by the gradients module); this module only records a digest of the *base* model folder
+(:func:`base_model_digest`) so that an adapter can be matched to the base it was trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from datainf.errors import DataInfError
+
+__all__ = [
+    "ADAPTER_METADATA",
+    "ModelKind",
+    "MODEL_KINDS",
+    "LoadedModel",
+    "ModelLoadError",
+    "AdapterMismatchError",
+    "load_model",
+    "load_tokenizer",
+    "resolve_model_dir",
+    "resolve_adapter_dir",
+    "read_adapter_metadata",
+    "base_model_digest",
+]
+
+logger = logging.getLogger(__name__)
+
+ModelKind = Literal["classification", "causal-lm"]
+MODEL_KINDS: tuple[str, ...] = ("classification", "causal-lm")
+
+#: File written by :func:`datainf.finetune.finetune_lora` next to the peft adapter: base model path and
+#: digest, task kind, label names, training settings.
+ADAPTER_METADATA = "datainf_adapter.json"
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+_DIGEST_CHUNK = 1 << 20
+# encoder architectures whose HF implementation has a causal-LM head usable with is_decoder=True
+_ENCODERS_AS_DECODERS = {
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "camembert",
+    "electra",
+    "ernie",
+    "bert-generation",
+    "data2vec-text",
+    "rembert",
+    "roc_bert",
+    "roformer",
+    "megatron-bert",
+    "xmod",
+}
+
+
+class ModelLoadError(DataInfError, ValueError):
+    """A model or adapter folder cannot be loaded (missing, not a model, hub id while offline, ...)."""
+
+
+class AdapterMismatchError(ModelLoadError):
+    """The adapter was trained on a different base model than the one it is being loaded onto."""
+
+
+class LoadedModel(NamedTuple):
+    """What :func:`load_model` returns (unpacks as ``model, tokenizer``).
+
+    Attributes:
+        model: the transformers model, wrapped in a ``peft.PeftModel`` when an adapter was given.
+        tokenizer: the base folder's tokenizer (a pad token is set for causal LMs that lack one).
+    """
+
+    model: nn.Module
+    tokenizer: Any
+
+
+# ---------------------------------------------------------------------------------------------- paths
+
+
+def _offline_hint(name: str, what: str) -> str:
+    return (
+        f"{what} {name!r} is not a folder on this machine. datainf works offline: pass a local folder "
+        "(for a Hugging Face hub id, download it where there is network, e.g. with save_pretrained, and copy the "
+        "folder here)."
+    )
+
+
+def resolve_model_dir(base: str | os.PathLike[str]) -> Path:
+    """The local folder of a base model, checked to hold ``config.json``.
+
+    Raises:
+        ModelLoadError: the path does not exist (a hub id while offline), is a file, an adapter
+            folder, or a folder without ``config.json``.
+    """
+    name = os.fspath(base)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ModelLoadError(_offline_hint(name, "Model"))
+    if not path.is_dir():
+        raise ModelLoadError(f"Model {name!r} is a file; pass the folder written by save_pretrained (it holds config.json).")
+    if not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():
+            raise ModelLoadError(
+                f"{name!r} is a peft adapter folder, not a base model: pass the base model folder as the model and "
+                "this folder as the adapter (CLI: --model BASE --adapter ADAPTER)."
+            )
+        raise ModelLoadError(
+            f"{name!r} holds no config.json, so it is not a Hugging Face model folder. Pass the folder written by "
+            "model.save_pretrained(...)."
+        )
+    return path
+
+
+def resolve_adapter_dir(adapter: str | os.PathLike[str]) -> Path:
+    """The folder holding ``adapter_config.json``: ``adapter`` itself, or its ``adapter/`` sub-folder
+    (the layout ``datainf finetune --out RUN`` writes).
+
+    Raises:
+        ModelLoadError: the folder does not exist or holds no peft adapter.
+    """
+    name = os.fspath(adapter)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ModelLoadError(_offline_hint(name, "Adapter"))
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return path
+    if path.is_dir() and (path / "adapter" / "adapter_config.json").is_file():
+        return path / "adapter"
+    if path.is_dir() and (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{name!r} is a full model folder, not a peft adapter (no adapter_config.json). Pass it as the model, "
+            "or pass the folder that adapter.save_pretrained(...) wrote as the adapter."
+        )
+    raise ModelLoadError(
+        f"{name!r} holds no adapter_config.json, so it is not a peft adapter folder. Pass the folder written by "
+        "peft_model.save_pretrained(...) or by `datainf finetune`."
+    )
+
+
+def read_adapter_metadata(adapter: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``datainf_adapter.json`` of an adapter trained by datainf, or ``{}`` for a foreign adapter."""
+    path = resolve_adapter_dir(adapter) / ADAPTER_METADATA
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{path} is unreadable ({err}); retrain the adapter or delete that file.") from err
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} does not hold a JSON object; retrain the adapter or delete that file.")
+    return data
+
+
+def base_model_digest(base: str | os.PathLike[str]) -> str:
+    """A short sha256 identifying a model folder, cheap even for large models.
+
+    Hashes ``config.json`` (minus bookkeeping keys such as ``_name_or_path`` and
+    ``transformers_version``) and, for every weight file, its name, size and its first and last MiB.
+    Two folders holding the same model (copies, moved folders) get the same digest; two random
+    initialisations of one architecture do not.
+    """
+    path = resolve_model_dir(base)
+    digest = hashlib.sha256()
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{path / 'config.json'} is unreadable ({err}).") from err
+    for key in ("_name_or_path", "transformers_version", "name_or_path", "architectures", "dtype", "torch_dtype"):
+        config.pop(key, None)
+    for key in ("id2label", "label2id", "num_labels"):
+        config.pop(key, None)  # the head is re-initialised or trained: labels do not identify the base
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for file in sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)):
+        size = file.stat().st_size
+        digest.update(f"\n{file.name}|{size}\n".encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(_DIGEST_CHUNK))
+            if size > 2 * _DIGEST_CHUNK:
+                handle.seek(size - _DIGEST_CHUNK)
+                digest.update(handle.read(_DIGEST_CHUNK))
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(base: str | os.PathLike[str], *, kind: ModelKind = "classification") -> Any:
+    """The tokenizer of a local model folder; causal LMs without a pad token get EOS (or UNK) as pad.
+
+    Raises:
+        ModelLoadError: the folder is missing or holds no tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve_model_dir(base)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        raise ModelLoadError(
+            f"No usable tokenizer in {path} ({type(err).__name__}: {str(err)[:300]}). Save one next to the model with "
+            "tokenizer.save_pretrained(folder)."
+        ) from err
+    if kind == "causal-lm" and getattr(tokenizer, "pad_token", None) is None:
+        for candidate in ("eos_token", "unk_token"):
+            token = getattr(tokenizer, candidate, None)
+            if token is not None:
+                tokenizer.pad_token = token
+                logger.info("Tokenizer of %s has no pad token; using its %s %r (padding is masked).", path, candidate, token)
+                break
+    return tokenizer
+
+
+def _read_peft_config(adapter_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{adapter_dir / 'adapter_config.json'} is unreadable ({err}).") from err
+    peft_type = str(data.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise ModelLoadError(
+            f"The adapter in {adapter_dir} is of type {data.get('peft_type')!r}; datainf supports LoRA adapters only."
+        )
+    return data
+
+
+def _same_folder(a: str, b: Path) -> bool:
+    try:
+        return Path(a).expanduser().exists() and os.path.samefile(Path(a).expanduser(), b)
+    except OSError:
+        return False
+
+
+def _check_adapter_base(base_dir: Path, adapter_dir: Path, peft_cfg: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Refuse an adapter that datainf knows was trained on a different base model."""
+    recorded = str(meta.get("base_model") or peft_cfg.get("base_model_name_or_path") or "")
+    recorded_digest = meta.get("base_model_digest")
+    if recorded_digest:
+        actual = base_model_digest(base_dir)
+        if actual != recorded_digest:
+            raise AdapterMismatchError(
+                f"The adapter {adapter_dir} was trained on base model {recorded!r} (digest {recorded_digest}), but the "
+                f"model given is {str(base_dir)!r} (digest {actual}), a different model. Pass the base model the "
+                "adapter was trained on, or retrain the adapter on this one."
+            )
+        return
+    if not recorded or _same_folder(recorded, base_dir) or recorded == str(base_dir):
+        return
+    if Path(recorded).expanduser().is_dir() and (Path(recorded).expanduser() / "config.json").is_file():
+        other = base_model_digest(recorded)
+        if other != base_model_digest(base_dir):
+            raise AdapterMismatchError(
+                f"The adapter {adapter_dir} records base model {recorded!r}, which exists here and differs from the "
+                f"model given, {str(base_dir)!r}. Pass --model {recorded} (or the same model), or retrain the adapter."
+            )
+        return
+    logger.warning(
+        "The adapter %s records base model %r; loading it onto %s. Its weights will be checked against this model.",
+        adapter_dir,
+        recorded,
+        base_dir,
+    )
+
+
+def _adapter_file_keys(adapter_dir: Path) -> list[str] | None:
+    file = adapter_dir / "adapter_model.safetensors"
+    if not file.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as err:  # safetensors raises several error types on damaged files
+        raise ModelLoadError(f"{file} cannot be read ({type(err).__name__}: {err}); retrain or re-copy the adapter.") from err
+
+
+def _mismatch_error(adapter_dir: Path, base_dir: Path, peft_cfg: dict[str, Any], detail: str) -> AdapterMismatchError:
+    recorded = peft_cfg.get("base_model_name_or_path")
+    return AdapterMismatchError(
+        f"The adapter {adapter_dir} does not fit the model {str(base_dir)!r} (the adapter records base model "
+        f"{recorded!r}): {detail} Pass the base model the adapter was trained on (and, for classification, the same "
+        "number of labels), or retrain the adapter."
+    )
+
+
+def _attach_adapter(model: nn.Module, base_dir: Path, adapter_dir: Path, peft_cfg: dict[str, Any], *, trainable: bool) -> nn.Module:
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")  # checked below, with a clear error
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing.*")
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except RuntimeError as err:
+        text = str(err)
+        if "size mismatch" in text:
+            lines = [ln.strip() for ln in text.splitlines() if "size mismatch" in ln]
+            shown = "; ".join(lines[:3]) + (f" (and {len(lines) - 3} more)" if len(lines) > 3 else "")
+            raise _mismatch_error(adapter_dir, base_dir, peft_cfg, f"weight shapes differ: {shown}.") from err
+        raise ModelLoadError(f"Loading the adapter {adapter_dir} onto {base_dir} failed: {text[:500]}") from err
+    except ValueError as err:  # peft: target modules not found in the base model
+        targets = peft_cfg.get("target_modules")
+        raise _mismatch_error(
+            adapter_dir, base_dir, peft_cfg, f"its target modules {targets!r} do not exist in this model ({str(err)[:200]})."
+        ) from err
+    stored = _adapter_file_keys(adapter_dir)
+    if stored is not None:
+        expected = set(get_peft_model_state_dict(peft_model, save_embedding_layers=False).keys())
+        unused = sorted(set(stored) - expected)
+        missing = sorted(expected - set(stored))
+        if unused or missing:
+            detail = []
+            if unused:
+                detail.append(f"{len(unused)} adapter tensor(s) have no place in this model, e.g. {unused[:3]}")
+            if missing:
+                detail.append(f"{len(missing)} tensor(s) the model expects are not in the adapter, e.g. {missing[:3]}")
+            raise _mismatch_error(adapter_dir, base_dir, peft_cfg, "; ".join(detail) + ".")
+    return peft_model
+
+
+def load_model(
+    base: str | os.PathLike[str],
+    *,
+    kind: ModelKind,
+    num_labels: int | None = None,
+    adapter: str | os.PathLike[str] | None = None,
+    trainable: bool = False,
+    dtype: str = "float32",
+    device: str = "cpu",
+    seed: int = 0,
+) -> LoadedModel:
+    """Load a local model folder (and optionally a LoRA adapter) for one task kind.
+
+    Args:
+        base: local folder written by ``save_pretrained`` (``config.json`` + weights + tokenizer files).
+        kind: ``"classification"`` or ``"causal-lm"``.
+        num_labels: classes of a classification head. Default: from the adapter's
+            ``datainf_adapter.json``, else the folder's ``config.num_labels``. A head whose size
+            differs from the checkpoint's is re-initialised (seeded by ``seed``).
+        adapter: folder of a peft LoRA adapter (or a ``datainf finetune`` output folder holding
+            ``adapter/``). With a datainf adapter, the label names it was trained with are set as the
+            model's ``id2label`` / ``label2id``.
+        trainable: load the adapter with trainable tensors (``False``: inference mode; the gradient
+            collector switches ``requires_grad`` on for the blocks itself).
+        dtype: ``float32`` (default), ``float64``, ``bfloat16`` or ``float16``.
+        device: where to put the model.
+        seed: seeds any freshly initialised weights (a classification head), so loading is deterministic.
+
+    Returns:
+        :class:`LoadedModel` ``(model, tokenizer)``.
+
+    Raises:
+        ModelLoadError: a folder is missing (a hub id while offline included), not a model / adapter,
+            or unreadable; ``kind`` or ``num_labels`` is invalid.
+        AdapterMismatchError: the adapter belongs to a different base model.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if kind not in MODEL_KINDS:
+        raise ModelLoadError(f"Unknown model kind {kind!r}; use one of {list(MODEL_KINDS)}.")
+    torch_dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise ModelLoadError(f"Unknown dtype {dtype!r}; use float32, float64, bfloat16 or float16.")
+    base_dir = resolve_model_dir(base)
+    adapter_dir = resolve_adapter_dir(adapter) if adapter is not None else None
+    peft_cfg = _read_peft_config(adapter_dir) if adapter_dir is not None else {}
+    meta = read_adapter_metadata(adapter_dir) if adapter_dir is not None else {}
+    if meta.get("kind") and meta["kind"] != kind:
+        raise ModelLoadError(
+            f"The adapter {adapter_dir} was trained for {meta['kind']!r}, but kind {kind!r} was asked for. "
+            f"Use kind={meta['kind']!r} (CLI: --kind {meta['kind']})."
+        )
+    if adapter_dir is not None:
+        _check_adapter_base(base_dir, adapter_dir, peft_cfg, meta)
+
+    try:
+        config = AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"{base_dir / 'config.json'} cannot be read as a model config ({str(err)[:300]}).") from err
+
+    label_names = meta.get("label_names")
+    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": torch_dtype}
+    if kind == "classification":
+        if num_labels is None:
+            num_labels = int(meta["num_labels"]) if meta.get("num_labels") else int(getattr(config, "num_labels", 2))
+        if isinstance(num_labels, bool) or int(num_labels) < 1:
+            raise ModelLoadError(f"num_labels must be a positive integer, got {num_labels!r}.")
+        num_labels = int(num_labels)
+        if meta.get("num_labels") and int(meta["num_labels"]) != num_labels:
+            raise AdapterMismatchError(
+                f"The adapter {adapter_dir} was trained with {meta['num_labels']} labels, but num_labels={num_labels} "
+                "was asked for. Leave num_labels unset to use the adapter's."
+            )
+        kwargs["num_labels"] = num_labels
+        kwargs["ignore_mismatched_sizes"] = True
+        if label_names and len(label_names) == num_labels:
+            kwargs["id2label"] = {i: str(name) for i, name in enumerate(label_names)}
+            kwargs["label2id"] = {str(name): i for i, name in enumerate(label_names)}
+        auto_cls: Any = AutoModelForSequenceClassification
+    else:
+        if getattr(config, "model_type", "") in _ENCODERS_AS_DECODERS and not getattr(config, "is_decoder", False):
+            kwargs["is_decoder"] = True
+            logger.info("Loading the %s encoder in %s as a causal decoder (is_decoder=True).", config.model_type, base_dir)
+        auto_cls = AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = auto_cls.from_pretrained(str(base_dir), **kwargs)
+        except ValueError as err:
+            raise ModelLoadError(
+                f"The model in {base_dir} (type {getattr(config, 'model_type', '?')!r}) cannot be loaded for {kind} "
+                f"({str(err)[:300]})."
+            ) from err
+        except (OSError, RuntimeError) as err:
+            raise ModelLoadError(f"Loading the model in {base_dir} failed ({type(err).__name__}: {str(err)[:300]}).") from err
+
+    tokenizer = load_tokenizer(base_dir, kind=kind)
+    if kind == "causal-lm" and getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if adapter_dir is not None:
+        model = _attach_adapter(model, base_dir, adapter_dir, peft_cfg, trainable=trainable)
+        logger.info("Loaded adapter %s onto %s.", adapter_dir, base_dir)
+    model.to(device)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer)

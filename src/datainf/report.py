@@ -1,0 +1,464 @@
+"""Static HTML reports of influence scores (index.html + PNG figures, no JavaScript, no network).
+
+Two reports:
+
+* :func:`write_mislabel_report`: the mislabeled-data detection experiment (method.md section 5):
+  a metric table per method, the detection curve (share of flipped labels found against share of
+  training examples inspected, by decreasing influence), histograms of the scores of flipped and
+  clean examples, and the 10 most harmful training examples per method.
+* :func:`write_scores_report`: any scores file (``datainf report``): the most harmful and most
+  helpful training examples with their text, overall and, for pairwise scores, for the first few
+  test examples.
+
+Every page states the sign convention: **positive influence = harmful** (up-weighting the example
+raises the test loss). Files are built in a temporary folder next to ``out_dir`` and moved into
+place one by one, ``index.html`` last, so a reader never sees a page pointing at missing figures and
+other files already in ``out_dir`` are left alone.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datainf.errors import ConfigError, DatasetError, EmptyInputError
+from datainf.scores import SIGN_CONVENTION, Scores
+
+__all__ = ["write_mislabel_report", "write_scores_report", "SIGN_NOTE"]
+
+logger = logging.getLogger(__name__)
+
+#: The sentence every report page carries.
+SIGN_NOTE = f"Sign convention: {SIGN_CONVENTION}. Libraries such as dattri and pyDVL report the opposite sign (-I)."
+
+_TEXT_CHARS = 200
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.8em; } h3 { font-size: 1.05em; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; vertical-align: top; text-align: left; }
+th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.flipped td { background: #fff1f0; }
+.sign { background: #fffbe6; border: 1px solid #e6d690; padding: 0.5em 0.8em; }
+.text { max-width: 620px; font-family: ui-monospace, monospace; font-size: 0.85em; white-space: pre-wrap; }
+img { max-width: 100%; border: 1px solid #ddd; }
+.meta { color: #666; font-size: 0.85em; }
+"""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if math.isnan(v):
+            return "-"
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.{digits}e}"
+        return f"{v:.{digits}f}"
+    return str(value)
+
+
+def _snippet(text: Any, limit: int = _TEXT_CHARS) -> str:
+    s = "" if text is None else " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 1] + "\u2026"
+
+
+def _record_text(record: Mapping[str, Any] | None, text_field: str) -> str:
+    """The text shown for a record: ``text_field``, else ``prompt -> response``."""
+    if record is None:
+        return "(not in the data)"
+    if record.get(text_field) is not None:
+        return str(record[text_field])
+    prompt, response = record.get("prompt"), record.get("response")
+    if prompt is not None or response is not None:
+        return f"{prompt or ''} \u2192 {response or ''}"
+    return ""
+
+
+def _label_name(value: Any, label_names: Sequence[str] | None) -> str:
+    if value is None:
+        return "-"
+    if label_names is not None and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        if 0 <= int(value) < len(label_names):
+            return str(label_names[int(value)])
+    return str(value)
+
+
+def _page(title: str, body: str, *, subtitle: str = "") -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        "<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
+        f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<h1>{_esc(title)}</h1>\n"
+        + (f"<p class='meta'>{_esc(subtitle)}</p>\n" if subtitle else "")
+        + f"<p class='sign'><b>{_esc(SIGN_NOTE)}</b></p>\n"
+        + body
+        + f"\n<p class='meta'>Written by datainf on {stamp}.</p>\n</body>\n</html>\n"
+    )
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _publish(out_dir: Path, build: Callable[[Path], None]) -> Path:
+    """Run ``build(tmp)`` in a fresh temporary folder, then move its files into ``out_dir``
+    (``index.html`` last). The temporary folder is removed whatever happens."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file; the report needs a folder.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        build(tmp)
+        if not out_dir.exists():
+            os.replace(tmp, out_dir)
+        else:
+            files = sorted((p for p in tmp.iterdir()), key=lambda p: p.name == "index.html")
+            for file in files:
+                os.replace(file, out_dir / file.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir / "index.html"
+
+
+def _values_by_id(scores: Scores) -> dict[str, float]:
+    row = scores.values if scores.mode == "average" else scores.values.mean(dim=0)
+    return {tid: float(v) for tid, v in zip(scores.train_ids, row.tolist())}
+
+
+def _check_scores(scores: Mapping[str, Scores]) -> None:
+    if not scores:
+        raise EmptyInputError("No scores to report: pass at least one method's Scores.")
+    for name, s in scores.items():
+        if not isinstance(s, Scores):
+            raise ConfigError(f"scores[{name!r}] is a {type(s).__name__}, not a datainf Scores object.")
+
+
+# ---------------------------------------------------------------------------------------------- mislabel report
+
+
+def _metric_table(table: Sequence[Mapping[str, Any]]) -> str:
+    columns = [
+        ("method", "method"),
+        ("auc", "AUC (flipped vs clean)"),
+        ("found_at_10", "flipped found in top 10 %"),
+        ("found_at_20", "flipped found in top 20 %"),
+        ("seconds", "seconds"),
+        ("notes", "notes"),
+    ]
+    extra = [k for row in table for k in row if k not in {c for c, _ in columns}]
+    extra = list(dict.fromkeys(extra))
+    header = "".join(f"<th>{_esc(title)}</th>" for _, title in columns) + "".join(f"<th>{_esc(k)}</th>" for k in extra)
+    rows = []
+    for row in table:
+        cells = []
+        for key in [c for c, _ in columns] + extra:
+            value = row.get(key)
+            cls = " class='num'" if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) else ""
+            cells.append(f"<td{cls}>{_esc(_fmt(value))}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table>\n<tr>{header}</tr>\n" + "\n".join(rows) + "\n</table>\n"
+
+
+def _aligned(scores: Scores, ids: Sequence[str], method: str) -> np.ndarray:
+    by_id = _values_by_id(scores)
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise DatasetError(
+            f"The {method} scores have no value for {len(missing)} training record(s), e.g. ids {missing[:5]}; the "
+            "scores and the records must describe the same training set."
+        )
+    return np.array([by_id[i] for i in ids], dtype=np.float64)
+
+
+def _detection_curve_png(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], flipped_share: float) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.0, 4.5), dpi=110)
+    for name, (x, y) in curves.items():
+        ax.plot(x, y, label=name, linewidth=1.6)
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="random order")
+    if 0 < flipped_share < 1:
+        ax.plot([0, flipped_share, 1], [0, 1, 1], linestyle="--", color="black", linewidth=0.8, label="perfect")
+    ax.set_xlabel("share of training examples inspected (largest influence first)")
+    ax.set_ylabel("share of flipped labels found")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Mislabeled-data detection (positive influence = harmful)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _histograms_png(path: Path, data: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    plt = _plt()
+    n = len(data)
+    cols = min(n, 2)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), dpi=100, squeeze=False)
+    for ax, (name, (clean, flipped)) in zip(axes.flat, data.items()):
+        both = np.concatenate([clean, flipped])
+        # heavy tails (e.g. a diverging LiSSA) would squash everything into one bin: clip to the
+        # 0.5-99.5 percentile range; clipped values land in the edge bins
+        lo, hi = (float(np.percentile(both, 0.5)), float(np.percentile(both, 99.5))) if both.size else (0.0, 1.0)
+        hi = hi if hi > lo else lo + 1.0
+        bins = np.linspace(lo, hi, 31)
+        ax.hist(np.clip(clean, lo, hi), bins=bins, alpha=0.6, label=f"clean ({len(clean)})", color="tab:blue")
+        ax.hist(np.clip(flipped, lo, hi), bins=bins, alpha=0.6, label=f"flipped ({len(flipped)})", color="tab:red")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("influence (positive = harmful)", fontsize=8)
+        ax.set_ylabel("training examples", fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_mislabel_report(
+    out_dir: str | os.PathLike[str],
+    *,
+    table: Sequence[Mapping[str, Any]],
+    scores: Mapping[str, Scores],
+    records: Sequence[Mapping[str, Any]],
+    label_names: Sequence[str] | None = None,
+    title: str = "DataInf: mislabeled-data detection",
+    k: int = 10,
+) -> Path:
+    """Write the mislabeled-data detection report: ``index.html``, ``detection_curve.png``,
+    ``score_histograms.png``.
+
+    Args:
+        out_dir: the report folder (created; other files in it are kept, the report's are replaced).
+        table: one dict per method with ``method``, ``auc``, ``found_at_10``, ``found_at_20``
+            (shares in [0, 1]), ``seconds``, ``notes``; further keys become extra columns.
+        scores: method name -> averaged :class:`~datainf.scores.Scores` over the training set.
+        records: the training records: ``id``, ``text``, ``label`` (the given, possibly flipped,
+            label), ``true_label``, ``is_flipped``. Labels may be class indices into
+            ``label_names`` or names.
+        label_names: class names, index = class id.
+        title: page title.
+        k: how many of the most harmful training examples to list per method.
+
+    Returns:
+        Path of ``index.html``.
+
+    Raises:
+        EmptyInputError: no scores or no records.
+        DatasetError: a record lacks ``is_flipped``, no label is flipped, or the scores miss records.
+    """
+    from datainf.evaluation import detection_curve
+
+    _check_scores(scores)
+    if not records:
+        raise EmptyInputError("No training records to report on.")
+    ids = [str(r["id"]) for r in records]
+    if any("is_flipped" not in r for r in records):
+        raise DatasetError("Every training record needs an 'is_flipped' field for the mislabel report.")
+    flipped = np.array([bool(r["is_flipped"]) for r in records])
+    by_id = {str(r["id"]): r for r in records}
+
+    aligned = {name: _aligned(s, ids, name) for name, s in scores.items()}
+    curves = {name: detection_curve(values, flipped) for name, values in aligned.items()}
+    hists = {name: (values[~flipped], values[flipped]) for name, values in aligned.items()}
+
+    def build(tmp: Path) -> None:
+        _detection_curve_png(tmp / "detection_curve.png", curves, float(flipped.mean()))
+        _histograms_png(tmp / "score_histograms.png", hists)
+        parts = [
+            f"<p>{len(records)} training examples, {int(flipped.sum())} with a flipped label "
+            f"({100 * flipped.mean():.1f} %). Methods rank training examples by influence on the validation loss; "
+            "a good method puts the flipped examples first (largest, most harmful influence).</p>",
+            "<h2>Metrics</h2>",
+            _metric_table(table),
+            "<p class='meta'>AUC: ROC AUC of the influence against the flipped indicator (0.5 = chance). "
+            "Top 10 % / 20 %: share of all flipped labels among the 10 % / 20 % most harmful examples.</p>",
+            "<h2>Detection curve</h2>",
+            "<img src='detection_curve.png' alt='share of flipped labels found against share inspected'>",
+            "<h2>Score distributions: flipped vs clean</h2>",
+            "<img src='score_histograms.png' alt='histograms of influence scores'>",
+            f"<h2>The {k} most harmful training examples</h2>",
+        ]
+        for name, s in scores.items():
+            top = s.top_harmful(k)
+            rows = []
+            for rank, (tid, value) in enumerate(top, start=1):
+                rec = by_id.get(tid, {})
+                cls = " class='flipped'" if rec.get("is_flipped") else ""
+                rows.append(
+                    f"<tr{cls}><td class='num'>{rank}</td><td>{_esc(tid)}</td>"
+                    f"<td>{_esc(_label_name(rec.get('label'), label_names))}</td>"
+                    f"<td>{_esc(_label_name(rec.get('true_label'), label_names))}</td>"
+                    f"<td>{'yes' if rec.get('is_flipped') else 'no'}</td>"
+                    f"<td class='num'>{_esc(_fmt(value, 4))}</td>"
+                    f"<td class='text'>{_esc(_snippet(_record_text(rec or None, 'text')))}</td></tr>"
+                )
+            found = sum(1 for tid, _ in top if by_id.get(tid, {}).get("is_flipped"))
+            parts.append(
+                f"<h3>{_esc(name)} ({found} of {len(top)} flipped)</h3>\n<table>\n<tr><th>rank</th><th>id</th>"
+                "<th>given label</th><th>true label</th><th>flipped</th><th>influence</th><th>text (first 200 characters)</th></tr>\n"
+                + "\n".join(rows)
+                + "\n</table>"
+            )
+        (tmp / "index.html").write_text(_page(title, "\n".join(parts)), encoding="utf-8")
+
+    path = _publish(Path(out_dir), build)
+    logger.info("Wrote the mislabel report to %s", path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- generic report
+
+
+def _ranked_table(
+    entries: Sequence[tuple[str, float]],
+    by_id: Mapping[str, Mapping[str, Any]],
+    text_field: str,
+    label_field: str | None,
+) -> str:
+    has_label = label_field is not None and any(label_field in by_id.get(tid, {}) for tid, _ in entries)
+    head = "<tr><th>rank</th><th>id</th>" + ("<th>label</th>" if has_label else "") + "<th>influence</th><th>text</th></tr>"
+    rows = []
+    for rank, (tid, value) in enumerate(entries, start=1):
+        rec = by_id.get(tid)
+        label = f"<td>{_esc((rec or {}).get(label_field))}</td>" if has_label and label_field else ""
+        rows.append(
+            f"<tr><td class='num'>{rank}</td><td>{_esc(tid)}</td>{label}"
+            f"<td class='num'>{_esc(_fmt(value, 4))}</td><td class='text'>{_esc(_snippet(_record_text(rec, text_field)))}</td></tr>"
+        )
+    return "<table>\n" + head + "\n" + "\n".join(rows) + "\n</table>"
+
+
+def _score_histogram_png(path: Path, scores: Mapping[str, Scores]) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.0, 3.6), dpi=100)
+    for name, s in scores.items():
+        values = np.asarray(s.values.reshape(-1).tolist(), dtype=np.float64)
+        lo, hi = float(np.percentile(values, 0.5)), float(np.percentile(values, 99.5))
+        hi = hi if hi > lo else lo + 1.0
+        ax.hist(np.clip(values, lo, hi), bins=np.linspace(lo, hi, 41), alpha=0.55, label=name)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("influence (positive = harmful, negative = helpful)")
+    ax.set_ylabel("count")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_scores_report(
+    out_dir: str | os.PathLike[str],
+    scores: Scores | Mapping[str, Scores],
+    records: Sequence[Mapping[str, Any]],
+    *,
+    text_field: str = "text",
+    k: int = 10,
+    test_records: Sequence[Mapping[str, Any]] | None = None,
+    max_test_examples: int = 5,
+    label_field: str | None = "label",
+    title: str = "DataInf influence scores",
+) -> Path:
+    """Write a report of the most harmful and most helpful training examples: ``index.html`` and
+    ``score_histogram.png``.
+
+    Args:
+        out_dir: the report folder (created; other files in it are kept).
+        scores: one :class:`~datainf.scores.Scores`, or method name -> Scores.
+        records: the training records (``id`` plus ``text_field``, or ``prompt``/``response``).
+        text_field: record field shown as the example's text (first 200 characters, HTML-escaped).
+        k: examples per list.
+        test_records: the test records, to show the text of each test example in pairwise mode.
+        max_test_examples: pairwise mode: how many test examples (the first ones) get their own lists.
+        label_field: record field shown as a label column when present (``None``: none).
+        title: page title.
+
+    Returns:
+        Path of ``index.html``.
+
+    Raises:
+        EmptyInputError: no scores or no records.
+        ConfigError: ``k`` or ``max_test_examples`` < 1.
+    """
+    if isinstance(scores, Scores):
+        scores = {scores.method: scores}
+    _check_scores(scores)
+    if not records:
+        raise EmptyInputError("No training records: pass the training data the scores were computed on.")
+    if k < 1 or max_test_examples < 1:
+        raise ConfigError(f"k and max_test_examples must be >= 1 (got k={k}, max_test_examples={max_test_examples}).")
+    by_id = {str(r["id"]): r for r in records}
+    test_by_id = {str(r["id"]): r for r in (test_records or [])}
+    for name, s in scores.items():
+        unknown = [t for t in s.train_ids if t not in by_id]
+        if unknown:
+            logger.warning(
+                "%d training id(s) of the %s scores are not in the records (e.g. %s); their text is not shown.",
+                len(unknown), name, unknown[:3],
+            )
+
+    def build(tmp: Path) -> None:
+        _score_histogram_png(tmp / "score_histogram.png", scores)
+        parts: list[str] = []
+        for name, s in scores.items():
+            opts = s.settings.get("method_options")
+            parts.append(
+                f"<h2>{_esc(name)}</h2>\n<p class='meta'>mode {_esc(s.mode)}, {len(s.train_ids)} training and "
+                f"{len(s.test_ids)} test examples, damping {_esc(s.settings.get('damping'))}"
+                + (f", options {_esc(opts)}" if opts else "")
+                + "</p>"
+            )
+            overall = "on the mean test loss" if s.mode == "average" else "averaged over all test examples"
+            parts.append(f"<h3>Most harmful training examples {overall} (largest influence)</h3>")
+            parts.append(_ranked_table(s.top_harmful(k), by_id, text_field, label_field))
+            parts.append(f"<h3>Most helpful training examples {overall} (smallest influence)</h3>")
+            parts.append(_ranked_table(s.top_helpful(k), by_id, text_field, label_field))
+            if s.mode == "pairwise":
+                shown = min(max_test_examples, len(s.test_ids))
+                parts.append(f"<h3>Per test example (first {shown} of {len(s.test_ids)})</h3>")
+                for j in range(shown):
+                    tid = s.test_ids[j]
+                    test_text = _record_text(test_by_id.get(tid), text_field) if test_by_id else ""
+                    parts.append(
+                        f"<h4>Test example {_esc(tid)}</h4>"
+                        + (f"<p class='text'>{_esc(_snippet(test_text, 400))}</p>" if test_text else "")
+                        + "<p>Most helpful (smallest influence):</p>"
+                        + _ranked_table(s.top_helpful(k, test_index=j), by_id, text_field, label_field)
+                        + "<p>Most harmful (largest influence):</p>"
+                        + _ranked_table(s.top_harmful(k, test_index=j), by_id, text_field, label_field)
+                    )
+        parts.append("<h2>Distribution of the scores</h2><img src='score_histogram.png' alt='histogram of influence scores'>")
+        (tmp / "index.html").write_text(_page(title, "\n".join(parts)), encoding="utf-8")
+
+    path = _publish(Path(out_dir), build)
+    logger.info("Wrote the scores report to %s", path)
+    return path

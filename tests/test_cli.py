@@ -1,0 +1,334 @@
+"""The ``datainf`` command line end to end on a tiny random BERT and a small synthetic dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from datainf.cli import main  # noqa: E402
+from datainf.scores import Scores  # noqa: E402
+from datainf.store import GradientStore  # noqa: E402
+
+WORDS = "the a cat dog sat on mat movie is was very not good great fine bad awful poor".split()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def save_tiny_bert(path: Path, *, seed: int = 0, hidden: int = 16) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden,
+        max_position_embeddings=64, initializer_range=0.2,
+    )
+    BertForSequenceClassification(config).save_pretrained(str(path))
+    BertTokenizer(vocab=vocab).save_pretrained(str(path))
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def sentiment_rows(start: int, n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(start, start + n):
+        label = "pos" if i % 2 else "neg"
+        cue = "good great fine".split() if label == "pos" else "bad awful poor".split()
+        rows.append({"uid": f"s{i}", "sentence": " ".join(rng.sample(WORDS[:10], 3) + rng.sample(cue, 2)), "y": label})
+    return rows
+
+
+def run(capsys, *args: object) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+COLUMNS = ("--text-column", "sentence", "--label-column", "y", "--id-column", "uid")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, Path]:
+    """A tiny model, data files and one fine-tuned run shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("cli")
+    paths = {
+        "root": root,
+        "model": save_tiny_bert(root / "tiny"),
+        "other_model": save_tiny_bert(root / "tiny-other", seed=1),
+        "train": write_jsonl(root / "train.jsonl", sentiment_rows(0, 16, seed=0)),
+        "test": write_jsonl(root / "test.jsonl", sentiment_rows(100, 4, seed=1)),
+    }
+    code = main(["finetune", "--model", str(paths["model"]), "--data", str(paths["train"]), *COLUMNS,
+                 "--epochs", "2", "--batch-size", "8", "--lr", "0.01", "--max-length", "16", "--out", str(root / "ft"), "-q"])
+    assert code == 0
+    paths["ft"] = root / "ft"
+    return paths
+
+
+@pytest.fixture(scope="module")
+def stores(env) -> dict[str, Path]:
+    root = env["root"]
+    for name, data in (("g-train", env["train"]), ("g-test", env["test"])):
+        code = main(["grads", "--model", str(env["model"]), "--adapter", str(env["ft"]), "--data", str(data), *COLUMNS,
+                     "--out", str(root / name), "-q"])
+        assert code == 0
+    return {"train": root / "g-train", "test": root / "g-test"}
+
+
+# ---------------------------------------------------------------------------------------------- finetune
+
+
+def test_finetune_writes_adapter_and_replayable_config(env, capsys, tmp_path):
+    ft = env["ft"]
+    config = json.loads((ft / "config.json").read_text())
+    assert config["command"] == "finetune" and config["text_column"] == "sentence" and config["epochs"] == 2
+    assert config["model"] == str(env["model"]) and config["max_length"] == 16 and config["r"] == 8
+    assert (ft / "adapter" / "adapter_model.safetensors").is_file()
+    # replay into another folder: bit-identical adapter
+    code, out, err = run(capsys, "finetune", "--config", ft / "config.json", "--out", tmp_path / "again", "-q")
+    assert code == 0, err
+    a = load_file(str(ft / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "again" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the same command again: nothing to do
+    code, out, _ = run(capsys, "finetune", "--config", ft / "config.json", "-q")
+    assert code == 0 and "already trained" in out
+
+
+def test_config_file_yaml_with_flag_override(env, capsys, tmp_path):
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text(
+        f"model: {env['model']}\ndata: {env['train']}\ntext-column: sentence\nlabel-column: y\nid-column: uid\n"
+        "epochs: 1\nbatch-size: 8\nmax-length: 16\nr: 2\ntarget_modules: [query]\n"
+    )
+    code, _, err = run(capsys, "finetune", "--config", cfg, "--r", "4", "--out", tmp_path / "run", "-q")
+    assert code == 0, err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["r"] == 4 and saved["epochs"] == 1 and saved["target_modules"] == ["query"]
+    adapter_cfg = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 4 and adapter_cfg["target_modules"] == ["query"]
+    cfg.write_text("epochz: 3\n")
+    code, _, err = run(capsys, "finetune", "--config", cfg, "--out", tmp_path / "x")
+    assert code == 2 and "Unknown setting(s) ['epochz']" in err and "'epochs'" in err
+
+
+# ---------------------------------------------------------------------------------------------- grads
+
+
+def test_grads_store_and_config(env, stores):
+    train = GradientStore.open(stores["train"])
+    assert train.is_complete and train.num_examples == 16 and train.ids[:2] == ["s0", "s1"]
+    assert any("lora_A" in b for b in train.block_dims) and any("classifier" in b for b in train.block_dims)
+    config = json.loads((stores["train"] / "config.json").read_text())
+    assert config["command"] == "grads" and config["kind"] == "classification" and config["max_length"] == 16
+
+
+def test_grads_interrupted_then_resumed(env, stores, capsys, tmp_path, monkeypatch):
+    import datainf.gradients.collect as collect
+
+    original = collect.batch_gradients
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    args = ["grads", "--model", env["model"], "--adapter", env["ft"], "--data", env["train"], *COLUMNS,
+            "--grad-batch-size", "4", "--shard-size", "4", "--out", tmp_path / "g", "-q"]
+    monkeypatch.setattr(collect, "batch_gradients", flaky)
+    code, _, err = run(capsys, *args)
+    assert code == 130 and "interrupted; rerun the same command to resume" in err
+    partial = GradientStore.open(tmp_path / "g")
+    assert not partial.is_complete and partial.num_examples == 8  # two finished shards survive
+    monkeypatch.setattr(collect, "batch_gradients", original)
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    resumed = GradientStore.open(tmp_path / "g").to_dict()
+    reference = GradientStore.open(stores["train"]).to_dict()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- score
+
+
+def test_score_from_stores_all_methods_and_replay(env, stores, capsys, tmp_path):
+    out = tmp_path / "s"
+    code, stdout, err = run(capsys, "score", "--train-grads", stores["train"], "--test-grads", stores["test"],
+                            "--method", "datainf,exact", "--method", "lissa", "--method", "hessian_free",
+                            "--method-options", '{"lissa": {"scale": "trace"}}', "--out", out, "-q")
+    assert code == 0, err
+    assert "LiSSA diverged" not in err
+    assert Scores.load(out / "scores-lissa.safetensors").settings["method_options"]["scale"] == "trace"
+    assert "positive influence = harmful" in stdout
+    for method in ("datainf", "exact", "lissa", "hessian_free"):
+        scores = Scores.load(out / f"scores-{method}.safetensors")
+        assert scores.method == method and scores.values.shape == (16,) and torch.isfinite(scores.values).all()
+        header = (out / f"scores-{method}.csv").read_text().splitlines()[0]
+        assert header == "train_id,influence,rank"
+    # replay the resolved config into a new folder: identical scores
+    code, _, err = run(capsys, "score", "--config", out / "config.json", "--out", tmp_path / "s2", "-q")
+    assert code == 0, err
+    for method in ("datainf", "exact"):
+        a = Scores.load(out / f"scores-{method}.safetensors").values
+        b = Scores.load(tmp_path / "s2" / f"scores-{method}.safetensors").values
+        assert torch.equal(a, b)
+    # a different configuration in the same folder is refused, then replaced with --overwrite
+    code, _, err = run(capsys, "score", "--config", out / "config.json", "--damping", "0.2", "-q")
+    assert code == 2 and err.startswith("datainf: error:") and "different configuration" in err and "damping" in err
+    assert err.count("\n") == 1
+    code, _, err = run(capsys, "score", "--config", out / "config.json", "--damping", "0.2", "--overwrite", "-q")
+    assert code == 0, err
+    assert Scores.load(out / "scores-datainf.safetensors").settings["damping"] == 0.2
+
+
+def test_score_from_model_and_data_matches_stores(env, stores, capsys, tmp_path):
+    out = tmp_path / "s"
+    code, _, err = run(capsys, "score", "--model", env["model"], "--adapter", env["ft"], "--train-data", env["train"],
+                       "--test-data", env["test"], *COLUMNS, "--mode", "pairwise", "--out", out, "-q")
+    assert code == 0, err
+    assert (out / "grads-train" / "manifest.json").is_file() and (out / "grads-test" / "manifest.json").is_file()
+    pairwise = Scores.load(out / "scores-datainf.safetensors")
+    assert pairwise.mode == "pairwise" and pairwise.values.shape == (4, 16)
+    code, _, err = run(capsys, "score", "--train-grads", stores["train"], "--test-grads", stores["test"],
+                       "--mode", "pairwise", "--out", tmp_path / "s2", "-q")
+    assert code == 0, err
+    torch.testing.assert_close(pairwise.values, Scores.load(tmp_path / "s2" / "scores-datainf.safetensors").values)
+
+
+def test_causal_lm_pipeline(env, capsys, tmp_path):
+    rng = random.Random(3)
+    rows = [{"q": " ".join(rng.sample(WORDS, 3)), "a": " ".join(rng.sample(WORDS, 2))} for _ in range(8)]
+    data = write_jsonl(tmp_path / "lm.jsonl", rows)
+    lm_columns = ("--prompt-column", "q", "--response-column", "a")
+    code, _, err = run(capsys, "finetune", "--model", env["model"], "--kind", "causal-lm", "--data", data, *lm_columns,
+                       "--epochs", "1", "--batch-size", "4", "--max-length", "16", "--out", tmp_path / "ft", "-q")
+    assert code == 0, err
+    code, _, err = run(capsys, "score", "--model", env["model"], "--adapter", tmp_path / "ft", "--train-data", data,
+                       "--test-data", data, *lm_columns, "--mode", "pairwise", "--out", tmp_path / "s", "-q")
+    assert code == 0, err
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert config["kind"] == "causal-lm" and config["max_length"] == 16  # resolved from the adapter
+    scores = Scores.load(tmp_path / "s" / "scores-datainf.safetensors")
+    assert scores.values.shape == (8, 8) and scores.train_ids == [str(i) for i in range(8)]
+    # an example's own gradient is the most helpful for it (strongly negative diagonal)
+    assert (scores.values.argmin(dim=1) == torch.arange(8)).float().mean() >= 0.75
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def test_report_command(env, stores, capsys, tmp_path):
+    code, _, err = run(capsys, "score", "--train-grads", stores["train"], "--test-grads", stores["test"], "--out", tmp_path / "s", "-q")
+    assert code == 0, err
+    code, out, err = run(capsys, "report", "--scores", tmp_path / "s" / "scores-datainf.safetensors", "--data", env["train"],
+                         *COLUMNS, "--out", tmp_path / "r", "-q")
+    assert code == 0, err
+    html = (tmp_path / "r" / "index.html").read_text()
+    assert "positive influence = harmful" in html and "s0" in html
+    top = Scores.load(tmp_path / "s" / "scores-datainf.safetensors").top_harmful(1)[0][0]
+    first_text = next(r["sentence"] for r in sentiment_rows(0, 16, seed=0) if r["uid"] == top)
+    assert first_text in html
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["command"] == "report"
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_give_one_line_errors(env, stores, capsys, tmp_path):
+    root = tmp_path
+    empty = root / "empty.jsonl"
+    empty.write_text("")
+    unseen = write_jsonl(root / "unseen.jsonl", [{"uid": "u1", "sentence": "the cat", "y": "neutral"}])
+    grads = ["grads", "--model", env["model"], "--adapter", env["ft"]]
+    cases = [
+        (grads + ["--data", root / "missing.jsonl", *COLUMNS], "missing.jsonl does not exist"),
+        (grads + ["--data", env["train"], "--text-column", "txt", "--label-column", "y"], "column 'txt' (for field 'text') not found. Columns in the file: ['uid', 'sentence', 'y']"),
+        (grads + ["--data", env["train"]], "required field(s) ['text', 'label'] not found. Columns in the file: ['uid', 'sentence', 'y']"),
+        (grads + ["--data", empty, *COLUMNS], "holds no rows"),
+        (grads + ["--data", unseen, *COLUMNS], "labels ['neutral'] never occur in training"),
+        (["score", "--model", env["model"], "--adapter", env["ft"], "--train-data", env["train"], "--test-data", unseen, *COLUMNS],
+         "Test labels 'neutral' never occur in the training records"),
+        (["grads", "--model", env["other_model"], "--adapter", env["ft"], "--data", env["train"], *COLUMNS],
+         "was trained on base model"),
+        (["grads", "--model", "FacebookAI/roberta-large", "--adapter", env["ft"], "--data", env["train"], *COLUMNS],
+         "datainf works offline: pass a local folder"),
+        (["finetune", "--model", "bert-base-uncased", "--data", env["train"], *COLUMNS], "datainf works offline: pass a local folder"),
+        (["score", "--train-grads", stores["train"], "--test-grads", stores["test"], "--method", "magic"], "Unknown method(s) ['magic']"),
+        (["score", "--train-grads", stores["train"], "--test-grads", stores["test"], "--damping", "0"], "damping must be a finite number > 0"),
+        (["score", "--train-grads", stores["train"]], "Pass both --train-grads and --test-grads"),
+        (["score", "--train-grads", stores["train"], "--test-grads", root / "nope"], "does not exist"),
+        (["report", "--scores", root / "nope.safetensors", "--data", env["train"]], "does not exist"),
+        (["score", "--bogus"], "unrecognized arguments: --bogus"),
+        (["grads", "--model", env["model"], "--adapter", env["ft"], "--data", env["train"], "--epochs", "3"], "unrecognized arguments"),
+        (["score", "--damping", "abc"], "Bad value 'abc' for --damping"),
+    ]
+    for index, (args, expected) in enumerate(cases):
+        code, out, err = run(capsys, *args, "--out", root / f"out{index}", "-q")
+        assert code == 2, (args, err)
+        assert err.startswith("datainf: error: ") and err.count("\n") == 1, err
+        assert expected in err, (expected, err)
+        assert not (root / f"out{index}").exists(), "a failed run must not leave a claimed output folder behind"
+
+
+def test_output_folder_of_another_command_or_config_is_refused(env, stores, capsys, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    code, _, err = run(capsys, "score", "--train-grads", stores["train"], "--test-grads", stores["test"], "--out", foreign, "--overwrite", "-q")
+    assert code == 2 and "not empty and was not written by `datainf score`" in err
+    assert (foreign / "thesis.tex").read_text() == "precious"
+    # a grads store folder reused for a different adapter configuration
+    code, _, err = run(capsys, "grads", "--model", env["model"], "--adapter", env["ft"], "--data", env["train"], *COLUMNS,
+                       "--max-length", "12", "--out", stores["train"], "-q")
+    assert code == 2 and "different configuration" in err and "max_length" in err
+    # the score folder used by the report command
+    code, _, err = run(capsys, "report", "--scores", "x.safetensors", "--data", env["train"], "--out", env["ft"], "-q")
+    assert code == 2
+
+
+def test_demo_delegates_to_datainf_demo(capsys, monkeypatch, tmp_path):
+    seen = {}
+
+    def main_demo(args):
+        seen["args"] = args
+        return 0
+
+    monkeypatch.setitem(sys.modules, "datainf.demo", types.SimpleNamespace(main_demo=main_demo, __spec__=object()))
+    code, _, err = run(capsys, "demo", "--out", tmp_path / "d", "--task", "generation", "--seed", "3", "-q")
+    assert code == 0, err
+    args = seen["args"]
+    assert args.out == str(tmp_path / "d") and args.task == "generation" and args.seed == 3 and args.quiet is True
+    assert args.recompute is False
+
+
+def test_help_and_no_command(capsys):
+    assert main(["--help"]) == 0
+    assert "positive influence = harmful" in capsys.readouterr().out
+    assert main([]) == 2

@@ -1,0 +1,338 @@
+"""Fine-tuning (datainf.finetune) and model/adapter loading (datainf.models) on tiny random models."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from datainf.errors import ConfigError, DatasetError, EmptyInputError  # noqa: E402
+from datainf.finetune import FinetuneConfig, finetune_lora  # noqa: E402
+from datainf.models import (  # noqa: E402
+    AdapterMismatchError,
+    ModelLoadError,
+    base_model_digest,
+    load_model,
+    read_adapter_metadata,
+    resolve_adapter_dir,
+)
+
+WORDS = "the a cat dog sat on mat movie is was very not good great fine bad awful poor".split()
+INIT = 0.2
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def save_tiny_model(
+    path: Path, *, hidden: int = 16, layers: int = 2, seed: int = 0, kind: str = "bert", num_labels: int = 2
+) -> Path:
+    """A tiny random model + BERT word-piece tokenizer saved with save_pretrained."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer, GPT2Config, GPT2LMHeadModel
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    torch.manual_seed(seed)
+    if kind == "bert":
+        config = BertConfig(
+            vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+            intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels, initializer_range=INIT,
+        )
+        model = BertForSequenceClassification(config)
+    else:
+        config = GPT2Config(vocab_size=len(vocab), n_embd=hidden, n_layer=layers, n_head=2, n_positions=64, bos_token_id=2, eos_token_id=3)
+        model = GPT2LMHeadModel(config)
+    model.save_pretrained(str(path))
+    BertTokenizer(vocab=vocab).save_pretrained(str(path))
+    return path
+
+
+def sentiment_records(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    neutral = WORDS[:10]
+    out = []
+    for i in range(n):
+        label = "pos" if i % 2 else "neg"
+        cue = ["good", "great", "fine"] if label == "pos" else ["bad", "awful", "poor"]
+        words = rng.sample(neutral, 4) + rng.sample(cue, 2)
+        rng.shuffle(words)
+        out.append({"id": f"r{i}", "text": " ".join(words), "label": label})
+    return out
+
+
+def lm_records(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"id": f"l{i}", "prompt": " ".join(rng.sample(WORDS, 3)), "response": " ".join(rng.sample(WORDS, 2))} for i in range(n)]
+
+
+FAST = dict(epochs=2, batch_size=8, lr=5e-3, max_length=16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "tiny": save_tiny_model(root / "tiny"),
+        "tiny_copy": Path(shutil.copytree(root / "tiny", root / "tiny_copy")),
+        "other_seed": save_tiny_model(root / "other_seed", seed=1),
+        "wide": save_tiny_model(root / "wide", hidden=24),
+        "deeper": save_tiny_model(root / "deeper", layers=3),
+        "gpt2": save_tiny_model(root / "gpt2", kind="gpt2"),
+    }
+
+
+@pytest.fixture(scope="module")
+def adapter(models, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("adapter") / "run"
+    model, tok = load_model(models["tiny"], kind="classification", num_labels=2)
+    return finetune_lora(model, tok, sentiment_records(24), FinetuneConfig(**FAST), output_dir=out, progress=False)
+
+
+def foreign_copy(adapter: Path, dest: Path, recorded_base: str = "some-org/some-model") -> Path:
+    """The adapter as a non-datainf tool would leave it: no datainf_adapter.json, another recorded base."""
+    shutil.copytree(adapter, dest)
+    (dest / "datainf_adapter.json").unlink()
+    cfg = json.loads((dest / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = recorded_base
+    (dest / "adapter_config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------- FinetuneConfig
+
+
+def test_config_defaults_follow_the_paper():
+    cfg = FinetuneConfig()
+    assert (cfg.r, cfg.alpha, cfg.lr, cfg.batch_size, cfg.warmup_ratio, cfg.max_length) == (8, 16.0, 3e-4, 32, 0.06, 128)
+    assert cfg.target_modules == ("query", "value") and cfg.dropout == 0.1
+
+
+@pytest.mark.parametrize(
+    "bad, word",
+    [
+        ({"kind": "regression"}, "kind"),
+        ({"r": 0}, "r=0"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"epochs": 0}, "epochs"),
+        ({"lr": -1.0}, "lr"),
+        ({"warmup_ratio": 1.5}, "warmup_ratio"),
+        ({"max_length": 1}, "max_length"),
+        ({"target_modules": ()}, "target_modules"),
+        ({"batch_size": 2.5}, "batch_size"),
+    ],
+)
+def test_config_validation(bad, word):
+    with pytest.raises(ConfigError, match=word):
+        FinetuneConfig(**bad)
+
+
+def test_config_round_trip_and_unknown_keys():
+    cfg = FinetuneConfig(target_modules="query, key ,value", epochs=3)
+    assert cfg.target_modules == ("query", "key", "value")
+    assert FinetuneConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ConfigError, match="Unknown fine-tuning setting.*'rank'"):
+        FinetuneConfig.from_dict({"rank": 4})
+
+
+# ---------------------------------------------------------------------------------------------- finetune_lora
+
+
+def test_finetune_writes_adapter_metadata_and_log(adapter, models):
+    names = sorted(p.name for p in adapter.iterdir())
+    assert {"adapter_config.json", "adapter_model.safetensors", "datainf_adapter.json", "training_log.json"} <= set(names)
+    meta = read_adapter_metadata(adapter)
+    assert meta["kind"] == "classification" and meta["label_names"] == ["neg", "pos"] and meta["num_labels"] == 2
+    assert meta["base_model"] == str(models["tiny"].resolve())
+    assert meta["base_model_digest"] == base_model_digest(models["tiny"])
+    assert meta["finetune_config"]["epochs"] == FAST["epochs"]
+    log = json.loads((adapter / "training_log.json").read_text())
+    assert [e["epoch"] for e in log["epochs"]] == [1, 2] and all(e["loss"] > 0 for e in log["epochs"])
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any("lora_A" in k for k in tensors) and any("lora_B" in k for k in tensors)
+    assert any("classifier" in k for k in tensors), "the classification head must be saved (modules_to_save)"
+    assert not [p for p in adapter.parent.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+
+
+def test_finetune_is_deterministic_and_seeded(models, adapter, tmp_path):
+    def run(seed: int, out: Path) -> dict[str, torch.Tensor]:
+        model, tok = load_model(models["tiny"], kind="classification", num_labels=2)
+        finetune_lora(model, tok, sentiment_records(24), FinetuneConfig(**FAST, seed=seed), output_dir=out, progress=False)
+        return load_file(str(out / "adapter_model.safetensors"))
+
+    reference = load_file(str(adapter / "adapter_model.safetensors"))
+    again = run(0, tmp_path / "again")
+    assert reference.keys() == again.keys()
+    assert all(torch.equal(reference[k], again[k]) for k in reference)
+    other = run(1, tmp_path / "other")
+    assert any(not torch.equal(reference[k], other[k]) for k in reference)
+
+
+def test_finetune_learns_a_separable_task(models, tmp_path):
+    rng = random.Random(0)
+    records = [
+        {"id": str(i), "text": " ".join(rng.sample(WORDS[:5], 2) + ["good" if i % 2 else "bad"]), "label": "pos" if i % 2 else "neg"}
+        for i in range(32)
+    ]
+    model, tok = load_model(models["tiny"], kind="classification", num_labels=2)
+    cfg = FinetuneConfig(epochs=10, batch_size=8, lr=2e-2, max_length=16, dropout=0.0)
+    out = finetune_lora(model, tok, records, cfg, output_dir=tmp_path / "a", progress=False)
+    losses = [e["loss"] for e in json.loads((out / "training_log.json").read_text())["epochs"]]
+    assert losses[-1] < 0.5 * losses[0], losses
+    loaded, _ = load_model(models["tiny"], kind="classification", adapter=out)
+    batch = tok([r["text"] for r in records], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        predicted = loaded(**batch).logits.argmax(-1).tolist()
+    accuracy = sum(loaded.config.id2label[p] == r["label"] for p, r in zip(predicted, records)) / len(records)
+    assert accuracy >= 0.9
+
+
+def test_loaded_adapter_reproduces_the_trained_model(models, tmp_path):
+    model, tok = load_model(models["tiny"], kind="classification", num_labels=2)
+    out = finetune_lora(model, tok, sentiment_records(16), FinetuneConfig(**FAST), output_dir=tmp_path / "a", progress=False)
+    model.eval()  # finetune_lora injected the trained LoRA layers into this very model
+    loaded, _ = load_model(models["tiny"], kind="classification", adapter=out)
+    batch = tok(["the cat is good", "a dog was awful"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+    assert loaded.config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_causal_lm_finetune_and_reload(models, tmp_path):
+    model, tok = load_model(models["tiny"], kind="causal-lm")
+    assert model.config.is_decoder, "BERT must be loaded as a causal decoder"
+    cfg = FinetuneConfig(kind="causal-lm", epochs=1, batch_size=4, max_length=16)
+    out = finetune_lora(model, tok, lm_records(8), cfg, output_dir=tmp_path / "lm", progress=False)
+    meta = read_adapter_metadata(out)
+    assert meta["kind"] == "causal-lm" and meta["label_names"] is None
+    loaded, _ = load_model(models["tiny"], adapter=out, kind="causal-lm")
+    assert type(loaded).__name__ == "PeftModelForCausalLM"
+    with pytest.raises(ModelLoadError, match="trained for 'causal-lm'"):
+        load_model(models["tiny"], adapter=out, kind="classification")
+
+
+def test_finetune_interrupted_leaves_nothing(models, tmp_path, monkeypatch):
+    model, tok = load_model(models["tiny"], kind="classification", num_labels=2)
+    calls = {"n": 0}
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_lora(model, tok, sentiment_records(24), FinetuneConfig(**FAST), output_dir=tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_finetune_bad_inputs(models, tmp_path, adapter):
+    model, tok = load_model(models["tiny"], kind="classification", num_labels=3)
+    with pytest.raises(ConfigError, match="head has 3 outputs but the data has 2 classes"):
+        finetune_lora(model, tok, sentiment_records(8), FinetuneConfig(**FAST), output_dir=tmp_path / "a", progress=False)
+    model, tok = load_model(models["tiny"], kind="classification", num_labels=2)
+    with pytest.raises(EmptyInputError):
+        finetune_lora(model, tok, [], FinetuneConfig(**FAST), output_dir=tmp_path / "a", progress=False)
+    with pytest.raises(ConfigError, match="already exists"):
+        finetune_lora(model, tok, sentiment_records(8), FinetuneConfig(**FAST), output_dir=adapter, progress=False)
+    with pytest.raises(DatasetError, match="'text'"):
+        finetune_lora(model, tok, [{"id": "1", "label": "a"}], FinetuneConfig(**FAST), output_dir=tmp_path / "b", progress=False)
+    with pytest.raises(DatasetError, match="not among the label names"):
+        finetune_lora(
+            model, tok, sentiment_records(4), FinetuneConfig(**FAST), output_dir=tmp_path / "c", label_names=["neg", "x"], progress=False
+        )
+    gpt2, tok2 = load_model(models["gpt2"], kind="causal-lm")
+    with pytest.raises(ConfigError, match=r"target_modules=\['query', 'value'\].*'c_attn'"):
+        finetune_lora(gpt2, tok2, lm_records(4), FinetuneConfig(kind="causal-lm", **FAST), output_dir=tmp_path / "d", progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+
+
+# ---------------------------------------------------------------------------------------------- load_model
+
+
+def test_hub_id_offline_fails_fast_and_clearly():
+    started = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="datainf works offline: pass a local folder"):
+        load_model("FacebookAI/roberta-large", kind="classification", num_labels=2)
+    with pytest.raises(ModelLoadError, match="datainf works offline"):
+        resolve_adapter_dir("someone/lora-adapter")
+    assert time.perf_counter() - started < 5
+
+
+def test_not_a_model_folder(models, adapter, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(tmp_path / "empty", kind="classification")
+    with pytest.raises(ModelLoadError, match="peft adapter folder, not a base model"):
+        load_model(adapter, kind="classification")
+    with pytest.raises(ModelLoadError, match="full model folder, not a peft adapter"):
+        load_model(models["tiny"], kind="classification", adapter=models["tiny"])
+    with pytest.raises(ModelLoadError, match="Unknown model kind"):
+        load_model(models["tiny"], kind="regression")  # type: ignore[arg-type]
+
+
+def test_run_folder_resolves_to_its_adapter(adapter, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(adapter, run / "adapter")
+    assert resolve_adapter_dir(run) == run / "adapter"
+
+
+def test_base_model_digest_identifies_weights_not_location(models):
+    assert base_model_digest(models["tiny"]) == base_model_digest(models["tiny_copy"])
+    assert base_model_digest(models["tiny"]) != base_model_digest(models["other_seed"])
+
+
+def test_adapter_on_a_copy_of_its_base_loads(models, adapter):
+    model, _ = load_model(models["tiny_copy"], kind="classification", adapter=adapter)
+    assert type(model).__name__ == "PeftModelForSequenceClassification"
+
+
+def test_datainf_adapter_on_another_base_is_refused(models, adapter):
+    with pytest.raises(AdapterMismatchError, match="different model") as info:
+        load_model(models["other_seed"], kind="classification", adapter=adapter)
+    assert str(models["tiny"].resolve()) in str(info.value)
+    with pytest.raises(AdapterMismatchError, match="trained with 2 labels"):
+        load_model(models["tiny"], kind="classification", num_labels=3, adapter=adapter)
+
+
+def test_foreign_adapter_with_other_shapes_is_refused(models, adapter, tmp_path):
+    foreign = foreign_copy(adapter, tmp_path / "foreign")
+    with pytest.raises(AdapterMismatchError, match="weight shapes differ"):
+        load_model(models["wide"], kind="classification", num_labels=2, adapter=foreign)
+
+
+def test_foreign_adapter_without_its_target_modules_is_refused(models, adapter, tmp_path):
+    foreign = foreign_copy(adapter, tmp_path / "foreign")
+    with pytest.raises(AdapterMismatchError, match="target modules"):
+        load_model(models["gpt2"], kind="classification", num_labels=2, adapter=foreign)
+
+
+def test_foreign_adapter_on_a_deeper_model_is_refused(models, adapter, tmp_path):
+    foreign = foreign_copy(adapter, tmp_path / "foreign")
+    with pytest.raises(AdapterMismatchError, match="not in the adapter"):
+        load_model(models["deeper"], kind="classification", num_labels=2, adapter=foreign)
+
+
+def test_foreign_adapter_recording_an_existing_other_folder_is_refused(models, adapter, tmp_path):
+    foreign = foreign_copy(adapter, tmp_path / "foreign", recorded_base=str(models["tiny"]))
+    with pytest.raises(AdapterMismatchError, match="exists here and differs"):
+        load_model(models["other_seed"], kind="classification", num_labels=2, adapter=foreign)
+    model, _ = load_model(models["tiny"], kind="classification", num_labels=2, adapter=foreign)
+    assert model is not None
