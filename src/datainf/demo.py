@@ -195,6 +195,7 @@ def run_mislabel_demo(
     started = time.perf_counter()
     model, tokenizer = load_model(base, kind="classification", adapter=adapter, seed=config.seed)
     task = SequenceClassificationTask(tokenizer, SequenceClassificationConfig(max_length=config.max_length))
+    task.setup(model)  # label names from the adapter; collect_gradients skips this when its stores are cached
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*truncat.*")
         train_store = collect_gradients(model, task, split.train, store=cache / "grads-train", batch_size=32, progress=progress)

@@ -1,0 +1,47 @@
+"""Per-example LoRA gradients for transformers and diffusers models, in one batched pass.
+
+* :func:`collect_gradients` -- every example's gradient of every block into a ``GradientStore``.
+* Tasks (what the per-example loss is): :class:`SequenceClassificationTask`, :class:`CausalLMTask`,
+  :class:`DiffusionTask`, or your own :class:`GradientTask`.
+* :func:`find_lora_blocks` -- discovery and validation of the adapter's trainable tensors.
+* :class:`PerExampleGradients` -- the hook machinery (one forward, one backward per batch).
+
+Check the fast path on your own model with :func:`datainf.testing.check_per_example_gradients`.
+"""
+
+from datainf.gradients.collect import batch_gradients, collect_gradients, example_ids, gradient_fingerprint
+from datainf.gradients.hooks import PerExampleGradients
+from datainf.gradients.lora import GradientBlock, LoRABlocks, find_lora_blocks, gradient_mode, model_fingerprint
+from datainf.gradients.tasks import (
+    DEFAULT_DIFFUSION_TIMESTEPS,
+    CausalLMConfig,
+    CausalLMTask,
+    DiffusionTask,
+    DiffusionTaskConfig,
+    GradientTask,
+    SequenceClassificationConfig,
+    SequenceClassificationTask,
+    TaskBatch,
+)
+
+__all__ = [
+    "collect_gradients",
+    "batch_gradients",
+    "example_ids",
+    "gradient_fingerprint",
+    "PerExampleGradients",
+    "GradientBlock",
+    "LoRABlocks",
+    "find_lora_blocks",
+    "gradient_mode",
+    "model_fingerprint",
+    "GradientTask",
+    "TaskBatch",
+    "SequenceClassificationConfig",
+    "SequenceClassificationTask",
+    "CausalLMConfig",
+    "CausalLMTask",
+    "DiffusionTaskConfig",
+    "DiffusionTask",
+    "DEFAULT_DIFFUSION_TIMESTEPS",
+]

@@ -1,0 +1,294 @@
+"""Per-example gradients of the blocks from one forward and one backward pass per batch.
+
+For a linear map ``y = x W^T + c`` applied to every position ``s`` of example ``b``, the gradient of
+the summed loss ``sum_b l_b`` with respect to ``W`` splits over examples (the loss of example ``b``
+depends only on example ``b``'s rows):
+
+    dl_b/dW = sum_s  (dL/dy_bs) x_bs^T       ->  einsum('bsi,bso->boi', x, dL/dy)    (b, out, in)
+    dl_b/dc = sum_s   dL/dy_bs               ->  (dL/dy).sum(s)                       (b, out)
+
+so caching ``x`` (forward hook) and ``dL/dy`` (one ``torch.autograd.grad`` call with respect to
+the cached outputs) gives every example's gradient from a single backward pass. A 2-D convolution
+is the same map applied at every spatial position of its unfolded input (a 1x1 convolution needs
+no unfolding: spatial positions play the role of sequence positions). PEFT computes
+``base(x) + lora_B(lora_A(dropout(x))) * scaling``; ``lora_A`` and ``lora_B`` are plain
+``nn.Linear`` / ``nn.Conv2d`` modules, so the hooks sit on them (the output gradient of ``lora_B``
+already carries ``scaling``).
+
+Row layout: a hooked module may see more rows than there are examples, when a task runs the model
+on ``k`` rows per example (e.g. diffusion at ``k`` timesteps); rows must then be ordered
+example-major (rows ``j*k .. j*k+k-1`` belong to example ``j``) and their contributions are summed.
+A module called several times in one forward pass has its contributions summed too.
+
+Blocks that no hook covers (a trainable tensor outside ``nn.Linear`` / ``nn.Conv2d``) fall back to a
+per-example ``torch.autograd.grad`` loop over the same graph: correct but ``b`` times slower for those
+blocks.
+
+Hooks live only inside the :class:`PerExampleGradients` context manager; all state is kept on that
+object, nothing is attached to the user's modules or parameters, and the hooks are removed on exit,
+also when the body raises.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datainf.errors import LoRAValidationError, TaskInputError
+from datainf.gradients.lora import GradientBlock
+
+__all__ = ["PerExampleGradients", "per_example_linear_grads", "per_example_conv2d_grads"]
+
+logger = logging.getLogger(__name__)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision activations are accumulated in float32; float32/float64 are kept."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _split_rows(n_rows: int, b: int, module_name: str) -> int:
+    if b <= 0 or n_rows % b:
+        raise TaskInputError(
+            f"Module {module_name} saw {n_rows} rows for a batch of {b} examples; a task must run the model on "
+            "the same number of rows per example, ordered example-major. Check the task's per_example_loss."
+        )
+    return n_rows // b
+
+
+def per_example_linear_grads(
+    x: torch.Tensor, grad_out: torch.Tensor, b: int, *, weight: bool = True, bias: bool = False, module_name: str = ""
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-example gradients of an ``nn.Linear``.
+
+    Args:
+        x: the module's input, shape ``(N, ..., in)`` with ``N = b * k`` rows, example-major.
+        grad_out: gradient of the summed loss w.r.t. the module's output, shape ``(N, ..., out)``.
+        b: number of examples.
+
+    Returns:
+        ``(grad_weight (b, out, in) or None, grad_bias (b, out) or None)``.
+    """
+    _split_rows(x.shape[0], b, module_name)
+    dtype = _compute_dtype(x.dtype)
+    xs = x.reshape(b, -1, x.shape[-1]).to(dtype)
+    gs = grad_out.reshape(b, -1, grad_out.shape[-1]).to(dtype)
+    gw = torch.einsum("bsi,bso->boi", xs, gs) if weight else None
+    gb = gs.sum(dim=1) if bias else None
+    return gw, gb
+
+
+def per_example_conv2d_grads(
+    module: nn.Conv2d,
+    x: torch.Tensor,
+    grad_out: torch.Tensor,
+    b: int,
+    *,
+    weight: bool = True,
+    bias: bool = False,
+    module_name: str = "",
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-example gradients of an ``nn.Conv2d`` with ``groups == 1``.
+
+    Args:
+        module: the convolution (kernel size, stride, padding, dilation are read from it).
+        x: its input, shape ``(N, C, H, W)`` with ``N = b * k`` rows, example-major.
+        grad_out: gradient of the summed loss w.r.t. its output, shape ``(N, O, H', W')``.
+        b: number of examples.
+
+    Returns:
+        ``(grad_weight (b, O, C, kh, kw) or None, grad_bias (b, O) or None)``.
+    """
+    n, c = x.shape[0], x.shape[1]
+    k = _split_rows(n, b, module_name)
+    o = grad_out.shape[1]
+    dtype = _compute_dtype(x.dtype)
+    gcols = grad_out.reshape(b, k, o, -1).to(dtype)  # (b, k, O, L)
+    gw = None
+    if weight:
+        if module.kernel_size == (1, 1) and module.stride == (1, 1) and tuple(module.padding) == (0, 0):
+            cols = x.reshape(b, k, c, -1)  # spatial positions as sequence positions: (b, k, C, H*W)
+        else:
+            unfolded = F.unfold(
+                x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
+            )  # (N, C*kh*kw, L), channel-major like the weight's (C, kh, kw) layout
+            cols = unfolded.reshape(b, k, unfolded.shape[1], -1)
+        gw = torch.einsum("bkil,bkol->boi", cols.to(dtype), gcols).reshape(b, *module.weight.shape)
+    gb = gcols.sum(dim=(1, 3)) if bias else None
+    return gw, gb
+
+
+class PerExampleGradients:
+    """Context manager that hooks the block modules and turns a per-example loss into per-example grads.
+
+    Usage::
+
+        with PerExampleGradients(blocks) as capture:
+            capture.clear()
+            losses = task.per_example_loss(model, batch)      # (b,), one forward pass
+            grads = capture.compute(losses)                   # one backward pass
+            # grads[name]: (b, d_l), flattened row-major in the parameter's own layout
+
+    Args:
+        blocks: the blocks to differentiate (from :func:`datainf.gradients.find_lora_blocks`).
+    """
+
+    def __init__(self, blocks: Sequence[GradientBlock]) -> None:
+        self._blocks = list(blocks)
+        self._module_blocks: dict[int, list[GradientBlock]] = {}
+        self._modules: dict[int, tuple[str, nn.Module]] = {}
+        for block in self._blocks:
+            if block.module is None:
+                continue
+            key = id(block.module)
+            self._modules.setdefault(key, (block.module_name, block.module))
+            self._module_blocks.setdefault(key, []).append(block)
+        self._fallback = [b for b in self._blocks if b.module is None]
+        self._records: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._calls: dict[int, int] = dict.fromkeys(self._modules, 0)
+        self._handles: list[Any] = []
+        self._open = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> PerExampleGradients:
+        if self._open:
+            raise RuntimeError("PerExampleGradients is not re-entrant.")
+        self._open = True
+        try:
+            for key, (_, module) in self._modules.items():
+                self._handles.append(module.register_forward_hook(partial(self._record, key)))
+        except BaseException:
+            self._remove()
+            raise
+        if self._fallback:
+            logger.warning(
+                "%d block(s) are not covered by hooks and use the slow per-example autograd loop: %s",
+                len(self._fallback),
+                ", ".join(b.name for b in self._fallback[:5]) + (" ..." if len(self._fallback) > 5 else ""),
+            )
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._records.clear()
+        self._open = False
+
+    @property
+    def num_hooks(self) -> int:
+        """Hooks currently registered (0 outside the context)."""
+        return len(self._handles)
+
+    def never_called(self) -> list[str]:
+        """Names of hooked modules that have not run with gradients enabled since the context opened."""
+        return [self._modules[key][0] for key, count in self._calls.items() if count == 0]
+
+    def clear(self) -> None:
+        """Drop cached activations (call before each forward pass)."""
+        self._records.clear()
+
+    # ------------------------------------------------------------------ hook
+    def _record(self, key: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        if not args or not isinstance(args[0], torch.Tensor):
+            return
+        self._records.setdefault(key, []).append((args[0].detach(), output))
+        self._calls[key] += 1
+
+    # ------------------------------------------------------------------ backward
+    def compute(self, losses: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-example gradients of every block from the per-example losses of the last forward pass.
+
+        Args:
+            losses: per-example losses, shape ``(b,)``; their sum is differentiated once.
+
+        Returns:
+            Block name -> tensor ``(b, d_l)`` (float32, or float64 for a float64 model), each row the
+            gradient of that example's loss flattened in the parameter's row-major layout.
+        """
+        if not self._open:
+            raise RuntimeError("PerExampleGradients.compute() must be called inside its `with` block.")
+        if losses.dim() != 1:
+            raise TaskInputError(
+                f"The task returned losses of shape {tuple(losses.shape)}; per_example_loss must return one loss "
+                "per example, shape (b,)."
+            )
+        b = losses.shape[0]
+        try:
+            if not losses.requires_grad:
+                raise LoRAValidationError(
+                    "The loss does not depend on any adapter tensor with gradients enabled. Do not run the model "
+                    "under torch.no_grad() / inference_mode inside the task, and check that the adapter is active."
+                )
+            records = [(key, x, out) for key, recs in self._records.items() for x, out in recs]
+            if not records and not self._fallback:
+                raise LoRAValidationError(
+                    "No LoRA module ran during the forward pass: the task did not call the model, or called a "
+                    "different model than the one the blocks come from."
+                )
+            result: dict[str, torch.Tensor] = {}
+            if records:
+                grad_outs = torch.autograd.grad(
+                    losses.sum(),
+                    [out for _, _, out in records],
+                    retain_graph=bool(self._fallback),
+                    allow_unused=True,
+                )
+                for (key, x, _), go in zip(records, grad_outs):
+                    if go is None:
+                        continue
+                    self._accumulate(result, key, x, go, b)
+            if self._fallback:
+                self._fallback_loop(result, losses)
+            out: dict[str, torch.Tensor] = {}
+            for block in self._blocks:
+                tensor = result.get(block.name)
+                if tensor is None:  # the block did not take part in this batch: zero gradient
+                    dtype = _compute_dtype(block.parameter.dtype)
+                    tensor = torch.zeros(b, block.numel, dtype=dtype, device=losses.device)
+                out[block.name] = tensor.reshape(b, block.numel)
+            return out
+        finally:
+            self._records.clear()
+
+    def _accumulate(
+        self, result: dict[str, torch.Tensor], key: int, x: torch.Tensor, go: torch.Tensor, b: int
+    ) -> None:
+        module_name, module = self._modules[key]
+        blocks = self._module_blocks[key]
+        want_w = any(bl.attr == "weight" for bl in blocks)
+        want_b = any(bl.attr == "bias" for bl in blocks)
+        if isinstance(module, nn.Conv2d):
+            gw, gb = per_example_conv2d_grads(module, x, go, b, weight=want_w, bias=want_b, module_name=module_name)
+        else:
+            gw, gb = per_example_linear_grads(x, go, b, weight=want_w, bias=want_b, module_name=module_name)
+        for block in blocks:
+            g = gw if block.attr == "weight" else gb
+            assert g is not None
+            g = g.reshape(b, -1)
+            prev = result.get(block.name)
+            result[block.name] = g if prev is None else prev + g
+
+    def _fallback_loop(self, result: dict[str, torch.Tensor], losses: torch.Tensor) -> None:
+        params = [bl.parameter for bl in self._fallback]
+        b = losses.shape[0]
+        rows: list[list[torch.Tensor]] = [[] for _ in params]
+        for i in range(b):
+            grads = torch.autograd.grad(losses[i], params, retain_graph=i < b - 1, allow_unused=True)
+            for j, (p, g) in enumerate(zip(params, grads)):
+                rows[j].append(torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1))
+        for block, parts in zip(self._fallback, rows):
+            g = torch.stack(parts).to(_compute_dtype(block.parameter.dtype))
+            prev = result.get(block.name)
+            result[block.name] = g if prev is None else prev + g

@@ -1,0 +1,388 @@
+"""Find and validate the trainable tensors of a LoRA-tuned model: the *blocks* of DataInf.
+
+A block is one trainable parameter tensor (method.md section 1): the ``lora_A`` and ``lora_B``
+weights of every adapted layer are two separate blocks, and every trainable tensor of a
+``modules_to_save`` copy (e.g. a classifier head's weight and bias) is one more block each. Blocks are
+named by the parameter's full name in ``model.named_parameters()``, e.g.
+``base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight``.
+
+Works with a :class:`peft.PeftModel` and with plain modules that received adapters through
+``peft.inject_adapter_in_model`` or ``add_adapter`` (diffusers UNets). Validation collects every
+problem before raising one :class:`~datainf.errors.LoRAValidationError`.
+
+It also holds :func:`gradient_mode`, the only change the collector makes to the user's model, and a
+reversible one: eval mode (LoRA dropout off) and ``requires_grad`` on the block tensors while the
+gradients are taken.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from datainf.errors import LoRAValidationError
+
+__all__ = [
+    "GradientBlock",
+    "LoRABlocks",
+    "find_lora_blocks",
+    "gradient_mode",
+    "model_fingerprint",
+    "is_hookable",
+]
+
+logger = logging.getLogger(__name__)
+
+BlockRole = Literal["lora_A", "lora_B", "modules_to_save", "other"]
+
+
+def is_hookable(module: nn.Module | None) -> bool:
+    """Whether per-example gradients of ``module``'s weight/bias can be formed from hooks.
+
+    Supported: :class:`torch.nn.Linear` (any number of leading dimensions) and
+    :class:`torch.nn.Conv2d` with ``groups == 1``, zero padding and numeric ``padding`` (any kernel
+    size; 1x1 convolutions, as in UNet LoRA, take a copy-free path).
+    """
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    return False
+
+
+@dataclass(frozen=True)
+class GradientBlock:
+    """One trainable tensor whose per-example gradient is collected.
+
+    Attributes:
+        name: the parameter's full name in ``model.named_parameters()`` (the block name in a store).
+        parameter: the tensor itself.
+        module_name: name of the module that owns the tensor.
+        module: the owning module when its per-example gradient comes from hooks (``nn.Linear`` or
+            ``nn.Conv2d``); ``None`` when it must come from the per-example autograd fallback.
+        attr: ``"weight"``, ``"bias"`` or another attribute name on the owning module.
+        role: ``"lora_A"``, ``"lora_B"``, ``"modules_to_save"`` or ``"other"`` (another trainable tensor).
+    """
+
+    name: str
+    parameter: nn.Parameter = field(repr=False, compare=False)
+    module_name: str
+    module: nn.Module | None = field(repr=False, compare=False)
+    attr: str
+    role: BlockRole
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the tensor; its per-example gradient is stored flattened row-major."""
+        return tuple(self.parameter.shape)
+
+    @property
+    def numel(self) -> int:
+        """Number of parameters ``d_l`` of the block."""
+        return int(self.parameter.numel())
+
+    @property
+    def hooked(self) -> bool:
+        """True when the block's per-example gradient is formed from hooks (the fast path)."""
+        return self.module is not None
+
+
+@dataclass(frozen=True)
+class LoRABlocks:
+    """The blocks of one adapter, in ``model.named_parameters()`` order.
+
+    Attributes:
+        adapter_name: the adapter whose tensors are differentiated.
+        blocks: one :class:`GradientBlock` per trainable tensor.
+    """
+
+    adapter_name: str
+    blocks: tuple[GradientBlock, ...]
+
+    @property
+    def block_dims(self) -> dict[str, int]:
+        """Block name -> ``d_l``, in order (the ``block_dims`` of a gradient store)."""
+        return {b.name: b.numel for b in self.blocks}
+
+    @property
+    def names(self) -> list[str]:
+        return [b.name for b in self.blocks]
+
+    @property
+    def hooked(self) -> list[GradientBlock]:
+        """Blocks covered by hooks."""
+        return [b for b in self.blocks if b.hooked]
+
+    @property
+    def fallback(self) -> list[GradientBlock]:
+        """Blocks no hook covers (per-example autograd loop, slow)."""
+        return [b for b in self.blocks if not b.hooked]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __iter__(self) -> Iterator[GradientBlock]:
+        return iter(self.blocks)
+
+
+def _peft_classes() -> tuple[type, type, type, tuple[type, ...]]:
+    """(BaseTunerLayer, LoraLayer, AuxiliaryTrainingWrapper, LoRA layer types without a hookable path)."""
+    from peft.tuners.lora import layer as lora_layer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    unhookable = tuple(
+        cls
+        for cls in (
+            getattr(lora_layer, "Embedding", None),
+            getattr(lora_layer, "MultiheadAttention", None),
+            getattr(lora_layer, "ParamWrapper", None),
+        )
+        if cls is not None
+    )
+    return BaseTunerLayer, lora_layer.LoraLayer, AuxiliaryTrainingWrapper, unhookable
+
+
+def _active_adapters(module: nn.Module) -> list[str]:
+    active = getattr(module, "active_adapters", None)
+    if callable(active):  # diffusers' ModelMixin.active_adapters() is a method
+        return []
+    if isinstance(active, str):
+        return [active]
+    return [str(a) for a in (active or [])]
+
+
+def find_lora_blocks(model: nn.Module, *, adapter_name: str | None = None) -> LoRABlocks:
+    """Discover and validate the blocks of the active LoRA adapter of ``model``.
+
+    Args:
+        model: a ``PeftModel`` or any module with peft LoRA layers injected (``inject_adapter_in_model``,
+            diffusers' ``add_adapter``).
+        adapter_name: which adapter to differentiate. Required when several adapters are active; it
+            must be active (the model runs as configured: other active adapters still contribute to
+            the forward pass but are not differentiated).
+
+    Returns:
+        The adapter's blocks: every ``lora_A`` / ``lora_B`` tensor (weight, and ``lora_B`` bias when
+        ``lora_bias=True``), every tensor of the adapter's ``modules_to_save`` copies, and any other
+        tensor with ``requires_grad=True`` that belongs to no adapter (e.g. biases trained with
+        ``bias="all"``). Tensors of other adapters are left out.
+
+    Raises:
+        LoRAValidationError: listing every problem found: no LoRA layer; the adapter merged into the
+            base weights; adapters disabled; unsupported variants (DoRA and other ``lora_variant``\\ s,
+            embedding LoRA, LoRA on ``nn.MultiheadAttention`` or on raw parameters, grouped or
+            non-2-D convolutions: anything without a ``lora_A``/``lora_B`` module to hook); non-LoRA
+            peft tuners; several active adapters and no ``adapter_name``.
+    """
+    base_tuner_cls, lora_cls, aux_cls, unhookable_cls = _peft_classes()
+    problems: list[str] = []
+
+    lora_layers: list[tuple[str, nn.Module]] = []
+    aux_wrappers: list[tuple[str, nn.Module]] = []
+    for mod_name, module in model.named_modules():
+        if isinstance(module, lora_cls):
+            lora_layers.append((mod_name, module))
+        elif isinstance(module, base_tuner_cls):
+            problems.append(
+                f"{mod_name} is a {type(module).__name__} (a non-LoRA peft tuner); only LoRA adapters are supported."
+            )
+        elif isinstance(module, aux_cls):
+            aux_wrappers.append((mod_name, module))
+
+    if not lora_layers:
+        raise LoRAValidationError(
+            "No LoRA layer found in the model. Wrap it with peft.get_peft_model(model, LoraConfig(...)), load a "
+            "trained adapter with PeftModel.from_pretrained(...), or inject one with peft.inject_adapter_in_model "
+            "(diffusers: unet.add_adapter(LoraConfig(...)))."
+            + ("".join(f"\n  - {p}" for p in problems))
+        )
+
+    available: set[str] = set()
+    active: set[str] = set()
+    for _, layer in lora_layers:
+        available.update(layer.lora_A.keys())
+        available.update(layer.lora_embedding_A.keys())
+        active.update(a for a in _active_adapters(layer) if a in layer.lora_A or a in layer.lora_embedding_A)
+
+    chosen: str | None = adapter_name
+    if adapter_name is None:
+        if len(active) == 1:
+            chosen = next(iter(active))
+        elif not active:
+            problems.append(
+                f"No LoRA adapter is active (adapters present: {sorted(available)}). Activate one with "
+                "model.set_adapter(name)."
+            )
+        else:
+            problems.append(
+                f"Several LoRA adapters are active ({sorted(active)}); say which one to differentiate with "
+                "adapter_name=..., or activate a single one with model.set_adapter(name)."
+            )
+    elif adapter_name not in available:
+        problems.append(f"Adapter {adapter_name!r} does not exist; adapters present: {sorted(available)}.")
+        chosen = None
+    elif adapter_name not in active:
+        problems.append(
+            f"Adapter {adapter_name!r} is not active (active: {sorted(active) or 'none'}); call "
+            f"model.set_adapter({adapter_name!r}) first."
+        )
+
+    owned_by_adapters: set[int] = set()  # every adapter tensor of every adapter (others are excluded)
+    selected: dict[int, BlockRole] = {}
+    hook_owner: dict[int, nn.Module] = {}
+
+    for mod_name, layer in lora_layers:
+        for attr_name in layer.adapter_layer_names:
+            container = getattr(layer, attr_name, None)
+            if isinstance(container, (nn.ModuleDict, nn.ParameterDict)):
+                for p in container.parameters():
+                    owned_by_adapters.add(id(p))
+        if chosen is None or (chosen not in layer.lora_A and chosen not in layer.lora_embedding_A):
+            continue
+        where = f"{mod_name} ({type(layer).__name__})"
+        if chosen in getattr(layer, "merged_adapters", []):
+            problems.append(
+                f"{where}: adapter {chosen!r} is merged into the base weights, so its tensors receive no gradient. "
+                "Call model.unmerge_adapter() (PeftModel) or layer.unmerge() before collecting gradients."
+            )
+        if getattr(layer, "disable_adapters", False):
+            problems.append(
+                f"{where}: adapters are disabled (disable_adapter() context or enable_adapters(False)); enable them."
+            )
+        if chosen in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(chosen, False):
+            variant = type(getattr(layer, "lora_variant", {}).get(chosen, object())).__name__
+            problems.append(
+                f"{where}: adapter {chosen!r} uses a LoRA variant ({'DoRA' if layer.use_dora.get(chosen) else variant}) "
+                "whose extra tensors have no module to hook; only plain LoRA is supported. Retrain without "
+                "use_dora / the variant option."
+            )
+        if chosen in layer.lora_embedding_A or (unhookable_cls and isinstance(layer, unhookable_cls)):
+            problems.append(
+                f"{where}: LoRA on this layer type computes its update without a lora_A/lora_B module to hook "
+                "(embedding LoRA, nn.MultiheadAttention, target_parameters). Remove it from target_modules."
+            )
+            continue
+        for part in ("lora_A", "lora_B"):
+            sub = getattr(layer, part)[chosen]
+            if not is_hookable(sub):
+                detail = type(sub).__name__
+                if isinstance(sub, nn.Conv2d):
+                    detail += f"(groups={sub.groups}, padding={sub.padding!r}, padding_mode={sub.padding_mode!r})"
+                problems.append(
+                    f"{where}: {part} is a {detail}; per-example gradients support nn.Linear and nn.Conv2d "
+                    "(groups=1, numeric zero padding). Remove this layer from target_modules."
+                )
+                continue
+            for p in sub.parameters(recurse=False):
+                selected[id(p)] = part  # type: ignore[assignment]
+                hook_owner[id(p)] = sub
+
+    for _, wrapper in aux_wrappers:
+        for p in wrapper.parameters():
+            owned_by_adapters.add(id(p))
+        copies = getattr(wrapper, "modules_to_save", None)
+        if chosen is not None and isinstance(copies, nn.ModuleDict) and chosen in copies:
+            for sub in copies[chosen].modules():
+                for p in sub.parameters(recurse=False):
+                    selected[id(p)] = "modules_to_save"
+                    if is_hookable(sub):
+                        hook_owner[id(p)] = sub
+        elif chosen is not None and _active_adapters(wrapper) and chosen in _active_adapters(wrapper):
+            # other auxiliary wrappers (e.g. trainable tokens): trainable tensors go to the fallback
+            for p in wrapper.parameters():
+                if p.requires_grad:
+                    selected[id(p)] = "other"
+
+    if problems:
+        raise LoRAValidationError(
+            f"The model's LoRA adapters cannot be used for per-example gradients ({len(problems)} problem"
+            f"{'s' if len(problems) != 1 else ''}):" + "".join(f"\n  - {p}" for p in problems)
+        )
+    assert chosen is not None
+
+    owners: dict[int, tuple[str, str, nn.Module]] = {}
+    for mod_name, module in model.named_modules():
+        for attr, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), (mod_name, attr, module))
+
+    blocks: list[GradientBlock] = []
+    for name, p in model.named_parameters():
+        role = selected.get(id(p))
+        if role is None:
+            if not p.requires_grad or id(p) in owned_by_adapters:
+                continue
+            role = "other"
+        mod_name, attr, module = owners[id(p)]
+        hooked = hook_owner.get(id(p))
+        if hooked is None and role == "other" and is_hookable(module) and attr in ("weight", "bias"):
+            hooked = module
+        if hooked is not None and attr not in ("weight", "bias"):
+            hooked = None
+        blocks.append(
+            GradientBlock(name=name, parameter=p, module_name=mod_name, module=hooked, attr=attr, role=role)
+        )
+    if not any(b.role in ("lora_A", "lora_B") for b in blocks):
+        raise LoRAValidationError(
+            f"Adapter {chosen!r} has no lora_A/lora_B tensor in this model; check target_modules."
+        )
+    return LoRABlocks(adapter_name=chosen, blocks=tuple(blocks))
+
+
+def model_fingerprint(model: nn.Module, blocks: LoRABlocks) -> str:
+    """A short hash identifying base model + adapter: names, shapes and dtypes of every parameter,
+    plus the bytes of the block tensors (the adapter weights and trainable heads).
+
+    The base weights' values are not hashed (too slow for large models); two base models with the
+    same architecture but different weights therefore get the same fingerprint unless their adapters
+    differ.
+    """
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        digest.update(f"{name}|{tuple(p.shape)}|{p.dtype}\n".encode())
+    digest.update(f"adapter={blocks.adapter_name}\n".encode())
+    for block in blocks:
+        data = block.parameter.detach().to("cpu").contiguous()
+        digest.update(block.name.encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+@contextmanager
+def gradient_mode(model: nn.Module, blocks: LoRABlocks | Sequence[GradientBlock]) -> Iterator[None]:
+    """Put ``model`` in eval mode (LoRA dropout and all other dropout off) and switch
+    ``requires_grad`` on for the block tensors; restore every module's previous train/eval flag and
+    every tensor's previous ``requires_grad`` on exit, also when the body raises.
+
+    Gradients are taken at the fine-tuned weights with the model in eval mode (method.md section 4).
+    The switch is logged at INFO level.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(b.parameter, b.parameter.requires_grad) for b in blocks]
+    n_train = sum(1 for _, t in modes if t)
+    logger.info(
+        "Taking gradients in eval mode (LoRA dropout and all other dropout off)%s.",
+        f"; {n_train} modules were in training mode and are restored afterwards" if n_train else "",
+    )
+    turned_on = [p for p, flag in grads if not flag]
+    if turned_on:
+        logger.info(
+            "Enabling requires_grad on %d adapter tensors for the duration of gradient collection.", len(turned_on)
+        )
+    try:
+        model.eval()
+        for p in turned_on:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+        for p, flag in grads:
+            p.requires_grad_(flag)

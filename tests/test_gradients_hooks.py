@@ -1,0 +1,157 @@
+"""The einsum formulas and the hook lifecycle, against a plain per-example autograd loop (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gradient_fixtures import attribute_state, bert_classifier, classification_data, hook_state, word_tokenizer
+from torch import nn
+
+from datainf.errors import TaskInputError
+from datainf.gradients import GradientBlock, PerExampleGradients, SequenceClassificationTask, collect_gradients
+from datainf.gradients.hooks import per_example_conv2d_grads, per_example_linear_grads
+from datainf.testing import check_per_example_gradients
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (4, 3, 7), (3, 2, 4, 7)])
+@pytest.mark.parametrize("rows_per_example", [1, 3])
+def test_linear_formula_matches_autograd(shape, rows_per_example) -> None:
+    torch.manual_seed(0)
+    b = shape[0]
+    lin = nn.Linear(7, 6, dtype=torch.float64)
+    x = torch.randn(b * rows_per_example, *shape[1:], dtype=torch.float64)
+    target = torch.randn(b * rows_per_example, *shape[1:-1], 6, dtype=torch.float64)
+
+    def loss_rows(y: torch.Tensor, rows: slice) -> torch.Tensor:  # per-row losses add up per example
+        return ((y - target[rows]) ** 3).sum()
+
+    y = lin(x)
+    go = torch.autograd.grad(loss_rows(y, slice(None)), y)[0]
+    gw, gb = per_example_linear_grads(x.detach(), go, b, weight=True, bias=True)
+    k = rows_per_example
+    for j in range(b):
+        lin.zero_grad()
+        rows = slice(j * k, (j + 1) * k)
+        loss_rows(lin(x.detach()[rows]), rows).backward()
+        torch.testing.assert_close(gw[j], lin.weight.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gb[j], lin.bias.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "conv_kw",
+    [
+        dict(kernel_size=1),
+        dict(kernel_size=3, padding=1),
+        dict(kernel_size=3, stride=2, padding=2, dilation=2),
+        dict(kernel_size=(2, 3), stride=(1, 2)),
+    ],
+    ids=["1x1", "3x3-pad", "3x3-stride-dilation", "2x3"],
+)
+@pytest.mark.parametrize("rows_per_example", [1, 2])
+def test_conv2d_formula_matches_autograd(conv_kw, rows_per_example) -> None:
+    torch.manual_seed(1)
+    b, k = 3, rows_per_example
+    conv = nn.Conv2d(4, 5, dtype=torch.float64, **conv_kw)
+    x = torch.randn(b * k, 4, 7, 6, dtype=torch.float64)
+    y = conv(x)
+    weights = torch.randn_like(y)
+
+    def loss(out: torch.Tensor, rows: slice) -> torch.Tensor:
+        return (torch.tanh(out) * weights[rows]).sum()
+
+    go = torch.autograd.grad(loss(y, slice(None)), y)[0]
+    gw, gb = per_example_conv2d_grads(conv, x, go, b, weight=True, bias=True)
+    for j in range(b):
+        conv.zero_grad()
+        rows = slice(j * k, (j + 1) * k)
+        loss(conv(x[rows]), rows).backward()
+        torch.testing.assert_close(gw[j], conv.weight.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gb[j], conv.bias.grad, rtol=1e-10, atol=1e-12)
+
+
+class _Shared(nn.Module):
+    """A linear layer used twice in one forward pass, then a LayerNorm (not hookable)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6, dtype=torch.float64)
+        self.norm = nn.LayerNorm(6, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.lin(torch.tanh(self.lin(x))))
+
+
+def _blocks(model: _Shared) -> list[GradientBlock]:
+    return [
+        GradientBlock("lin.weight", model.lin.weight, "lin", model.lin, "weight", "other"),
+        GradientBlock("lin.bias", model.lin.bias, "lin", model.lin, "bias", "other"),
+        GradientBlock("norm.weight", model.norm.weight, "norm", None, "weight", "other"),
+    ]
+
+
+def test_module_called_twice_and_fallback_block() -> None:
+    torch.manual_seed(2)
+    model = _Shared()
+    x = torch.randn(4, 3, 6, dtype=torch.float64)
+
+    def losses_of(inp: torch.Tensor) -> torch.Tensor:
+        return (model(inp) ** 2).sum(dim=(1, 2))
+
+    with PerExampleGradients(_blocks(model)) as capture:
+        assert capture.num_hooks == 1
+        grads = capture.compute(losses_of(x))
+    assert capture.num_hooks == 0
+    for j in range(4):
+        ref = torch.autograd.grad(losses_of(x[j : j + 1])[0], [model.lin.weight, model.lin.bias, model.norm.weight])
+        for name, r in zip(["lin.weight", "lin.bias", "norm.weight"], ref):
+            torch.testing.assert_close(grads[name][j], r.reshape(-1), rtol=1e-10, atol=1e-12)
+    assert all(p.grad is None for p in model.parameters())  # nothing accumulated into .grad
+
+
+def test_rows_must_split_evenly() -> None:
+    model = _Shared()
+    with PerExampleGradients(_blocks(model)[:2]) as capture:
+        out = model(torch.randn(5, 6, dtype=torch.float64))
+        with pytest.raises(TaskInputError, match="5 rows for a batch of 2"):
+            capture.compute(out.sum(dim=1)[:2])
+
+
+def test_hooks_removed_on_exception() -> None:
+    model = _Shared()
+    with pytest.raises(RuntimeError, match="inside"):
+        with PerExampleGradients(_blocks(model)):
+            assert len(model.lin._forward_hooks) == 1
+            raise RuntimeError("inside")
+    assert not model.lin._forward_hooks
+
+
+class _FailingTask(SequenceClassificationTask):
+    def __init__(self, *args, fail_on: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+        self.fail_on = fail_on
+
+    def per_example_loss(self, model, batch):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RuntimeError("task failed")
+        return super().per_example_loss(model, batch)
+
+
+def test_collect_leaves_nothing_on_the_model() -> None:
+    model = bert_classifier()
+    model.train()
+    hooks_before, attrs_before = hook_state(model), attribute_state(model)
+    task = SequenceClassificationTask(word_tokenizer())
+    collect_gradients(model, task, classification_data(5), batch_size=2, progress=False)
+    check_per_example_gradients(model, task, classification_data(3))
+    assert hook_state(model) == hooks_before
+    assert attribute_state(model) == attrs_before
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training
+
+    with pytest.raises(RuntimeError, match="task failed"):
+        collect_gradients(model, _FailingTask(word_tokenizer(), fail_on=2), classification_data(5), batch_size=2, progress=False)
+    assert hook_state(model) == hooks_before
+    assert attribute_state(model) == attrs_before
+    assert model.training
