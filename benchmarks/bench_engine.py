@@ -113,7 +113,7 @@ def main() -> None:
     configs = (
         [("24 x 3072", 24, 3072, [1000, 4000]), ("160 x 40960", 160, 40960, [40])]
         if args.quick
-        else [("24 x 3072 (MiniLM r=8 q/v)", 24, 3072, [2000, 4000, 10000, 40000]), ("160 x 40960 (Llama-13B r=8 q/v)", 160, 40960, [100, 400])]
+        else [("24 x 3072 (MiniLM r=8 q/v)", 24, 3072, [2000, 4000, 40000]), ("160 x 40960 (Llama-13B r=8 q/v)", 160, 40960, [100, 200])]
     )
     emit("### DataInf time / plain streaming read of the same store")
     emit()

@@ -76,6 +76,8 @@ def _tensors(data: list[dict[str, Any]], batch_size: int) -> list[dict[str, torc
 
 
 def bench_throughput(*, seq_len: int, batch_size: int, n_batches: int, loop_examples: int, rounds: int) -> dict[str, Any]:
+    """Interleaved batch by batch (hooks, training step, naive loop on a slice of the same batch), so
+    that a change in machine load hits the three methods alike; totals over all rounds."""
     from datainf.gradients import SequenceClassificationTask, collect_gradients, find_lora_blocks, gradient_mode
     from datainf.testing import loop_gradients
 
@@ -84,54 +86,65 @@ def bench_throughput(*, seq_len: int, batch_size: int, n_batches: int, loop_exam
     data = _synthetic(batch_size * n_batches, seq_len)
     batches = _tensors(data, batch_size)
     blocks = find_lora_blocks(model)
-    params = [b.parameter for b in blocks]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    params = {b.name: b.parameter for b in blocks}
+    optimizer = torch.optim.AdamW(list(params.values()), lr=1e-4)
+    initial = {n: p.detach().clone() for n, p in params.items()}
+    per_batch_loop = max(1, loop_examples // n_batches)
 
-    def fast() -> float:
-        t0 = time.perf_counter()
-        collect_gradients(model, task, data, batch_size=batch_size, progress=False)
-        return len(data) / (time.perf_counter() - t0)
+    def fast(chunk: list[dict[str, Any]]) -> None:
+        collect_gradients(model, task, chunk, batch_size=batch_size, progress=False)
 
-    def train() -> float:
+    def train(batch: dict[str, torch.Tensor]) -> None:
         model.train()
-        t0 = time.perf_counter()
-        for batch in batches:
-            optimizer.zero_grad(set_to_none=True)
-            model(**batch).loss.backward()
-            optimizer.step()
-        rate = len(data) / (time.perf_counter() - t0)
+        optimizer.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        optimizer.step()
         model.eval()
-        return rate
 
-    def loop() -> float:
-        sub = data[:loop_examples]
-        t0 = time.perf_counter()
+    def loop(chunk: list[dict[str, Any]]) -> None:
         with gradient_mode(model, blocks):
             task.setup(model)
-            loop_gradients(model, task, sub, [ex["id"] for ex in sub], {b.name: b.parameter for b in blocks}, torch.device("cpu"))
-        return len(sub) / (time.perf_counter() - t0)
+            loop_gradients(model, task, chunk, [ex["id"] for ex in chunk], params, torch.device("cpu"))
 
-    # warm-up (allocator, oneDNN primitives), then interleaved rounds
-    collect_gradients(model, task, data[:batch_size], batch_size=batch_size, progress=False)
-    train_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    rates: dict[str, list[float]] = {"hooks": [], "train_step": [], "naive_loop": []}
+    # warm-up (allocator, oneDNN primitives)
+    fast(data[:batch_size])
+    train(batches[0])
+    loop(data[:2])
+    seconds = {"hooks": 0.0, "train_step": 0.0, "naive_loop": 0.0}
+    counts = {"hooks": 0, "train_step": 0, "naive_loop": 0}
+    per_round: dict[str, list[float]] = {k: [] for k in seconds}
     for _ in range(rounds):
-        rates["hooks"].append(fast())
-        rates["train_step"].append(train())
-        rates["naive_loop"].append(loop())
-    with torch.no_grad():  # the training steps moved the adapter; put it back (not needed for timing)
-        for n, p in model.named_parameters():
-            if n in train_state:
-                p.copy_(train_state[n])
-    med = {k: statistics.median(v) for k, v in rates.items()}
+        round_s = dict.fromkeys(seconds, 0.0)
+        round_n = dict.fromkeys(seconds, 0)
+        for i, batch in enumerate(batches):
+            chunk = data[i * batch_size : (i + 1) * batch_size]
+            for name, fn, arg, n in (
+                ("hooks", fast, chunk, len(chunk)),
+                ("train_step", train, batch, len(chunk)),
+                ("naive_loop", loop, chunk[:per_batch_loop], per_batch_loop),
+            ):
+                t0 = time.perf_counter()
+                fn(arg)  # type: ignore[operator]
+                round_s[name] += time.perf_counter() - t0
+                round_n[name] += n
+        for name in seconds:
+            seconds[name] += round_s[name]
+            counts[name] += round_n[name]
+            per_round[name].append(round(round_n[name] / round_s[name], 1))
+    with torch.no_grad():  # the training steps moved the adapter; put it back
+        for n, p in params.items():
+            p.copy_(initial[n])
+    rate = {k: counts[k] / seconds[k] for k in seconds}
     return {
         "setting": f"MiniLM-L6 + LoRA r=8 (query, value) + 5-class head, seq {seq_len}, batch {batch_size}, "
-        f"{torch.get_num_threads()} threads, {batch_size * n_batches} examples/round, {rounds} rounds",
+        f"{torch.get_num_threads()} threads, {rounds} rounds x {n_batches} batches "
+        f"(naive loop: {per_batch_loop} examples per batch)",
         "lora_parameters": sum(b.numel for b in blocks),
-        "examples_per_s": {k: round(v, 1) for k, v in med.items()},
-        "all_rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
-        "ratio_vs_train_step": round(med["hooks"] / med["train_step"], 2),
-        "ratio_vs_naive_loop": round(med["hooks"] / med["naive_loop"], 2),
+        "examples_per_s": {k: round(v, 1) for k, v in rate.items()},
+        "per_round": per_round,
+        "ratio_vs_train_step": round(rate["hooks"] / rate["train_step"], 2),
+        "ratio_vs_naive_loop": round(rate["hooks"] / rate["naive_loop"], 2),
+        "load_average": os.getloadavg(),
     }
 
 
@@ -253,7 +266,7 @@ def main() -> None:
     if args.rss_worker is not None:
         rss_worker(args.rss_worker, args.rss_seq_len, args.rss_folder)
         return
-    report: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    report: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()}
     if args.part in ("throughput", "all"):
         report["throughput"] = bench_throughput(
             seq_len=args.seq_len, batch_size=args.batch_size, n_batches=args.batches,

@@ -290,3 +290,24 @@ def test_text_pairs_and_string_labels() -> None:
     assert report.ok
     batch = task.collate(data[:2], ["0", "1"])
     assert "token_type_ids" in batch.inputs and batch.inputs["token_type_ids"].max() == 1
+
+
+class _SqrtTask(SquaredErrorTask):
+    """l_i = sqrt(w_i (f(x_i) - y_i)^2): finite everywhere, but its gradient is NaN where w_i = 0."""
+
+    def collate(self, examples, ids) -> TaskBatch:
+        batch = super().collate(examples, ids)
+        batch.inputs["w"] = torch.tensor([ex["w"] for ex in examples], dtype=torch.float32)
+        return batch
+
+    def per_example_loss(self, model, batch) -> torch.Tensor:
+        return torch.sqrt(super().per_example_loss(model, batch) * batch.inputs["w"])
+
+
+def test_non_finite_gradient_with_finite_loss_names_the_examples() -> None:
+    torch.manual_seed(0)
+    model = get_peft_model(_Regressor(), LoraConfig(r=2, target_modules=["hidden"], init_lora_weights=False))
+    data = [{"id": f"e{i}", "x": [0.1 * i, 1.0, -1.0], "y": 5.0, "w": 0.0 if i in (1, 3) else 1.0} for i in range(5)]
+    with pytest.raises(NonFiniteGradientError, match="losses were finite") as info:
+        collect_gradients(model, _SqrtTask(), data, batch_size=5, progress=False)
+    assert "'e1'" in str(info.value) and "'e3'" in str(info.value) and "'e0'" not in str(info.value)
