@@ -67,7 +67,7 @@ def main() -> None:
         "",
         f"Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_mislabel.py --seeds {' '.join(map(str, args.seeds))}`;",
         f"BBC News, {config.n_train} train ({config.flip_fraction:.0%} labels flipped), {config.n_val} validation, MiniLM-L6 + LoRA",
-        f"r={config.r} on query/value + classifier head, {config.epochs} epochs, max length {config.max_length}; "
+        f"r={config.r} on {'/'.join(config.target_modules)} + classifier head, {config.epochs} epochs, max length {config.max_length}; "
         f"{len(args.seeds)} seeds (mean ± standard deviation). Positive influence = harmful, so flipped labels should rank first.",
         "",
         "| method | AUC | flipped found in top 10 % | in top 20 % | seconds |",

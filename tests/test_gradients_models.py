@@ -181,3 +181,25 @@ def test_latent_diffusion_with_vae_and_text_encoder() -> None:
     assert batch.inputs["pixel_values"].shape == (3, 3, 8, 8) and batch.inputs["pixel_values"].abs().max() <= 1
     report = check_per_example_gradients(unet_cond(with_conv=False), task, data, rtol=RTOL)
     _assert_meaningful(report, 16)
+
+
+def test_gradient_checkpointing_is_switched_off_and_restored() -> None:
+    """diffusers recomputes checkpointed blocks even in eval mode; with reentrant checkpointing the first
+    forward runs without autograd, so the collector must turn checkpointing off while it works."""
+    from datainf.gradients import collect_gradients
+
+    def reentrant(module, *args):
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=True)
+
+    model = unet_cond(with_conv=False)
+    task = DiffusionTask(scheduler(), DiffusionTaskConfig(timesteps=(300,)))
+    data = diffusion_text_data(3, seed=10)
+    plain = collect_gradients(model, task, data, batch_size=3, progress=False).to_dict()
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=reentrant)
+    flags = {n: m.gradient_checkpointing for n, m in model.named_modules() if hasattr(m, "gradient_checkpointing")}
+    assert any(flags.values())
+    checkpointed = collect_gradients(model, task, data, batch_size=3, progress=False).to_dict()
+    for name, g in plain.items():
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(checkpointed[name], g, rtol=1e-5, atol=1e-7)
+    assert flags == {n: m.gradient_checkpointing for n, m in model.named_modules() if hasattr(m, "gradient_checkpointing")}

@@ -357,8 +357,9 @@ def model_fingerprint(model: nn.Module, blocks: LoRABlocks) -> str:
 
 @contextmanager
 def gradient_mode(model: nn.Module, blocks: LoRABlocks | Sequence[GradientBlock]) -> Iterator[None]:
-    """Put ``model`` in eval mode (LoRA dropout and all other dropout off) and switch
-    ``requires_grad`` on for the block tensors; restore every module's previous train/eval flag and
+    """Put ``model`` in eval mode (LoRA dropout and all other dropout off), switch ``requires_grad`` on
+    for the block tensors and gradient checkpointing off (its recomputed forward passes would bypass
+    the cached activations); restore every module's previous train/eval and checkpointing flags and
     every tensor's previous ``requires_grad`` on exit, also when the body raises.
 
     Gradients are taken at the fine-tuned weights with the model in eval mode (method.md section 4).
@@ -366,11 +367,20 @@ def gradient_mode(model: nn.Module, blocks: LoRABlocks | Sequence[GradientBlock]
     """
     modes = [(m, m.training) for m in model.modules()]
     grads = [(b.parameter, b.parameter.requires_grad) for b in blocks]
+    # activation checkpointing re-runs forward passes inside the backward pass (diffusers does so even in
+    # eval mode): the hooks would see the recomputed activations, not the ones they differentiate
+    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
     n_train = sum(1 for _, t in modes if t)
     logger.info(
         "Taking gradients in eval mode (LoRA dropout and all other dropout off)%s.",
         f"; {n_train} modules were in training mode and are restored afterwards" if n_train else "",
     )
+    if checkpointed:
+        logger.info(
+            "Turning gradient checkpointing off on %d modules while taking gradients (restored afterwards); "
+            "lower batch_size if memory runs short.",
+            len(checkpointed),
+        )
     turned_on = [p for p, flag in grads if not flag]
     if turned_on:
         logger.info(
@@ -380,8 +390,12 @@ def gradient_mode(model: nn.Module, blocks: LoRABlocks | Sequence[GradientBlock]
         model.eval()
         for p in turned_on:
             p.requires_grad_(True)
+        for m in checkpointed:
+            m.gradient_checkpointing = False
         yield
     finally:
+        for m in checkpointed:
+            m.gradient_checkpointing = True
         for m, was_training in modes:
             m.training = was_training
         for p, flag in grads:
