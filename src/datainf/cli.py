@@ -773,8 +773,8 @@ def cmd_score(config: dict[str, Any]) -> int:
         raise ConfigError("Give either --train-grads/--test-grads (stores) or --train-data/--test-data (with --model/--adapter), not both.")
     if not from_stores and not from_data:
         raise ConfigError("Nothing to score: pass --train-grads and --test-grads, or --model, --adapter, --train-data and --test-data.")
-    for name in methods:  # validate settings before any work
-        InfluenceConfig(
+    influence_configs = {  # built (and so validated) before any work
+        name: InfluenceConfig(
             method=name,
             mode=config["mode"],
             damping=config["damping"],
@@ -783,6 +783,8 @@ def cmd_score(config: dict[str, Any]) -> int:
             batch_size=config["score_batch_size"],
             device=config["device"],
         )
+        for name in methods
+    }
     if from_stores:
         if not (config.get("train_grads") and config.get("test_grads")):
             raise ConfigError("Pass both --train-grads and --test-grads.")
@@ -819,16 +821,7 @@ def cmd_score(config: dict[str, Any]) -> int:
         if scores is not None and _still_valid(scores, train_store, test_store):
             reused = True
         else:
-            icfg = InfluenceConfig(
-                method=name,
-                mode=config["mode"],
-                damping=config["damping"],
-                fixed_lambda=config.get("fixed_lambda"),
-                method_options=dict((config.get("method_options") or {}).get(name, {})),
-                batch_size=config["score_batch_size"],
-                device=config["device"],
-            )
-            scores = influence_from_config(train_store, test_store, icfg, progress=not config["quiet"])
+            scores = influence_from_config(train_store, test_store, influence_configs[name], progress=not config["quiet"])
             reused = False
         table = _write_table(scores, out / f"scores-{name}", config["table_format"])
         if not reused:
