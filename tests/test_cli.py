@@ -321,11 +321,13 @@ def test_demo_delegates_to_datainf_demo(capsys, monkeypatch, tmp_path):
         return 0
 
     monkeypatch.setitem(sys.modules, "datainf.demo", types.SimpleNamespace(main_demo=main_demo, __spec__=object()))
-    code, _, err = run(capsys, "demo", "--out", tmp_path / "d", "--task", "generation", "--seed", "3", "-q")
+    code, _, err = run(capsys, "demo", "--out", tmp_path / "d", "--task", "text-generation", "--dataset", "math", "--seed", "3", "-q")
     assert code == 0, err
     args = seen["args"]
-    assert args.out == str(tmp_path / "d") and args.task == "generation" and args.seed == 3 and args.quiet is True
-    assert args.recompute is False
+    assert args.out == str(tmp_path / "d") and args.task == "text-generation" and args.seed == 3 and args.quiet is True
+    assert args.dataset == "math" and args.recompute is False
+    code, _, err = run(capsys, "demo", "--task", "generation", "-q")
+    assert code == 2 and "text-generation" in err  # unknown tasks are refused, naming the valid ones
 
 
 def test_help_and_no_command(capsys):

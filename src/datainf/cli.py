@@ -256,7 +256,8 @@ def _report_options() -> list[Option]:
 
 def _demo_options() -> list[Option]:
     return [
-        Option("task", ("--task",), _to_str, "mislabel", "which demo to run: mislabel (BBC News, flipped labels) or another one datainf.demo offers"),
+        Option("task", ("--task",), _to_str, "mislabel", "which demo to run: mislabel (BBC News, flipped labels), text-generation or text-to-image", choices=("mislabel", "text-generation", "text-to-image")),
+        Option("dataset", ("--dataset",), _optional(_to_str), None, "text-generation: sentence|math|math-reason (default sentence); text-to-image: style|subject (default style)", metavar="NAME"),
         Option("seed", ("--seed",), _to_int, 0, "random seed"),
         Option("recompute", ("--recompute",), _to_bool, False, "ignore cached intermediate results", action="flag"),
     ]
