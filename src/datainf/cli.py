@@ -579,36 +579,100 @@ def _compute_store(
     *,
     before_compute: Callable[[], None] | None = None,
 ) -> Any:
-    """Create (or reopen) the disk store at ``path`` and fill it with the records' gradients."""
+    """Create (or reopen) the disk store at ``path`` and fill it with the records' gradients.
+
+    Under torchrun rank 0 alone creates the store (and runs ``before_compute``); every rank then
+    computes its share of the missing examples (:func:`~datainf.gradients.collect_gradients`).
+    """
+    from datainf.distributed import dist_context
     from datainf.gradients import collect_gradients, find_lora_blocks, gradient_fingerprint
     from datainf.store import GradientStore
 
+    ctx = dist_context()
     blocks = find_lora_blocks(model)
-    store = GradientStore.create(
-        path,
-        block_dims=blocks.block_dims,
-        dtype=config.get("dtype", "float32"),
-        fingerprint=gradient_fingerprint(model, task, blocks),
-        shard_size=int(config.get("shard_size", 1024)),
-        overwrite=False,
-    )
-    foreign = sorted(set(store.ids) - {str(r["id"]) for r in records})
-    if foreign:
-        raise ConfigError(
-            f"The gradient store {path} holds examples that are not in the data (e.g. {foreign[:5]}); pass --overwrite "
-            "to recompute it."
+
+    def prepare() -> Any:
+        store = GradientStore.create(
+            path,
+            block_dims=blocks.block_dims,
+            dtype=config.get("dtype", "float32"),
+            fingerprint=gradient_fingerprint(model, task, blocks),
+            shard_size=int(config.get("shard_size", 1024)),
+            overwrite=False,
         )
-    if before_compute is not None:
-        before_compute()
+        foreign = sorted(set(store.ids) - {str(r["id"]) for r in records})
+        if foreign:
+            raise ConfigError(
+                f"The gradient store {path} holds examples that are not in the data (e.g. {foreign[:5]}); pass --overwrite "
+                "to recompute it."
+            )
+        if before_compute is not None:
+            before_compute()
+        return store
+
+    if ctx.is_distributed:
+        def prepare_on_main() -> None:
+            prepare()
+
+        _on_main(ctx, "Preparing the gradient store", prepare_on_main)
+        target: Any = path  # every rank opens the folder; each writes its own part of it
+    else:
+        target = prepare()
     return collect_gradients(
         model,
         task,
         records,
-        store=store,
+        store=target,
         batch_size=int(config.get("grad_batch_size", 16)),
         device=config.get("device"),
+        dtype=config.get("dtype", "float32"),
+        shard_size=int(config.get("shard_size", 1024)),
         progress=not config.get("quiet"),
     )
+
+
+def _on_main(ctx: Any, what: str, work: Callable[[], Any]) -> Any:
+    """Run ``work`` on rank 0 only (writing outputs), and hand its result to every rank.
+
+    A failure on rank 0 stops every rank (:meth:`~datainf.distributed.DistributedContext.raise_if_any`).
+    In a single process this is just ``work()``.
+    """
+    if not ctx.is_distributed:
+        return work()
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = work()
+        except Exception as err:
+            error = err
+    ctx.raise_if_any(error, what)
+    return ctx.broadcast_object(result)
+
+
+def _on_every_rank(ctx: Any, what: str, work: Callable[[], Any]) -> Any:
+    """Run ``work`` on every rank; if it fails on any rank, every rank stops (no rank is left waiting
+    in a collective). In a single process this is just ``work()``."""
+    if not ctx.is_distributed:
+        return work()
+    try:
+        result = work()
+    except Exception as err:
+        ctx.raise_if_any(err, what)
+        raise
+    ctx.raise_if_any(None, what)
+    return result
+
+
+def _check_same_command(ctx: Any, command: str, config: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+    """Under torchrun: stop every rank unless all were given the same settings and data (fingerprints)."""
+    if not ctx.is_distributed:
+        return
+    from datainf.gradients import dataset_fingerprint, example_ids
+
+    payload: dict[str, Any] = {k: v for k, v in _saved(command, config).items() if k not in _NOT_COMPARED}
+    for role, records in data.items():
+        payload[f"data:{role}"] = dataset_fingerprint(records, example_ids(records))
+    ctx.check_same(payload, f"settings of `datainf {command}`")
 
 
 def _open_store(path: str, flag: str) -> Any:
@@ -685,20 +749,34 @@ def cmd_finetune(config: dict[str, Any]) -> int:
 def _load_for_grads(config: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     from datainf.models import load_model
 
+    from datainf.distributed import dist_context
+
     meta = _adapter_meta(config)
     _resolve_model_settings(config, meta)
+    device = dist_context().resolve_device(config["device"])  # "cuda" -> this rank's GPU under torchrun
     model, tokenizer = load_model(
-        config["model"], kind=config["kind"], num_labels=config.get("num_labels"), adapter=config["adapter"], device=config["device"]
+        config["model"], kind=config["kind"], num_labels=config.get("num_labels"), adapter=config["adapter"], device=str(device)
     )
     return model, tokenizer, meta
 
 
 def cmd_grads(config: dict[str, Any]) -> int:
-    """``datainf grads``: per-example gradients of ``--data`` into the store folder ``<out>``."""
-    meta = _adapter_meta(config)
-    _resolve_model_settings(config, meta)
-    records = _load_data(config.get("data"), config, config["kind"], "--data")
-    out, _ = _claim_out("grads", config, allow_store=True)
+    """``datainf grads``: per-example gradients of ``--data`` into the store folder ``<out>``.
+
+    Under ``torchrun`` every rank runs the same command: rank 0 claims ``<out>``, each rank computes
+    a share of the examples into its part of the store, rank 0 merges the parts and prints.
+    """
+    from datainf.distributed import dist_context
+
+    ctx = dist_context()
+
+    def read() -> list[dict[str, Any]]:
+        _resolve_model_settings(config, _adapter_meta(config))
+        return _load_data(config.get("data"), config, config["kind"], "--data")
+
+    records = _on_every_rank(ctx, "Reading the data", read)
+    _check_same_command(ctx, "grads", config, {"data": records})
+    out, _ = _on_main(ctx, "Checking the output folder", lambda: _claim_out("grads", config, allow_store=True))
     model, tokenizer, meta = _load_for_grads(config)
     if config["kind"] == "classification":
         records = _encode_for_model(records, model, meta, "data")
@@ -706,8 +784,13 @@ def cmd_grads(config: dict[str, Any]) -> int:
     store = _compute_store(
         model, task, records, out, config, before_compute=lambda: _write_json_atomic(out / CONFIG_FILE, _saved("grads", config))
     )
-    print(f"gradients: {store.num_examples} examples x {len(store.block_dims)} blocks ({sum(store.block_dims.values())} parameters)")
-    print(f"store: {out}")
+    if ctx.is_main:
+        processes = f" by {ctx.world_size} processes" if ctx.is_distributed else ""
+        print(
+            f"gradients: {store.num_examples} examples x {len(store.block_dims)} blocks "
+            f"({sum(store.block_dims.values())} parameters){processes}"
+        )
+        print(f"store: {out}")
     return 0
 
 
@@ -763,10 +846,16 @@ def _still_valid(scores: Any, train_store: Any, test_store: Any) -> bool:
 
 
 def cmd_score(config: dict[str, Any]) -> int:
-    """``datainf score``: influence of every training example; ``<out>/scores-<method>.safetensors`` + table."""
+    """``datainf score``: influence of every training example; ``<out>/scores-<method>.safetensors`` + table.
+
+    Under ``torchrun`` every rank runs the same command and computes a share of every sum; rank 0
+    alone writes the outputs and prints.
+    """
+    from datainf.distributed import dist_context
     from datainf.influence import InfluenceConfig, influence_from_config
     from datainf.scores import SIGN_CONVENTION, Scores
 
+    ctx = dist_context()
     methods = _methods(config)
     from_stores = bool(config.get("train_grads") or config.get("test_grads"))
     from_data = bool(config.get("train_data") or config.get("test_data"))
@@ -789,23 +878,30 @@ def cmd_score(config: dict[str, Any]) -> int:
     if from_stores:
         if not (config.get("train_grads") and config.get("test_grads")):
             raise ConfigError("Pass both --train-grads and --test-grads.")
-        train_store = _open_store(config["train_grads"], "--train-grads")
-        test_store = _open_store(config["test_grads"], "--test-grads")
-        out, same = _claim_out("score", config)
-        _write_json_atomic(out / CONFIG_FILE, _saved("score", config))
+        _check_same_command(ctx, "score", config, {})  # the gradients themselves are compared by influence
+        train_store, test_store = _on_every_rank(
+            ctx,
+            "Opening the gradient stores",
+            lambda: (_open_store(config["train_grads"], "--train-grads"), _open_store(config["test_grads"], "--test-grads")),
+        )
+        out, same = _on_main(ctx, "Checking the output folder", lambda: _claim_and_save_score_config(config))
     else:
         if not (config.get("train_data") and config.get("test_data")):
             raise ConfigError("Pass both --train-data and --test-data.")
-        meta = _adapter_meta(config)
-        _resolve_model_settings(config, meta)
-        train = _load_data(config["train_data"], config, config["kind"], "--train-data")
-        test = _load_data(config["test_data"], config, config["kind"], "--test-data")
-        if config["kind"] == "classification":
-            from datainf.data.tabular import encode_labels
 
-            encode_labels(train, test)  # test labels unseen in the training data -> DatasetError
-        out, same = _claim_out("score", config)
-        _write_json_atomic(out / CONFIG_FILE, _saved("score", config))
+        def read() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            _resolve_model_settings(config, _adapter_meta(config))
+            train = _load_data(config["train_data"], config, config["kind"], "--train-data")
+            test = _load_data(config["test_data"], config, config["kind"], "--test-data")
+            if config["kind"] == "classification":
+                from datainf.data.tabular import encode_labels
+
+                encode_labels(train, test)  # test labels unseen in the training data -> DatasetError
+            return train, test
+
+        train, test = _on_every_rank(ctx, "Reading the data", read)
+        _check_same_command(ctx, "score", config, {"train": train, "test": test})
+        out, same = _on_main(ctx, "Checking the output folder", lambda: _claim_and_save_score_config(config))
         model, tokenizer, meta = _load_for_grads(config)
         if config["kind"] == "classification":
             train = _encode_for_model(train, model, meta, "training")
@@ -818,16 +914,26 @@ def cmd_score(config: dict[str, Any]) -> int:
     rows = []
     for name in methods:
         target = out / f"scores-{name}.safetensors"
-        scores = Scores.load(target) if same and target.is_file() else None
-        if scores is not None and _still_valid(scores, train_store, test_store):
-            reused = True
+
+        def finished(target: Path = target) -> Any:
+            scores = Scores.load(target) if same and target.is_file() else None
+            return scores if scores is not None and _still_valid(scores, train_store, test_store) else None
+
+        # rank 0 decides (every rank must then take the same branch: influence runs collectives)
+        reused_scores = _on_main(ctx, "Reading finished scores", finished)
+        if reused_scores is not None:
+            scores, reused = reused_scores, True
         else:
             scores = influence_from_config(train_store, test_store, influence_configs[name], progress=not config["quiet"])
             reused = False
-        table = _write_table(scores, out / f"scores-{name}", config["table_format"])
-        if not reused:
-            scores.save(target)  # last: its presence marks the method as done
-        rows.append((name, scores, target, table, reused))
+        if ctx.is_main:
+            table = _write_table(scores, out / f"scores-{name}", config["table_format"])
+            if not reused:
+                scores.save(target)  # last: its presence marks the method as done
+            rows.append((name, scores, target, table, reused))
+    ctx.barrier()  # no rank exits before rank 0 has written everything
+    if not ctx.is_main:
+        return 0
 
     print(f"# {SIGN_CONVENTION}")
     print(f"{'method':<14} {'seconds':>8}  most harmful training examples")
@@ -839,6 +945,12 @@ def cmd_score(config: dict[str, Any]) -> int:
     for name, _, target, table, _ in rows:
         print(f"scores ({name}): {target}  table: {table}")
     return 0
+
+
+def _claim_and_save_score_config(config: Mapping[str, Any]) -> tuple[Path, bool]:
+    out, same = _claim_out("score", config)
+    _write_json_atomic(out / CONFIG_FILE, _saved("score", config))
+    return out, same
 
 
 def cmd_report(config: dict[str, Any]) -> int:
@@ -941,6 +1053,12 @@ def _has_progress(out: Path) -> bool:
     return any(next(out.rglob(p), None) is not None for p in patterns)
 
 
+def _is_main_process() -> bool:
+    from datainf.distributed import is_main_process
+
+    return is_main_process()
+
+
 def _one_line(message: str) -> str:
     """Fold a multi-line error message (e.g. a bullet list of problems) into one line."""
     out = ""
@@ -979,13 +1097,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     code = _HANDLERS[command](config)
             except DataInfError:
-                if fresh and out is not None and out.is_dir() and not _has_progress(out):
+                if fresh and out is not None and out.is_dir() and not _has_progress(out) and _is_main_process():
                     shutil.rmtree(out, ignore_errors=True)  # leave no claimed-but-empty folder behind
                 raise
         logger.info("datainf %s finished in %.1f s", command, time.perf_counter() - started)
         return code
     except DataInfError as err:
-        print(f"datainf: error: {_one_line(str(err))}", file=sys.stderr)
+        # under torchrun, errors every rank raises together (e.g. a configuration mismatch) are printed once, by rank 0
+        main_process = _is_main_process()
+        if main_process or not getattr(err, "all_ranks", False):
+            prefix = "" if main_process else f"[rank {os.environ.get('RANK', '?')}] "
+            print(f"{prefix}datainf: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("datainf: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -20,6 +20,9 @@ __all__ = [
     "LoRAValidationError",
     "DatasetError",
     "TaskInputError",
+    "DistributedError",
+    "DistributedMismatchError",
+    "DistributedRankError",
 ]
 
 
@@ -69,3 +72,20 @@ class DatasetError(DataInfError, ValueError):
 
 class TaskInputError(DataInfError, ValueError):
     """An example cannot be turned into a loss (label out of range, no response tokens, ...)."""
+
+
+class DistributedError(DataInfError):
+    """A problem of a multi-process (``torchrun``) run. Raised on every rank at once.
+
+    ``all_ranks`` marks errors that every rank raises together, so that only rank 0 needs to print them.
+    """
+
+    all_ranks = True
+
+
+class DistributedMismatchError(DistributedError, ValueError):
+    """The processes of one job were given different configurations or data (fingerprints differ)."""
+
+
+class DistributedRankError(DistributedError):
+    """Another rank failed; the message names it and repeats its error."""

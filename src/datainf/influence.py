@@ -14,6 +14,10 @@ Sums over examples accumulate in the compute dtype (float32 unless the gradients
 place. Streaming passes over the training gradients: DataInf 2, Hessian-free 1, LiSSA ``iterations + 1``,
 Exact ``groups + 1``. Peak memory is one batch of gradients plus ``O(m sum_l d_l)`` plus the scores,
 independent of ``n`` (Exact's Woodbury branch excepted: it keeps ``X_l`` of blocks with ``d_l > n``).
+
+Under ``torchrun`` each process streams its share of the training rows and the per-block sums are
+all-reduced (:mod:`datainf.distributed`); scores do not depend on the number of processes beyond
+float round-off.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
+from datainf.distributed import describe_ids, dist_context
 from datainf.errors import BlockMismatchError, ConfigError, EmptyInputError, FingerprintMismatchError, NonFiniteGradientError, StoreError
 from datainf.methods import MethodContext, get_method
 from datainf.scores import Scores
@@ -138,19 +143,31 @@ def _check_compatible(train: GradientStore, test: GradientStore) -> None:
 
 
 def block_lambdas(
-    store: GradientStore, *, damping: float = 0.1, fixed_lambda: float | None = None, sum_over_processes: Any = None
+    store: GradientStore,
+    *,
+    damping: float = 0.1,
+    fixed_lambda: float | None = None,
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rows: range | None = None,
 ) -> dict[str, float]:
     """Per-block damping ``lambda_l = damping * (1 / (n d_l)) sum_i ||g_il||^2`` (method.md section 2).
 
     Computed from the store's recorded squared norms (float64), so it costs no pass over the
     gradients. With ``fixed_lambda`` every block gets that value. Blocks whose gradients are all zero
     get ``0.0`` (they are skipped by every method: they contribute nothing to any score).
+
+    Under ``torch.distributed``, ``rows`` is this process's share of the examples and
+    ``sum_over_processes`` an all-reduce: the per-block sums of squared norms (and the count) are
+    summed over processes. Give both or neither.
     """
     norms = store.squared_norms()  # (n, L)
+    offset = 0
+    if rows is not None:
+        norms, offset = norms[rows.start : rows.stop], rows.start
     if not torch.isfinite(norms).all():
         bad = (~torch.isfinite(norms)).any(dim=1).nonzero().flatten().tolist()
         raise NonFiniteGradientError(
-            f"Non-finite gradients for training examples {[store.ids[i] for i in bad[:10]]}; recompute them."
+            f"Non-finite gradients for training examples {[store.ids[offset + i] for i in bad[:10]]}; recompute them."
         )
     totals = norms.sum(dim=0)
     count = torch.tensor(float(norms.shape[0]), dtype=torch.float64)
@@ -173,18 +190,52 @@ def _default_compute_dtype(store: GradientStore, requested: str | None) -> torch
     return torch.float64 if store.torch_dtype == torch.float64 else torch.float32
 
 
+def _store_identity(store: GradientStore) -> dict[str, Any]:
+    """What must agree between processes about one gradient store: ids, blocks, dtype, fingerprint and
+    the per-block sums of the recorded squared norms (a cheap checksum of the values)."""
+    return {
+        "ids": describe_ids(store.ids),
+        "blocks": store.block_dims,
+        "dtype": store.dtype,
+        "fingerprint": store.fingerprint,
+        "norm_sums": store.squared_norms().sum(dim=0).tolist(),
+    }
+
+
 def influence_from_config(
     train: GradientsLike, test: GradientsLike, config: InfluenceConfig, *, progress: bool = True
 ) -> Scores:
-    """Run :func:`influence` with an :class:`InfluenceConfig` (what the CLI uses)."""
+    """Run :func:`influence` with an :class:`InfluenceConfig` (what the CLI uses).
+
+    Under ``torchrun`` every rank calls this with the same configuration and the same (full) train
+    and test gradients; each rank streams a contiguous share of the training rows, partial sums
+    are all-reduced, and every rank returns the same full :class:`Scores` (see
+    :mod:`datainf.distributed`). Different configurations or gradients on different ranks raise
+    :class:`~datainf.errors.DistributedMismatchError` on every rank.
+    """
     started = time.perf_counter()
-    train_store, test_store = _as_store(train, "train"), _as_store(test, "test")
+    ctx = dist_context()
+    if ctx.is_distributed:
+        # every rank must reach the fingerprint exchange, also when its own inputs are unusable
+        identity: dict[str, Any] = {}
+        try:
+            train_store, test_store = _as_store(train, "train"), _as_store(test, "test")
+            identity = {"train gradients": _store_identity(train_store), "test gradients": _store_identity(test_store)}
+        except Exception as err:
+            ctx.raise_if_any(err, "Reading the gradients")
+        ctx.raise_if_any(None, "Reading the gradients")
+        ctx.check_same({"config": config.to_dict(), **identity}, "influence computation (settings and gradients)")
+    else:
+        train_store, test_store = _as_store(train, "train"), _as_store(test, "test")
     _check_compatible(train_store, test_store)
     method = get_method(config.method, config.method_options)
     compute_dtype = _default_compute_dtype(train_store, config.compute_dtype)
-    device = torch.device(config.device)
+    device = ctx.resolve_device(config.device) or torch.device("cpu")
+    rows = ctx.shard(train_store.num_examples)
 
-    lambdas = block_lambdas(train_store, damping=config.damping, fixed_lambda=config.fixed_lambda)
+    lambdas = block_lambdas(
+        train_store, damping=config.damping, fixed_lambda=config.fixed_lambda, sum_over_processes=ctx.all_reduce_sum, rows=rows
+    )
     zero_blocks = sorted(b for b, lam in lambdas.items() if lam == 0.0)
     if zero_blocks:
         logger.warning(
@@ -203,29 +254,33 @@ def influence_from_config(
             v = v.mean(dim=0, keepdim=True, dtype=torch.float64)
         vectors[name] = v.to(device=device, dtype=compute_dtype)
 
-    ctx = MethodContext(
+    method_ctx = MethodContext(
         train=train_store,
         lambdas=lambdas,
         blocks=blocks,
         batch_size=config.batch_size,
         compute_dtype=compute_dtype,
         device=device,
-        progress=progress,
+        progress=progress and ctx.is_main,
+        sum_over_processes=ctx.all_reduce_sum,
         total_examples=train_store.num_examples,
+        rows=rows,
+        gather_over_processes=ctx.all_gather_cat,
     )
-    preconditioned = method.precondition(vectors, ctx)
+    preconditioned = method.precondition(vectors, method_ctx)
     precondition_seconds = time.perf_counter() - started
 
-    rows = next(iter(preconditioned.vectors.values())).shape[0]
-    values = torch.empty(rows, train_store.num_examples, dtype=torch.float64)
+    test_rows = next(iter(preconditioned.vectors.values())).shape[0]
+    local = torch.empty(test_rows, len(rows), dtype=torch.float64)  # (m, n_local): this process's columns
     start = 0
-    for batch in ctx.stream(f"Scores ({method.name})"):
+    for batch in method_ctx.stream(f"Scores ({method.name})"):
         size = next(iter(batch.values())).shape[0]
-        partial = torch.zeros(size, rows, dtype=compute_dtype, device=device)  # (b, m)
+        partial = torch.zeros(size, test_rows, dtype=compute_dtype, device=device)  # (b, m)
         for name in blocks:
             partial.addmm_(batch[name], preconditioned.vectors[name].T, alpha=-1.0)  # -= X_b R_l^T
-        values[:, start : start + size] = partial.T.to("cpu", torch.float64)
+        local[:, start : start + size] = partial.T.to("cpu", torch.float64)
         start += size
+    values = ctx.all_gather_cat(local, dim=1)  # (m, n), columns in store order on every rank
 
     settings = {
         **config.to_dict(),
@@ -240,7 +295,8 @@ def influence_from_config(
         **preconditioned.diagnostics,
         "seconds": time.perf_counter() - started,
         "precondition_seconds": precondition_seconds,
-        "passes": ctx.passes,
+        "passes": method_ctx.passes,
+        "processes": ctx.world_size,
         "passes_description": f"{method.passes_description} + 1 scoring pass",
         "zero_gradient_blocks": zero_blocks,
     }
@@ -286,6 +342,8 @@ def influence(
 
     Returns:
         :class:`~datainf.scores.Scores`; ``values[k] > 0`` means example ``k`` raises the test loss.
+        Under ``torchrun`` every rank calls this with the same arguments, streams a share of the
+        training rows, and gets the same full scores back (write them from rank 0 only).
 
     Raises:
         EmptyInputError, BlockMismatchError, FingerprintMismatchError, NonFiniteGradientError,

@@ -13,6 +13,10 @@ Disk layout (one folder)::
     shard-00000.safetensors           one tensor per block, (k, d_l) in the storage dtype, plus
                                       "__sq_norms__" (k, L) float64 in block order
     ...
+    parts/<run>-r00001/               written by one rank of a multi-process (torchrun) collection:
+                                      its own manifest.json and shards; rank 0 lists these shards in
+                                      the main manifest (file "parts/<run>-r00001/shard-00000...")
+                                      and removes the part manifest (see :meth:`DiskGradientStore.adopt_parts`)
 
 Writes are atomic: a shard is written to a temporary file and renamed, then the manifest is
 rewritten the same way. An interrupted run therefore leaves only finished shards listed; reopening
@@ -61,6 +65,7 @@ _FORMAT = "datainf-gradient-store"
 _VERSION = 1
 _NORMS_KEY = "__sq_norms__"
 _MANIFEST = "manifest.json"
+_PARTS = "parts"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -90,6 +95,15 @@ def _sha256(path: Path) -> str:
 def _non_finite_ids(values: torch.Tensor, ids: Sequence[str], limit: int = 10) -> list[str]:
     bad_rows = (~torch.isfinite(values)).reshape(values.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
     return [ids[i] for i in bad_rows[:limit]] + (["..."] if len(bad_rows) > limit else [])
+
+
+def _check_rows(rows: range | None, n: int) -> range:
+    """``rows`` checked against a store of ``n`` examples (``None`` -> every row)."""
+    if rows is None:
+        return range(n)
+    if rows.step != 1 or rows.start < 0 or rows.stop > n or rows.start > rows.stop:
+        raise ConfigError(f"rows must be a contiguous range inside range({n}), got {rows!r}.")
+    return rows
 
 
 def _validate_block_dims(block_dims: Mapping[str, int]) -> dict[str, int]:
@@ -303,11 +317,13 @@ class GradientStore(ABC):
     # ------------------------------------------------------------------ reading
     @abstractmethod
     def iter_batches(
-        self, batch_size: int = 1024, blocks: Sequence[str] | None = None
+        self, batch_size: int = 1024, blocks: Sequence[str] | None = None, rows: range | None = None
     ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
         """Yield ``(ids, {block: tensor (b, d_l)})`` in storage order, ``b <= batch_size``, storage dtype.
 
-        Batches never span two shards, so their sizes may vary. ``blocks`` restricts what is read.
+        Batches never span two shards, so their sizes may vary. ``blocks`` restricts what is read;
+        ``rows`` (a contiguous ``range`` of row indices, step 1) restricts which examples are read,
+        e.g. one process's share under ``torch.distributed``.
         """
 
     @abstractmethod
@@ -345,14 +361,18 @@ class RamGradientStore(GradientStore):
         self._norm_chunks.append(sq_norms)
 
     def iter_batches(
-        self, batch_size: int = 1024, blocks: Sequence[str] | None = None
+        self, batch_size: int = 1024, blocks: Sequence[str] | None = None, rows: range | None = None
     ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
         if batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {batch_size}.")
+        wanted = _check_rows(rows, self.num_examples)
         names = list(self._block_dims) if blocks is None else list(blocks)
+        offset = 0
         for ids, grads in self._chunks:
-            for start in range(0, len(ids), batch_size):
-                stop = start + batch_size
+            first, last = max(wanted.start - offset, 0), min(wanted.stop - offset, len(ids))
+            offset += len(ids)
+            for start in range(first, last, batch_size):
+                stop = min(start + batch_size, last)
                 yield ids[start:stop], {name: grads[name][start:stop] for name in names}
 
     def squared_norms(self) -> torch.Tensor:
@@ -543,17 +563,24 @@ class DiskGradientStore(GradientStore):
         self._write_manifest()
 
     # ------------------------------------------------------------------ reading
-    def _read_shard(self, shard: dict[str, Any], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    def _read_shard(
+        self, shard: dict[str, Any], names: Sequence[str], part: tuple[int, int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The shard's tensors ``names``; ``part=(a, b)`` reads only rows ``a:b`` of each."""
         file = self.path / shard["file"]
         try:
             with safe_open(str(file), framework="pt") as handle:
-                out = {name: handle.get_tensor(name) for name in names}
+                if part is None:
+                    out = {name: handle.get_tensor(name) for name in names}
+                else:
+                    out = {name: handle.get_slice(name)[part[0] : part[1]] for name in names}
         except Exception as err:  # safetensors raises several error types on damaged files
             raise StoreCorruptedError(
                 f"Shard {file} cannot be read ({type(err).__name__}: {err}). Delete the store folder and recompute the gradients."
             ) from err
+        count = shard["num_examples"] if part is None else part[1] - part[0]
         for name, tensor in out.items():
-            expected = (shard["num_examples"], len(self._block_dims) if name == _NORMS_KEY else self._block_dims[name])
+            expected = (count, len(self._block_dims) if name == _NORMS_KEY else self._block_dims[name])
             if tuple(tensor.shape) != expected:
                 raise StoreCorruptedError(
                     f"Shard {file}: tensor {name!r} has shape {tuple(tensor.shape)}, the manifest implies {expected}. "
@@ -562,20 +589,28 @@ class DiskGradientStore(GradientStore):
         return out
 
     def iter_batches(
-        self, batch_size: int = 1024, blocks: Sequence[str] | None = None
+        self, batch_size: int = 1024, blocks: Sequence[str] | None = None, rows: range | None = None
     ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
         if batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {batch_size}.")
         if self._buffer_ids:
             self.flush()
+        wanted = _check_rows(rows, self.num_examples)
         names = list(self._block_dims) if blocks is None else list(blocks)
         unknown = [n for n in names if n not in self._block_dims]
         if unknown:
             raise BlockMismatchError(f"Unknown blocks {unknown[:5]}; the store holds {list(self._block_dims)[:5]}...")
+        offset = 0
         for shard in self._shards:
-            tensors = self._read_shard(shard, names)
-            ids = shard["ids"]
-            for start in range(0, len(ids), batch_size):
+            count = shard["num_examples"]
+            first, last = max(wanted.start - offset, 0), min(wanted.stop - offset, count)
+            offset += count
+            if first >= last:
+                continue
+            whole = first == 0 and last == count
+            tensors = self._read_shard(shard, names, None if whole else (first, last))
+            ids = shard["ids"][first:last]
+            for start in range(0, last - first, batch_size):
                 stop = start + batch_size
                 yield ids[start:stop], {name: tensors[name][start:stop] for name in names}
 
@@ -586,6 +621,97 @@ class DiskGradientStore(GradientStore):
             parts = [self._read_shard(shard, [_NORMS_KEY])[_NORMS_KEY] for shard in self._shards]
             self._norms_cache = torch.cat(parts) if parts else torch.empty(0, len(self._block_dims), dtype=torch.float64)
         return self._norms_cache
+
+    # ------------------------------------------------------------------ parts (multi-process writing)
+    def create_part(self, name: str) -> DiskGradientStore:
+        """A new part store at ``<path>/parts/<name>`` with this store's configuration.
+
+        Under ``torch.distributed`` each rank writes its examples into its own part (no two processes
+        ever write the same file); rank 0 then folds the parts into this store's manifest with
+        :meth:`adopt_parts`. A part is itself a valid, resumable disk store.
+        """
+        if not name or "/" in name or name.startswith("."):
+            raise ConfigError(f"Part name {name!r} is not a plain folder name.")
+        return DiskGradientStore._create(
+            self.path / _PARTS / name,
+            block_dims=self._block_dims,
+            dtype=self._dtype_name,
+            fingerprint=self._fingerprint,
+            shard_size=self.shard_size,
+            overwrite=False,
+        )
+
+    def adopt_parts(self, order: Sequence[str] | None = None) -> int:
+        """List the finished shards of every part under ``<path>/parts/`` in this store's manifest.
+
+        A part left by a process that died lists the shards it finished; they are kept, so a rerun
+        only computes what is missing. The part manifests are removed once the main manifest lists
+        their shards (the shard files stay where they are). With ``order`` (every example id in
+        dataset order) the shards are then sorted by the position of their first example, which puts
+        the store in dataset order when each shard holds a contiguous run of the dataset.
+
+        Returns:
+            The number of examples adopted.
+
+        Raises:
+            StoreMismatchError: a part was written with another configuration (blocks, dtype,
+                fingerprint or shard size).
+            StoreCorruptedError: a part's shard is missing or truncated, or repeats stored examples.
+        """
+        if self._buffer_ids:
+            self.flush()
+        root = self.path / _PARTS
+        manifests = sorted(root.glob(f"*/{_MANIFEST}")) if root.is_dir() else []
+        if not manifests:
+            if order is not None:
+                self.sort_shards(order)
+            return 0
+        listed = {shard["file"] for shard in self._shards}
+        adopted = 0
+        for manifest in manifests:
+            part = DiskGradientStore._open(manifest.parent)
+            differences = self._same_config(part._manifest())
+            if differences:
+                raise StoreMismatchError(
+                    f"The part {manifest.parent} of the gradient store {self.path} was written with a different "
+                    f"{', '.join(differences)}. Delete that part folder (or pass overwrite=True / --overwrite to start over)."
+                )
+            prefix = manifest.parent.relative_to(self.path).as_posix()
+            for shard in part._shards:
+                entry = dict(shard, file=f"{prefix}/{shard['file']}")
+                if entry["file"] in listed:
+                    continue
+                repeated = [i for i in entry["ids"] if i in self._id_set]
+                if repeated:
+                    raise StoreCorruptedError(
+                        f"The part shard {self.path / entry['file']} repeats examples already in the store "
+                        f"({repeated[:5]}); delete {manifest.parent} and rerun the same command."
+                    )
+                self._shards.append(entry)
+                listed.add(entry["file"])
+                self._ids.extend(entry["ids"])
+                self._id_set.update(entry["ids"])
+                adopted += len(entry["ids"])
+        if order is not None:
+            self.sort_shards(order)
+        self._norms_cache = None
+        self._write_manifest()
+        for manifest in manifests:
+            manifest.unlink(missing_ok=True)
+        if adopted:
+            logger.info("Gradient store %s: adopted %d examples written by parallel processes.", self.path, adopted)
+        return adopted
+
+    def sort_shards(self, order: Sequence[str]) -> None:
+        """Reorder the shard list by the position in ``order`` of each shard's first example (stable;
+        ids not in ``order`` go last). Takes effect in the manifest at the next write (e.g. :meth:`finalize`)."""
+        if self._buffer_ids:
+            self.flush()
+        position = {example: k for k, example in enumerate(order)}
+        last = len(position)
+        self._shards.sort(key=lambda shard: position.get(shard["ids"][0], last) if shard["ids"] else last)
+        self._ids = [example for shard in self._shards for example in shard["ids"]]
+        self._norms_cache = None
 
     def verify(self) -> None:
         """Check every shard's SHA-256 against the manifest (reads the whole store once)."""

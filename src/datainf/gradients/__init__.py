@@ -9,7 +9,7 @@
 Check the fast path on your own model with :func:`datainf.testing.check_per_example_gradients`.
 """
 
-from datainf.gradients.collect import batch_gradients, collect_gradients, example_ids, gradient_fingerprint
+from datainf.gradients.collect import batch_gradients, collect_gradients, dataset_fingerprint, example_ids, gradient_fingerprint
 from datainf.gradients.hooks import PerExampleGradients
 from datainf.gradients.lora import GradientBlock, LoRABlocks, find_lora_blocks, gradient_mode, model_fingerprint
 from datainf.gradients.tasks import (
@@ -28,6 +28,7 @@ __all__ = [
     "collect_gradients",
     "batch_gradients",
     "example_ids",
+    "dataset_fingerprint",
     "gradient_fingerprint",
     "PerExampleGradients",
     "GradientBlock",

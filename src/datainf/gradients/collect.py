@@ -7,8 +7,11 @@ per-example loss is (:mod:`datainf.gradients.tasks`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,20 +20,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from datainf.distributed import DistributedContext, dist_context
 from datainf.errors import (
     BlockMismatchError,
     ConfigError,
     EmptyInputError,
     FingerprintMismatchError,
     NonFiniteGradientError,
+    StoreCorruptedError,
     TaskInputError,
 )
 from datainf.gradients.hooks import PerExampleGradients
 from datainf.gradients.lora import LoRABlocks, find_lora_blocks, gradient_mode, model_fingerprint
 from datainf.gradients.tasks import GradientTask, TaskBatch
-from datainf.store import GradientStore
+from datainf.store import DiskGradientStore, GradientStore
 
-__all__ = ["collect_gradients", "example_ids", "batch_gradients", "gradient_fingerprint"]
+__all__ = ["collect_gradients", "example_ids", "batch_gradients", "gradient_fingerprint", "dataset_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -180,9 +185,17 @@ def collect_gradients(
         overwrite: replace an existing disk store at ``store`` instead of resuming it.
         progress: show a tqdm progress bar.
 
+    Under ``torchrun`` (``torch.distributed`` with more than one process) every rank calls this
+    with the same arguments and ``store`` must be a folder: the missing examples are split into one
+    contiguous slice per rank, each rank writes its own part of the store, and rank 0 merges the
+    parts into one manifest in dataset order. Every rank gets the finished store back. A rank that
+    dies leaves its finished shards behind; rerunning the same call (with any number of processes)
+    computes only what is missing. See :mod:`datainf.distributed`.
+
     Returns:
-        The finalized store; block ``name`` holds ``(n, d_l)`` gradients, rows in dataset order
-        (after any resumed examples). Its fingerprint has keys ``"model"``, ``"task"``, ``"adapter"``.
+        The finalized store; block ``name`` holds ``(n, d_l)`` gradients. A disk store's rows are in
+        dataset order (also after a resumed or multi-process run; the store's own examples from
+        other datasets go last). Its fingerprint has keys ``"model"``, ``"task"``, ``"adapter"``.
 
     Raises:
         EmptyInputError: the dataset is empty.
@@ -190,16 +203,32 @@ def collect_gradients(
         TaskInputError: bad examples (label out of range, no response tokens, duplicate ids, ...).
         NonFiniteGradientError: a non-finite loss or gradient (names the examples).
         StoreMismatchError / FingerprintMismatchError / BlockMismatchError: the store belongs to another run.
+        DistributedMismatchError: the processes were given different models, data or settings.
+        DistributedRankError: another process failed (its message is repeated).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}; use a positive number of examples per batch.")
+    ctx = dist_context()
     n = len(dataset)
-    if n == 0:
-        raise EmptyInputError("The dataset is empty: there are no examples to compute gradients for.")
-    ids = example_ids(dataset)
-    blocks = find_lora_blocks(model, adapter_name=adapter_name)
-    fingerprint = gradient_fingerprint(model, task, blocks)
+    try:
+        if n == 0:
+            raise EmptyInputError("The dataset is empty: there are no examples to compute gradients for.")
+        ids = example_ids(dataset)
+        blocks = find_lora_blocks(model, adapter_name=adapter_name)
+        fingerprint = gradient_fingerprint(model, task, blocks)
+    except Exception as err:
+        if not ctx.is_distributed:
+            raise
+        ctx.raise_if_any(err, "Reading the data and the adapter")  # stop every rank, not just this one
+    ctx.raise_if_any(None, "Reading the data and the adapter")
     block_dims = blocks.block_dims
+
+    if ctx.is_distributed:
+        return _collect_distributed(
+            ctx, model, task, dataset, ids, blocks, fingerprint,
+            store=store, batch_size=batch_size, device=ctx.resolve_device(device), dtype=dtype,
+            shard_size=shard_size, overwrite=overwrite, progress=progress,
+        )
 
     if store is None or isinstance(store, (str, os.PathLike)):
         out = GradientStore.create(
@@ -227,30 +256,69 @@ def collect_gradients(
     else:
         raise ConfigError(f"store must be None, a folder path or a GradientStore, not {type(store).__name__}.")
 
+    if isinstance(out, DiskGradientStore):
+        out.adopt_parts(order=ids)  # shards left by an interrupted multi-process run count as done
     done = set(out.ids)
     pending = [i for i in range(n) if ids[i] not in done]
     if done:
         logger.info("%d of %d examples are already in the store; computing the other %d.", n - len(pending), n, len(pending))
-    if not pending:
-        out.finalize()
-        return out
+    if pending:
+        _compute_into(out, model, task, dataset, ids, pending, blocks, batch_size=batch_size, device=device, progress=progress)
+    if isinstance(out, DiskGradientStore):
+        out.sort_shards(ids)
+    out.finalize()
+    return out
 
+
+def _contiguous_runs(indices: Sequence[int]) -> list[list[int]]:
+    """Split increasing ``indices`` into runs of consecutive integers: ``[0, 1, 4, 5] -> [[0, 1], [4, 5]]``."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and index == runs[-1][-1] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return runs
+
+
+def _compute_into(
+    out: GradientStore,
+    model: nn.Module,
+    task: GradientTask,
+    dataset: Sequence[Mapping[str, Any]],
+    ids: list[str],
+    indices: Sequence[int],
+    blocks: LoRABlocks,
+    *,
+    batch_size: int,
+    device: torch.device | str | None,
+    progress: bool,
+) -> None:
+    """Gradients of ``dataset[i]`` for ``i`` in ``indices`` (increasing) appended to ``out``.
+
+    The store is flushed at every gap in ``indices``, so that each disk shard holds a contiguous run
+    of the dataset (what lets :meth:`DiskGradientStore.sort_shards` restore dataset order after a
+    resumed or multi-process collection). On any exception what was computed is flushed (kept) and
+    the exception propagates; the store is not finalized.
+    """
     truncated: list[str] = []
     try:
         with _on_device(model, device) as dev, gradient_mode(model, blocks):
             task.setup(model)
-            _validate_all(task, dataset, ids, pending)
+            _validate_all(task, dataset, ids, list(indices))
             with PerExampleGradients(blocks) as capture:
-                bar = _progress(len(pending), progress)
+                bar = _progress(len(indices), progress)
                 try:
-                    for start in range(0, len(pending), batch_size):
-                        chunk = pending[start : start + batch_size]
-                        batch = task.collate([dataset[i] for i in chunk], [ids[i] for i in chunk])
-                        truncated.extend(batch.truncated_ids)
-                        _, grads = batch_gradients(model, task, batch.to(dev), capture)
-                        out.append(batch.ids, grads)
-                        if bar is not None:
-                            bar.update(len(chunk))
+                    for run in _contiguous_runs(indices):
+                        for start in range(0, len(run), batch_size):
+                            chunk = run[start : start + batch_size]
+                            batch = task.collate([dataset[i] for i in chunk], [ids[i] for i in chunk])
+                            truncated.extend(batch.truncated_ids)
+                            _, grads = batch_gradients(model, task, batch.to(dev), capture)
+                            out.append(batch.ids, grads)
+                            if bar is not None:
+                                bar.update(len(chunk))
+                        out.flush()
                 finally:
                     if bar is not None:
                         bar.close()
@@ -269,12 +337,130 @@ def collect_gradients(
         logger.warning(
             "%d of %d examples were longer than the length limit%s and were truncated: %s",
             len(truncated),
-            len(pending),
+            len(indices),
             f" ({limit} tokens)" if limit else "",
             _ids_text(truncated),
         )
-    out.finalize()
-    return out
+
+
+def dataset_fingerprint(dataset: Sequence[Mapping[str, Any]], ids: Sequence[str]) -> str:
+    """A short hash of a dataset, to check that every process was given the same one.
+
+    Hashes the ids and, for plain sequences of dict records, every field holding a string, number,
+    bool or ``None`` (other values, e.g. images, are skipped). A ``datasets.Dataset`` contributes its
+    own ``_fingerprint`` instead (nothing is decoded).
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps(list(ids)).encode())
+    hf_fingerprint = getattr(dataset, "_fingerprint", None)
+    if isinstance(getattr(dataset, "column_names", None), list) and isinstance(hf_fingerprint, str):
+        digest.update(hf_fingerprint.encode())
+        return digest.hexdigest()[:16]
+    plain = (str, int, float, bool, type(None))
+    for index in range(len(dataset)):
+        record = dataset[index]
+        fields = sorted((str(k), v) for k, v in record.items() if isinstance(v, plain))
+        digest.update(json.dumps(fields, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def _collect_distributed(
+    ctx: DistributedContext,
+    model: nn.Module,
+    task: GradientTask,
+    dataset: Sequence[Mapping[str, Any]],
+    ids: list[str],
+    blocks: LoRABlocks,
+    fingerprint: dict[str, str],
+    *,
+    store: GradientStore | str | os.PathLike[str] | None,
+    batch_size: int,
+    device: torch.device | None,
+    dtype: str,
+    shard_size: int,
+    overwrite: bool,
+    progress: bool,
+) -> DiskGradientStore:
+    """:func:`collect_gradients` under ``torch.distributed`` (every rank calls it with the same arguments).
+
+    1. the ranks exchange a fingerprint of model, dataset and store settings (mismatch -> one error on every rank);
+    2. rank 0 creates or reopens the store and adopts the parts an interrupted run left behind;
+    3. the examples still missing are cut into ``world_size`` contiguous slices; each rank computes
+       its slice into its own part store ``<store>/parts/<run>-r<rank>``;
+    4. rank 0 lists every part's shards in the one manifest, in dataset order, and marks it complete.
+    """
+    if not isinstance(store, (str, os.PathLike)):
+        raise ConfigError(
+            f"Under torch.distributed ({ctx.world_size} processes) gradients must go to a disk store: pass "
+            "store=<folder> (the same path on every rank, on a filesystem every rank can read), not "
+            f"{'None (a RAM store)' if store is None else type(store).__name__}. Rank 0 creates the store; each rank "
+            "writes its share of the examples into it."
+        )
+    path = Path(store)
+    ctx.check_same(
+        {
+            "model": fingerprint,
+            "blocks": blocks.block_dims,
+            "dataset": dataset_fingerprint(dataset, ids),
+            "store": str(path),
+            "dtype": dtype,
+            "shard_size": shard_size,
+            "overwrite": overwrite,
+            "batch_size": batch_size,
+        },
+        "gradient collection (model, adapter, data and store settings)",
+    )
+    error: Exception | None = None
+    if ctx.is_main:
+        try:
+            main = GradientStore.create(
+                path, block_dims=blocks.block_dims, dtype=dtype, fingerprint=fingerprint, shard_size=shard_size, overwrite=overwrite
+            )
+            assert isinstance(main, DiskGradientStore)
+            main.adopt_parts(order=ids)
+        except Exception as err:
+            error = err
+    ctx.raise_if_any(error, "Preparing the gradient store")
+    run_token = ctx.broadcast_object(uuid.uuid4().hex[:8] if ctx.is_main else None)
+
+    view = GradientStore.open(path)
+    done = set(view.ids)
+    pending = [i for i in range(len(ids)) if ids[i] not in done]
+    mine = [pending[k] for k in ctx.shard(len(pending))]
+    if ctx.is_main:
+        logger.info(
+            "%d of %d examples are already in the store; %d processes compute the other %d (about %d each).",
+            len(done), len(ids), ctx.world_size, len(pending), -(-len(pending) // ctx.world_size),
+        )
+    error = None
+    if mine:
+        try:
+            part = view.create_part(f"{run_token}-r{ctx.rank:05d}")
+            _compute_into(
+                part, model, task, dataset, ids, mine, blocks,
+                batch_size=batch_size, device=device, progress=progress and ctx.is_main,
+            )
+            part.finalize()
+        except Exception as err:
+            error = err
+    ctx.raise_if_any(error, "Gradient collection")
+
+    error = None
+    if ctx.is_main:
+        try:
+            merged = GradientStore.create(
+                path, block_dims=blocks.block_dims, dtype=dtype, fingerprint=fingerprint, shard_size=shard_size, overwrite=False
+            )
+            assert isinstance(merged, DiskGradientStore)
+            merged.adopt_parts(order=ids)
+            missing = len(ids) - len(done.union(merged.ids))
+            if missing:
+                raise StoreCorruptedError(f"After merging, {missing} examples are missing from {path}; rerun the same command.")
+            merged.finalize()
+        except Exception as err:
+            error = err
+    ctx.raise_if_any(error, "Merging the gradient store")
+    return GradientStore.open(path)
 
 
 def _validate_all(task: GradientTask, dataset: Sequence[Mapping[str, Any]], ids: list[str], pending: list[int]) -> None:

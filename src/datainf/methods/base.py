@@ -13,8 +13,10 @@ and does the bookkeeping. A new method is one subclass in one file, registered w
 :func:`register_method`.
 
 Every pass a method makes over the training gradients must be a sum over examples (or a
-per-example map), so that it can later be split across processes and combined with an all-reduce:
-use :meth:`MethodContext.sum_over_processes` on every such sum.
+per-example map): under ``torch.distributed`` (:mod:`datainf.distributed`) each process streams only
+its share of the rows (:meth:`MethodContext.stream`), so pass every such sum through
+:attr:`MethodContext.sum_over_processes` (an all-reduce) before using it, and rows a method must keep
+whole through :attr:`MethodContext.gather_over_processes`.
 """
 
 from __future__ import annotations
@@ -47,8 +49,15 @@ class MethodContext:
         compute_dtype: dtype of per-batch arithmetic (float64 sums are kept where it matters).
         device: where arithmetic runs.
         progress: show tqdm bars.
-        sum_over_processes: combines a per-process partial sum into the global sum (identity when
-            running in one process).
+        sum_over_processes: combines a per-process partial sum into the global sum (an
+            ``all_reduce`` under ``torch.distributed``; the identity in one process).
+        total_examples: ``n``, the number of training examples over all processes.
+        passes: streaming passes made so far.
+        rows: this process's contiguous share of the training rows (``None``: every row). Under
+            ``torch.distributed`` each rank streams only its rows, so every sum over examples a
+            method accumulates is partial until passed through :attr:`sum_over_processes`.
+        gather_over_processes: concatenates per-process row blocks ``(n_rank, ...)`` into the full
+            ``(n, ...)`` in store order (an ``all_gather``; the identity in one process).
     """
 
     train: GradientStore
@@ -61,15 +70,28 @@ class MethodContext:
     sum_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     total_examples: int = 0
     passes: int = 0
+    rows: range | None = None
+    gather_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+
+    @property
+    def local_rows(self) -> range:
+        """The training rows this process streams (every row in a single process)."""
+        return range(self.train.num_examples) if self.rows is None else self.rows
 
     def stream(self, description: str, blocks: Sequence[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """One streaming pass over the training gradients: yields ``{block: (b, d_l)}`` in ``compute_dtype``."""
+        """One streaming pass over this process's training rows: yields ``{block: (b, d_l)}`` in ``compute_dtype``."""
         self.passes += 1
         names = list(self.blocks if blocks is None else blocks)
-        with tqdm(total=self.train.num_examples, desc=description, unit="ex", disable=not self.progress, leave=False) as bar:
-            for ids, batch in self.train.iter_batches(self.batch_size, blocks=names):
+        rows = self.local_rows
+        with tqdm(total=len(rows), desc=description, unit="ex", disable=not self.progress, leave=False) as bar:
+            for ids, batch in self.train.iter_batches(self.batch_size, blocks=names, rows=rows):
                 yield {name: t.to(device=self.device, dtype=self.compute_dtype) for name, t in batch.items()}
                 bar.update(len(ids))
+
+    def local_squared_norms(self) -> torch.Tensor:
+        """``||g_il||^2`` of this process's rows: float64 ``(n_local, L)``, block order of the store."""
+        rows = self.local_rows
+        return self.train.squared_norms()[rows.start : rows.stop]
 
 
 @dataclass

@@ -33,6 +33,9 @@ class Exact(InfluenceMethod):
     * ``d_l > n`` (Woodbury): keep ``X_l`` (``n x d_l``) and use
       ``(X^T X/n + lambda I)^-1 v = (v - X^T (n lambda I + X X^T)^-1 X v) / lambda``.
 
+    Under ``torch.distributed`` the ``d_l x d_l`` matrices are summed over processes (all-reduce)
+    and the Woodbury rows ``X_l`` are all-gathered (``n < d_l`` there, so they are the smaller side).
+
     Memory per block is ``min(n, d_l) * d_l`` float64 numbers; blocks are processed in groups that fit
     ``max_memory_gb``, one streaming pass per group. Cost ``O(n min(n,d_l) d_l + min(n,d_l)^3)`` per block.
     """
@@ -86,7 +89,9 @@ class Exact(InfluenceMethod):
                 branches[b] = "direct"
             for b in woodbury:
                 lam = ctx.lambdas[b]
-                x = torch.cat(rows.pop(b))  # (n, d) -- process-local rows; see issue 6 for the gathered version
+                chunks = rows.pop(b)
+                local = torch.cat(chunks) if chunks else torch.zeros(0, dims[b], dtype=torch.float64, device=ctx.device)
+                x = ctx.gather_over_processes(local)  # (n, d): every process's rows, in store order
                 v = test[b].to(torch.float64)  # (m, d)
                 kernel = x @ x.T
                 kernel.diagonal().add_(n * lam)

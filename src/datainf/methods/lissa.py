@@ -58,7 +58,7 @@ class Lissa(InfluenceMethod):
     def precondition(self, test: Mapping[str, torch.Tensor], ctx: MethodContext) -> Preconditioned:
         n = ctx.total_examples
         if self.options.scale == "trace":
-            norms = ctx.sum_over_processes(ctx.train.squared_norms().sum(dim=0))
+            norms = ctx.sum_over_processes(ctx.local_squared_norms().sum(dim=0))  # (L,)
             order = list(ctx.train.block_dims)
             scales = {b: float(norms[order.index(b)]) / n + ctx.lambdas[b] for b in ctx.blocks}
         else:
