@@ -27,6 +27,7 @@ __all__ = [
     "Scores",
     "available_methods",
     "block_lambdas",
+    "collect_gradients",
     "influence",
     "influence_from_config",
     "register_method",
@@ -34,3 +35,12 @@ __all__ = [
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def __getattr__(name: str) -> object:
+    """``datainf.collect_gradients`` without importing the model-side modules at ``import datainf``."""
+    if name == "collect_gradients":
+        from datainf.gradients import collect_gradients
+
+        return collect_gradients
+    raise AttributeError(f"module 'datainf' has no attribute {name!r}")
