@@ -64,6 +64,10 @@ class FinetuneConfig:
         weight_decay: AdamW weight decay.
         max_grad_norm: gradient-norm clipping (``None``: off; 1.0 is transformers' Trainer default).
         seed: seeds LoRA initialisation, dropout and the shuffling order.
+        modules_to_save: extra layers trained in full next to LoRA (peft's ``modules_to_save``), e.g.
+            ``("transform.dense",)`` for the randomly initialised LM-head transform of an encoder run as
+            a decoder. Their tensors become blocks of the influence computation. Classification heads
+            are added by peft itself.
     """
 
     kind: str = "classification"
@@ -79,9 +83,14 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     seed: int = 0
+    modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problems: list[str] = []
+        saved = self.modules_to_save
+        if isinstance(saved, str):
+            saved = tuple(t.strip() for t in saved.split(",") if t.strip())
+        object.__setattr__(self, "modules_to_save", tuple(str(t) for t in saved))
         if self.kind not in MODEL_KINDS:
             problems.append(f"kind={self.kind!r}: use one of {list(MODEL_KINDS)}")
         targets = self.target_modules
@@ -127,6 +136,7 @@ class FinetuneConfig:
         """JSON-able dict (``target_modules`` as a list)."""
         out = asdict(self)
         out["target_modules"] = list(self.target_modules)
+        out["modules_to_save"] = list(self.modules_to_save)
         return out
 
     @classmethod
@@ -137,8 +147,9 @@ class FinetuneConfig:
         if unknown:
             raise ConfigError(f"Unknown fine-tuning setting(s) {unknown}; known: {sorted(known)}.")
         values = dict(data)
-        if "target_modules" in values and isinstance(values["target_modules"], list):
-            values["target_modules"] = tuple(values["target_modules"])
+        for key in ("target_modules", "modules_to_save"):
+            if key in values and isinstance(values[key], list):
+                values[key] = tuple(values[key])
         return cls(**values)
 
 
@@ -226,16 +237,28 @@ def _wrap_with_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
         lora_dropout=config.dropout,
         bias="none",
         fan_in_fan_out=fan_in_fan_out,
+        modules_to_save=list(config.modules_to_save) or None,
     )
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing.*")
-            return get_peft_model(model, lora_config)
+            peft_model = get_peft_model(model, lora_config)
     except ValueError as err:
         raise ConfigError(
             f"LoRA cannot be applied with target_modules={list(config.target_modules)} ({str(err)[:200]}). Linear layer "
             f"names in this model: {_linear_module_names(model)[:30]}."
         ) from err
+    if config.modules_to_save:  # peft skips names that match nothing; refuse instead of training less than asked
+        from peft.utils import ModulesToSaveWrapper
+
+        wrapped = [name for name, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+        missing = [t for t in config.modules_to_save if not any(n == t or n.endswith("." + t) for n in wrapped)]
+        if missing:
+            raise ConfigError(
+                f"modules_to_save {missing} match no layer of the model. Layer names in this model: "
+                f"{_linear_module_names(model)[:30]}."
+            )
+    return peft_model
 
 
 def _base_model_path(model: nn.Module) -> str | None:

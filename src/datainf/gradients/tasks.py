@@ -461,6 +461,7 @@ class CausalLMTask(GradientTask):
         self.tokenizer = tokenizer
         self.config = config or CausalLMConfig()
         self._max_length: int | None = None
+        self._keep_logits: bool | None = None  # whether the model takes logits_to_keep (None: not tried yet)
 
     def describe(self) -> str:
         name = getattr(self.tokenizer, "name_or_path", None) if self.tokenizer is not None else None
@@ -584,22 +585,61 @@ class CausalLMTask(GradientTask):
         """
         input_ids = batch.inputs["input_ids"]
         loss_mask = batch.inputs["loss_mask"]
-        logits = model(input_ids=input_ids, attention_mask=batch.inputs["attention_mask"]).logits  # (b, s, V)
+        select = loss_mask[:, 1:].bool()  # (b, s-1)
+        counts = select.sum(dim=1)
+        if bool((counts == 0).any()):
+            raise self._empty_error([batch.ids[i] for i in torch.nonzero(counts == 0).flatten().tolist()])
+        targets = input_ids[:, 1:][select]  # (M,)
+        rows = torch.nonzero(select)[:, 0]
+        picked = self._scored_logits(model, batch, select, counts)  # (M, V)
+        nll = F.cross_entropy(_upcast(picked), targets, reduction="none")  # (M,)
+        total = torch.zeros(len(batch), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+        return total / counts.to(total.dtype)
+
+    def _scored_logits(self, model: nn.Module, batch: TaskBatch, select: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """``(M, V)`` logits of the scored positions, in the row-major order of ``select`` ``(b, s-1)``.
+
+        Models that accept Hugging Face's ``logits_to_keep`` (BERT, GPT-2, Llama, ... in transformers
+        5) get a ``(b, K)`` tensor of positions, ``K`` = the most scored tokens of any example (shorter
+        rows repeat their last position; the repeats are dropped here), so the vocabulary projection
+        runs on ``b * K`` positions instead of ``b * s``: with short responses after long prompts that
+        is most of a training step. Each example keeps its own row, so per-example gradient hooks on
+        the LM head still see ``(b, K, h)`` inputs, and an example's logits do not depend on its batch.
+        Other models are run in full and sliced here.
+        """
+        input_ids = batch.inputs["input_ids"]
+        attention = batch.inputs["attention_mask"]
+        if self._keep_logits is not False:
+            k = int(counts.max())
+            order = torch.arange(select.shape[1], device=select.device).expand_as(select)
+            # positions t-1 whose next token t is scored, in order, padded with the row's last one
+            ranked = torch.where(select, order, torch.full_like(order, select.shape[1]))
+            positions = ranked.sort(dim=1).values[:, :k]
+            last = positions.gather(1, (counts - 1).clamp(min=0)[:, None])
+            valid = torch.arange(k, device=select.device)[None, :] < counts[:, None]  # (b, K)
+            positions = torch.where(valid, positions, last)
+            try:
+                logits = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=positions).logits
+            except TypeError:
+                self._keep_logits = False
+            else:
+                if logits.dim() == 3 and tuple(logits.shape[:2]) == tuple(positions.shape):
+                    self._keep_logits = True
+                    return logits[valid]
+                if logits.dim() == 3 and tuple(logits.shape[:2]) == tuple(input_ids.shape):
+                    self._keep_logits = False  # the model ignored logits_to_keep
+                    return logits[:, :-1][select]
+                raise TaskInputError(
+                    f"The model returned logits of shape {tuple(logits.shape)}; causal LM needs (b, s, V). "
+                    "Use an AutoModelForCausalLM model."
+                )
+        logits = model(input_ids=input_ids, attention_mask=attention).logits  # (b, s, V)
         if logits.dim() != 3:
             raise TaskInputError(
                 f"The model returned logits of shape {tuple(logits.shape)}; causal LM needs (b, s, V). "
                 "Use an AutoModelForCausalLM model."
             )
-        select = loss_mask[:, 1:].bool()  # (b, s-1)
-        counts = select.sum(dim=1)
-        if bool((counts == 0).any()):
-            raise self._empty_error([batch.ids[i] for i in torch.nonzero(counts == 0).flatten().tolist()])
-        picked = _upcast(logits[:, :-1][select])  # (M, V): only the scored positions
-        targets = input_ids[:, 1:][select]  # (M,)
-        nll = F.cross_entropy(picked, targets, reduction="none")  # (M,)
-        rows = torch.nonzero(select)[:, 0]
-        total = torch.zeros(len(batch), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
-        return total / counts.to(total.dtype)
+        return logits[:, :-1][select]  # (M, V): only the scored positions
 
 
 # ---------------------------------------------------------------------------------------------------
