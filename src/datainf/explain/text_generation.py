@@ -498,11 +498,21 @@ def exact_match(
 
 
 def _load(base: str, *, adapter: Path | None, seed: int) -> tuple[nn.Module, Any]:
+    from transformers.utils import logging as hf_logging
+
     from datainf.models import load_model
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*newly initialized.*")
-        model, tokenizer = load_model(base, kind="causal-lm", adapter=adapter, seed=seed)
+    quiet = str(base) == default_base_model()
+    level = hf_logging.get_verbosity()
+    if quiet:  # its missing LM head is expected (module docstring); transformers' load report would only alarm
+        hf_logging.set_verbosity_error()
+        logger.info("Loading the packaged MiniLM as a decoder: its LM head transform starts untrained (trained in full).")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*newly initialized.*")
+            model, tokenizer = load_model(base, kind="causal-lm", adapter=adapter, seed=seed)
+    finally:
+        hf_logging.set_verbosity(level)
     prepare_tokenizer(tokenizer)
     return model, tokenizer
 
