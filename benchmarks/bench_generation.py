@@ -60,7 +60,7 @@ NOTES = """What the misses mean and what was tried (2026-11-24):
   generated images are rough. Tried: 3 vs 6 gradient timesteps (6 better for both methods), longer style
   fine-tunes (3 -> 8 epochs: DataInf from below to above Hessian-free on the old base), damping (moves Exact,
   not DataInf).
-- Timings: the sentence first run (580 s) overlapped the base-UNet training and other jobs on the 2 cores; math
+- Timings: the sentence first run (580 s) overlapped other jobs (image experiments, another demo) on the 2 cores; math
   (85 s) and math-reason (188 s) ran with less contention. Cached reruns take 9-11 s (text) and 1-2 s (images)."""
 
 
