@@ -60,8 +60,9 @@ NOTES = """What the misses mean and what was tried (2026-11-24):
   generated images are rough. Tried: 3 vs 6 gradient timesteps (6 better for both methods), longer style
   fine-tunes (3 -> 8 epochs: DataInf from below to above Hessian-free on the old base), damping (moves Exact,
   not DataInf).
-- Timings: the sentence first run (580 s) overlapped other jobs (image experiments, another demo) on the 2 cores; math
-  (85 s) and math-reason (188 s) ran with less contention. Cached reruns take 9-11 s (text) and 1-2 s (images)."""
+- Timings: sentence was rerun alone on the quiet machine (140 s first run, the same AUCs to the last digit: the
+  pipeline is deterministic); its first measurement, 580 s, overlapped the image experiments. math (85 s) and
+  math-reason (188 s) overlapped a background job at low priority. Cached reruns take 9-11 s (text), 1-2 s (images)."""
 
 
 def run_seeds(name: str, out: Path, seeds: list[int]) -> dict[str, list[dict[str, Any]]]:
