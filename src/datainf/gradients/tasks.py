@@ -194,6 +194,29 @@ def _as_token_list(value: Any, what: str, ex_id: str) -> list[int]:
 # sequence classification
 
 
+class _TextTask(GradientTask):
+    """What the tokenized text tasks share: a tokenizer, a ``config.max_length`` and the length limit
+    in effect (the smallest of ``config.max_length``, the tokenizer's and, after :meth:`setup`, the
+    model's position limit)."""
+
+    tokenizer: Any
+    config: Any
+    _max_length: int | None = None
+
+    def _tokenizer_name(self) -> str | None:
+        return getattr(self.tokenizer, "name_or_path", None) if self.tokenizer is not None else None
+
+    def setup(self, model: nn.Module) -> None:
+        self._max_length = _min_limit(self.config.max_length, _position_limit(model), _tokenizer_limit(self.tokenizer))
+
+    @property
+    def max_length(self) -> int | None:
+        """The length limit in effect (after :meth:`setup`, the model's limit is included)."""
+        if self._max_length is not None:
+            return self._max_length
+        return _min_limit(self.config.max_length, _tokenizer_limit(self.tokenizer))
+
+
 @dataclass
 class SequenceClassificationConfig:
     """Knobs of :class:`SequenceClassificationTask`.
@@ -219,7 +242,7 @@ class SequenceClassificationConfig:
             raise ConfigError(f"max_length={self.max_length} is too short; use at least 2 tokens (or None).")
 
 
-class SequenceClassificationTask(GradientTask):
+class SequenceClassificationTask(_TextTask):
     """Sequence classification: ``l_i = cross_entropy(logits_i, y_i)``, one loss per example.
 
     Reduction: none across examples (each example's loss is its own cross-entropy); the model sees
@@ -250,24 +273,16 @@ class SequenceClassificationTask(GradientTask):
         self._max_length: int | None = None
 
     def describe(self) -> str:
-        name = getattr(self.tokenizer, "name_or_path", None) if self.tokenizer is not None else None
-        return f"{super().describe()}|tokenizer={name}|num_labels={self._given_num_labels}"
+        return f"{super().describe()}|tokenizer={self._tokenizer_name()}|num_labels={self._given_num_labels}"
 
     def setup(self, model: nn.Module) -> None:
+        super().setup(model)
         cfg = _model_config(model)
         self._num_labels = self._given_num_labels
         if self._num_labels is None and cfg is not None and getattr(cfg, "num_labels", None):
             self._num_labels = int(cfg.num_labels)
         label2id = getattr(cfg, "label2id", None) or {}
         self._label2id = {str(k): int(v) for k, v in label2id.items()}
-        self._max_length = _min_limit(self.config.max_length, _position_limit(model), _tokenizer_limit(self.tokenizer))
-
-    @property
-    def max_length(self) -> int | None:
-        """The length limit in effect (after :meth:`setup`, the model's limit is included)."""
-        if self._max_length is not None:
-            return self._max_length
-        return _min_limit(self.config.max_length, _tokenizer_limit(self.tokenizer))
 
     def _label(self, example: Mapping[str, Any], ex_id: str) -> tuple[int | None, str | None]:
         key = self.config.label_field
@@ -439,7 +454,7 @@ class CausalLMConfig:
             raise ConfigError(f"max_length={self.max_length} is too short; use at least 2 tokens (or None).")
 
 
-class CausalLMTask(GradientTask):
+class CausalLMTask(_TextTask):
     """Causal language modelling: ``l_i`` = mean over example ``i``'s loss tokens of ``-log p(token | prefix)``.
 
     Reduction: the NLL of each predicted token is averaged over that example's own loss tokens
@@ -464,18 +479,7 @@ class CausalLMTask(GradientTask):
         self._keep_logits: bool | None = None  # whether the model takes logits_to_keep (None: not tried yet)
 
     def describe(self) -> str:
-        name = getattr(self.tokenizer, "name_or_path", None) if self.tokenizer is not None else None
-        return f"{super().describe()}|tokenizer={name}"
-
-    def setup(self, model: nn.Module) -> None:
-        self._max_length = _min_limit(self.config.max_length, _position_limit(model), _tokenizer_limit(self.tokenizer))
-
-    @property
-    def max_length(self) -> int | None:
-        """The length limit in effect (after :meth:`setup`, the model's limit is included)."""
-        if self._max_length is not None:
-            return self._max_length
-        return _min_limit(self.config.max_length, _tokenizer_limit(self.tokenizer))
+        return f"{super().describe()}|tokenizer={self._tokenizer_name()}"
 
     def _encode(self, example: Mapping[str, Any], ex_id: str) -> tuple[list[int], list[int]]:
         """``(token ids, loss-mask)`` before truncation; the mask marks tokens that count in the loss."""
