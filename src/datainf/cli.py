@@ -423,9 +423,9 @@ def _differences(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    from datainf.store import atomic_write_bytes
+    from datainf.store import atomic_write_json
 
-    atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+    atomic_write_json(path, data)
 
 
 def _claim_out(command: str, config: Mapping[str, Any], *, allow_store: bool = False) -> tuple[Path, bool]:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from datainf.errors import ConfigError
-from datainf.store import atomic_write_bytes
+from datainf.store import atomic_write_json
 
 __all__ = ["MislabelDemoConfig", "MislabelDemoResult", "run_mislabel_demo", "main_demo", "format_table"]
 
@@ -161,7 +161,7 @@ def run_mislabel_demo(
 
         shutil.rmtree(cache)
     cache.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(cache / "config.json", json.dumps(asdict(config), indent=2).encode())
+    atomic_write_json(cache / "config.json", asdict(config))
     stage: dict[str, float] = {}
     torch.manual_seed(config.seed)
 
@@ -242,7 +242,7 @@ def run_mislabel_demo(
     )
     stage["report"] = time.perf_counter() - started
     summary = {"config": asdict(config), "validation_accuracy": val_accuracy, "table": table, "stage_seconds": stage}
-    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, default=float).encode())
+    atomic_write_json(out / "summary.json", summary, default=float)
     return MislabelDemoResult(table=table, scores=all_scores, report=report, cache=cache, stage_seconds=stage)
 
 

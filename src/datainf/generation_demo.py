@@ -17,7 +17,6 @@ prompts, the generation beside its most helpful and most harmful training exampl
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import asdict, is_dataclass
@@ -26,7 +25,7 @@ from typing import Any
 
 from datainf.errors import ConfigError
 from datainf.explain.common import ExplanationResult, format_generation_table
-from datainf.store import atomic_write_bytes
+from datainf.store import atomic_write_json
 
 __all__ = ["DATASETS", "run_generation_demo", "main_generation_demo"]
 
@@ -90,7 +89,7 @@ def run_generation_demo(
         "metrics": result.metrics,
         "stage_seconds": result.stage_seconds,
     }
-    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, default=str).encode())
+    atomic_write_json(out / "summary.json", summary)
     return result, report
 
 

@@ -33,7 +33,7 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ from datainf.errors import (
     StoreMismatchError,
 )
 
-__all__ = ["GradientStore", "RamGradientStore", "DiskGradientStore", "STORAGE_DTYPES", "atomic_write_bytes"]
+__all__ = ["GradientStore", "RamGradientStore", "DiskGradientStore", "STORAGE_DTYPES", "atomic_write_bytes", "atomic_write_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(path: Path, data: Any, *, default: Callable[[Any], Any] = str) -> None:
+    """Write ``data`` as indented JSON (plus a final newline) with :func:`atomic_write_bytes`.
+
+    ``default`` converts what JSON cannot hold (``str`` by default; ``float`` keeps numpy numbers numeric).
+    """
+    atomic_write_bytes(Path(path), (json.dumps(data, indent=2, default=default) + "\n").encode())
 
 
 def _sha256(path: Path) -> str:

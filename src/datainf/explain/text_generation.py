@@ -78,7 +78,7 @@ from torch import nn
 from datainf.errors import ConfigError, TaskInputError
 from datainf.explain.common import ExplanationResult, class_indices, score_and_evaluate
 from datainf.models import ModelLoadError
-from datainf.store import atomic_write_bytes
+from datainf.store import atomic_write_json
 
 __all__ = [
     "TextGenerationConfig",
@@ -525,7 +525,7 @@ def _read_json(path: Path) -> Any | None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, default=float) + "\n").encode())
+    atomic_write_json(path, data, default=float)
 
 
 def run_text_generation(

@@ -769,7 +769,7 @@ def run_text_to_image(
     from datainf.data.images import stack_pixel_values
     from datainf.explain.common import ExplanationResult, class_indices, score_and_evaluate
     from datainf.gradients import DiffusionTask, DiffusionTaskConfig, collect_gradients
-    from datainf.store import atomic_write_bytes
+    from datainf.store import atomic_write_bytes, atomic_write_json
 
     config = config or TextToImageConfig()
     stage: dict[str, float] = {}
@@ -808,7 +808,7 @@ def run_text_to_image(
     if recompute and cache.exists():
         shutil.rmtree(cache)
     cache.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(cache / "config.json", json.dumps({"config": config.to_dict(), "base_unet": str(base_folder)}, indent=2).encode())
+    atomic_write_json(cache / "config.json", {"config": config.to_dict(), "base_unet": str(base_folder)})
 
     # quality before: the base UNet (LoRA starts at zero, so the fine-tune starts from it)
     quality_path = cache / "quality.json"
@@ -827,7 +827,7 @@ def run_text_to_image(
     else:
         losses = _finetune(unet, train, config, progress)
         meta = {"epoch_losses": losses, "seconds": time.perf_counter() - started}
-        atomic_write_bytes(cache / "adapter.json", json.dumps(meta, indent=2).encode())
+        atomic_write_json(cache / "adapter.json", meta)
         atomic_write_bytes(adapter_path, st_save(_lora_state(unet)))
     unet.eval()
     stage["finetune"] = time.perf_counter() - started
@@ -837,7 +837,7 @@ def run_text_to_image(
     started = time.perf_counter()
     if "denoising_loss_after" not in quality:
         quality["denoising_loss_after"] = float(_denoising_losses(unet, test, config.eval_timesteps, config.seed + 2).mean())
-        atomic_write_bytes(quality_path, json.dumps(quality, indent=2).encode())
+        atomic_write_json(quality_path, quality)
     stage["quality"] += time.perf_counter() - started
 
     started = time.perf_counter()
@@ -885,7 +885,7 @@ def run_text_to_image(
         for r in recs:
             r.pop("encoder_hidden_states", None)
     summary = {"config": config.to_dict(), "quality": quality, "metrics": metrics, "stage_seconds": stage}
-    atomic_write_bytes(cache / "summary.json", json.dumps(summary, indent=2, default=float).encode())
+    atomic_write_json(cache / "summary.json", summary, default=float)
     return ExplanationResult(
         task="text-to-image",
         dataset=config.dataset,
