@@ -26,7 +26,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from datainf.errors import ConfigError, DatasetError, EmptyInputError
 from datainf.models import ADAPTER_METADATA, MODEL_KINDS, ModelLoadError, base_model_digest
+from datainf.settings import DictSettings
 
 __all__ = ["FinetuneConfig", "finetune_lora", "TRAINING_LOG"]
 
@@ -46,7 +47,7 @@ TRAINING_LOG = "training_log.json"
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(DictSettings):
     """Settings of one LoRA fine-tuning run (written to ``datainf_adapter.json`` with the adapter).
 
     Attributes:
@@ -84,6 +85,8 @@ class FinetuneConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     modules_to_save: tuple[str, ...] = ()
+
+    _settings_name = "fine-tuning"
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -131,26 +134,6 @@ class FinetuneConfig:
             problems.append(f"seed={self.seed!r}: must be an integer")
         if problems:
             raise ConfigError("Invalid fine-tuning settings: " + "; ".join(problems) + ".")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (``target_modules`` as a list)."""
-        out = asdict(self)
-        out["target_modules"] = list(self.target_modules)
-        out["modules_to_save"] = list(self.modules_to_save)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> FinetuneConfig:
-        """Build from a dict, refusing unknown keys (the message lists the known ones)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"Unknown fine-tuning setting(s) {unknown}; known: {sorted(known)}.")
-        values = dict(data)
-        for key in ("target_modules", "modules_to_save"):
-            if key in values and isinstance(values[key], list):
-                values[key] = tuple(values[key])
-        return cls(**values)
 
 
 # ---------------------------------------------------------------------------------------------- data

@@ -68,7 +68,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,7 @@ from datainf.errors import ConfigError, TaskInputError
 from datainf.explain.common import ExplanationResult, class_indices, score_and_evaluate
 from datainf.models import ModelLoadError
 from datainf.store import atomic_write_json
+from datainf.settings import DictSettings
 
 __all__ = [
     "TextGenerationConfig",
@@ -122,7 +123,7 @@ def default_base_model() -> str:
 
 
 @dataclass(frozen=True)
-class TextGenerationConfig:
+class TextGenerationConfig(DictSettings):
     """Settings of one text-generation explanation run (the defaults are what the demo runs).
 
     Attributes:
@@ -170,6 +171,8 @@ class TextGenerationConfig:
     seed: int = 0
     max_new_tokens: int = 32
     loss_on: str = "response"
+
+    _settings_name = "text-generation"
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -226,27 +229,6 @@ class TextGenerationConfig:
             problems.append(f"seed={self.seed!r}: must be an integer")
         if problems:
             raise ConfigError("Invalid text-generation settings: " + "; ".join(problems) + ".")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (tuples as lists)."""
-        out = asdict(self)
-        out["target_modules"] = list(self.target_modules)
-        out["modules_to_save"] = list(self.modules_to_save or ())
-        out["methods"] = list(self.methods)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TextGenerationConfig:
-        """Build from a dict, refusing unknown keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"Unknown text-generation setting(s) {unknown}; known: {sorted(known)}.")
-        values = dict(data)
-        for key in ("target_modules", "modules_to_save", "methods"):
-            if isinstance(values.get(key), list):
-                values[key] = tuple(values[key])
-        return cls(**values)
 
     def key(self) -> str:
         """Short hash naming this configuration's cache folder.

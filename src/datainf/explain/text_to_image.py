@@ -43,7 +43,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from datainf.errors import ConfigError, DatasetError
+from datainf.settings import DictSettings
 
 __all__ = [
     "TextToImageConfig",
@@ -441,7 +442,7 @@ _CLASS_FIELDS = {"style": ("style", "style_name"), "subject": ("subject", "subje
 
 
 @dataclass(frozen=True)
-class TextToImageConfig:
+class TextToImageConfig(DictSettings):
     """Settings of one text-to-image influence experiment (the defaults are what the demo runs).
 
     Attributes:
@@ -486,6 +487,8 @@ class TextToImageConfig:
     guidance_scale: float = 3.0
     prompt_length: int = 16
     seed: int = 0
+
+    _settings_name = "text-to-image"
 
     def __post_init__(self) -> None:
         from datainf.methods import available_methods
@@ -546,9 +549,6 @@ class TextToImageConfig:
     def train_batch_size(self) -> int:
         """Fine-tuning batch size (the dataset's default when ``batch_size`` is None)."""
         return self.batch_size or (32 if self.dataset == "style" else 16)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def key(self, *extra: str) -> str:
         """Short hash of the effective settings (``None`` sizes resolved to the dataset's defaults) and
