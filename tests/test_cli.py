@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import types
@@ -11,32 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from tiny_models import WORDS, save_tiny_model
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from safetensors.torch import load_file  # noqa: E402
-
-from datainf.cli import main  # noqa: E402
-from datainf.scores import Scores  # noqa: E402
-from datainf.store import GradientStore  # noqa: E402
-
-WORDS = "the a cat dog sat on mat movie is was very not good great fine bad awful poor".split()
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def save_tiny_bert(path: Path, *, seed: int = 0, hidden: int = 16) -> Path:
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
-
-    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden,
-        max_position_embeddings=64, initializer_range=0.2,
-    )
-    BertForSequenceClassification(config).save_pretrained(str(path))
-    BertTokenizer(vocab=vocab).save_pretrained(str(path))
-    return path
+from datainf.cli import main
+from datainf.scores import Scores
+from datainf.store import GradientStore
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -63,12 +42,7 @@ def run(capsys, *args: object) -> tuple[int, str, str]:
 COLUMNS = ("--text-column", "sentence", "--label-column", "y", "--id-column", "uid")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +51,8 @@ def env(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli")
     paths = {
         "root": root,
-        "model": save_tiny_bert(root / "tiny"),
-        "other_model": save_tiny_bert(root / "tiny-other", seed=1),
+        "model": save_tiny_model(root / "tiny"),
+        "other_model": save_tiny_model(root / "tiny-other", seed=1),
         "train": write_jsonl(root / "train.jsonl", sentiment_rows(0, 16, seed=0)),
         "test": write_jsonl(root / "test.jsonl", sentiment_rows(100, 4, seed=1)),
     }

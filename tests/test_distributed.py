@@ -23,15 +23,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from gradient_fixtures import bert_classifier, classification_data, word_tokenizer
 
-from gradient_fixtures import bert_classifier, classification_data, word_tokenizer  # noqa: E402
-
-import datainf  # noqa: E402
-from datainf.distributed import DistributedContext, dist_context, shard_range  # noqa: E402
-from datainf.errors import ConfigError, DistributedMismatchError  # noqa: E402
-from datainf.store import GradientStore  # noqa: E402
+import datainf
+from datainf.distributed import DistributedContext, dist_context, shard_range
+from datainf.errors import ConfigError, DistributedMismatchError
+from datainf.store import GradientStore
 
 WORLD = 2
 DEADLINE_S = 240.0

