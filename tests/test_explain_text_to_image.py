@@ -26,6 +26,7 @@ from datainf.explain.text_to_image import (  # noqa: E402
     sample_images,
     train_base_unet,
 )
+from datainf.store import GradientStore  # noqa: E402
 
 HIDDEN = 16
 
@@ -96,8 +97,10 @@ def test_style_end_to_end_and_cached_rerun(tmp_path, base_dir, encoder, monkeypa
         assert image.shape == (1, 32, 32) and image.min() >= -1 and image.max() <= 1
     assert {"denoising_loss_before", "denoising_loss_after"} <= set(result.quality)
     assert all(np.isfinite(v) for v in result.quality.values())
-    for name in ("adapter.safetensors", "quality.json", "samples.safetensors", "summary.json", "grads-train", "grads-test"):
+    for name in ("adapter.safetensors", "quality.json", "samples.safetensors", "summary.json", "grads-train-100.700-blocks", "grads-test-100.700-blocks"):
         assert (result.cache / name).exists(), name
+    stored = GradientStore.open(result.cache / "grads-train-100.700-blocks")
+    assert stored.block_dims and all(name.endswith(("@t100", "@t700")) for name in stored.block_dims)
     assert not list(result.cache.rglob("*.pt")) and not list(result.cache.rglob("*.pkl"))
     assert set(result.stage_seconds) >= {"data", "finetune", "gradients", "influence", "samples"}
 
@@ -118,7 +121,23 @@ def test_style_end_to_end_and_cached_rerun(tmp_path, base_dir, encoder, monkeypa
         torch.testing.assert_close(again.generations[key], result.generations[key])
     assert again.quality == result.quality
 
-    # another setting gets its own cache folder
+    # another gradient recipe or influence setting reuses the adapter and samples, with stores of its own
+    monkeypatch.undo()  # gradients may be computed again
+    monkeypatch.setattr(t2i, "_finetune", boom)
+    monkeypatch.setattr(t2i, "sample_images", boom)
+    mean = run_text_to_image(
+        tiny_config(timestep_blocks=False, methods=("datainf",), damping=0.5), out_dir=tmp_path, progress=False,
+        base_unet_path=base_dir, encoder=encoder,
+    )
+    assert mean.cache == result.cache
+    plain = GradientStore.open(result.cache / "grads-train-100.700-mean")
+    assert len(plain.block_dims) * 2 == len(stored.block_dims) and not any("@" in name for name in plain.block_dims)
+    # the mean recipe's gradient is the sum of the per-timestep blocks
+    split_grads, mean_grads = stored.to_dict(), plain.to_dict()
+    for name, tensor in mean_grads.items():
+        torch.testing.assert_close(tensor, split_grads[f"{name}@t100"] + split_grads[f"{name}@t700"], rtol=1e-4, atol=1e-7)
+
+    # a setting of the fine-tune gets its own cache folder
     monkeypatch.undo()
     other = run_text_to_image(
         tiny_config(r=2, methods=("datainf",), n_samples=0), out_dir=tmp_path, progress=False,

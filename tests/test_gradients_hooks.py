@@ -7,7 +7,7 @@ import torch
 from gradient_fixtures import attribute_state, bert_classifier, classification_data, hook_state, word_tokenizer
 from torch import nn
 
-from datainf.errors import TaskInputError
+from datainf.errors import ConfigError, TaskInputError
 from datainf.gradients import GradientBlock, PerExampleGradients, SequenceClassificationTask, collect_gradients
 from datainf.gradients.hooks import per_example_conv2d_grads, per_example_linear_grads
 from datainf.testing import check_per_example_gradients
@@ -114,6 +114,41 @@ def test_rows_must_split_evenly() -> None:
         out = model(torch.randn(5, 6, dtype=torch.float64))
         with pytest.raises(TaskInputError, match="5 rows for a batch of 2"):
             capture.compute(out.sum(dim=1)[:2])
+
+
+def test_labelled_rows_keep_their_own_blocks() -> None:
+    """k = 3 rows per example, example-major: block ``name@r<m>`` is the gradient through row m alone."""
+    torch.manual_seed(4)
+    model = _Shared()
+    b, k = 2, 3
+    x = torch.randn(b * k, 6, dtype=torch.float64)
+    weights = torch.randn(b * k, dtype=torch.float64)
+
+    def row_losses(inp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # (rows,)
+        return (torch.tanh(model.lin(inp)) ** 2).sum(dim=1) * w
+
+    labels = ("r0", "r1", "r2")
+    with PerExampleGradients(_blocks(model)[:2], row_labels=labels) as capture:
+        grads = capture.compute(row_losses(x, weights).reshape(b, k).sum(dim=1))
+    assert sorted(grads) == sorted(f"{n}@{r}" for n in ("lin.weight", "lin.bias") for r in labels)
+    for j in range(b):
+        for m, label in enumerate(labels):
+            row = j * k + m
+            ref = torch.autograd.grad(row_losses(x[row : row + 1], weights[row : row + 1])[0], [model.lin.weight, model.lin.bias])
+            for name, r in zip(["lin.weight", "lin.bias"], ref):
+                torch.testing.assert_close(grads[f"{name}@{label}"][j], r.reshape(-1), rtol=1e-10, atol=1e-12)
+
+
+def test_labelled_rows_bad_setups() -> None:
+    model = _Shared()
+    with pytest.raises(ConfigError, match="repeat a label"):
+        PerExampleGradients(_blocks(model)[:2], row_labels=("t1", "t1"))
+    with pytest.raises(ConfigError, match="need every block covered by hooks.*norm.weight"):
+        PerExampleGradients(_blocks(model), row_labels=("t1", "t2"))
+    with PerExampleGradients(_blocks(model)[:2], row_labels=("t1", "t2", "t3")) as capture:
+        out = model.lin(torch.randn(4, 6, dtype=torch.float64))  # 2 rows per example, 3 labels
+        with pytest.raises(TaskInputError, match="labels 3 rows per example"):
+            capture.compute(out.sum(dim=1).reshape(2, 2).sum(dim=1))
 
 
 def test_hooks_removed_on_exception() -> None:

@@ -82,14 +82,20 @@ def test_gpt2_conv1d_base_layers_use_fan_in_fan_out() -> None:
     assert names["base_model.model.transformer.h.0.attn.c_attn.lora_B.default.weight"] == 96 * 4
 
 
-def test_unet2d_condition_hooks_match_loop() -> None:
+@pytest.mark.parametrize("timestep_blocks", [True, False], ids=["block-per-timestep", "mean-over-timesteps"])
+def test_unet2d_condition_hooks_match_loop(timestep_blocks: bool) -> None:
     model = unet_cond()
     blocks = find_lora_blocks(model)
     convs = [b for b in blocks if b.parameter.dim() == 4]
     assert convs, "the 1x1 proj_in/proj_out LoRA convs should be blocks"
-    task = DiffusionTask(scheduler(), DiffusionTaskConfig(timesteps=(25, 525, 925)))
+    task = DiffusionTask(scheduler(), DiffusionTaskConfig(timesteps=(25, 525, 925), timestep_blocks=timestep_blocks))
     report = check_per_example_gradients(model, task, diffusion_text_data(2, seed=3), rtol=RTOL)
-    _assert_meaningful(report, len(blocks))
+    if timestep_blocks:  # the loop differentiates each timestep's loss on its own: one block per (tensor, timestep)
+        assert sorted(report.errors) == sorted(f"{b.name}@t{t}" for b in blocks for t in (25, 525, 925))
+        _assert_meaningful(report, 3 * len(blocks))
+    else:
+        assert sorted(report.errors) == sorted(b.name for b in blocks)
+        _assert_meaningful(report, len(blocks))
 
 
 def test_unet2d_class_conditional_hooks_match_loop() -> None:

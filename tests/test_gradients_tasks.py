@@ -34,6 +34,7 @@ from datainf.gradients import (
     SequenceClassificationTask,
     TaskBatch,
     collect_gradients,
+    find_lora_blocks,
 )
 from datainf.gradients.tasks import example_seed
 from datainf.testing import check_per_example_gradients
@@ -89,6 +90,40 @@ def test_diffusion_loss_is_mean_over_timesteps_of_seeded_mse() -> None:
             pred = model(noisy[None], torch.tensor([t]), class_labels=torch.tensor([ex["class_label"]])).sample
             per_t.append(F.mse_loss(pred[0], noise[j]))
     torch.testing.assert_close(got, torch.stack(per_t).mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_diffusion_timestep_blocks_are_each_timesteps_share_of_the_gradient() -> None:
+    """float64: block ``name@t<t>`` = (1/T) grad of the hand-written MSE at t; the blocks sum to the mean recipe."""
+    model, sched = unet_class().double().eval(), scheduler()  # eval: no LoRA dropout in the hand-written loss
+    ex = dict(diffusion_class_data(1, seed=9)[0], id="img-1")
+    ex["pixel_values"] = ex["pixel_values"].double()
+    timesteps = (25, 525, 925)
+    split = collect_gradients(model, DiffusionTask(sched, DiffusionTaskConfig(timesteps=timesteps, seed=7)), [ex], dtype="float64", progress=False)
+    mean = collect_gradients(
+        model, DiffusionTask(sched, DiffusionTaskConfig(timesteps=timesteps, seed=7, timestep_blocks=False)), [ex], dtype="float64",
+        progress=False,
+    ).to_dict()
+    got = split.to_dict()
+    blocks = find_lora_blocks(model)
+    assert list(split.block_dims) == [f"{b.name}@t{t}" for b in blocks for t in timesteps]
+    noise = torch.randn((len(timesteps), 1, 8, 8), generator=torch.Generator().manual_seed(example_seed(7, "img-1")))
+    params = [b.parameter for b in blocks]
+    for j, t in enumerate(timesteps):
+        a = sched.alphas_cumprod[t].double()
+        noisy = a.sqrt() * ex["pixel_values"] + (1 - a).sqrt() * noise[j].double()
+        pred = model(noisy[None], torch.tensor([t]), class_labels=torch.tensor([ex["class_label"]])).sample
+        grads = torch.autograd.grad(F.mse_loss(pred[0], noise[j].double()) / len(timesteps), params)
+        for b, g in zip(blocks, grads):
+            torch.testing.assert_close(got[f"{b.name}@t{t}"][0], g.reshape(-1), rtol=1e-9, atol=1e-12)
+    for b in blocks:
+        assert got[f"{b.name}@t25"].abs().max() > 0
+        torch.testing.assert_close(sum(got[f"{b.name}@t{t}"] for t in timesteps), mean[b.name], rtol=1e-9, atol=1e-12)
+
+
+def test_timestep_blocks_change_the_task_fingerprint() -> None:
+    split, mean = (DiffusionTask(scheduler(), DiffusionTaskConfig(timestep_blocks=v)) for v in (True, False))
+    assert split.row_labels() == ("t25", "t225", "t425", "t525", "t725", "t925") and mean.row_labels() == ()
+    assert split.describe() != mean.describe()
 
 
 def test_diffusion_noise_depends_on_id_and_seed_only() -> None:

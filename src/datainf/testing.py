@@ -18,7 +18,7 @@ from torch import nn
 
 from datainf.errors import ConfigError, DataInfError, EmptyInputError
 from datainf.gradients.collect import _on_device, batch_gradients, example_ids
-from datainf.gradients.hooks import PerExampleGradients
+from datainf.gradients.hooks import PerExampleGradients, row_block_name
 from datainf.gradients.lora import find_lora_blocks, gradient_mode
 from datainf.gradients.tasks import GradientTask
 
@@ -83,18 +83,31 @@ def loop_gradients(
     device: torch.device,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Reference per-example gradients: each example collated alone, one forward and one
-    ``torch.autograd.grad`` each. Returns ``(losses (n,), {name: (n, d)})``. Slow; for testing."""
+    ``torch.autograd.grad`` each. Returns ``(losses (n,), {name: (n, d)})``. Slow; for testing.
+
+    For a task with :meth:`~datainf.gradients.GradientTask.row_labels`, each entry of the example's
+    :meth:`~datainf.gradients.GradientTask.per_row_loss` is differentiated on its own, giving the
+    blocks ``"<name>@<label>"``; the loss is the row sum."""
     names = list(params)
     tensors = [params[k] for k in names]
+    labels = task.row_labels()
     losses: list[torch.Tensor] = []
-    rows: dict[str, list[torch.Tensor]] = {k: [] for k in names}
+    rows: dict[str, list[torch.Tensor]] = {}
     for ex, ex_id in zip(examples, ids):
         batch = task.collate([ex], [ex_id]).to(device)
-        loss = task.per_example_loss(model, batch)
-        grads = torch.autograd.grad(loss.reshape(-1)[0], tensors, allow_unused=True)
-        losses.append(loss.detach().reshape(-1)[0])
-        for k, p, g in zip(names, tensors, grads):
-            rows[k].append((torch.zeros_like(p) if g is None else g).detach().reshape(-1))
+        if labels:
+            row_losses = task.per_row_loss(model, batch).reshape(-1)  # (k,)
+            parts = [(label, row_losses[m]) for m, label in enumerate(labels)]
+            loss = row_losses.sum()
+        else:
+            loss = task.per_example_loss(model, batch).reshape(-1)[0]
+            parts = [(None, loss)]
+        for m, (label, part) in enumerate(parts):
+            grads = torch.autograd.grad(part, tensors, allow_unused=True, retain_graph=m < len(parts) - 1)
+            for k, p, g in zip(names, tensors, grads):
+                block = k if label is None else row_block_name(k, label)
+                rows.setdefault(block, []).append((torch.zeros_like(p) if g is None else g).detach().reshape(-1))
+        losses.append(loss.detach())
     return torch.stack(losses), {k: torch.stack(v) for k, v in rows.items()}
 
 
@@ -135,7 +148,7 @@ def check_per_example_gradients(
     with _on_device(model, device) as dev, gradient_mode(model, blocks):
         task.setup(model)
         task.validate(examples, ids)
-        with PerExampleGradients(blocks) as capture:
+        with PerExampleGradients(blocks, row_labels=task.row_labels()) as capture:
             collated = task.collate(examples, ids).to(dev)
             fast_losses, fast = batch_gradients(model, task, collated, capture)
         ref_losses, ref = loop_gradients(model, task, examples, ids, {b.name: b.parameter for b in blocks}, dev)

@@ -10,7 +10,7 @@ Check the fast path on your own model with :func:`datainf.testing.check_per_exam
 """
 
 from datainf.gradients.collect import batch_gradients, collect_gradients, dataset_fingerprint, example_ids, gradient_fingerprint
-from datainf.gradients.hooks import PerExampleGradients
+from datainf.gradients.hooks import PerExampleGradients, row_block_name, split_block_dims
 from datainf.gradients.lora import GradientBlock, LoRABlocks, find_lora_blocks, gradient_mode, model_fingerprint
 from datainf.gradients.tasks import (
     DEFAULT_DIFFUSION_TIMESTEPS,
@@ -31,6 +31,8 @@ __all__ = [
     "dataset_fingerprint",
     "gradient_fingerprint",
     "PerExampleGradients",
+    "row_block_name",
+    "split_block_dims",
     "GradientBlock",
     "LoRABlocks",
     "find_lora_blocks",

@@ -30,7 +30,7 @@ from datainf.errors import (
     StoreCorruptedError,
     TaskInputError,
 )
-from datainf.gradients.hooks import PerExampleGradients
+from datainf.gradients.hooks import PerExampleGradients, split_block_dims
 from datainf.gradients.lora import LoRABlocks, find_lora_blocks, gradient_mode, model_fingerprint
 from datainf.gradients.tasks import GradientTask, TaskBatch
 from datainf.store import DiskGradientStore, GradientStore
@@ -221,7 +221,7 @@ def collect_gradients(
             raise
         ctx.raise_if_any(err, "Reading the data and the adapter")  # stop every rank, not just this one
     ctx.raise_if_any(None, "Reading the data and the adapter")
-    block_dims = blocks.block_dims
+    block_dims = split_block_dims(blocks.block_dims, task.row_labels())
 
     if ctx.is_distributed:
         return _collect_distributed(
@@ -244,8 +244,8 @@ def collect_gradients(
         if out.block_dims != block_dims:
             raise BlockMismatchError(
                 f"The given store has {len(out.block_dims)} blocks ({sum(out.block_dims.values())} parameters); the "
-                f"model's adapter has {len(block_dims)} ({sum(block_dims.values())}). Create the store with "
-                "block_dims from datainf.gradients.find_lora_blocks(model).block_dims."
+                f"model's adapter and task have {len(block_dims)} ({sum(block_dims.values())}). Create the store with "
+                "block_dims=datainf.gradients.split_block_dims(find_lora_blocks(model).block_dims, task.row_labels())."
             )
         stored_model = out.fingerprint.get("model")
         if stored_model and stored_model != fingerprint["model"]:
@@ -306,7 +306,7 @@ def _compute_into(
         with _on_device(model, device) as dev, gradient_mode(model, blocks):
             task.setup(model)
             _validate_all(task, dataset, ids, list(indices))
-            with PerExampleGradients(blocks) as capture:
+            with PerExampleGradients(blocks, row_labels=task.row_labels()) as capture:
                 bar = _progress(len(indices), progress)
                 try:
                     for run in _contiguous_runs(indices):
@@ -397,10 +397,11 @@ def _collect_distributed(
             "writes its share of the examples into it."
         )
     path = Path(store)
+    block_dims = split_block_dims(blocks.block_dims, task.row_labels())
     ctx.check_same(
         {
             "model": fingerprint,
-            "blocks": blocks.block_dims,
+            "blocks": block_dims,
             "dataset": dataset_fingerprint(dataset, ids),
             "store": str(path),
             "dtype": dtype,
@@ -414,7 +415,7 @@ def _collect_distributed(
     if ctx.is_main:
         try:
             main = GradientStore.create(
-                path, block_dims=blocks.block_dims, dtype=dtype, fingerprint=fingerprint, shard_size=shard_size, overwrite=overwrite
+                path, block_dims=block_dims, dtype=dtype, fingerprint=fingerprint, shard_size=shard_size, overwrite=overwrite
             )
             assert isinstance(main, DiskGradientStore)
             main.adopt_parts(order=ids)
@@ -449,7 +450,7 @@ def _collect_distributed(
     if ctx.is_main:
         try:
             merged = GradientStore.create(
-                path, block_dims=blocks.block_dims, dtype=dtype, fingerprint=fingerprint, shard_size=shard_size, overwrite=False
+                path, block_dims=block_dims, dtype=dtype, fingerprint=fingerprint, shard_size=shard_size, overwrite=False
             )
             assert isinstance(merged, DiskGradientStore)
             merged.adopt_parts(order=ids)

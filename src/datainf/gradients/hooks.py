@@ -17,7 +17,10 @@ already carries ``scaling``).
 
 Row layout: a hooked module may see more rows than there are examples, when a task runs the model
 on ``k`` rows per example (e.g. diffusion at ``k`` timesteps); rows must then be ordered
-example-major (rows ``j*k .. j*k+k-1`` belong to example ``j``) and their contributions are summed.
+example-major (rows ``j*k .. j*k+k-1`` belong to example ``j``) and their contributions are summed,
+unless the rows are *labelled*: with ``row_labels = (r_1, ..., r_k)`` each row keeps its own gradient,
+stored as the block ``"<block>@<r_m>"`` (:func:`row_block_name`); the ``k`` row blocks of a tensor sum
+to the example's gradient of that tensor. Diffusion uses this to keep each timestep's gradient apart.
 A module called several times in one forward pass has its contributions summed too.
 
 Blocks that no hook covers (a trainable tensor outside ``nn.Linear`` / ``nn.Conv2d``) fall back to a
@@ -40,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datainf.errors import LoRAValidationError, TaskInputError
+from datainf.errors import ConfigError, LoRAValidationError, TaskInputError
 from datainf.gradients.lora import GradientBlock
 
-__all__ = ["PerExampleGradients", "per_example_linear_grads", "per_example_conv2d_grads"]
+__all__ = ["PerExampleGradients", "per_example_linear_grads", "per_example_conv2d_grads", "row_block_name", "split_block_dims"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,22 @@ logger = logging.getLogger(__name__)
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half-precision activations are accumulated in float32; float32/float64 are kept."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def row_block_name(block_name: str, row_label: str) -> str:
+    """Name of the block holding the gradient of ``block_name`` through the rows labelled ``row_label``."""
+    return f"{block_name}@{row_label}"
+
+
+def split_block_dims(block_dims: dict[str, int], row_labels: Sequence[str]) -> dict[str, int]:
+    """The store's ``block_dims`` when each of the ``k`` labelled rows keeps its own block.
+
+    ``{name: d}`` -> ``{name@r_1: d, ..., name@r_k: d}`` for every block, block-major; unchanged when
+    ``row_labels`` is empty.
+    """
+    if not row_labels:
+        return dict(block_dims)
+    return {row_block_name(name, label): d for name, d in block_dims.items() for label in row_labels}
 
 
 def _split_rows(n_rows: int, b: int, module_name: str) -> int:
@@ -137,10 +156,21 @@ class PerExampleGradients:
 
     Args:
         blocks: the blocks to differentiate (from :func:`datainf.gradients.find_lora_blocks`).
+        row_labels: labels of the ``k`` rows the model runs per example (e.g. ``("t25", "t925")``
+            for two diffusion timesteps): each row's gradient becomes its own block
+            ``"<block>@<label>"``, shape ``(b, d_l)``. Empty (default): one block per tensor, the
+            sum over the example's rows.
+
+    Raises:
+        ConfigError: ``row_labels`` repeat a label, or some block is not covered by hooks (the
+            per-example autograd fallback cannot split rows).
     """
 
-    def __init__(self, blocks: Sequence[GradientBlock]) -> None:
+    def __init__(self, blocks: Sequence[GradientBlock], *, row_labels: Sequence[str] = ()) -> None:
         self._blocks = list(blocks)
+        self._row_labels = tuple(str(label) for label in row_labels)
+        if len(set(self._row_labels)) != len(self._row_labels):
+            raise ConfigError(f"row_labels {self._row_labels} repeat a label; give each row its own.")
         self._module_blocks: dict[int, list[GradientBlock]] = {}
         self._modules: dict[int, tuple[str, nn.Module]] = {}
         for block in self._blocks:
@@ -150,6 +180,12 @@ class PerExampleGradients:
             self._modules.setdefault(key, (block.module_name, block.module))
             self._module_blocks.setdefault(key, []).append(block)
         self._fallback = [b for b in self._blocks if b.module is None]
+        if self._row_labels and self._fallback:
+            raise ConfigError(
+                f"Per-row gradient blocks ({len(self._row_labels)} rows per example) need every block covered by "
+                f"hooks, but {len(self._fallback)} are not (e.g. {self._fallback[0].name}). Collect one gradient "
+                "per example instead (e.g. DiffusionTaskConfig(timestep_blocks=False))."
+            )
         self._records: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._calls: dict[int, int] = dict.fromkeys(self._modules, 0)
         self._handles: list[Any] = []
@@ -215,7 +251,9 @@ class PerExampleGradients:
 
         Returns:
             Block name -> tensor ``(b, d_l)`` (float32, or float64 for a float64 model), each row the
-            gradient of that example's loss flattened in the parameter's row-major layout.
+            gradient of that example's loss flattened in the parameter's row-major layout. With
+            ``row_labels``, the names are ``"<block>@<label>"`` and each holds the gradient through
+            that row only.
         """
         if not self._open:
             raise RuntimeError("PerExampleGradients.compute() must be called inside its `with` block.")
@@ -253,11 +291,12 @@ class PerExampleGradients:
                 self._fallback_loop(result, losses)
             out: dict[str, torch.Tensor] = {}
             for block in self._blocks:
-                tensor = result.get(block.name)
-                if tensor is None:  # the block did not take part in this batch: zero gradient
-                    dtype = _compute_dtype(block.parameter.dtype)
-                    tensor = torch.zeros(b, block.numel, dtype=dtype, device=losses.device)
-                out[block.name] = tensor.reshape(b, block.numel)
+                for name in self._names(block):
+                    tensor = result.get(name)
+                    if tensor is None:  # the block did not take part in this batch: zero gradient
+                        dtype = _compute_dtype(block.parameter.dtype)
+                        tensor = torch.zeros(b, block.numel, dtype=dtype, device=losses.device)
+                    out[name] = tensor.reshape(b, block.numel)
             return out
         finally:
             self._records.clear()
@@ -269,16 +308,30 @@ class PerExampleGradients:
         blocks = self._module_blocks[key]
         want_w = any(bl.attr == "weight" for bl in blocks)
         want_b = any(bl.attr == "bias" for bl in blocks)
+        k = len(self._row_labels) or 1
+        if self._row_labels and _split_rows(x.shape[0], b, module_name) != k:
+            raise TaskInputError(
+                f"Module {module_name} saw {x.shape[0]} rows for {b} examples, but the task labels {k} rows per "
+                f"example ({self._row_labels}); the task must run the model on exactly that many rows per example."
+            )
+        units = b * k  # with row labels every row is differentiated on its own
         if isinstance(module, nn.Conv2d):
-            gw, gb = per_example_conv2d_grads(module, x, go, b, weight=want_w, bias=want_b, module_name=module_name)
+            gw, gb = per_example_conv2d_grads(module, x, go, units, weight=want_w, bias=want_b, module_name=module_name)
         else:
-            gw, gb = per_example_linear_grads(x, go, b, weight=want_w, bias=want_b, module_name=module_name)
+            gw, gb = per_example_linear_grads(x, go, units, weight=want_w, bias=want_b, module_name=module_name)
         for block in blocks:
             g = gw if block.attr == "weight" else gb
             assert g is not None
-            g = g.reshape(b, -1)
-            prev = result.get(block.name)
-            result[block.name] = g if prev is None else prev + g
+            per_row = g.reshape(b, k, -1)  # example-major rows
+            for m, name in enumerate(self._names(block)):
+                prev = result.get(name)
+                result[name] = per_row[:, m] if prev is None else prev + per_row[:, m]
+
+    def _names(self, block: GradientBlock) -> list[str]:
+        """The store block name(s) of ``block``: itself, or one per row label."""
+        if not self._row_labels:
+            return [block.name]
+        return [row_block_name(block.name, label) for label in self._row_labels]
 
     def _fallback_loop(self, result: dict[str, torch.Tensor], losses: torch.Tensor) -> None:
         params = [bl.parameter for bl in self._fallback]
