@@ -577,9 +577,8 @@ class TextToImageConfig(DictSettings):
         text = json.dumps(effective, sort_keys=True) + "\x00".join(extra)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
-
     def gradient_recipe(self) -> str:
-        """Names the gradient stores of this recipe, e.g. ``"t25.225.425.525.725.925-blocks"``
+        """Names the gradient stores of this recipe, e.g. ``"25.225.425.525.725.925-blocks"``
         (``-mean`` without :attr:`timestep_blocks`)."""
         return ".".join(str(t) for t in self.timesteps) + ("-blocks" if self.timestep_blocks else "-mean")
 

@@ -681,7 +681,7 @@ class DiffusionTaskConfig:
         class_field: record key of the class label for class-conditional UNets.
         prompt_max_length: prompts are padded/truncated to this many tokens (fixed, so that the
             cross-attention context does not depend on the batch). ``None``: the tokenizer's limit.
-        timestep_blocks: keep each timestep's gradient as its own block ``"<block>@t<T>"`` (default),
+        timestep_blocks: keep each timestep's gradient as its own block ``"<block>@t<t>"`` (default),
             so that the block-diagonal Hessian of DataInf / Exact / LiSSA has one block per
             (tensor, timestep); ``False``: one block per tensor holding the mean over the timesteps.
     """
@@ -752,13 +752,13 @@ class DiffusionTask(GradientTask):
     of one forward pass (memory grows with ``T``; lower the batch size if needed).
 
     Gradient blocks (:attr:`DiffusionTaskConfig.timestep_blocks`): by default each timestep keeps
-    its own block, ``"<block>@t<t>"`` holding ``(1/T) grad mse_it`` (the ``T`` blocks of a tensor sum to
-    ``grad l_i``). This is the DataInf notebook's concatenation of the ``T`` gradients, with each
+    its own block, ``"<block>@t<t>"`` holding ``(1/T) grad mse_it`` (the ``T`` blocks of a tensor sum
+    to ``grad l_i``). This is the DataInf notebook's concatenation of the ``T`` gradients, with each
     timestep a block of the block-diagonal Hessian approximation. The gradient norm fell 20-40x from
-    t = 25 to t = 925 in our style and subject experiments (a known bias of diffusion influence), so in
-    one mean gradient the smallest timesteps drown the rest; a block per timestep lets DataInf's per-block damping and
-    inverse weigh each timestep on its own scale. With ``timestep_blocks=False`` each block is the
-    mean over the timesteps.
+    t = 25 to t = 925 in our style and subject experiments (a known bias of diffusion influence), so
+    in one mean gradient the smallest timesteps drown the rest; a block per timestep lets DataInf's
+    per-block damping and inverse weigh each timestep on its own scale. With
+    ``timestep_blocks=False`` each block is the mean over the timesteps.
 
     Conditioning: ``UNet2DConditionModel`` gets ``encoder_hidden_states`` from the record or from
     ``text_encoder(tokenizer(prompt, padding="max_length"))`` (run without gradients);
