@@ -112,6 +112,16 @@ def _collect(data: list[dict[str, Any]], path: Path | None) -> GradientStore:
     return collect_gradients(model, task, data, store=path, batch_size=3, shard_size=2, progress=False)
 
 
+def _collect_diffusion(path: Path | None) -> GradientStore:
+    """Gradients of a tiny text-conditioned UNet with one block per (LoRA tensor, timestep)."""
+    from gradient_fixtures import diffusion_text_data, scheduler, unet_cond
+
+    from datainf.gradients import DiffusionTask, DiffusionTaskConfig, collect_gradients
+
+    task = DiffusionTask(scheduler(), DiffusionTaskConfig(timesteps=(25, 925)))
+    return collect_gradients(unet_cond(), task, diffusion_text_data(5, seed=4), store=path, batch_size=2, shard_size=2, progress=False)
+
+
 def _save_bert_run(root: Path) -> dict[str, Path]:
     """A tiny BERT base model, a random LoRA adapter (saved like peft does) and jsonl data."""
     from peft import LoraConfig, get_peft_model
@@ -154,6 +164,7 @@ def _job_equivalence(rank: int, root: Path) -> None:
     train = _collect(_tiny_records(11, 2), root / "train2")
     test = _collect(_tiny_records(3, 3), root / "test2")
     results["store_ids"] = train.ids
+    _collect_diffusion(root / "diffusion2")  # row-labelled blocks (one per timestep) split over the ranks
     results["store_scores"] = {
         m: datainf.influence(train, test, method=m, method_options=METHOD_OPTIONS[m], batch_size=3, progress=False).values
         for m in ("datainf", "exact")
@@ -302,6 +313,16 @@ def test_store_written_by_two_ranks_reads_back_in_one_process(equivalence, tmp_p
         from_written = datainf.influence(written, GradientStore.open(root / "test2"), method=method, batch_size=3, progress=False)
         _close(from_written.values, from_single)
         _close(ranks[0]["store_scores"][method], from_single)
+
+
+def test_timestep_blocks_written_by_two_ranks_equal_one_process(equivalence) -> None:
+    root, _ = equivalence
+    written = GradientStore.open(root / "diffusion2")
+    single = _collect_diffusion(None)
+    assert written.is_complete and written.ids == single.ids and written.block_dims == single.block_dims
+    assert all(name.endswith(("@t25", "@t925")) for name in written.block_dims)
+    for name, grads in single.to_dict().items():
+        torch.testing.assert_close(written.to_dict()[name], grads, rtol=1e-5, atol=1e-7)
 
 
 def test_mismatched_ranks_stop_with_one_clear_error(equivalence) -> None:
