@@ -10,6 +10,7 @@ from datainf.errors import ConfigError
 from datainf.explain.text_generation import TextGenerationConfig
 from datainf.explain.text_to_image import TextToImageConfig
 from datainf.finetune import FinetuneConfig
+from datainf.settings import name_tuple
 
 
 @pytest.mark.parametrize(
@@ -41,3 +42,10 @@ def test_unknown_key_is_refused_with_the_known_ones(cls: type, name: str) -> Non
 def test_values_are_still_checked_by_the_dataclass() -> None:
     with pytest.raises(ConfigError):
         TextGenerationConfig.from_dict({"loss_on": "prompt"})
+
+
+def test_name_lists_accept_a_comma_string_or_a_sequence() -> None:
+    assert name_tuple(" query, value ,,") == ("query", "value")
+    assert name_tuple(["to_q", 3]) == ("to_q", "3")
+    assert FinetuneConfig(target_modules="query,key", modules_to_save="pooler.dense").target_modules == ("query", "key")
+    assert TextGenerationConfig(methods="datainf, hessian-free").methods == ("datainf", "hessian_free")

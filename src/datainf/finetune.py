@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from datainf.errors import ConfigError, DatasetError, EmptyInputError
 from datainf.models import ADAPTER_METADATA, MODEL_KINDS, ModelLoadError, base_model_digest
-from datainf.settings import DictSettings
+from datainf.settings import DictSettings, name_tuple
 
 __all__ = ["FinetuneConfig", "finetune_lora", "TRAINING_LOG"]
 
@@ -90,16 +90,10 @@ class FinetuneConfig(DictSettings):
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        saved = self.modules_to_save
-        if isinstance(saved, str):
-            saved = tuple(t.strip() for t in saved.split(",") if t.strip())
-        object.__setattr__(self, "modules_to_save", tuple(str(t) for t in saved))
+        object.__setattr__(self, "modules_to_save", name_tuple(self.modules_to_save))
         if self.kind not in MODEL_KINDS:
             problems.append(f"kind={self.kind!r}: use one of {list(MODEL_KINDS)}")
-        targets = self.target_modules
-        if isinstance(targets, str):
-            targets = tuple(t.strip() for t in targets.split(",") if t.strip())
-        targets = tuple(str(t) for t in targets)
+        targets = name_tuple(self.target_modules)
         object.__setattr__(self, "target_modules", targets)
         if not targets:
             problems.append("target_modules is empty: name the linear layers to adapt, e.g. query,value")

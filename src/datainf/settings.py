@@ -7,13 +7,24 @@ constructor from such a dict that refuses unknown keys instead of silently ignor
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, fields, is_dataclass
 from typing import Any, ClassVar
 
 from datainf.errors import ConfigError
 
-__all__ = ["DictSettings"]
+__all__ = ["DictSettings", "name_tuple"]
+
+
+def name_tuple(value: str | Iterable[object]) -> tuple[str, ...]:
+    """A settings field that lists names, as a tuple of strings.
+
+    ``"query, value"`` (a comma-separated string, as typed on a command line) -> ``("query", "value")``;
+    any other iterable -> its items as strings.
+    """
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return tuple(str(item) for item in value)
 
 
 class DictSettings:

@@ -79,7 +79,7 @@ from datainf.errors import ConfigError, TaskInputError
 from datainf.explain.common import ExplanationResult, class_indices, score_and_evaluate
 from datainf.models import ModelLoadError
 from datainf.store import atomic_write_json
-from datainf.settings import DictSettings
+from datainf.settings import DictSettings, name_tuple
 
 __all__ = [
     "TextGenerationConfig",
@@ -183,20 +183,12 @@ class TextGenerationConfig(DictSettings):
         def is_num(v: Any) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        targets = self.target_modules
-        if isinstance(targets, str):
-            targets = tuple(t.strip() for t in targets.split(",") if t.strip())
-        object.__setattr__(self, "target_modules", tuple(str(t) for t in targets))
+        object.__setattr__(self, "target_modules", name_tuple(self.target_modules))
         saved = self.modules_to_save
         if saved is None:  # the packaged MiniLM has no pretrained LM head: train its transform in full
             saved = ("transform.dense",) if self.base_model is None else ()
-        elif isinstance(saved, str):
-            saved = tuple(t.strip() for t in saved.split(",") if t.strip())
-        object.__setattr__(self, "modules_to_save", tuple(str(t) for t in saved))
-        methods = self.methods
-        if isinstance(methods, str):
-            methods = tuple(m.strip() for m in methods.split(",") if m.strip())
-        object.__setattr__(self, "methods", tuple(str(m).replace("-", "_") for m in methods))
+        object.__setattr__(self, "modules_to_save", name_tuple(saved))
+        object.__setattr__(self, "methods", tuple(m.replace("-", "_") for m in name_tuple(self.methods)))
         if self.base_model is not None:
             object.__setattr__(self, "base_model", os.fspath(self.base_model))
 
