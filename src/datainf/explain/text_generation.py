@@ -502,6 +502,19 @@ def _write_json(path: Path, data: Any) -> None:
     atomic_write_json(path, data, default=float)
 
 
+def _cached_exact_match(
+    model: nn.Module, tokenizer: Any, records: Sequence[Mapping[str, Any]], path: Path, *, max_new_tokens: int
+) -> dict[str, Any]:
+    """``{"exact_match", "generations"}`` of :func:`exact_match`, read from ``path`` when a previous run wrote it."""
+    cached = _read_json(path)
+    if isinstance(cached, dict) and "exact_match" in cached:
+        return cached
+    em, gens = exact_match(model, tokenizer, records, max_new_tokens=max_new_tokens)
+    result = {"exact_match": em, "generations": gens}
+    _write_json(path, result)
+    return result
+
+
 def run_text_generation(
     config: TextGenerationConfig | None = None,
     *,
@@ -559,12 +572,7 @@ def run_text_generation(
     _check_logits(model, tokenizer, base)
     longest = check_lengths(train + test, tokenizer, max_length=config.max_length, model_limit=_model_limit(model, tokenizer))
     logger.info("Longest example: %d tokens (max_length %d).", longest, config.max_length)
-    before_file = cache / "quality_before.json"
-    before = _read_json(before_file)
-    if not isinstance(before, dict) or "exact_match" not in before:
-        em, gens = exact_match(model, tokenizer, test, max_new_tokens=config.max_new_tokens)
-        before = {"exact_match": em, "generations": gens}
-        _write_json(before_file, before)
+    before = _cached_exact_match(model, tokenizer, test, cache / "quality_before.json", max_new_tokens=config.max_new_tokens)
     stage["quality_before"] = time.perf_counter() - started
 
     adapter = cache / "adapter"
@@ -590,12 +598,7 @@ def run_text_generation(
 
     started = time.perf_counter()
     model, tokenizer = _load(base, adapter=adapter, seed=config.seed)
-    after_file = cache / "quality_after.json"
-    after = _read_json(after_file)
-    if not isinstance(after, dict) or "exact_match" not in after:
-        em, gens = exact_match(model, tokenizer, test, max_new_tokens=config.max_new_tokens)
-        after = {"exact_match": em, "generations": gens}
-        _write_json(after_file, after)
+    after = _cached_exact_match(model, tokenizer, test, cache / "quality_after.json", max_new_tokens=config.max_new_tokens)
     stage["quality_after"] = time.perf_counter() - started
 
     started = time.perf_counter()
