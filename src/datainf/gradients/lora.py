@@ -22,7 +22,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -123,10 +123,10 @@ class LoRABlocks:
 class _PeftClasses:
     """The peft classes discovery tells apart (imported lazily: peft is only needed with a model)."""
 
-    base_tuner: type  # BaseTunerLayer: every peft tuner layer
-    lora: type  # LoraLayer
-    auxiliary: type  # AuxiliaryTrainingWrapper: modules_to_save copies, trainable tokens
-    unhookable: tuple[type, ...]  # LoRA layer types whose update has no lora_A/lora_B module to hook
+    base_tuner: type[Any]  # BaseTunerLayer: every peft tuner layer
+    lora: type[Any]  # LoraLayer
+    auxiliary: type[Any]  # AuxiliaryTrainingWrapper: modules_to_save copies, trainable tokens
+    unhookable: tuple[type[Any], ...]  # LoRA layer types whose update has no lora_A/lora_B module to hook
 
 
 def _peft_classes() -> _PeftClasses:
@@ -244,7 +244,7 @@ def _has_adapter(layer: nn.Module, adapter: str | None) -> bool:
     return adapter is not None and (adapter in layer.lora_A or adapter in layer.lora_embedding_A)
 
 
-def _layer_problems(mod_name: str, layer: nn.Module, adapter: str, unhookable: tuple[type, ...]) -> list[str]:
+def _layer_problems(mod_name: str, layer: nn.Module, adapter: str, unhookable: tuple[type[Any], ...]) -> list[str]:
     """What makes one LoRA layer's ``adapter`` unusable, in this order: merged into the base weights,
     adapters disabled, a LoRA variant (DoRA, ...), a layer type without lora_A/lora_B modules
     (embedding LoRA, ``nn.MultiheadAttention``, raw parameters; then nothing more is checked), and a
