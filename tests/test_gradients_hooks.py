@@ -8,8 +8,17 @@ from gradient_fixtures import attribute_state, bert_classifier, classification_d
 from torch import nn
 
 from datainf.errors import ConfigError, TaskInputError
-from datainf.gradients import GradientBlock, PerExampleGradients, SequenceClassificationTask, collect_gradients
+from datainf.gradients import (
+    GradientBlock,
+    GradientTask,
+    PerExampleGradients,
+    SequenceClassificationTask,
+    TaskBatch,
+    collect_gradients,
+    find_lora_blocks,
+)
 from datainf.gradients.hooks import per_example_conv2d_grads, per_example_linear_grads
+from datainf.gradients.modules import HOOKABLE_MODULES, describe_module, hookable_type, is_hookable, supported_modules
 from datainf.testing import check_per_example_gradients
 
 
@@ -190,3 +199,102 @@ def test_collect_leaves_nothing_on_the_model() -> None:
     assert hook_state(model) == hooks_before
     assert attribute_state(model) == attrs_before
     assert model.training
+
+
+# ---------------------------------------------------------------------------------------------------
+# The table of hookable module types: every entry against datainf.testing's per-example loop (float64)
+
+
+class _TensorTask(GradientTask):
+    """Examples ``{"x": tensor}``; loss ``sum(tanh(model(x)) * w)`` per example (a fixed weight ``w``)."""
+
+    def collate(self, examples, ids):
+        return TaskBatch(ids=list(ids), inputs={"x": torch.stack([torch.as_tensor(ex["x"]) for ex in examples])})
+
+    def per_example_loss(self, model, batch):
+        out = model(batch.inputs["x"])
+        w = torch.linspace(-1.0, 2.0, out[0].numel(), dtype=out.dtype, device=out.device).reshape(out.shape[1:])
+        return (torch.tanh(out) * w).flatten(1).sum(dim=1)
+
+
+class _LinearNet(nn.Module):
+    """LoRA goes on ``lin`` (lora_A/lora_B are nn.Linear); ``head`` is trained as a whole ("other")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (b, s, 5) -> (b, s, 3)
+        return self.head(torch.tanh(self.lin(x)))
+
+
+class _ConvNet(nn.Module):
+    """LoRA on a strided 3x3 ``conv`` (lora_A 3x3, lora_B 1x1) and on a 1x1 ``proj``; ``out`` trained whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.proj = nn.Conv2d(4, 4, 1)
+        self.out = nn.Conv2d(4, 3, (2, 3), dilation=(1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (b, 2, 9, 10)
+        return self.out(torch.tanh(self.proj(torch.tanh(self.conv(x)))))
+
+
+def _lora_model(net: nn.Module, targets: list[str], trained_whole: str) -> nn.Module:
+    """``net`` in float64 with (non-zero) LoRA on ``targets`` and the module ``trained_whole`` trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(net, LoraConfig(r=2, target_modules=targets, init_lora_weights=False)).double()
+    getattr(model.base_model.model, trained_whole).requires_grad_(True)
+    return model
+
+
+def _linear_case() -> tuple[nn.Module, list[dict]]:
+    torch.manual_seed(11)
+    model = _lora_model(_LinearNet(), ["lin"], "head")
+    gen = torch.Generator().manual_seed(12)
+    return model, [{"x": torch.randn(4, 5, generator=gen, dtype=torch.float64)} for _ in range(5)]
+
+
+def _conv2d_case() -> tuple[nn.Module, list[dict]]:
+    torch.manual_seed(11)
+    model = _lora_model(_ConvNet(), ["conv", "proj"], "out")
+    gen = torch.Generator().manual_seed(13)
+    return model, [{"x": torch.randn(2, 9, 10, generator=gen, dtype=torch.float64)} for _ in range(4)]
+
+
+#: one model per HOOKABLE_MODULES entry: LoRA on that type plus a trainable base module of that type
+_TABLE_CASES = {nn.Linear: _linear_case, nn.Conv2d: _conv2d_case}
+
+
+@pytest.mark.parametrize("entry", HOOKABLE_MODULES, ids=lambda e: e.module_type.__name__)
+def test_every_hookable_type_matches_the_per_example_loop(entry) -> None:
+    case = _TABLE_CASES.get(entry.module_type)
+    assert case is not None, f"add a model using {entry.name} to _TABLE_CASES"
+    model, data = case()
+    blocks = find_lora_blocks(model)
+    assert all(b.hooked for b in blocks)
+    roles = {b.role for b in blocks if isinstance(b.module, entry.module_type)}
+    assert roles == {"lora_A", "lora_B", "other"}  # adapter tensors and a whole trained module of this type
+    assert {b.attr for b in blocks if b.role == "other"} == {"weight", "bias"}
+    report = check_per_example_gradients(model, _TensorTask(), data, rtol=1e-10)
+    assert report.ok and not report.fallback_blocks and len(report.errors) == len(blocks)
+    assert all(err <= 1e-10 for err in report.errors.values())
+
+
+def test_table_decides_discovery_and_installation() -> None:
+    """find_lora_blocks and PerExampleGradients read the same table: what it refuses, neither hooks."""
+    grouped = nn.Conv2d(4, 4, 3, groups=2)
+    assert hookable_type(grouped) is None and not is_hookable(grouped)
+    assert hookable_type(nn.Conv2d(4, 4, 3)).module_type is nn.Conv2d
+    assert hookable_type(nn.Linear(2, 2)).module_type is nn.Linear
+    assert hookable_type(nn.LayerNorm(3)) is None and hookable_type(None) is None
+    assert describe_module(grouped) == "Conv2d(groups=2, padding=(0, 0), padding_mode='zeros')"
+    assert supported_modules() == "nn.Linear and nn.Conv2d (groups=1, numeric zero padding)"
+    norm = nn.LayerNorm(3)
+    with pytest.raises(ConfigError, match="hooks support nn.Linear and nn.Conv2d"):
+        PerExampleGradients([GradientBlock("norm.weight", norm.weight, "norm", norm, "weight", "other")])
+    with pytest.raises(ConfigError, match=r"grouped \(Conv2d\)"):
+        PerExampleGradients([GradientBlock("g.weight", grouped.weight, "grouped", grouped, "weight", "other")])

@@ -127,3 +127,39 @@ def test_gradient_mode_turns_dropout_off_logs_and_restores(caplog: pytest.LogCap
                 raise RuntimeError("boom")
     assert {n: m.training for n, m in model.named_modules()} == before
     assert any("eval mode" in r.getMessage() and "restored afterwards" in r.getMessage() for r in caplog.records)
+
+
+def test_problems_are_listed_layer_by_layer_in_model_order() -> None:
+    """A grouped conv, a merged linear and embedding LoRA: one message, one line per layer, in module order."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(4, 4, 3, groups=2)
+            self.b = nn.Linear(4, 4)
+            self.c = nn.Embedding(10, 4)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(Net(), LoraConfig(r=2, target_modules=["a", "b", "c"]))
+    model.base_model.model.b.merge()
+    with pytest.raises(LoRAValidationError) as info:
+        find_lora_blocks(model)
+    assert str(info.value) == (
+        "The model's LoRA adapters cannot be used for per-example gradients (3 problems):"
+        "\n  - base_model.model.a (Conv2d): lora_B is a Conv2d(groups=2, padding=(0, 0), padding_mode='zeros'); "
+        "per-example gradients support nn.Linear and nn.Conv2d (groups=1, numeric zero padding). Remove this layer "
+        "from target_modules."
+        "\n  - base_model.model.b (Linear): adapter 'default' is merged into the base weights, so its tensors receive "
+        "no gradient. Call model.unmerge_adapter() (PeftModel) or layer.unmerge() before collecting gradients."
+        "\n  - base_model.model.c (Embedding): LoRA on this layer type computes its update without a lora_A/lora_B "
+        "module to hook (embedding LoRA, nn.MultiheadAttention, target_parameters). Remove it from target_modules."
+    )
+
+
+def test_is_hookable_stays_importable_from_lora() -> None:
+    from datainf.gradients import lora, modules
+
+    assert lora.is_hookable is modules.is_hookable

@@ -2,7 +2,9 @@
 
 * :mod:`datainf.explain.common` - the result record and the pairwise scoring + class metrics step;
 * :mod:`datainf.explain.text_generation` - causal-LM fine-tune on the paper's text tasks;
-* :mod:`datainf.explain.text_to_image` - a small text-conditioned UNet with LoRA on its attention.
+* :mod:`datainf.explain.text_to_image` - a small text-conditioned UNet with LoRA on its attention;
+* :mod:`datainf.explain.toy_diffusion` - the toy text-to-image stack it runs on (prompt encoder, base
+  UNet build/train, sampling).
 """
 
 from datainf.explain.common import GENERATION_METHODS, ExplanationResult, class_indices, format_generation_table, score_and_evaluate

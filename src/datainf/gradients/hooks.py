@@ -1,19 +1,15 @@
 """Per-example gradients of the blocks from one forward and one backward pass per batch.
 
-For a linear map ``y = x W^T + c`` applied to every position ``s`` of example ``b``, the gradient of
-the summed loss ``sum_b l_b`` with respect to ``W`` splits over examples (the loss of example ``b``
-depends only on example ``b``'s rows):
-
-    dl_b/dW = sum_s  (dL/dy_bs) x_bs^T       ->  einsum('bsi,bso->boi', x, dL/dy)    (b, out, in)
-    dl_b/dc = sum_s   dL/dy_bs               ->  (dL/dy).sum(s)                       (b, out)
-
-so caching ``x`` (forward hook) and ``dL/dy`` (one ``torch.autograd.grad`` call with respect to
-the cached outputs) gives every example's gradient from a single backward pass. A 2-D convolution
-is the same map applied at every spatial position of its unfolded input (a 1x1 convolution needs
-no unfolding: spatial positions play the role of sequence positions). PEFT computes
-``base(x) + lora_B(lora_A(dropout(x))) * scaling``; ``lora_A`` and ``lora_B`` are plain
-``nn.Linear`` / ``nn.Conv2d`` modules, so the hooks sit on them (the output gradient of ``lora_B``
-already carries ``scaling``).
+The gradient of the summed loss ``sum_b l_b`` with respect to a linear map's weight splits over
+examples (the loss of example ``b`` depends only on example ``b``'s rows), so caching each hooked
+module's input (forward hook) and the gradient with respect to its output (one
+``torch.autograd.grad`` call with respect to the cached outputs) gives every example's gradient
+from a single backward pass. Which module types can be hooked, and the formula of each (one einsum
+for ``nn.Linear``, the unfolded input for ``nn.Conv2d``), is the table
+:data:`datainf.gradients.modules.HOOKABLE_MODULES`, which :func:`~datainf.gradients.find_lora_blocks`
+reads too. PEFT computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling``; ``lora_A`` and
+``lora_B`` are plain ``nn.Linear`` / ``nn.Conv2d`` modules, so the hooks sit on them (the output
+gradient of ``lora_B`` already carries ``scaling``).
 
 Row layout: a hooked module may see more rows than there are examples, when a task runs the model
 on ``k`` rows per example (e.g. diffusion at ``k`` timesteps); rows must then be ordered
@@ -23,7 +19,7 @@ stored as the block ``"<block>@<r_m>"`` (:func:`row_block_name`); the ``k`` row 
 to the example's gradient of that tensor. Diffusion uses this to keep each timestep's gradient apart.
 A module called several times in one forward pass has its contributions summed too.
 
-Blocks that no hook covers (a trainable tensor outside ``nn.Linear`` / ``nn.Conv2d``) fall back to a
+Blocks that no hook covers (a trainable tensor outside the hookable types) fall back to a
 per-example ``torch.autograd.grad`` loop over the same graph: correct but ``b`` times slower for those
 blocks.
 
@@ -40,20 +36,23 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from datainf.errors import ConfigError, LoRAValidationError, TaskInputError
 from datainf.gradients.lora import GradientBlock
+from datainf.gradients.modules import (
+    HookableType,
+    compute_dtype,
+    hookable_type,
+    per_example_conv2d_grads,
+    per_example_linear_grads,
+    rows_per_example,
+    supported_modules,
+)
 
 __all__ = ["PerExampleGradients", "per_example_linear_grads", "per_example_conv2d_grads", "row_block_name", "split_block_dims"]
 
 logger = logging.getLogger(__name__)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half-precision activations are accumulated in float32; float32/float64 are kept."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def row_block_name(block_name: str, row_label: str) -> str:
@@ -70,77 +69,6 @@ def split_block_dims(block_dims: dict[str, int], row_labels: Sequence[str]) -> d
     if not row_labels:
         return dict(block_dims)
     return {row_block_name(name, label): d for name, d in block_dims.items() for label in row_labels}
-
-
-def _split_rows(n_rows: int, b: int, module_name: str) -> int:
-    if b <= 0 or n_rows % b:
-        raise TaskInputError(
-            f"Module {module_name} saw {n_rows} rows for a batch of {b} examples; a task must run the model on "
-            "the same number of rows per example, ordered example-major. Check the task's per_example_loss."
-        )
-    return n_rows // b
-
-
-def per_example_linear_grads(
-    x: torch.Tensor, grad_out: torch.Tensor, b: int, *, weight: bool = True, bias: bool = False, module_name: str = ""
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Per-example gradients of an ``nn.Linear``.
-
-    Args:
-        x: the module's input, shape ``(N, ..., in)`` with ``N = b * k`` rows, example-major.
-        grad_out: gradient of the summed loss w.r.t. the module's output, shape ``(N, ..., out)``.
-        b: number of examples.
-
-    Returns:
-        ``(grad_weight (b, out, in) or None, grad_bias (b, out) or None)``.
-    """
-    _split_rows(x.shape[0], b, module_name)
-    dtype = _compute_dtype(x.dtype)
-    xs = x.reshape(b, -1, x.shape[-1]).to(dtype)
-    gs = grad_out.reshape(b, -1, grad_out.shape[-1]).to(dtype)
-    gw = torch.einsum("bsi,bso->boi", xs, gs) if weight else None
-    gb = gs.sum(dim=1) if bias else None
-    return gw, gb
-
-
-def per_example_conv2d_grads(
-    module: nn.Conv2d,
-    x: torch.Tensor,
-    grad_out: torch.Tensor,
-    b: int,
-    *,
-    weight: bool = True,
-    bias: bool = False,
-    module_name: str = "",
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Per-example gradients of an ``nn.Conv2d`` with ``groups == 1``.
-
-    Args:
-        module: the convolution (kernel size, stride, padding, dilation are read from it).
-        x: its input, shape ``(N, C, H, W)`` with ``N = b * k`` rows, example-major.
-        grad_out: gradient of the summed loss w.r.t. its output, shape ``(N, O, H', W')``.
-        b: number of examples.
-
-    Returns:
-        ``(grad_weight (b, O, C, kh, kw) or None, grad_bias (b, O) or None)``.
-    """
-    n, c = x.shape[0], x.shape[1]
-    k = _split_rows(n, b, module_name)
-    o = grad_out.shape[1]
-    dtype = _compute_dtype(x.dtype)
-    gcols = grad_out.reshape(b, k, o, -1).to(dtype)  # (b, k, O, L)
-    gw = None
-    if weight:
-        if module.kernel_size == (1, 1) and module.stride == (1, 1) and tuple(module.padding) == (0, 0):
-            cols = x.reshape(b, k, c, -1)  # spatial positions as sequence positions: (b, k, C, H*W)
-        else:
-            unfolded = F.unfold(
-                x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
-            )  # (N, C*kh*kw, L), channel-major like the weight's (C, kh, kw) layout
-            cols = unfolded.reshape(b, k, unfolded.shape[1], -1)
-        gw = torch.einsum("bkil,bkol->boi", cols.to(dtype), gcols).reshape(b, *module.weight.shape)
-    gb = gcols.sum(dim=(1, 3)) if bias else None
-    return gw, gb
 
 
 class PerExampleGradients:
@@ -162,8 +90,9 @@ class PerExampleGradients:
             sum over the example's rows.
 
     Raises:
-        ConfigError: ``row_labels`` repeat a label, or some block is not covered by hooks (the
-            per-example autograd fallback cannot split rows).
+        ConfigError: ``row_labels`` repeat a label; some block is not covered by hooks (the
+            per-example autograd fallback cannot split rows); or a block's ``module`` is not a
+            hookable type (:data:`~datainf.gradients.modules.HOOKABLE_MODULES`).
     """
 
     def __init__(self, blocks: Sequence[GradientBlock], *, row_labels: Sequence[str] = ()) -> None:
@@ -173,10 +102,20 @@ class PerExampleGradients:
             raise ConfigError(f"row_labels {self._row_labels} repeat a label; give each row its own.")
         self._module_blocks: dict[int, list[GradientBlock]] = {}
         self._modules: dict[int, tuple[str, nn.Module]] = {}
+        self._types: dict[int, HookableType] = {}  # each hooked module's formula, from HOOKABLE_MODULES
         for block in self._blocks:
             if block.module is None:
                 continue
             key = id(block.module)
+            if key not in self._types:
+                entry = hookable_type(block.module)
+                if entry is None:
+                    raise ConfigError(
+                        f"Block {block.name} is to be hooked on {block.module_name} ({type(block.module).__name__}), "
+                        f"but hooks support {supported_modules()} only. Give the block module=None (the "
+                        "per-example autograd fallback), or get the blocks from find_lora_blocks."
+                    )
+                self._types[key] = entry
             self._modules.setdefault(key, (block.module_name, block.module))
             self._module_blocks.setdefault(key, []).append(block)
         self._fallback = [b for b in self._blocks if b.module is None]
@@ -294,7 +233,7 @@ class PerExampleGradients:
                 for name in self._names(block):
                     tensor = result.get(name)
                     if tensor is None:  # the block did not take part in this batch: zero gradient
-                        dtype = _compute_dtype(block.parameter.dtype)
+                        dtype = compute_dtype(block.parameter.dtype)
                         tensor = torch.zeros(b, block.numel, dtype=dtype, device=losses.device)
                     out[name] = tensor.reshape(b, block.numel)
             return out
@@ -309,16 +248,13 @@ class PerExampleGradients:
         want_w = any(bl.attr == "weight" for bl in blocks)
         want_b = any(bl.attr == "bias" for bl in blocks)
         k = len(self._row_labels) or 1
-        if self._row_labels and _split_rows(x.shape[0], b, module_name) != k:
+        if self._row_labels and rows_per_example(x.shape[0], b, module_name) != k:
             raise TaskInputError(
                 f"Module {module_name} saw {x.shape[0]} rows for {b} examples, but the task labels {k} rows per "
                 f"example ({self._row_labels}); the task must run the model on exactly that many rows per example."
             )
         units = b * k  # with row labels every row is differentiated on its own
-        if isinstance(module, nn.Conv2d):
-            gw, gb = per_example_conv2d_grads(module, x, go, units, weight=want_w, bias=want_b, module_name=module_name)
-        else:
-            gw, gb = per_example_linear_grads(x, go, units, weight=want_w, bias=want_b, module_name=module_name)
+        gw, gb = self._types[key].grads(module, x, go, units, weight=want_w, bias=want_b, module_name=module_name)
         for block in blocks:
             g = gw if block.attr == "weight" else gb
             assert g is not None
@@ -342,6 +278,6 @@ class PerExampleGradients:
             for j, (p, g) in enumerate(zip(params, grads)):
                 rows[j].append(torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1))
         for block, parts in zip(self._fallback, rows):
-            g = torch.stack(parts).to(_compute_dtype(block.parameter.dtype))
+            g = torch.stack(parts).to(compute_dtype(block.parameter.dtype))
             prev = result.get(block.name)
             result[block.name] = g if prev is None else prev + g

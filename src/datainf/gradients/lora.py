@@ -22,12 +22,13 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from datainf.errors import LoRAValidationError
+from datainf.gradients.modules import HOOKED_PARAMETERS, describe_module, is_hookable, supported_modules
 
 __all__ = [
     "GradientBlock",
@@ -41,20 +42,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BlockRole = Literal["lora_A", "lora_B", "modules_to_save", "other"]
-
-
-def is_hookable(module: nn.Module | None) -> bool:
-    """Whether per-example gradients of ``module``'s weight/bias can be formed from hooks.
-
-    Supported: :class:`torch.nn.Linear` (any number of leading dimensions) and
-    :class:`torch.nn.Conv2d` with ``groups == 1``, zero padding and numeric ``padding`` (any kernel
-    size; 1x1 convolutions, as in UNet LoRA, take a copy-free path).
-    """
-    if isinstance(module, nn.Linear):
-        return True
-    if isinstance(module, nn.Conv2d):
-        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
-    return False
 
 
 @dataclass(frozen=True)
@@ -132,8 +119,18 @@ class LoRABlocks:
         return iter(self.blocks)
 
 
-def _peft_classes() -> tuple[type, type, type, tuple[type, ...]]:
-    """(BaseTunerLayer, LoraLayer, AuxiliaryTrainingWrapper, LoRA layer types without a hookable path)."""
+@dataclass(frozen=True)
+class _PeftClasses:
+    """The peft classes discovery tells apart (imported lazily: peft is only needed with a model)."""
+
+    base_tuner: type[Any]  # BaseTunerLayer: every peft tuner layer
+    lora: type[Any]  # LoraLayer
+    auxiliary: type[Any]  # AuxiliaryTrainingWrapper: modules_to_save copies, trainable tokens
+    unhookable: tuple[type[Any], ...]  # LoRA layer types whose update has no lora_A/lora_B module to hook
+
+
+def _peft_classes() -> _PeftClasses:
+    """The peft layer classes, and the LoRA layer types without a hookable path."""
     from peft.tuners.lora import layer as lora_layer
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
@@ -147,7 +144,7 @@ def _peft_classes() -> tuple[type, type, type, tuple[type, ...]]:
         )
         if cls is not None
     )
-    return BaseTunerLayer, lora_layer.LoraLayer, AuxiliaryTrainingWrapper, unhookable
+    return _PeftClasses(BaseTunerLayer, lora_layer.LoraLayer, AuxiliaryTrainingWrapper, unhookable)
 
 
 def _active_adapters(module: nn.Module) -> list[str]:
@@ -159,52 +156,57 @@ def _active_adapters(module: nn.Module) -> list[str]:
     return [str(a) for a in (active or [])]
 
 
-def find_lora_blocks(model: nn.Module, *, adapter_name: str | None = None) -> LoRABlocks:
-    """Discover and validate the blocks of the active LoRA adapter of ``model``.
+@dataclass
+class _PeftModules:
+    """What :func:`_discover_peft_modules` found, in ``model.named_modules()`` order.
 
-    Args:
-        model: a ``PeftModel`` or any module with peft LoRA layers injected (``inject_adapter_in_model``,
-            diffusers' ``add_adapter``).
-        adapter_name: which adapter to differentiate. Required when several adapters are active; it
-            must be active (the model runs as configured: other active adapters still contribute to
-            the forward pass but are not differentiated).
+    Attributes:
+        lora_layers: ``(name, LoraLayer)`` of every LoRA layer.
+        aux_wrappers: ``(name, AuxiliaryTrainingWrapper)`` of every ``modules_to_save`` copy (and other
+            auxiliary wrappers such as trainable tokens).
+        problems: one line per non-LoRA peft tuner layer.
+    """
 
-    Returns:
-        The adapter's blocks: every ``lora_A`` / ``lora_B`` tensor (weight, and ``lora_B`` bias when
-        ``lora_bias=True``), every tensor of the adapter's ``modules_to_save`` copies, and any other
-        tensor with ``requires_grad=True`` that belongs to no adapter (e.g. biases trained with
-        ``bias="all"``). Tensors of other adapters are left out.
+    lora_layers: list[tuple[str, nn.Module]] = field(default_factory=list)
+    aux_wrappers: list[tuple[str, nn.Module]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _discover_peft_modules(model: nn.Module, classes: _PeftClasses) -> _PeftModules:
+    """Phase 1: find the peft LoRA layers and auxiliary wrappers of ``model``; note non-LoRA tuners.
 
     Raises:
-        LoRAValidationError: listing every problem found: no LoRA layer; the adapter merged into the
-            base weights; adapters disabled; unsupported variants (DoRA and other ``lora_variant``\\ s,
-            embedding LoRA, LoRA on ``nn.MultiheadAttention`` or on raw parameters, grouped or
-            non-2-D convolutions: anything without a ``lora_A``/``lora_B`` module to hook); non-LoRA
-            peft tuners; several active adapters and no ``adapter_name``.
+        LoRAValidationError: the model has no LoRA layer (the non-LoRA tuners found are listed).
     """
-    base_tuner_cls, lora_cls, aux_cls, unhookable_cls = _peft_classes()
-    problems: list[str] = []
-
-    lora_layers: list[tuple[str, nn.Module]] = []
-    aux_wrappers: list[tuple[str, nn.Module]] = []
+    found = _PeftModules()
     for mod_name, module in model.named_modules():
-        if isinstance(module, lora_cls):
-            lora_layers.append((mod_name, module))
-        elif isinstance(module, base_tuner_cls):
-            problems.append(
+        if isinstance(module, classes.lora):
+            found.lora_layers.append((mod_name, module))
+        elif isinstance(module, classes.base_tuner):
+            found.problems.append(
                 f"{mod_name} is a {type(module).__name__} (a non-LoRA peft tuner); only LoRA adapters are supported."
             )
-        elif isinstance(module, aux_cls):
-            aux_wrappers.append((mod_name, module))
+        elif isinstance(module, classes.auxiliary):
+            found.aux_wrappers.append((mod_name, module))
 
-    if not lora_layers:
+    if not found.lora_layers:
         raise LoRAValidationError(
             "No LoRA layer found in the model. Wrap it with peft.get_peft_model(model, LoraConfig(...)), load a "
             "trained adapter with PeftModel.from_pretrained(...), or inject one with peft.inject_adapter_in_model "
             "(diffusers: unet.add_adapter(LoraConfig(...)))."
-            + ("".join(f"\n  - {p}" for p in problems))
+            + ("".join(f"\n  - {p}" for p in found.problems))
         )
+    return found
 
+
+def _choose_adapter(
+    lora_layers: Sequence[tuple[str, nn.Module]], adapter_name: str | None, problems: list[str]
+) -> str | None:
+    """Phase 2: the adapter to differentiate: ``adapter_name``, or the single active one.
+
+    Appends to ``problems`` (and returns ``None`` where no adapter can be chosen) when no adapter is
+    active, several are and none was named, or the named one does not exist or is not active.
+    """
     available: set[str] = set()
     active: set[str] = set()
     for _, layer in lora_layers:
@@ -234,80 +236,139 @@ def find_lora_blocks(model: nn.Module, *, adapter_name: str | None = None) -> Lo
             f"Adapter {adapter_name!r} is not active (active: {sorted(active) or 'none'}); call "
             f"model.set_adapter({adapter_name!r}) first."
         )
+    return chosen
 
-    owned_by_adapters: set[int] = set()  # every adapter tensor of every adapter (others are excluded)
-    selected: dict[int, BlockRole] = {}
-    hook_owner: dict[int, nn.Module] = {}
 
+def _has_adapter(layer: nn.Module, adapter: str | None) -> bool:
+    """Whether the LoRA ``layer`` holds ``adapter`` (as a lora_A/lora_B pair or as embedding LoRA)."""
+    return adapter is not None and (adapter in layer.lora_A or adapter in layer.lora_embedding_A)
+
+
+def _layer_problems(mod_name: str, layer: nn.Module, adapter: str, unhookable: tuple[type[Any], ...]) -> list[str]:
+    """What makes one LoRA layer's ``adapter`` unusable, in this order: merged into the base weights,
+    adapters disabled, a LoRA variant (DoRA, ...), a layer type without lora_A/lora_B modules
+    (embedding LoRA, ``nn.MultiheadAttention``, raw parameters; then nothing more is checked), and a
+    ``lora_A`` / ``lora_B`` module outside :data:`~datainf.gradients.modules.HOOKABLE_MODULES`."""
+    problems: list[str] = []
+    where = f"{mod_name} ({type(layer).__name__})"
+    if adapter in getattr(layer, "merged_adapters", []):
+        problems.append(
+            f"{where}: adapter {adapter!r} is merged into the base weights, so its tensors receive no gradient. "
+            "Call model.unmerge_adapter() (PeftModel) or layer.unmerge() before collecting gradients."
+        )
+    if getattr(layer, "disable_adapters", False):
+        problems.append(
+            f"{where}: adapters are disabled (disable_adapter() context or enable_adapters(False)); enable them."
+        )
+    if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter, False):
+        variant = type(getattr(layer, "lora_variant", {}).get(adapter, object())).__name__
+        problems.append(
+            f"{where}: adapter {adapter!r} uses a LoRA variant ({'DoRA' if layer.use_dora.get(adapter) else variant}) "
+            "whose extra tensors have no module to hook; only plain LoRA is supported. Retrain without "
+            "use_dora / the variant option."
+        )
+    if adapter in layer.lora_embedding_A or (unhookable and isinstance(layer, unhookable)):
+        problems.append(
+            f"{where}: LoRA on this layer type computes its update without a lora_A/lora_B module to hook "
+            "(embedding LoRA, nn.MultiheadAttention, target_parameters). Remove it from target_modules."
+        )
+        return problems
+    for part in ("lora_A", "lora_B"):
+        sub = getattr(layer, part)[adapter]
+        if not is_hookable(sub):
+            problems.append(
+                f"{where}: {part} is a {describe_module(sub)}; per-example gradients support {supported_modules()}. "
+                "Remove this layer from target_modules."
+            )
+    return problems
+
+
+def _refuse_unsupported(
+    lora_layers: Sequence[tuple[str, nn.Module]], adapter: str | None, classes: _PeftClasses
+) -> list[str]:
+    """Phase 3: the problems of every LoRA layer that holds ``adapter`` (:func:`_layer_problems`),
+    layer by layer in model order."""
+    problems: list[str] = []
     for mod_name, layer in lora_layers:
-        for attr_name in layer.adapter_layer_names:
-            container = getattr(layer, attr_name, None)
-            if isinstance(container, (nn.ModuleDict, nn.ParameterDict)):
-                for p in container.parameters():
-                    owned_by_adapters.add(id(p))
-        if chosen is None or (chosen not in layer.lora_A and chosen not in layer.lora_embedding_A):
-            continue
-        where = f"{mod_name} ({type(layer).__name__})"
-        if chosen in getattr(layer, "merged_adapters", []):
-            problems.append(
-                f"{where}: adapter {chosen!r} is merged into the base weights, so its tensors receive no gradient. "
-                "Call model.unmerge_adapter() (PeftModel) or layer.unmerge() before collecting gradients."
-            )
-        if getattr(layer, "disable_adapters", False):
-            problems.append(
-                f"{where}: adapters are disabled (disable_adapter() context or enable_adapters(False)); enable them."
-            )
-        if chosen in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(chosen, False):
-            variant = type(getattr(layer, "lora_variant", {}).get(chosen, object())).__name__
-            problems.append(
-                f"{where}: adapter {chosen!r} uses a LoRA variant ({'DoRA' if layer.use_dora.get(chosen) else variant}) "
-                "whose extra tensors have no module to hook; only plain LoRA is supported. Retrain without "
-                "use_dora / the variant option."
-            )
-        if chosen in layer.lora_embedding_A or (unhookable_cls and isinstance(layer, unhookable_cls)):
-            problems.append(
-                f"{where}: LoRA on this layer type computes its update without a lora_A/lora_B module to hook "
-                "(embedding LoRA, nn.MultiheadAttention, target_parameters). Remove it from target_modules."
-            )
-            continue
-        for part in ("lora_A", "lora_B"):
-            sub = getattr(layer, part)[chosen]
-            if not is_hookable(sub):
-                detail = type(sub).__name__
-                if isinstance(sub, nn.Conv2d):
-                    detail += f"(groups={sub.groups}, padding={sub.padding!r}, padding_mode={sub.padding_mode!r})"
-                problems.append(
-                    f"{where}: {part} is a {detail}; per-example gradients support nn.Linear and nn.Conv2d "
-                    "(groups=1, numeric zero padding). Remove this layer from target_modules."
-                )
-                continue
-            for p in sub.parameters(recurse=False):
-                selected[id(p)] = part  # type: ignore[assignment]
-                hook_owner[id(p)] = sub
+        if _has_adapter(layer, adapter):
+            assert adapter is not None
+            problems.extend(_layer_problems(mod_name, layer, adapter, classes.unhookable))
+    return problems
 
-    for _, wrapper in aux_wrappers:
-        for p in wrapper.parameters():
-            owned_by_adapters.add(id(p))
-        copies = getattr(wrapper, "modules_to_save", None)
-        if chosen is not None and isinstance(copies, nn.ModuleDict) and chosen in copies:
-            for sub in copies[chosen].modules():
-                for p in sub.parameters(recurse=False):
-                    selected[id(p)] = "modules_to_save"
-                    if is_hookable(sub):
-                        hook_owner[id(p)] = sub
-        elif chosen is not None and _active_adapters(wrapper) and chosen in _active_adapters(wrapper):
-            # other auxiliary wrappers (e.g. trainable tokens): trainable tensors go to the fallback
-            for p in wrapper.parameters():
-                if p.requires_grad:
-                    selected[id(p)] = "other"
 
+def _raise_if_problems(problems: Sequence[str]) -> None:
+    """Raise one :class:`LoRAValidationError` listing every problem found, if there is any."""
     if problems:
         raise LoRAValidationError(
             f"The model's LoRA adapters cannot be used for per-example gradients ({len(problems)} problem"
             f"{'s' if len(problems) != 1 else ''}):" + "".join(f"\n  - {p}" for p in problems)
         )
-    assert chosen is not None
 
+
+@dataclass
+class _Selection:
+    """The tensors chosen as blocks so far, by ``id``: their role and, when hooked, the module to hook."""
+
+    roles: dict[int, BlockRole] = field(default_factory=dict)
+    hook_owner: dict[int, nn.Module] = field(default_factory=dict)
+
+
+def _select_lora_tensors(lora_layers: Sequence[tuple[str, nn.Module]], adapter: str, selection: _Selection) -> None:
+    """Phase 4: every tensor of ``adapter``'s ``lora_A`` / ``lora_B`` modules (weight, and bias with
+    ``lora_bias=True``), hooked on that module. Runs after :func:`_refuse_unsupported` found nothing, so
+    every such module is hookable."""
+    for _, layer in lora_layers:
+        if adapter not in layer.lora_A:
+            continue
+        for part in ("lora_A", "lora_B"):
+            sub = getattr(layer, part)[adapter]
+            for p in sub.parameters(recurse=False):
+                selection.roles[id(p)] = part  # type: ignore[assignment]
+                selection.hook_owner[id(p)] = sub
+
+
+def _select_auxiliary_tensors(
+    aux_wrappers: Sequence[tuple[str, nn.Module]], adapter: str, selection: _Selection
+) -> None:
+    """Phase 5: every tensor of ``adapter``'s ``modules_to_save`` copies (role ``"modules_to_save"``,
+    hooked where its module is hookable), and the trainable tensors of other auxiliary wrappers the
+    adapter has active, e.g. trainable tokens (role ``"other"``, per-example autograd fallback)."""
+    for _, wrapper in aux_wrappers:
+        copies = getattr(wrapper, "modules_to_save", None)
+        if isinstance(copies, nn.ModuleDict) and adapter in copies:
+            for sub in copies[adapter].modules():
+                for p in sub.parameters(recurse=False):
+                    selection.roles[id(p)] = "modules_to_save"
+                    if is_hookable(sub):
+                        selection.hook_owner[id(p)] = sub
+        elif _active_adapters(wrapper) and adapter in _active_adapters(wrapper):
+            for p in wrapper.parameters():
+                if p.requires_grad:
+                    selection.roles[id(p)] = "other"
+
+
+def _adapter_tensors(found: _PeftModules) -> set[int]:
+    """``id`` of every tensor that belongs to some adapter (every adapter's LoRA and auxiliary
+    tensors): those of other adapters are left out of the blocks even when trainable."""
+    owned: set[int] = set()
+    for _, layer in found.lora_layers:
+        for attr_name in layer.adapter_layer_names:
+            container = getattr(layer, attr_name, None)
+            if isinstance(container, (nn.ModuleDict, nn.ParameterDict)):
+                for p in container.parameters():
+                    owned.add(id(p))
+    for _, wrapper in found.aux_wrappers:
+        for p in wrapper.parameters():
+            owned.add(id(p))
+    return owned
+
+
+def _build_blocks(model: nn.Module, selection: _Selection, adapter_owned: set[int]) -> list[GradientBlock]:
+    """Phase 6: the blocks in ``model.named_parameters()`` order: the selected tensors, plus every
+    other trainable tensor that belongs to no adapter (role ``"other"``, e.g. biases trained with
+    ``bias="all"``), so nothing trainable is left out. A block is hooked when its module is the
+    selected hook owner or, for an ``"other"`` tensor, a hookable module, and the tensor is one of
+    :data:`~datainf.gradients.modules.HOOKED_PARAMETERS`; otherwise it uses the autograd fallback."""
     owners: dict[int, tuple[str, str, nn.Module]] = {}
     for mod_name, module in model.named_modules():
         for attr, p in module.named_parameters(recurse=False):
@@ -315,20 +376,63 @@ def find_lora_blocks(model: nn.Module, *, adapter_name: str | None = None) -> Lo
 
     blocks: list[GradientBlock] = []
     for name, p in model.named_parameters():
-        role = selected.get(id(p))
+        role = selection.roles.get(id(p))
         if role is None:
-            if not p.requires_grad or id(p) in owned_by_adapters:
+            if not p.requires_grad or id(p) in adapter_owned:
                 continue
             role = "other"
         mod_name, attr, module = owners[id(p)]
-        hooked = hook_owner.get(id(p))
-        if hooked is None and role == "other" and is_hookable(module) and attr in ("weight", "bias"):
+        hooked = selection.hook_owner.get(id(p))
+        if hooked is None and role == "other" and is_hookable(module) and attr in HOOKED_PARAMETERS:
             hooked = module
-        if hooked is not None and attr not in ("weight", "bias"):
+        if hooked is not None and attr not in HOOKED_PARAMETERS:
             hooked = None
         blocks.append(
             GradientBlock(name=name, parameter=p, module_name=mod_name, module=hooked, attr=attr, role=role)
         )
+    return blocks
+
+
+def find_lora_blocks(model: nn.Module, *, adapter_name: str | None = None) -> LoRABlocks:
+    """Discover and validate the blocks of the active LoRA adapter of ``model``.
+
+    The phases: discover the peft LoRA layers; choose the adapter; refuse what has no hookable path
+    (every problem collected, then one error); select the adapter's ``lora_A`` / ``lora_B`` tensors
+    and its ``modules_to_save`` copies; add the remaining trainable tensors that belong to no
+    adapter; check that some LoRA tensor was found.
+
+    Args:
+        model: a ``PeftModel`` or any module with peft LoRA layers injected (``inject_adapter_in_model``,
+            diffusers' ``add_adapter``).
+        adapter_name: which adapter to differentiate. Required when several adapters are active; it
+            must be active (the model runs as configured: other active adapters still contribute to
+            the forward pass but are not differentiated).
+
+    Returns:
+        The adapter's blocks: every ``lora_A`` / ``lora_B`` tensor (weight, and ``lora_B`` bias when
+        ``lora_bias=True``), every tensor of the adapter's ``modules_to_save`` copies, and any other
+        tensor with ``requires_grad=True`` that belongs to no adapter (e.g. biases trained with
+        ``bias="all"``). Tensors of other adapters are left out.
+
+    Raises:
+        LoRAValidationError: listing every problem found: no LoRA layer; the adapter merged into the
+            base weights; adapters disabled; unsupported variants (DoRA and other ``lora_variant``\\ s,
+            embedding LoRA, LoRA on ``nn.MultiheadAttention`` or on raw parameters, grouped or
+            non-2-D convolutions: anything without a ``lora_A``/``lora_B`` module to hook); non-LoRA
+            peft tuners; several active adapters and no ``adapter_name``.
+    """
+    classes = _peft_classes()
+    found = _discover_peft_modules(model, classes)
+    problems = list(found.problems)
+    chosen = _choose_adapter(found.lora_layers, adapter_name, problems)
+    problems.extend(_refuse_unsupported(found.lora_layers, chosen, classes))
+    _raise_if_problems(problems)
+    assert chosen is not None
+
+    selection = _Selection()
+    _select_lora_tensors(found.lora_layers, chosen, selection)
+    _select_auxiliary_tensors(found.aux_wrappers, chosen, selection)
+    blocks = _build_blocks(model, selection, _adapter_tensors(found))
     if not any(b.role in ("lora_A", "lora_B") for b in blocks):
         raise LoRAValidationError(
             f"Adapter {chosen!r} has no lora_A/lora_B tensor in this model; check target_modules."
