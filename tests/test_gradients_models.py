@@ -30,12 +30,16 @@ from datainf.gradients import (
 from datainf.testing import GradientCheckError, check_per_example_gradients
 
 RTOL = 1e-5
+#: UNets sum over many spatial positions in float32; with several BLAS/OpenMP threads the summation
+#: order differs between the batched pass and the one-example loop and the relative error reaches
+#: ~1.1e-5 (float64 agreement of the same formulas is checked to 1e-10 in test_gradients_hooks.py).
+RTOL_UNET = 3e-5
 
 
-def _assert_meaningful(report, min_blocks: int) -> None:
+def _assert_meaningful(report, min_blocks: int, rtol: float = RTOL) -> None:
     assert report.ok, str(report)
     assert len(report.errors) >= min_blocks
-    assert report.max_error <= RTOL
+    assert report.max_error <= rtol
 
 
 @pytest.mark.parametrize("builder", [bert_classifier, roberta_classifier], ids=["bert", "roberta"])
@@ -89,20 +93,20 @@ def test_unet2d_condition_hooks_match_loop(timestep_blocks: bool) -> None:
     convs = [b for b in blocks if b.parameter.dim() == 4]
     assert convs, "the 1x1 proj_in/proj_out LoRA convs should be blocks"
     task = DiffusionTask(scheduler(), DiffusionTaskConfig(timesteps=(25, 525, 925), timestep_blocks=timestep_blocks))
-    report = check_per_example_gradients(model, task, diffusion_text_data(2, seed=3), rtol=RTOL)
+    report = check_per_example_gradients(model, task, diffusion_text_data(2, seed=3), rtol=RTOL_UNET)
     if timestep_blocks:  # the loop differentiates each timestep's loss on its own: one block per (tensor, timestep)
         assert sorted(report.errors) == sorted(f"{b.name}@t{t}" for b in blocks for t in (25, 525, 925))
-        _assert_meaningful(report, 3 * len(blocks))
+        _assert_meaningful(report, 3 * len(blocks), RTOL_UNET)
     else:
         assert sorted(report.errors) == sorted(b.name for b in blocks)
-        _assert_meaningful(report, len(blocks))
+        _assert_meaningful(report, len(blocks), RTOL_UNET)
 
 
 def test_unet2d_class_conditional_hooks_match_loop() -> None:
     model = unet_class()
     task = DiffusionTask(scheduler())  # default: the six notebook timesteps
-    report = check_per_example_gradients(model, task, diffusion_class_data(2, seed=4), rtol=RTOL)
-    _assert_meaningful(report, 16)
+    report = check_per_example_gradients(model, task, diffusion_class_data(2, seed=4), rtol=RTOL_UNET)
+    _assert_meaningful(report, 16, RTOL_UNET)
 
 
 def test_uncovered_tensors_use_the_fallback_loop() -> None:
@@ -185,8 +189,8 @@ def test_latent_diffusion_with_vae_and_text_encoder() -> None:
     batch = task.collate(data, [ex["id"] for ex in data])
     assert batch.inputs["prompt_ids"].shape == (3, 8) and batch.truncated_ids == [data[0]["id"]]
     assert batch.inputs["pixel_values"].shape == (3, 3, 8, 8) and batch.inputs["pixel_values"].abs().max() <= 1
-    report = check_per_example_gradients(unet_cond(with_conv=False), task, data, rtol=RTOL)
-    _assert_meaningful(report, 16)
+    report = check_per_example_gradients(unet_cond(with_conv=False), task, data, rtol=RTOL_UNET)
+    _assert_meaningful(report, 16, RTOL_UNET)
 
 
 def test_gradient_checkpointing_is_switched_off_and_restored() -> None:
