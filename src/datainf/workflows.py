@@ -369,7 +369,11 @@ def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progres
     from datainf.models import load_model, resolve_model_dir
 
     with removed_on_error(settings.out):
-        settings = replace(settings, kind=settings.kind or "classification", max_length=settings.max_length or 128)
+        settings = replace(
+            settings,
+            kind="classification" if settings.kind is None else settings.kind,
+            max_length=128 if settings.max_length is None else settings.max_length,
+        )
         if not settings.model:
             raise ConfigError("No base model given: pass --model DIR (a local folder written by save_pretrained).")
         resolve_model_dir(settings.model)
@@ -442,9 +446,9 @@ def gradients_run(settings: GradientsSettings, *, overwrite: bool = False, progr
                 allow_foreign=lambda path: (path / "manifest.json").is_file(),  # a bare gradient store
             ),
         )
-        model, task, records = _model_and_task(settings, records, "data")
+        model, task, encoded = _model_and_task(settings, {"data": records})
         with run.timed("gradients"):
-            store = _compute_store(model, task, records, run.path, settings, ctx, progress=progress, before_compute=run.write_config)
+            store = _compute_store(model, task, encoded["data"], run.path, settings, ctx, progress=progress, before_compute=run.write_config)
         return GradientsRunResult(
             out=run.path, store=store, world_size=ctx.world_size, settings=settings, stage_seconds=run.stage_seconds
         )
@@ -556,10 +560,10 @@ def _score_inputs_from_data(
     settings, train, test = on_every_rank(ctx, "Reading the data", read)
     _check_same_run(ctx, "score", settings, {"train": train, "test": test})
     run = on_main(ctx, "Checking the output folder", lambda: RunDir.claim(settings.out, kind="score", settings=_saved(settings), overwrite=overwrite))
-    model, task, train, test = _model_and_task(settings, train, "training", test)
+    model, task, encoded = _model_and_task(settings, {"training": train, "test": test})
     with run.timed("gradients"):
-        train_store = _compute_store(model, task, train, run.stage("grads-train"), settings, ctx, progress=progress)
-        test_store = _compute_store(model, task, test, run.stage("grads-test"), settings, ctx, progress=progress)
+        train_store = _compute_store(model, task, encoded["training"], run.stage("grads-train"), settings, ctx, progress=progress)
+        test_store = _compute_store(model, task, encoded["test"], run.stage("grads-test"), settings, ctx, progress=progress)
     return settings, run, train_store, test_store
 
 
@@ -686,10 +690,13 @@ def _resolve_model_settings(settings: _G, meta: Mapping[str, Any]) -> _G:
 
 
 def _model_and_task(
-    settings: GradientsSettings | ScoreSettings, records: list[dict[str, Any]], role: str, test: list[dict[str, Any]] | None = None
-) -> Any:
-    """Load the model with its adapter and build the gradient task; classification records get the
-    head's integer labels. Returns ``(model, task, records)`` or, with ``test``, ``(model, task, records, test)``."""
+    settings: GradientsSettings | ScoreSettings, records: Mapping[str, list[dict[str, Any]]]
+) -> tuple[Any, Any, dict[str, list[dict[str, Any]]]]:
+    """Load the model with its adapter and build the gradient task.
+
+    ``records`` maps a role (``data``, ``training``, ``test``: named in label errors) to its records;
+    returned the same way, classification records with the integer labels of the model's head.
+    """
     from datainf.models import load_model
 
     meta = _adapter_meta(settings)
@@ -700,12 +707,10 @@ def _model_and_task(
         str(settings.model), kind=kind, num_labels=settings.num_labels, adapter=settings.adapter, device=str(device)  # type: ignore[arg-type]
     )
     if kind == "classification":
-        records = _encode_for_model(records, model, meta, role)
-        if test is not None:
-            test = _encode_for_model(test, model, meta, "test")
+        records = {role: _encode_for_model(recs, model, meta, role) for role, recs in records.items()}
     num_labels = getattr(model.config, "num_labels", None) if kind == "classification" else None
     task = _make_task(kind, tokenizer, settings.max_length, num_labels)
-    return (model, task, records) if test is None else (model, task, records, test)
+    return model, task, dict(records)
 
 
 def _compute_store(
