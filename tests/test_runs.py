@@ -201,7 +201,8 @@ def test_write_and_read_json(tmp_path: Path) -> None:
 def test_for_settings_names_the_folder_by_the_key(tmp_path: Path) -> None:
     settings = {"n_train": 400, "target_modules": ("query", "value"), "seed": 0}
     # the recipe the demos use for their cache folders
-    expected = hashlib.sha256(json.dumps({"n_train": 400, "target_modules": ["query", "value"], "seed": 0}, sort_keys=True).encode()).hexdigest()[:10]
+    as_json = json.dumps({"n_train": 400, "target_modules": ["query", "value"], "seed": 0}, sort_keys=True)
+    expected = hashlib.sha256(as_json.encode()).hexdigest()[:10]
     assert settings_key(settings) == expected
     run = RunDir.for_settings(tmp_path, settings)
     assert run.path == tmp_path / f"cache-{expected}" and not run.is_resumed

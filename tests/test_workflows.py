@@ -109,7 +109,7 @@ def test_score_run_checks_its_inputs_before_claiming(stores: tuple[Path, Path], 
             score_run(bad, progress=False)
         assert not out.exists()  # a failed run leaves no claimed folder behind
     with pytest.raises(ConfigError, match="choose one of"):
-        ScoreSettings(mode="sideways")
+        ScoreSettings(mode="sideways")  # type: ignore[arg-type]
 
 
 def test_report_run_refuses_a_folder_of_another_command(stores: tuple[Path, Path], tmp_path: Path) -> None:
@@ -148,7 +148,8 @@ def test_settings_normalise_paths_like_the_command_line(tmp_path: Path, monkeypa
 
 
 def test_scores_write_table(tmp_path: Path) -> None:
-    scores = Scores(values=torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), train_ids=["a", "b", "c"], test_ids=["t"], method="datainf", mode="average")
+    values = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    scores = Scores(values=values, train_ids=["a", "b", "c"], test_ids=["t"], method="datainf", mode="average")
     path = scores.write_table(tmp_path / "scores-datainf", "csv")
     assert path == tmp_path / "scores-datainf.csv"
     assert path.read_text().splitlines() == ["train_id,influence,rank", "a,0.5,2", "b,-1.0,3", "c,2.0,1"]

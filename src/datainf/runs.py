@@ -316,8 +316,11 @@ class RunDir:
         there) and, if given, ``accept(value)`` holds for what ``load`` returned (e.g. scores that
         were computed from the current gradients). Found stages are appended to :attr:`reused`.
         """
-        found, value = self._finished(name, load=load, is_done=is_done, accept=accept)
-        return value if found else None
+        path = self.stage(name)
+        if not _is_done(path, is_done):
+            return None
+        value = load(path)
+        return value if self._accepted(name, value, accept) else None
 
     def cached(
         self,
@@ -345,33 +348,23 @@ class RunDir:
                 save=lambda scores, path: scores.save(path),
             )
         """
-        found, value = self._finished(name, load=load, is_done=is_done, accept=accept)
-        if found:
-            return value  # type: ignore[return-value]  # found implies a loaded value
         path = self.stage(name)
+        if _is_done(path, is_done):
+            value = load(path)
+            if self._accepted(name, value, accept):
+                return value
         computed = compute(path)
         if save is not None:
             save(computed, path)
         return computed
 
-    def _finished(
-        self,
-        name: str,
-        *,
-        load: Callable[[Path], T],
-        is_done: Callable[[Path], bool] | None,
-        accept: Callable[[T], bool] | None,
-    ) -> tuple[bool, T | None]:
-        path = self.stage(name)
-        done = is_done(path) if is_done is not None else (path.is_file() or (path.is_dir() and any(path.iterdir())))
-        if not done:
-            return False, None
-        value = load(path)
+    def _accepted(self, name: str, value: T, accept: Callable[[T], bool] | None) -> bool:
+        """Whether a loaded finished stage may be reused (recorded in :attr:`reused`)."""
         if accept is not None and not accept(value):
             logger.info("The finished stage %s in %s does not fit this run; computing it again.", name, self.path)
-            return False, None
+            return False
         self.reused.append(name)
-        return True, value
+        return True
 
     @contextlib.contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -392,6 +385,13 @@ class RunDir:
     def read_json(self, name: str) -> Any | None:
         """The JSON content of the stage ``name``, or ``None`` when it is missing or unreadable."""
         return _read_json(self.stage(name))
+
+
+def _is_done(path: Path, is_done: Callable[[Path], bool] | None) -> bool:
+    """``is_done(path)``, by default: a file, or a non-empty folder, exists at ``path``."""
+    if is_done is not None:
+        return is_done(path)
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
 
 
 def _get(stored: Any, key: str) -> Any:

@@ -36,7 +36,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from datainf.distributed import DistributedContext, check_same_settings, dist_context, on_every_rank, on_main
 from datainf.errors import ConfigError, DatasetError
@@ -234,12 +234,12 @@ class ScoreSettings:
     response_column: str | None = None
     id_column: str | None = None
     method: tuple[str, ...] = ("datainf",)
-    mode: str = "average"
+    mode: Literal["average", "pairwise"] = "average"
     damping: float = 0.1
     fixed_lambda: float | None = None
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     score_batch_size: int = 1024
-    table_format: str = "csv"
+    table_format: Literal["csv", "parquet"] = "csv"
 
     def __post_init__(self) -> None:
         _normalise(
@@ -390,7 +390,7 @@ def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progres
         def train(adapter_dir: Path) -> Path:
             names = encode_labels(records, [])[0] if ft.kind == "classification" else None
             model, tokenizer = load_model(
-                settings.model, kind=ft.kind, num_labels=len(names) if names else None, device=settings.device, seed=ft.seed
+                str(settings.model), kind=ft.kind, num_labels=len(names) if names else None, device=settings.device, seed=ft.seed
             )
             return finetune_lora(
                 model, tokenizer, records, ft, output_dir=adapter_dir, label_names=names, overwrite=True, progress=progress
@@ -448,7 +448,9 @@ def gradients_run(settings: GradientsSettings, *, overwrite: bool = False, progr
         )
         model, task, encoded = _model_and_task(settings, {"data": records})
         with run.timed("gradients"):
-            store = _compute_store(model, task, encoded["data"], run.path, settings, ctx, progress=progress, before_compute=run.write_config)
+            store = _compute_store(
+                model, task, encoded["data"], run.path, settings, ctx, progress=progress, before_compute=run.write_config
+            )
         return GradientsRunResult(
             out=run.path, store=store, world_size=ctx.world_size, settings=settings, stage_seconds=run.stage_seconds
         )
@@ -481,13 +483,15 @@ def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: boo
         from_stores = bool(settings.train_grads or settings.test_grads)
         from_data = bool(settings.train_data or settings.test_data)
         if from_stores and from_data:
-            raise ConfigError("Give either --train-grads/--test-grads (stores) or --train-data/--test-data (with --model/--adapter), not both.")
+            raise ConfigError(
+                "Give either --train-grads/--test-grads (stores) or --train-data/--test-data (with --model/--adapter), not both."
+            )
         if not from_stores and not from_data:
             raise ConfigError("Nothing to score: pass --train-grads and --test-grads, or --model, --adapter, --train-data and --test-data.")
         influence_configs = {  # built (and so validated) before any work
             name: InfluenceConfig(
                 method=name,
-                mode=settings.mode,  # type: ignore[arg-type]  # checked by ScoreSettings
+                mode=settings.mode,
                 damping=settings.damping,
                 fixed_lambda=settings.fixed_lambda,
                 method_options=dict((settings.method_options or {}).get(name, {})),
@@ -536,7 +540,7 @@ def _score_inputs_from_stores(
     train_store, test_store = on_every_rank(
         ctx, "Opening the gradient stores", lambda: (_open_store(train_grads, "--train-grads"), _open_store(test_grads, "--test-grads"))
     )
-    run = on_main(ctx, "Checking the output folder", lambda: RunDir.claim(settings.out, kind="score", settings=_saved(settings), overwrite=overwrite))
+    run = on_main(ctx, "Checking the output folder", lambda: _claim_score_run(settings, overwrite))
     return settings, run, train_store, test_store
 
 
@@ -559,12 +563,16 @@ def _score_inputs_from_data(
 
     settings, train, test = on_every_rank(ctx, "Reading the data", read)
     _check_same_run(ctx, "score", settings, {"train": train, "test": test})
-    run = on_main(ctx, "Checking the output folder", lambda: RunDir.claim(settings.out, kind="score", settings=_saved(settings), overwrite=overwrite))
+    run = on_main(ctx, "Checking the output folder", lambda: _claim_score_run(settings, overwrite))
     model, task, encoded = _model_and_task(settings, {"training": train, "test": test})
     with run.timed("gradients"):
         train_store = _compute_store(model, task, encoded["training"], run.stage("grads-train"), settings, ctx, progress=progress)
         test_store = _compute_store(model, task, encoded["test"], run.stage("grads-test"), settings, ctx, progress=progress)
     return settings, run, train_store, test_store
+
+
+def _claim_score_run(settings: ScoreSettings, overwrite: bool) -> RunDir:
+    return RunDir.claim(settings.out, kind="score", settings=_saved(settings), overwrite=overwrite)
 
 
 def _methods(settings: ScoreSettings) -> list[str]:
@@ -690,7 +698,7 @@ def _resolve_model_settings(settings: _G, meta: Mapping[str, Any]) -> _G:
 
 
 def _model_and_task(
-    settings: GradientsSettings | ScoreSettings, records: Mapping[str, list[dict[str, Any]]]
+    settings: _G, records: Mapping[str, list[dict[str, Any]]]
 ) -> tuple[Any, Any, dict[str, list[dict[str, Any]]]]:
     """Load the model with its adapter and build the gradient task.
 
