@@ -308,3 +308,14 @@ def test_help_and_no_command(capsys):
     assert main(["--help"]) == 0
     assert "positive influence = harmful" in capsys.readouterr().out
     assert main([]) == 2
+
+
+def test_python_dash_m_entry_point():
+    """`python -m datainf.cli` (how torchrun launches it) runs the same command line."""
+    import os
+    import subprocess
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "datainf.cli", "score", "--damping", "abc"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("datainf: error: Bad value 'abc' for --damping")

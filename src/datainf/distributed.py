@@ -31,17 +31,29 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from datainf.errors import DataInfError, DistributedMismatchError, DistributedRankError
 
-__all__ = ["DistributedContext", "dist_context", "shard_range", "fingerprint_of", "describe_ids", "is_main_process"]
+__all__ = [
+    "DistributedContext",
+    "dist_context",
+    "shard_range",
+    "fingerprint_of",
+    "describe_ids",
+    "is_main_process",
+    "on_main",
+    "on_every_rank",
+    "check_same_settings",
+]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _TIMEOUT_ENV = "DATAINF_DIST_TIMEOUT_S"
 _BACKEND_ENV = "DATAINF_DIST_BACKEND"
@@ -294,3 +306,53 @@ def is_main_process() -> bool:
 def describe_ids(ids: Sequence[str]) -> str:
     """A short fingerprint of an id list (order matters)."""
     return fingerprint_of(list(ids))[:16]
+
+
+def on_main(ctx: DistributedContext, what: str, work: Callable[[], T]) -> T:
+    """Run ``work`` on rank 0 only (the process that writes outputs) and hand its result to every rank.
+
+    Use it for steps that touch the file system once for the whole job: claiming an output folder
+    (:meth:`datainf.runs.RunDir.claim`), creating a store, reading finished results. The result is
+    broadcast, so it must pickle. A failure on rank 0 stops every rank
+    (:meth:`DistributedContext.raise_if_any`), naming ``what``. Every rank must call this at the same
+    point. In a single process this is just ``work()``.
+    """
+    if not ctx.is_distributed:
+        return work()
+    result: T | None = None
+    error: BaseException | None = None
+    if ctx.is_main:
+        try:
+            result = work()
+        except Exception as err:
+            error = err
+    ctx.raise_if_any(error, what)
+    return ctx.broadcast_object(result)  # type: ignore[no-any-return]
+
+
+def on_every_rank(ctx: DistributedContext, what: str, work: Callable[[], T]) -> T:
+    """Run ``work`` on every rank; if it fails on any rank, every rank stops (none is left waiting in a
+    collective), naming ``what``. Every rank must call this at the same point. In a single process this
+    is just ``work()``."""
+    if not ctx.is_distributed:
+        return work()
+    try:
+        result = work()
+    except Exception as err:
+        ctx.raise_if_any(err, what)
+        raise
+    ctx.raise_if_any(None, what)
+    return result
+
+
+def check_same_settings(ctx: DistributedContext, what: str, settings: Mapping[str, Any]) -> None:
+    """Under torchrun: stop every rank unless all were given the same ``settings``.
+
+    ``settings`` is a JSON-able mapping (e.g. a command's resolved settings plus dataset fingerprints
+    under keys such as ``"data:train"``); a differing key is named in the
+    :class:`~datainf.errors.DistributedMismatchError` raised on every rank, with ``what`` saying
+    what was compared (e.g. "settings of `datainf score`"). A no-op in a single process.
+    """
+    if not ctx.is_distributed:
+        return
+    ctx.check_same(settings, what)

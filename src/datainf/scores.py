@@ -6,11 +6,13 @@ loss (harmful); ``I < 0`` means it lowers it (helpful). dattri and pyDVL return 
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -18,6 +20,9 @@ from safetensors.torch import load, save
 
 from datainf.errors import ConfigError, StoreCorruptedError
 from datainf.store import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from datainf.store import GradientStore
 
 __all__ = ["Scores", "SIGN_CONVENTION"]
 
@@ -102,6 +107,40 @@ class Scores:
         )
         frame["rank"] = frame.groupby("test_id", sort=False)["influence"].rank(ascending=False, method="first").astype(int)
         return frame
+
+    def write_table(self, path_stem: str | os.PathLike[str], fmt: Literal["csv", "parquet"] = "csv") -> Path:
+        """Write :meth:`to_pandas` as ``<path_stem>.csv`` or ``<path_stem>.parquet``, atomically; returns the path.
+
+        Raises:
+            ConfigError: an unknown ``fmt``, or ``parquet`` without the pyarrow package.
+        """
+        frame = self.to_pandas()
+        stem = Path(path_stem)
+        if fmt == "parquet":
+            if importlib.util.find_spec("pyarrow") is None:
+                raise ConfigError("--table-format parquet needs the pyarrow package (pip install pyarrow); use csv.")
+            buffer = io.BytesIO()
+            frame.to_parquet(buffer, index=False)
+            path = stem.with_suffix(".parquet")
+            atomic_write_bytes(path, buffer.getvalue())
+            return path
+        if fmt != "csv":
+            raise ConfigError(f"Unknown table format {fmt!r}; choose csv or parquet.")
+        path = stem.with_suffix(".csv")
+        atomic_write_bytes(path, frame.to_csv(index=False).encode())
+        return path
+
+    def matches(self, train_store: GradientStore, test_store: GradientStore) -> bool:
+        """Whether these scores were computed from these very gradients: the same training and test
+        ids, in order, and the training store's fingerprint (recorded in :attr:`settings`).
+
+        A finished scores file is reused only when this holds (e.g. by ``datainf score``).
+        """
+        return bool(
+            self.train_ids == train_store.ids
+            and self.test_ids == test_store.ids
+            and self.settings.get("fingerprint") == train_store.fingerprint
+        )
 
     # ------------------------------------------------------------------ persistence
     def _metadata(self) -> dict[str, Any]:

@@ -1,0 +1,360 @@
+"""The command line's settings: one :class:`Option` table per subcommand, the parser, config files.
+
+Every setting has a flag, a converter and a default; :func:`resolve_config` merges the defaults, a
+``--config`` file (``.yaml``/``.yml``/``.json``, e.g. a previous run's ``config.json``) and the flags
+given, in that order of precedence (lowest first). The option names (``dest``) are the fields of the
+settings dataclasses in :mod:`datainf.workflows`, with the same defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datainf.errors import ConfigError, DataInfError
+from datainf.runs import CONFIG_FILE
+
+__all__ = ["Option", "COMMANDS", "CONFIG_FILE", "NOT_SAVED", "build_parser", "resolve_config", "options"]
+
+#: Options that change how a command runs, not what it computes: never written to config.json.
+NOT_SAVED = frozenset({"config", "overwrite", "quiet", "verbose"})
+
+
+class _UsageError(DataInfError):
+    """A command-line usage problem (unknown flag, bad value)."""
+
+
+# ---------------------------------------------------------------------------------------------- value parsing
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    return str(value)
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected an integer, got a boolean")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"expected an integer, got {value}")
+        return int(value)
+    return int(str(value).strip())
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"expected a finite number, got {value}")
+    return out
+
+
+def _optional(conv: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+            return None
+        return conv(value)
+
+    parse.__name__ = getattr(conv, "__name__", "value")
+    return parse
+
+
+def _to_list(value: Any) -> list[str]:
+    """A list from a JSON list, a comma-separated string, or repeated flags (a list of such strings)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out: list[str] = []
+    for item in items:
+        out.extend(part.strip() for part in str(item).split(",") if part.strip())
+    return out
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {value!r}")
+
+
+def _to_json_mapping(value: Any) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        return {str(k): v for k, v in value.items()}
+    try:
+        data = json.loads(str(value))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON ({err.msg})") from err
+    if not isinstance(data, dict):
+        raise ValueError("expected a JSON object")
+    return data
+
+
+def _to_path(value: Any) -> str:
+    """An input path: absolute when it exists (relative paths are taken from the current folder);
+    a path that does not exist is kept as given, so error messages show what was typed (e.g. a hub id)."""
+    text = os.path.expanduser(_to_str(value))
+    return str(Path(text).absolute()) if Path(text).exists() else text
+
+
+def _to_out_path(value: Any) -> str:
+    """An output path, always made absolute."""
+    return str(Path(os.path.expanduser(_to_str(value))).absolute())
+
+
+def _to_paths(value: Any) -> list[str]:
+    return [_to_path(v) for v in _to_list(value)]
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting of a subcommand: its flag(s), converter, default and help text."""
+
+    dest: str
+    flags: tuple[str, ...]
+    conv: Callable[[Any], Any]
+    default: Any = None
+    help: str = ""
+    choices: tuple[str, ...] | None = None
+    action: str = "value"  # value | flag | append
+    saved: bool = True
+    metavar: str | None = None
+
+
+def _common() -> list[Option]:
+    return [
+        Option("out", ("--out", "-o"), _to_out_path, None, "output folder (required)", metavar="DIR"),
+        Option("overwrite", ("--overwrite",), _to_bool, False, "replace results of a different configuration in --out", action="flag", saved=False),
+        Option("quiet", ("--quiet", "-q"), _to_bool, False, "no progress bars", action="flag", saved=False),
+        Option("verbose", ("--verbose", "-v"), _to_bool, False, "log at INFO level", action="flag", saved=False),
+    ]
+
+
+def _columns() -> list[Option]:
+    return [
+        Option("text_column", ("--text-column",), _optional(_to_str), None, "data column holding the text (default: text)"),
+        Option("label_column", ("--label-column",), _optional(_to_str), None, "data column holding the label (default: label)"),
+        Option("prompt_column", ("--prompt-column",), _optional(_to_str), None, "data column holding the prompt (causal LM; default: prompt)"),
+        Option("response_column", ("--response-column",), _optional(_to_str), None, "data column holding the response (causal LM; default: response)"),
+        Option("id_column", ("--id-column",), _optional(_to_str), None, "data column holding unique example ids (default: id, else the row number)"),
+    ]
+
+
+def _model_options(adapter_required: bool) -> list[Option]:
+    kind_help = "task kind" + ("" if not adapter_required else " (default: the adapter's, else classification)")
+    opts = [
+        Option("model", ("--model",), _optional(_to_path), None, "local folder of the base model (save_pretrained)", metavar="DIR"),
+        Option("kind", ("--kind",), _optional(_to_str), None, kind_help, choices=("classification", "causal-lm")),
+        Option("max_length", ("--max-length",), _optional(_to_int), None, "longest token sequence (default: the adapter's training value, else the model's limit)"),
+        Option("device", ("--device",), _to_str, "cpu", "cpu, cuda, cuda:1, ..."),
+    ]
+    if adapter_required:
+        opts.insert(1, Option("adapter", ("--adapter",), _optional(_to_path), None, "folder of the trained LoRA adapter (or a `datainf finetune` output folder)", metavar="DIR"))
+        opts.append(Option("num_labels", ("--num-labels",), _optional(_to_int), None, "classes of the classifier (default: the adapter's)"))
+        opts.append(Option("grad_batch_size", ("--grad-batch-size",), _to_int, 16, "examples per forward/backward pass when computing gradients"))
+        opts.append(Option("dtype", ("--dtype",), _to_str, "float32", "storage dtype of gradients", choices=("float32", "float64", "bfloat16", "float16")))
+        opts.append(Option("shard_size", ("--shard-size",), _to_int, 1024, "examples per gradient shard file"))
+    return opts
+
+
+def _finetune_options() -> list[Option]:
+    return [
+        *_model_options(adapter_required=False),
+        Option("data", ("--data",), _optional(_to_path), None, "training data: .jsonl/.json/.csv/.tsv/.parquet or a saved HF dataset folder", metavar="PATH"),
+        *_columns(),
+        Option("r", ("--r", "--rank"), _to_int, 8, "LoRA rank"),
+        Option("alpha", ("--alpha",), _to_float, 16.0, "LoRA alpha"),
+        Option("target_modules", ("--target-modules",), _to_list, ["query", "value"], "comma-separated layer names to adapt"),
+        Option("dropout", ("--dropout",), _to_float, 0.1, "LoRA dropout"),
+        Option("epochs", ("--epochs",), _to_int, 10, "training epochs (paper: 10)"),
+        Option("lr", ("--lr",), _to_float, 3e-4, "AdamW learning rate (paper: 3e-4)"),
+        Option("batch_size", ("--batch-size",), _to_int, 32, "training batch size (paper: 32)"),
+        Option("warmup_ratio", ("--warmup-ratio",), _to_float, 0.06, "share of linear warm-up steps (paper: 0.06)"),
+        Option("weight_decay", ("--weight-decay",), _to_float, 0.0, "AdamW weight decay"),
+        Option("max_grad_norm", ("--max-grad-norm",), _optional(_to_float), 1.0, "gradient clipping norm (none: off)"),
+        Option("seed", ("--seed",), _to_int, 0, "random seed"),
+    ]
+
+
+def _grads_options() -> list[Option]:
+    return [
+        *_model_options(adapter_required=True),
+        Option("data", ("--data",), _optional(_to_path), None, "examples to differentiate", metavar="PATH"),
+        *_columns(),
+    ]
+
+
+def _score_options() -> list[Option]:
+    return [
+        Option("train_grads", ("--train-grads",), _optional(_to_path), None, "gradient store of the training examples", metavar="DIR"),
+        Option("test_grads", ("--test-grads",), _optional(_to_path), None, "gradient store of the test examples", metavar="DIR"),
+        *_model_options(adapter_required=True),
+        Option("train_data", ("--train-data",), _optional(_to_path), None, "training data (gradients computed into <out>/grads-train)", metavar="PATH"),
+        Option("test_data", ("--test-data",), _optional(_to_path), None, "test data (gradients computed into <out>/grads-test)", metavar="PATH"),
+        *_columns(),
+        Option("method", ("--method",), _to_list, ["datainf"], "influence method(s): datainf, exact, lissa, hessian_free (repeat or comma list)", action="append"),
+        Option("mode", ("--mode",), _to_str, "average", "average: one score per training example; pairwise: one per (test, train) pair", choices=("average", "pairwise")),
+        Option("damping", ("--damping",), _to_float, 0.1, "lambda_l = damping * mean ||g_il||^2 / d_l (paper: 0.1)"),
+        Option("fixed_lambda", ("--fixed-lambda",), _optional(_to_float), None, "one lambda for every block instead of --damping"),
+        Option("method_options", ("--method-options",), _to_json_mapping, {}, "JSON object method -> options, e.g. '{\"lissa\": {\"scale\": \"trace\"}}'", metavar="JSON"),
+        Option("score_batch_size", ("--score-batch-size",), _to_int, 1024, "training gradients read per batch while scoring"),
+        Option("table_format", ("--table-format",), _to_str, "csv", "format of the per-method score table", choices=("csv", "parquet")),
+    ]
+
+
+def _report_options() -> list[Option]:
+    return [
+        Option("scores", ("--scores",), _to_paths, None, "scores file(s) written by `datainf score` (repeat or comma list)", action="append", metavar="FILE"),
+        Option("data", ("--data",), _optional(_to_path), None, "the training data the scores are about", metavar="PATH"),
+        Option("test_data", ("--test-data",), _optional(_to_path), None, "the test data (shows test texts for pairwise scores)", metavar="PATH"),
+        *_columns(),
+        Option("k", ("--k", "--top"), _to_int, 10, "examples per list"),
+        Option("max_test", ("--max-test",), _to_int, 5, "pairwise: test examples that get their own lists"),
+    ]
+
+
+def _demo_options() -> list[Option]:
+    return [
+        Option("task", ("--task",), _to_str, "mislabel", "which demo to run: mislabel (BBC News, flipped labels), text-generation or text-to-image", choices=("mislabel", "text-generation", "text-to-image")),
+        Option("dataset", ("--dataset",), _optional(_to_str), None, "text-generation: sentence|math|math-reason (default sentence); text-to-image: style|subject (default style)", metavar="NAME"),
+        Option("seed", ("--seed",), _to_int, 0, "random seed"),
+        Option("recompute", ("--recompute",), _to_bool, False, "ignore cached intermediate results", action="flag"),
+    ]
+
+
+COMMANDS: dict[str, tuple[str, Callable[[], list[Option]]]] = {
+    "finetune": ("LoRA-fine-tune a local model on a dataset (writes <out>/adapter)", _finetune_options),
+    "grads": ("per-example LoRA gradients of a dataset into a gradient store (<out>)", _grads_options),
+    "score": ("influence scores of training examples on test examples (positive = harmful)", _score_options),
+    "report": ("HTML report of the most harmful / helpful training examples", _report_options),
+    "demo": ("the end-to-end demo (default: BBC News with flipped labels, four methods)", _demo_options),
+}
+
+
+def options(command: str) -> list[Option]:
+    """Every option of ``command``: the common ones (``--out``, ``--overwrite``, ...) first."""
+    return [*_common(), *COMMANDS[command][1]()]
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of every subcommand. Defaults are suppressed: :func:`resolve_config` fills
+    them in after the ``--config`` file, so that only flags actually given override the file."""
+    from datainf import __version__
+
+    parser = _Parser(
+        prog="datainf",
+        description="DataInf influence scores for LoRA-tuned models (Kwon et al., ICLR 2024). "
+        "Sign convention: positive influence = harmful (raises the test loss). "
+        "Every command takes --config FILE and writes <out>/config.json, which replays it.",
+    )
+    parser.add_argument("--version", action="version", version=f"datainf {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (help_text, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text + ("" if "positive = harmful" in help_text else ". Positive influence = harmful."), argument_default=argparse.SUPPRESS)
+        p.add_argument("--config", type=str, metavar="FILE", help="settings file (.yaml/.yml/.json), e.g. a previous run's config.json")
+        for opt in options(name):
+            shown = "" if opt.default in (None, False, [], {}) else f" [default: {','.join(map(str, opt.default)) if isinstance(opt.default, list) else opt.default}]"
+            kwargs: dict[str, Any] = {"dest": opt.dest, "help": opt.help + shown}
+            if opt.action == "flag":
+                kwargs["action"] = "store_true"
+            else:
+                kwargs["action"] = "append" if opt.action == "append" else "store"
+                if opt.choices:
+                    kwargs["choices"] = opt.choices
+                if opt.metavar:
+                    kwargs["metavar"] = opt.metavar
+            p.add_argument(*opt.flags, **kwargs)
+    return parser
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"Config file {file} does not exist.")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif file.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"Config file {file}: use a .json, .yaml or .yml file.")
+    except ConfigError:
+        raise
+    except Exception as err:  # yaml and json raise their own error types
+        raise ConfigError(f"Config file {file} cannot be parsed ({type(err).__name__}: {err}).") from err
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {file} must hold a mapping of settings, not a {type(data).__name__}.")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve_config(command: str, explicit: Mapping[str, Any], config_file: str | None = None) -> dict[str, Any]:
+    """Merge defaults, the ``--config`` file and explicit flags (in that order of precedence, lowest first).
+
+    Every value goes through the option's converter (paths become absolute), unknown keys in the file
+    are refused with the list of known ones.
+
+    Returns:
+        ``{dest: value}`` for every option of ``command``, the unsaved ones (``overwrite``, ``quiet``,
+        ``verbose``) included.
+    """
+    known = {o.dest: o for o in options(command)}
+    resolved: dict[str, Any] = {d: o.default for d, o in known.items()}
+    if config_file:
+        data = _read_config_file(config_file)
+        stored_command = data.pop("command", None)
+        if stored_command is not None and stored_command != command:
+            raise ConfigError(f"The config file {config_file} is for `datainf {stored_command}`, not `datainf {command}`.")
+        for key in ("format", "datainf_version"):
+            data.pop(key, None)
+        unknown = sorted(k for k in data if k not in known or k in ("config",))
+        if unknown:
+            raise ConfigError(
+                f"Unknown setting(s) {unknown} in {config_file} for `datainf {command}`; known: {sorted(d for d in known if d != 'config')}."
+            )
+        for key, value in data.items():
+            resolved[key] = _convert(known[key], value, f"{key!r} in {config_file}")
+    for key, value in explicit.items():
+        if key in ("config", "command"):
+            continue
+        opt = known[key]
+        if opt.action == "append":
+            value = [item for v in value for item in _to_list(v)]
+        resolved[key] = _convert(opt, value, opt.flags[0])
+    return resolved
+
+
+def _convert(opt: Option, value: Any, where: str) -> Any:
+    try:
+        out = opt.conv(value)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"Bad value {value!r} for {where}: {err}.") from err
+    if opt.choices and out is not None and out not in opt.choices:
+        raise ConfigError(f"Bad value {out!r} for {where}: choose one of {list(opt.choices)}.")
+    return out
+

@@ -1,0 +1,852 @@
+"""Whole runs into an output folder: fine-tune, gradients, scores, report (what each ``datainf`` command does).
+
+Each function takes a settings dataclass (the same settings as the command line's flags, with the
+same defaults) and writes into ``settings.out``, a :class:`~datainf.runs.RunDir`: the resolved
+settings go to ``<out>/config.json``; a folder holding results of a *different* configuration is
+refused with a :class:`~datainf.errors.ConfigError` unless ``overwrite=True``; rerunning the same
+configuration resumes (finished outputs are kept, gradient stores continue where they stopped). A
+run that fails on bad input leaves no claimed-but-empty folder behind.
+
+=========================  =====================================================================
+:func:`finetune_run`       LoRA fine-tuning -> ``<out>/adapter``
+:func:`gradients_run`      per-example LoRA gradients -> the gradient store ``<out>``
+:func:`score_run`          influence scores -> ``<out>/scores-<method>.safetensors`` + a table
+:func:`report_run`         an HTML report of the most harmful / helpful examples -> ``<out>/index.html``
+=========================  =====================================================================
+
+Example::
+
+    from datainf.workflows import ScoreSettings, score_run
+
+    result = score_run(ScoreSettings(out="runs/s", train_grads="runs/g-train", test_grads="runs/g-test"))
+    result.scores["datainf"].top_harmful(5)
+
+Under ``torchrun`` every rank calls the same function with the same settings (checked): each rank
+computes a share of the gradients and of every sum, rank 0 alone writes ``<out>``. Every rank
+returns the same result.
+
+Sign convention of every score: positive influence = harmful (raises the test loss).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from datainf.distributed import DistributedContext, check_same_settings, dist_context, on_every_rank, on_main
+from datainf.errors import ConfigError, DatasetError
+from datainf.runs import RunDir, removed_on_error
+from datainf.scores import Scores
+from datainf.store import GradientStore
+
+__all__ = [
+    "FinetuneSettings",
+    "GradientsSettings",
+    "ScoreSettings",
+    "ReportSettings",
+    "FinetuneRunResult",
+    "GradientsRunResult",
+    "MethodScores",
+    "ScoreRunResult",
+    "ReportRunResult",
+    "finetune_run",
+    "gradients_run",
+    "score_run",
+    "report_run",
+    "settings_from_mapping",
+]
+
+logger = logging.getLogger(__name__)
+
+S = TypeVar("S")
+
+_KINDS = ("classification", "causal-lm")
+_DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+def _input_path(value: str | os.PathLike[str] | None) -> str | None:
+    """An input path as the command line stores it: absolute when it exists (relative paths are taken
+    from the current folder); kept as given otherwise, so messages show what was typed (e.g. a hub id)."""
+    if value is None:
+        return None
+    text = os.path.expanduser(os.fspath(value))
+    return str(Path(text).absolute()) if Path(text).exists() else text
+
+
+def _out_path(value: str | os.PathLike[str] | None) -> str | None:
+    return None if value is None else str(Path(os.path.expanduser(os.fspath(value))).absolute())
+
+
+def _normalise(settings: Any, paths: Sequence[str], choices: Mapping[str, Sequence[str]]) -> None:
+    """Normalise a frozen settings object in place: ``out`` and the ``paths`` fields as the CLI
+    stores them, sequences as tuples; values outside ``choices`` raise ConfigError."""
+    object.__setattr__(settings, "out", _out_path(settings.out))
+    for name in paths:
+        object.__setattr__(settings, name, _input_path(getattr(settings, name)))
+    for item in fields(settings):
+        value = getattr(settings, item.name)
+        if isinstance(value, list):
+            object.__setattr__(settings, item.name, tuple(value))
+    for name, allowed in choices.items():
+        value = getattr(settings, name)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"Bad value {value!r} for {name}: choose one of {list(allowed)}.")
+
+
+def settings_from_mapping(cls: type[S], values: Mapping[str, Any]) -> S:
+    """``cls(**values)`` keeping only the keys that are fields of the settings dataclass ``cls``
+    (e.g. the command line's resolved options, which also hold ``quiet`` and ``overwrite``)."""
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Settings of :func:`finetune_run` (``datainf finetune``).
+
+    Attributes:
+        out: the run folder (the adapter goes to ``<out>/adapter``).
+        model: local folder of the base model (``save_pretrained`` layout).
+        kind: ``classification`` (default) or ``causal-lm``.
+        max_length: longest token sequence (default 128).
+        device: ``cpu``, ``cuda``, ``cuda:1``, ...
+        data: training data (.jsonl/.json/.csv/.tsv/.parquet or a saved HF dataset folder).
+        text_column, label_column, prompt_column, response_column, id_column: the data's column for
+            each of our fields (default: the field's own name; ids default to the row number).
+        r, alpha, target_modules, dropout: LoRA rank, alpha, adapted layer names, dropout.
+        epochs, lr, batch_size, warmup_ratio, weight_decay, max_grad_norm, seed: training (AdamW,
+            linear schedule; ``max_grad_norm=None`` turns clipping off).
+    """
+
+    out: str | None = None
+    model: str | None = None
+    kind: str | None = None
+    max_length: int | None = None
+    device: str = "cpu"
+    data: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    prompt_column: str | None = None
+    response_column: str | None = None
+    id_column: str | None = None
+    r: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = ("query", "value")
+    dropout: float = 0.1
+    epochs: int = 10
+    lr: float = 3e-4
+    batch_size: int = 32
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _normalise(self, ("model", "data"), {"kind": _KINDS})
+
+
+@dataclass(frozen=True)
+class GradientsSettings:
+    """Settings of :func:`gradients_run` (``datainf grads``).
+
+    Attributes:
+        out: the gradient store folder.
+        model: local folder of the base model.
+        adapter: folder of the trained LoRA adapter, or a :func:`finetune_run` output folder.
+        kind: task kind (default: the adapter's, else ``classification``).
+        max_length: longest token sequence (default: the adapter's training value, else the model's limit).
+        device: ``cpu``, ``cuda`` (this rank's GPU under torchrun), ``cuda:1``, ...
+        num_labels: classes of the classifier (default: the adapter's).
+        grad_batch_size: examples per forward/backward pass.
+        dtype: storage dtype of the gradients.
+        shard_size: examples per gradient shard file.
+        data: the examples to differentiate.
+        text_column, label_column, prompt_column, response_column, id_column: as in :class:`FinetuneSettings`.
+    """
+
+    out: str | None = None
+    model: str | None = None
+    adapter: str | None = None
+    kind: str | None = None
+    max_length: int | None = None
+    device: str = "cpu"
+    num_labels: int | None = None
+    grad_batch_size: int = 16
+    dtype: str = "float32"
+    shard_size: int = 1024
+    data: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    prompt_column: str | None = None
+    response_column: str | None = None
+    id_column: str | None = None
+
+    def __post_init__(self) -> None:
+        _normalise(self, ("model", "adapter", "data"), {"kind": _KINDS, "dtype": _DTYPES})
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """Settings of :func:`score_run` (``datainf score``): from two gradient stores, or from a model,
+    an adapter and two datasets (gradients computed into ``<out>/grads-train`` and ``<out>/grads-test``).
+
+    Attributes:
+        out: the run folder.
+        train_grads, test_grads: gradient stores of the training and test examples.
+        model, adapter, kind, max_length, device, num_labels, grad_batch_size, dtype, shard_size:
+            as in :class:`GradientsSettings` (used with ``train_data`` / ``test_data``).
+        train_data, test_data: training and test data.
+        text_column, label_column, prompt_column, response_column, id_column: as in :class:`FinetuneSettings`.
+        method: influence method names (see :func:`datainf.available_methods`).
+        mode: ``average`` (one score per training example) or ``pairwise`` (one per (test, train) pair).
+        damping: ``lambda_l = damping * mean ||g_il||^2 / d_l`` (paper: 0.1).
+        fixed_lambda: one lambda for every block instead of ``damping``.
+        method_options: method name -> that method's options.
+        score_batch_size: training gradients read per batch while scoring.
+        table_format: ``csv`` or ``parquet`` (the per-method score table).
+    """
+
+    out: str | None = None
+    train_grads: str | None = None
+    test_grads: str | None = None
+    model: str | None = None
+    adapter: str | None = None
+    kind: str | None = None
+    max_length: int | None = None
+    device: str = "cpu"
+    num_labels: int | None = None
+    grad_batch_size: int = 16
+    dtype: str = "float32"
+    shard_size: int = 1024
+    train_data: str | None = None
+    test_data: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    prompt_column: str | None = None
+    response_column: str | None = None
+    id_column: str | None = None
+    method: tuple[str, ...] = ("datainf",)
+    mode: Literal["average", "pairwise"] = "average"
+    damping: float = 0.1
+    fixed_lambda: float | None = None
+    method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    score_batch_size: int = 1024
+    table_format: Literal["csv", "parquet"] = "csv"
+
+    def __post_init__(self) -> None:
+        _normalise(
+            self,
+            ("train_grads", "test_grads", "model", "adapter", "train_data", "test_data"),
+            {"kind": _KINDS, "dtype": _DTYPES, "mode": ("average", "pairwise"), "table_format": ("csv", "parquet")},
+        )
+        if isinstance(self.method, str):
+            object.__setattr__(self, "method", (self.method,))
+        if isinstance(self.method_options, Mapping):
+            options = {str(k): dict(v) if isinstance(v, Mapping) else v for k, v in self.method_options.items()}
+            object.__setattr__(self, "method_options", options)
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """Settings of :func:`report_run` (``datainf report``).
+
+    Attributes:
+        out: the report folder (``<out>/index.html``).
+        scores: scores files written by :func:`score_run` (``scores-<method>.safetensors``).
+        data: the training data the scores are about (shows the texts).
+        test_data: the test data (shows test texts for pairwise scores).
+        text_column, label_column, prompt_column, response_column, id_column: as in :class:`FinetuneSettings`.
+        k: examples per list.
+        max_test: pairwise scores: test examples that get their own lists.
+    """
+
+    out: str | None = None
+    scores: tuple[str, ...] | None = None
+    data: str | None = None
+    test_data: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    prompt_column: str | None = None
+    response_column: str | None = None
+    id_column: str | None = None
+    k: int = 10
+    max_test: int = 5
+
+    def __post_init__(self) -> None:
+        _normalise(self, ("data", "test_data"), {})
+        if self.scores is not None:
+            files = (self.scores,) if isinstance(self.scores, (str, os.PathLike)) else self.scores
+            object.__setattr__(self, "scores", tuple(str(_input_path(f)) for f in files))
+
+
+def _saved(settings: Any) -> dict[str, Any]:
+    """The settings as ``config.json`` holds them (tuples as lists, mappings as dicts)."""
+    return json.loads(json.dumps(asdict(settings), default=str))
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class FinetuneRunResult:
+    """What :func:`finetune_run` did: the adapter folder, whether it was already there, the losses."""
+
+    out: Path
+    adapter: Path
+    reused: bool
+    epoch_losses: list[float]
+    settings: FinetuneSettings
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class GradientsRunResult:
+    """What :func:`gradients_run` wrote: the store (``out``) and how many processes computed it."""
+
+    out: Path
+    store: GradientStore
+    world_size: int
+    settings: GradientsSettings
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MethodScores:
+    """One method's outcome in :func:`score_run`: the scores, their file and table, reused or computed."""
+
+    method: str
+    scores: Scores
+    path: Path
+    table: Path
+    reused: bool
+
+
+@dataclass
+class ScoreRunResult:
+    """What :func:`score_run` wrote, one :class:`MethodScores` per method in the order asked for."""
+
+    out: Path
+    methods: list[MethodScores]
+    settings: ScoreSettings
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def scores(self) -> dict[str, Scores]:
+        """Method name -> its :class:`~datainf.scores.Scores` (positive = harmful)."""
+        return {m.method: m.scores for m in self.methods}
+
+
+@dataclass
+class ReportRunResult:
+    """Where :func:`report_run` wrote the report."""
+
+    out: Path
+    path: Path
+
+
+# ---------------------------------------------------------------------------------------------- finetune
+
+
+def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progress: bool = True) -> FinetuneRunResult:
+    """LoRA-fine-tune ``settings.model`` on ``settings.data``; writes ``<out>/adapter`` and ``<out>/config.json``.
+
+    An adapter already trained in ``<out>`` with these settings is reused.
+
+    Raises:
+        ConfigError: no model, bad settings, ``<out>`` holds another configuration (without ``overwrite``).
+        DatasetError: unreadable data, missing columns.
+    """
+    from datainf.data.tabular import encode_labels
+    from datainf.finetune import FinetuneConfig, finetune_lora
+    from datainf.models import load_model, resolve_model_dir
+
+    with removed_on_error(settings.out):
+        settings = replace(
+            settings,
+            kind="classification" if settings.kind is None else settings.kind,
+            max_length=128 if settings.max_length is None else settings.max_length,
+        )
+        if not settings.model:
+            raise ConfigError("No base model given: pass --model DIR (a local folder written by save_pretrained).")
+        resolve_model_dir(settings.model)
+        ft = FinetuneConfig.from_dict(
+            {
+                name: getattr(settings, name)
+                for name in ("kind", "r", "alpha", "target_modules", "dropout", "epochs", "lr", "batch_size",
+                             "warmup_ratio", "max_length", "weight_decay", "max_grad_norm", "seed")
+            }
+        )
+        records = _load_data(settings.data, settings, ft.kind, "--data")
+        run = RunDir.claim(settings.out, kind="finetune", settings=_saved(settings), overwrite=overwrite)
+
+        def train(adapter_dir: Path) -> Path:
+            names = encode_labels(records, [])[0] if ft.kind == "classification" else None
+            model, tokenizer = load_model(
+                str(settings.model), kind=ft.kind, num_labels=len(names) if names else None, device=settings.device, seed=ft.seed
+            )
+            return finetune_lora(
+                model, tokenizer, records, ft, output_dir=adapter_dir, label_names=names, overwrite=True, progress=progress
+            )
+
+        with run.timed("finetune"):
+            adapter = run.cached("adapter", train, load=lambda path: path, is_done=lambda path: (path / "adapter_config.json").is_file())
+        log = _read_log(adapter / "training_log.json")
+        losses = [float(e["loss"]) for e in log.get("epochs", [])]
+        return FinetuneRunResult(
+            out=run.path, adapter=adapter, reused="adapter" in run.reused, epoch_losses=losses,
+            settings=settings, stage_seconds=run.stage_seconds,
+        )
+
+
+def _read_log(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# ---------------------------------------------------------------------------------------------- gradients
+
+
+def gradients_run(settings: GradientsSettings, *, overwrite: bool = False, progress: bool = True) -> GradientsRunResult:
+    """Per-example LoRA gradients of ``settings.data`` into the gradient store folder ``<out>``.
+
+    Under ``torchrun`` every rank calls this with the same settings: rank 0 claims ``<out>``, each
+    rank computes a share of the examples into its part of the store, rank 0 merges the parts.
+    A store already in ``<out>`` (with this configuration) is resumed.
+
+    Raises:
+        ConfigError: no model or adapter, ``<out>`` holds another configuration or a store of other
+            examples (without ``overwrite``).
+        DatasetError: unreadable data, missing columns, labels the classifier does not know.
+    """
+    ctx = dist_context()
+    with removed_on_error(settings.out):
+
+        def read() -> tuple[GradientsSettings, list[dict[str, Any]]]:
+            resolved = _resolve_model_settings(settings, _adapter_meta(settings))
+            return resolved, _load_data(resolved.data, resolved, str(resolved.kind), "--data")
+
+        settings, records = on_every_rank(ctx, "Reading the data", read)
+        _check_same_run(ctx, "grads", settings, {"data": records})
+        run = on_main(
+            ctx,
+            "Checking the output folder",
+            lambda: RunDir.claim(
+                settings.out, kind="grads", settings=_saved(settings), overwrite=overwrite, write_config=False,
+                allow_foreign=lambda path: (path / "manifest.json").is_file(),  # a bare gradient store
+            ),
+        )
+        model, task, encoded = _model_and_task(settings, {"data": records})
+        with run.timed("gradients"):
+            store = _compute_store(
+                model, task, encoded["data"], run.path, settings, ctx, progress=progress, before_compute=run.write_config
+            )
+        return GradientsRunResult(
+            out=run.path, store=store, world_size=ctx.world_size, settings=settings, stage_seconds=run.stage_seconds
+        )
+
+
+# ---------------------------------------------------------------------------------------------- scores
+
+
+def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: bool = True) -> ScoreRunResult:
+    """Influence of every training example on the test loss, per method; writes
+    ``<out>/scores-<method>.safetensors`` and ``<out>/scores-<method>.csv`` (or ``.parquet``).
+
+    From stores (``train_grads`` and ``test_grads``) or from data (``model``, ``adapter``,
+    ``train_data`` and ``test_data``; the gradients go to ``<out>/grads-train`` / ``<out>/grads-test``).
+    Scores finished in ``<out>`` with this configuration and these very gradients are reused.
+
+    Under ``torchrun`` every rank runs the same call and computes a share of every sum; rank 0 alone
+    writes the outputs; every rank returns the same scores.
+
+    Raises:
+        ConfigError: unknown methods, both or neither input given, ``<out>`` holds another
+            configuration (without ``overwrite``), bad influence settings.
+        DatasetError: unreadable data, test labels never seen in training.
+    """
+    from datainf.influence import InfluenceConfig, influence_from_config
+
+    ctx = dist_context()
+    with removed_on_error(settings.out):
+        methods = _methods(settings)
+        from_stores = bool(settings.train_grads or settings.test_grads)
+        from_data = bool(settings.train_data or settings.test_data)
+        if from_stores and from_data:
+            raise ConfigError(
+                "Give either --train-grads/--test-grads (stores) or --train-data/--test-data (with --model/--adapter), not both."
+            )
+        if not from_stores and not from_data:
+            raise ConfigError("Nothing to score: pass --train-grads and --test-grads, or --model, --adapter, --train-data and --test-data.")
+        influence_configs = {  # built (and so validated) before any work
+            name: InfluenceConfig(
+                method=name,
+                mode=settings.mode,
+                damping=settings.damping,
+                fixed_lambda=settings.fixed_lambda,
+                method_options=dict((settings.method_options or {}).get(name, {})),
+                batch_size=settings.score_batch_size,
+                device=settings.device,
+            )
+            for name in methods
+        }
+        if from_stores:
+            settings, run, train_store, test_store = _score_inputs_from_stores(ctx, settings, overwrite)
+        else:
+            settings, run, train_store, test_store = _score_inputs_from_data(ctx, settings, overwrite, progress)
+
+        rows: list[MethodScores] = []
+        for name in methods:
+            stage = f"scores-{name}.safetensors"
+
+            def finished(stage: str = stage) -> Scores | None:
+                return run.load_finished(stage, load=Scores.load, accept=lambda s: _same_gradients(s, train_store, test_store))
+
+            # rank 0 decides (every rank must then take the same branch: influence runs collectives)
+            scores = on_main(ctx, "Reading finished scores", finished)
+            reused = scores is not None
+            if scores is None:
+                with run.timed(f"influence-{name}"):
+                    scores = influence_from_config(train_store, test_store, influence_configs[name], progress=progress)
+            stem = run.stage(f"scores-{name}")
+            if ctx.is_main:
+                table = scores.write_table(stem, settings.table_format)
+                if not reused:
+                    scores.save(run.stage(stage))  # last: its presence marks the method as done
+            else:
+                table = stem.with_suffix(f".{settings.table_format}")
+            rows.append(MethodScores(method=name, scores=scores, path=run.stage(stage), table=table, reused=reused))
+        ctx.barrier()  # no rank returns before rank 0 has written everything
+        return ScoreRunResult(out=run.path, methods=rows, settings=settings, stage_seconds=run.stage_seconds)
+
+
+def _score_inputs_from_stores(
+    ctx: DistributedContext, settings: ScoreSettings, overwrite: bool
+) -> tuple[ScoreSettings, RunDir, GradientStore, GradientStore]:
+    if not (settings.train_grads and settings.test_grads):
+        raise ConfigError("Pass both --train-grads and --test-grads.")
+    _check_same_run(ctx, "score", settings, {})  # the gradients themselves are compared by influence
+    train_grads, test_grads = settings.train_grads, settings.test_grads
+    train_store, test_store = on_every_rank(
+        ctx, "Opening the gradient stores", lambda: (_open_store(train_grads, "--train-grads"), _open_store(test_grads, "--test-grads"))
+    )
+    run = on_main(ctx, "Checking the output folder", lambda: _claim_score_run(settings, overwrite))
+    return settings, run, train_store, test_store
+
+
+def _score_inputs_from_data(
+    ctx: DistributedContext, settings: ScoreSettings, overwrite: bool, progress: bool
+) -> tuple[ScoreSettings, RunDir, GradientStore, GradientStore]:
+    if not (settings.train_data and settings.test_data):
+        raise ConfigError("Pass both --train-data and --test-data.")
+
+    def read() -> tuple[ScoreSettings, list[dict[str, Any]], list[dict[str, Any]]]:
+        resolved = _resolve_model_settings(settings, _adapter_meta(settings))
+        kind = str(resolved.kind)
+        train = _load_data(resolved.train_data, resolved, kind, "--train-data")
+        test = _load_data(resolved.test_data, resolved, kind, "--test-data")
+        if kind == "classification":
+            from datainf.data.tabular import encode_labels
+
+            encode_labels(train, test)  # test labels unseen in the training data -> DatasetError
+        return resolved, train, test
+
+    settings, train, test = on_every_rank(ctx, "Reading the data", read)
+    _check_same_run(ctx, "score", settings, {"train": train, "test": test})
+    run = on_main(ctx, "Checking the output folder", lambda: _claim_score_run(settings, overwrite))
+    model, task, encoded = _model_and_task(settings, {"training": train, "test": test})
+    with run.timed("gradients"):
+        train_store = _compute_store(model, task, encoded["training"], run.stage("grads-train"), settings, ctx, progress=progress)
+        test_store = _compute_store(model, task, encoded["test"], run.stage("grads-test"), settings, ctx, progress=progress)
+    return settings, run, train_store, test_store
+
+
+def _claim_score_run(settings: ScoreSettings, overwrite: bool) -> RunDir:
+    return RunDir.claim(settings.out, kind="score", settings=_saved(settings), overwrite=overwrite)
+
+
+def _methods(settings: ScoreSettings) -> list[str]:
+    """The method names asked for (normalised, without repeats), checked against the registry."""
+    from datainf.methods import available_methods
+
+    methods = list(dict.fromkeys(m.strip().lower().replace("-", "_") for m in settings.method))
+    known = list(available_methods())
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ConfigError(f"Unknown method(s) {unknown}; choose from {known}.")
+    if not methods:
+        raise ConfigError(f"No method given; choose from {known}.")
+    opts = settings.method_options or {}
+    bad = [k for k in opts if k not in methods]
+    if bad:
+        raise ConfigError(f"--method-options names method(s) {bad} that are not being run ({methods}).")
+    for name, value in opts.items():
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"--method-options[{name!r}] must be a JSON object of options, got {value!r}.")
+    return methods
+
+
+def _same_gradients(scores: Scores, train_store: GradientStore, test_store: GradientStore) -> bool:
+    """Whether finished scores were computed from these very gradients (logs when not)."""
+    same = scores.matches(train_store, test_store)
+    if not same:
+        logger.info("The %s scores in the output folder came from other gradients; recomputing them.", scores.method)
+    return same
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def report_run(settings: ReportSettings, *, overwrite: bool = False) -> ReportRunResult:
+    """An HTML report (``<out>/index.html``) of the most harmful / helpful training examples.
+
+    Raises:
+        ConfigError: no scores or data given, a scores file is missing, ``<out>`` holds another
+            configuration (without ``overwrite``).
+        DatasetError: none of the scores' training ids is in ``settings.data``.
+    """
+    from datainf.data.tabular import load_records
+    from datainf.report import write_scores_report
+
+    with removed_on_error(settings.out):
+        files = settings.scores or ()
+        if not files:
+            raise ConfigError("Pass --scores FILE (a scores-<method>.safetensors written by `datainf score`).")
+        if not settings.data:
+            raise ConfigError("Pass --data PATH: the training data the scores are about (to show the texts).")
+        loaded: dict[str, Scores] = {}
+        for file in files:
+            if not Path(file).is_file():
+                raise ConfigError(f"Scores file {file} does not exist.")
+            scores = Scores.load(file)
+            key = scores.method if scores.method not in loaded else f"{scores.method} ({Path(file).name})"
+            loaded[key] = scores
+        records = load_records(settings.data, columns=_column_map(settings))
+        test_records = load_records(settings.test_data, columns=_column_map(settings)) if settings.test_data else None
+        ids = {str(r["id"]) for r in records}
+        for name, scores in loaded.items():
+            missing = [t for t in scores.train_ids if t not in ids]
+            if len(missing) == len(scores.train_ids):
+                raise DatasetError(
+                    f"None of the {len(missing)} training ids of the {name} scores (e.g. {missing[:3]}) is in {settings.data}; "
+                    "pass the training data the scores were computed on (and the same --id-column)."
+                )
+        run = RunDir.claim(settings.out, kind="report", settings=_saved(settings), overwrite=overwrite)
+        path = write_scores_report(run.path, loaded, records, k=settings.k, test_records=test_records, max_test_examples=settings.max_test)
+        return ReportRunResult(out=run.path, path=path)
+
+
+# ---------------------------------------------------------------------------------------------- shared steps
+
+
+def _check_same_run(ctx: DistributedContext, command: str, settings: Any, data: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+    """Under torchrun: stop every rank unless all were given the same settings and data (fingerprints)."""
+    if not ctx.is_distributed:
+        return
+    from datainf.gradients import dataset_fingerprint, example_ids
+
+    payload: dict[str, Any] = {k: v for k, v in _saved(settings).items() if k != "out"}
+    for role, records in data.items():
+        payload[f"data:{role}"] = dataset_fingerprint(records, example_ids(records))
+    check_same_settings(ctx, f"settings of `datainf {command}`", payload)
+
+
+def _open_store(path: str, flag: str) -> GradientStore:
+    folder = Path(path)
+    if not folder.exists():
+        raise ConfigError(f"{flag} {folder} does not exist; compute it first with `datainf grads --out {folder}`.")
+    return GradientStore.open(folder)
+
+
+def _adapter_meta(settings: GradientsSettings | ScoreSettings) -> dict[str, Any]:
+    from datainf.models import read_adapter_metadata
+
+    if not settings.adapter:
+        raise ConfigError("Gradients need a trained LoRA adapter: pass --adapter DIR (e.g. the --out of `datainf finetune`).")
+    return read_adapter_metadata(settings.adapter)
+
+
+_G = TypeVar("_G", GradientsSettings, ScoreSettings)
+
+
+def _resolve_model_settings(settings: _G, meta: Mapping[str, Any]) -> _G:
+    """``settings`` with ``kind`` and ``max_length`` filled from the adapter's training settings when
+    not given; checks that the model and adapter folders exist (before any data is read)."""
+    from datainf.models import resolve_adapter_dir, resolve_model_dir
+
+    kind = settings.kind if settings.kind is not None else (meta.get("kind") or "classification")
+    max_length = settings.max_length
+    if max_length is None:
+        trained = (meta.get("finetune_config") or {}).get("max_length")
+        if trained:
+            max_length = int(trained)
+    if not settings.model:
+        raise ConfigError("No base model given: pass --model DIR (a local folder written by save_pretrained).")
+    resolve_model_dir(settings.model)
+    resolve_adapter_dir(str(settings.adapter))
+    return replace(settings, kind=kind, max_length=max_length)
+
+
+def _model_and_task(
+    settings: _G, records: Mapping[str, list[dict[str, Any]]]
+) -> tuple[Any, Any, dict[str, list[dict[str, Any]]]]:
+    """Load the model with its adapter and build the gradient task.
+
+    ``records`` maps a role (``data``, ``training``, ``test``: named in label errors) to its records;
+    returned the same way, classification records with the integer labels of the model's head.
+    """
+    from datainf.models import load_model
+
+    meta = _adapter_meta(settings)
+    settings = _resolve_model_settings(settings, meta)
+    kind = str(settings.kind)
+    device = dist_context().resolve_device(settings.device)  # "cuda" -> this rank's GPU under torchrun
+    model, tokenizer = load_model(
+        str(settings.model), kind=kind, num_labels=settings.num_labels, adapter=settings.adapter, device=str(device)  # type: ignore[arg-type]
+    )
+    if kind == "classification":
+        records = {role: _encode_for_model(recs, model, meta, role) for role, recs in records.items()}
+    num_labels = getattr(model.config, "num_labels", None) if kind == "classification" else None
+    task = _make_task(kind, tokenizer, settings.max_length, num_labels)
+    return model, task, dict(records)
+
+
+def _compute_store(
+    model: Any,
+    task: Any,
+    records: list[dict[str, Any]],
+    path: Path,
+    settings: GradientsSettings | ScoreSettings,
+    ctx: DistributedContext,
+    *,
+    progress: bool,
+    before_compute: Callable[[], Any] | None = None,
+) -> GradientStore:
+    """Create (or reopen) the disk store at ``path`` and fill it with the records' gradients.
+
+    Under torchrun rank 0 alone creates the store (and runs ``before_compute``); every rank then
+    computes its share of the missing examples (:func:`~datainf.gradients.collect_gradients`).
+    """
+    from datainf.gradients import collect_gradients, find_lora_blocks, gradient_fingerprint
+
+    blocks = find_lora_blocks(model)
+
+    def prepare() -> GradientStore:
+        store = GradientStore.create(
+            path,
+            block_dims=blocks.block_dims,
+            dtype=settings.dtype,
+            fingerprint=gradient_fingerprint(model, task, blocks),
+            shard_size=int(settings.shard_size),
+            overwrite=False,
+        )
+        foreign = sorted(set(store.ids) - {str(r["id"]) for r in records})
+        if foreign:
+            raise ConfigError(
+                f"The gradient store {path} holds examples that are not in the data (e.g. {foreign[:5]}); pass --overwrite "
+                "to recompute it."
+            )
+        if before_compute is not None:
+            before_compute()
+        return store
+
+    if ctx.is_distributed:
+
+        def prepare_on_main() -> None:
+            prepare()
+
+        on_main(ctx, "Preparing the gradient store", prepare_on_main)
+        target: Any = path  # every rank opens the folder; each writes its own part of it
+    else:
+        target = prepare()
+    return collect_gradients(
+        model,
+        task,
+        records,
+        store=target,
+        batch_size=int(settings.grad_batch_size),
+        device=settings.device,
+        dtype=settings.dtype,
+        shard_size=int(settings.shard_size),
+        progress=progress,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- task kinds and labels
+# Moved unchanged from cli.py. To be replaced at merge time by the task-kind registry
+# (datainf.tasks.get_task_kind) and the one label encoder (datainf.data.labels.LabelEncoder).
+
+
+def _column_map(settings: Any) -> dict[str, str]:
+    mapping = {
+        "text": getattr(settings, "text_column", None),
+        "label": getattr(settings, "label_column", None),
+        "prompt": getattr(settings, "prompt_column", None),
+        "response": getattr(settings, "response_column", None),
+        "id": getattr(settings, "id_column", None),
+    }
+    return {ours: theirs for ours, theirs in mapping.items() if theirs}
+
+
+def _required_fields(kind: str) -> list[str]:
+    return ["text", "label"] if kind == "classification" else ["response"]
+
+
+def _load_data(path: str | None, settings: Any, kind: str, flag: str) -> list[dict[str, Any]]:
+    from datainf.data.tabular import load_records
+
+    if not path:
+        raise ConfigError(f"No data given: pass {flag} PATH.")
+    return load_records(path, columns=_column_map(settings), required=_required_fields(kind))
+
+
+def _norm_label(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def _label_ids(
+    records: Sequence[Mapping[str, Any]], label_names: Sequence[str], role: str, train_labels: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """Records with ``label`` replaced by its index in ``label_names`` (unknown labels -> DatasetError)."""
+    index = {str(n): i for i, n in enumerate(label_names)}
+    unseen = sorted({_norm_label(r.get("label")) for r in records} - set(index))
+    if unseen:
+        raise DatasetError(
+            f"{role.capitalize()} labels {unseen[:10]} never occur in training (training labels: {list(label_names)[:20]}). "
+            "The classifier cannot score unseen classes: fix the labels or drop those examples."
+        )
+    return [{**r, "label": index[_norm_label(r.get("label"))]} for r in records]
+
+
+def _make_task(kind: str, tokenizer: Any, max_length: int | None, num_labels: int | None) -> Any:
+    from datainf.gradients import CausalLMConfig, CausalLMTask, SequenceClassificationConfig, SequenceClassificationTask
+
+    if kind == "classification":
+        return SequenceClassificationTask(tokenizer, SequenceClassificationConfig(max_length=max_length), num_labels=num_labels)
+    return CausalLMTask(tokenizer, CausalLMConfig(max_length=max_length))
+
+
+def _encode_for_model(
+    records: list[dict[str, Any]], model: Any, meta: Mapping[str, Any], role: str
+) -> list[dict[str, Any]]:
+    """Classification records with integer labels matching the model's head."""
+    names = meta.get("label_names")
+    if names:
+        return _label_ids(records, names, role)
+    labels = [r.get("label") for r in records]
+    if all(isinstance(v, int) and not isinstance(v, bool) or (isinstance(v, float) and v.is_integer()) for v in labels):
+        return [{**r, "label": int(r["label"])} for r in records]
+    label2id = {str(k): int(v) for k, v in (getattr(getattr(model, "config", None), "label2id", None) or {}).items()}
+    return _label_ids(records, [n for n, _ in sorted(label2id.items(), key=lambda kv: kv[1])], role) if label2id else records
