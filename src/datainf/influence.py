@@ -15,9 +15,11 @@ place. Streaming passes over the training gradients: DataInf 2, Hessian-free 1, 
 Exact ``groups + 1``. Peak memory is one batch of gradients plus ``O(m sum_l d_l)`` plus the scores,
 independent of ``n`` (Exact's Woodbury branch excepted: it keeps ``X_l`` of blocks with ``d_l > n``).
 
-Under ``torchrun`` each process streams its share of the training rows and the per-block sums are
-all-reduced (:mod:`datainf.distributed`); scores do not depend on the number of processes beyond
-float round-off.
+Under ``torchrun`` each process streams its share of the training rows. The engine owns every
+combination across processes: ``lambda_l``'s norm sums here, and every sum or per-example result a
+method asks for through the :class:`~datainf.methods.MethodContext` helpers (``streamed_sum``,
+``streamed_rows``) is all-reduced / all-gathered before the method sees it (:mod:`datainf.distributed`);
+scores do not depend on the number of processes beyond float round-off.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class InfluenceConfig:
     """Settings of one influence computation (recorded with the scores).
 
     Attributes:
-        method: registered method name (``datainf``, ``exact``, ``lissa``, ``hessian_free``).
+        method: a registered method name (:func:`datainf.methods.available_methods`: ``datainf``,
+            ``exact``, ``lissa``, ``hessian_free``, or one added with ``register_method``).
         mode: ``average`` (one score per training example, on the mean test loss) or ``pairwise``
             (an ``m x n`` matrix, one row per test example).
         damping: ``lambda_l = damping * mean_i ||g_il||^2 / d_l`` (paper: 0.1). Must be > 0.
@@ -262,25 +265,23 @@ def influence_from_config(
         compute_dtype=compute_dtype,
         device=device,
         progress=progress and ctx.is_main,
-        sum_over_processes=ctx.all_reduce_sum,
         total_examples=train_store.num_examples,
         rows=rows,
-        gather_over_processes=ctx.all_gather_cat,
+        processes=ctx,
     )
     preconditioned = method.precondition(vectors, method_ctx)
     precondition_seconds = time.perf_counter() - started
 
     test_rows = next(iter(preconditioned.vectors.values())).shape[0]
-    local = torch.empty(test_rows, len(rows), dtype=torch.float64)  # (m, n_local): this process's columns
-    start = 0
-    for batch in method_ctx.stream(f"Scores ({method.name})"):
+
+    def score_columns(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         size = next(iter(batch.values())).shape[0]
         partial = torch.zeros(size, test_rows, dtype=compute_dtype, device=device)  # (b, m)
         for name in blocks:
             partial.addmm_(batch[name], preconditioned.vectors[name].T, alpha=-1.0)  # -= X_b R_l^T
-        local[:, start : start + size] = partial.T.to("cpu", torch.float64)
-        start += size
-    values = ctx.all_gather_cat(local, dim=1)  # (m, n), columns in store order on every rank
+        return {"scores": partial.T.to("cpu", torch.float64)}  # (m, b)
+
+    values = method_ctx.streamed_rows(f"Scores ({method.name})", score_columns, dim=1)["scores"]  # (m, n), store order
 
     settings = {
         **config.to_dict(),
@@ -330,7 +331,8 @@ def influence(
         train: training gradients, a :class:`~datainf.store.GradientStore` or a mapping block name ->
             tensor of shape ``(n, d_l)``.
         test: test gradients, same blocks, shape ``(m, d_l)``.
-        method: ``datainf`` (paper eq. 5), ``exact``, ``lissa`` or ``hessian_free``.
+        method: ``datainf`` (paper eq. 5), ``exact``, ``lissa``, ``hessian_free`` or any other
+            registered method (:func:`datainf.methods.available_methods`).
         mode: ``average`` -> ``Scores.values`` of shape ``(n,)``; ``pairwise`` -> ``(m, n)``.
         damping: ``lambda_l = damping * mean_i ||g_il||^2 / d_l`` per block (> 0; paper 0.1).
         fixed_lambda: one ``lambda`` for every block instead.

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from datainf.methods.base import InfluenceMethod, MethodContext, Preconditioned, register_method
+from datainf.methods.base import Batch, InfluenceMethod, MethodContext, Preconditioned, register_method
 
 
 @register_method
@@ -29,15 +29,15 @@ class DataInf(InfluenceMethod):
     passes_description = "1 pass (accumulates sum_i c_i g_i per block)"
 
     def precondition(self, test: Mapping[str, torch.Tensor], ctx: MethodContext) -> Preconditioned:
-        sums = {name: torch.zeros_like(test[name]) for name in ctx.blocks}  # (m, d_l) each
-        for batch in ctx.stream("DataInf"):
+        def add(sums: dict[str, torch.Tensor], batch: Batch) -> None:
             for name in ctx.blocks:
                 grads = batch[name]  # (b, d_l)
                 denominators = ctx.lambdas[name] + torch.linalg.vector_norm(grads, dim=1).square()  # (b,)
                 coefficients = (grads @ test[name].T).div_(denominators.unsqueeze(1)).T  # (m, b): c_il
                 sums[name].addmm_(coefficients, grads)  # += C_l X_l   (m, d_l)
+
+        totals = ctx.streamed_sum("DataInf", {name: torch.zeros_like(test[name]) for name in ctx.blocks}, add)
         vectors = {}
         for name in ctx.blocks:
-            total = ctx.sum_over_processes(sums.pop(name))
-            vectors[name] = total.div_(-ctx.total_examples).add_(test[name]).div_(ctx.lambdas[name])
+            vectors[name] = totals.pop(name).div_(-ctx.total_examples).add_(test[name]).div_(ctx.lambdas[name])
         return Preconditioned(vectors)
