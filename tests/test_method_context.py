@@ -97,13 +97,15 @@ def doubled(grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {b: torch.cat([t, t]) for b, t in grads.items()}
 
 
-def _run_all(train: Mapping[str, torch.Tensor], test: Mapping[str, torch.Tensor], methods: list[str], **kwargs: Any) -> dict[str, torch.Tensor]:
+def _run_all(train: Mapping[str, torch.Tensor], test: Mapping[str, torch.Tensor], methods: list[str]) -> dict[str, torch.Tensor]:
     out = {}
     for method in methods:
         options = {"iterations": 4, "scale": "trace"} if method == "lissa" else {}
-        for mode in ("average", "pairwise"):
-            scores = datainf.influence(train, test, method=method, mode=mode, method_options=options, batch_size=4, progress=False, **kwargs)
-            out[f"{method}-{mode}"] = scores.values
+        for mode in ("average", "pairwise", "self"):
+            for normalize in (False, True):
+                scores = datainf.influence(train, None if mode == "self" else test, method=method, mode=mode,
+                                           method_options=options, batch_size=4, normalize=normalize, progress=False)
+                out[f"{method}-{mode}-{normalize}"] = scores.values
     return out
 
 

@@ -58,7 +58,7 @@ def gradients(n: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 def test_registry_lists_and_unregisters(toy):
-    assert toy in available_methods() and {"datainf", "exact", "lissa", "hessian_free"} <= set(available_methods())
+    assert toy in available_methods() and {"datainf", "exact", "lissa", "hessian_free", "diagonal"} <= set(available_methods())
     assert unknown_methods(["toy-scaled", "Exact", "magic"]) == ["magic"]
     assert check_method_names(["toy-scaled", "datainf"]) == ("toy_scaled", "datainf")
     with pytest.raises(ValueError, match="already registered"):
@@ -89,6 +89,15 @@ def test_toy_method_through_influence_and_config(toy):
     config = datainf.InfluenceConfig(method=toy)
     from_config = datainf.influence_from_config(train, test, config, progress=False)
     torch.testing.assert_close(from_config.values, 2.0 * plain.values.mean(dim=0), rtol=1e-12, atol=1e-12)
+
+
+def test_toy_method_gets_self_influence_from_the_default(toy):
+    """A method with only ``precondition`` still has ``mode="self"``: its training rows are preconditioned in chunks."""
+    train = gradients(9, 0)
+    scores = datainf.influence(train, method=toy, mode="self", batch_size=4, progress=False)
+    expected = 2.0 * sum(t.square().sum(dim=1) for t in train.values())
+    torch.testing.assert_close(scores.values, expected, rtol=1e-12, atol=1e-12)
+    assert scores.diagnostics["passes"] == 1  # the chunks read once; the toy makes no pass of its own
 
 
 def test_toy_method_through_the_cli(toy, tmp_path, capsys):

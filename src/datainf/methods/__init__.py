@@ -1,4 +1,4 @@
-"""Influence methods (strategies) behind one interface: DataInf, Exact, LiSSA and Hessian-free.
+"""Influence methods (strategies) behind one interface: DataInf, Exact, LiSSA, Hessian-free and Diagonal.
 
 How to add one: see :mod:`datainf.methods.base` (one file here, one :func:`register_method`).
 """
@@ -7,6 +7,7 @@ from datainf.methods.base import (
     InfluenceMethod,
     MethodContext,
     Preconditioned,
+    SelfInfluence,
     available_methods,
     check_method_names,
     get_method,
@@ -15,6 +16,7 @@ from datainf.methods.base import (
     unregister_method,
 )
 from datainf.methods.datainf_method import DataInf
+from datainf.methods.diagonal import Diagonal
 from datainf.methods.exact import Exact
 from datainf.methods.hessian_free import HessianFree
 from datainf.methods.lissa import Lissa, LissaDivergenceWarning
@@ -23,6 +25,7 @@ __all__ = [
     "InfluenceMethod",
     "MethodContext",
     "Preconditioned",
+    "SelfInfluence",
     "available_methods",
     "check_method_names",
     "get_method",
@@ -30,6 +33,7 @@ __all__ = [
     "unknown_methods",
     "unregister_method",
     "DataInf",
+    "Diagonal",
     "Exact",
     "HessianFree",
     "Lissa",

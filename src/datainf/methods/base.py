@@ -9,7 +9,9 @@ matrix*
 and the influence of training example ``k`` on test row ``j`` is ``I[j, k] = - sum_l R_l[j] . g_kl``
 (positive = harmful: up-weighting ``k`` raises the test loss). Methods differ only in how they get
 ``R_l``; the engine (:mod:`datainf.influence`) computes ``lambda_l``, streams the final scoring pass
-and does the bookkeeping.
+and does the bookkeeping. In ``mode="self"`` the engine asks for each training example's
+self-influence ``s_k = sum_l g_kl^T P_l g_kl`` instead, ``P_l`` the method's approximation of
+``(G_l + lambda_l I)^-1`` (:meth:`InfluenceMethod.self_influence`).
 
 How to write a method
 ---------------------
@@ -19,6 +21,8 @@ One file in ``datainf/methods/`` (imported by ``datainf/methods/__init__.py`` so
    ``-``) and :attr:`~InfluenceMethod.passes_description`; settings go in a nested frozen
    dataclass ``Options`` validated in its ``__post_init__`` (raise :class:`~datainf.errors.ConfigError`);
 2. implement :meth:`~InfluenceMethod.precondition` (``R_l`` for every block in ``ctx.blocks``);
+   override :meth:`~InfluenceMethod.self_influence` when there is something cheaper than the default
+   (which preconditions the training gradients themselves, one chunk of rows at a time);
 3. decorate the class with :func:`register_method`. Every entry point (``influence``, ``datainf score``,
    the demo, the explain pipelines) then accepts the name; :func:`available_methods` lists it.
 
@@ -31,12 +35,15 @@ streaming pass over the rows:
 * :meth:`MethodContext.streamed_rows`: per-example results (``(n, ...)``, store order);
 * :meth:`MethodContext.streamed_pass`: both in one pass;
 * :meth:`MethodContext.squared_norms` / :meth:`MethodContext.squared_norm_total`: the recorded
-  ``||g_il||^2`` of every example, by block name (no pass).
+  ``||g_il||^2`` of every example, by block name (no pass);
+* :meth:`MethodContext.training_chunks`: every training row in chunks, for using training
+  gradients as test vectors (self-influence).
 
 Under ``torch.distributed`` (``torchrun``; :mod:`datainf.distributed`) each process streams only its
 share of the rows: the helpers all-reduce the sums and all-gather the per-example rows before they
 return, so a method written with them gives the same result on any number of processes and never
-sees a partial sum.
+sees a partial sum. When the engine normalises the gradients (``InfluenceConfig(normalize=True)``)
+the helpers hand out the normalised rows and norms, so methods need not know about it either.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ __all__ = [
     "InfluenceMethod",
     "MethodContext",
     "Preconditioned",
+    "SelfInfluence",
     "register_method",
     "unregister_method",
     "get_method",
@@ -78,7 +86,8 @@ class MethodContext:
         lambdas: ``lambda_l`` per block (method.md section 2), the same for every method.
         blocks: the blocks to process, in a fixed (sorted) order; blocks whose training gradients are
             all zero are left out (they contribute nothing).
-        batch_size: examples per batch read from the store.
+        batch_size: examples per batch read from the store (also the chunk size of
+            :meth:`training_chunks`).
         compute_dtype: dtype of per-batch arithmetic (float64 sums are kept where it matters).
         device: where arithmetic runs.
         progress: show tqdm bars.
@@ -88,6 +97,8 @@ class MethodContext:
             engine. Methods need not look at it: the streaming helpers combine the shares.
         processes: the collectives of this job (:class:`~datainf.distributed.DistributedContext`; a
             single process by default, where every collective is the identity).
+        example_scales: ``(n,)`` float64 factor applied to every training row before a method sees
+            it (``1 / ||g_i||`` when the engine normalises the gradients), or ``None``: rows as stored.
     """
 
     train: GradientStore
@@ -101,6 +112,7 @@ class MethodContext:
     passes: int = 0
     rows: range | None = None
     processes: DistributedContext = field(default_factory=DistributedContext)
+    example_scales: torch.Tensor | None = None
     _norms: torch.Tensor | None = field(default=None, init=False, repr=False)
     _norm_totals: torch.Tensor | None = field(default=None, init=False, repr=False)
 
@@ -111,9 +123,12 @@ class MethodContext:
 
     # ------------------------------------------------------------------ recorded norms (no pass)
     def _all_norms(self) -> torch.Tensor:
-        """``||g_il||^2`` of every training example: float64 ``(n, L)``."""
+        """``||g_il||^2`` of every training example (scaled rows when normalising): float64 ``(n, L)``."""
         if self._norms is None:
-            self._norms = self.train.squared_norms()
+            norms = self.train.squared_norms()
+            if self.example_scales is not None:
+                norms = norms * self.example_scales.square().unsqueeze(1)
+            self._norms = norms
         return self._norms
 
     def _column(self, block: str) -> int:
@@ -125,7 +140,7 @@ class MethodContext:
     def squared_norms(self, block: str) -> torch.Tensor:
         """``||g_kl||^2`` of every training example (all processes' rows) for ``block``: float64 ``(n,)``.
 
-        Read from the store's recorded norms (no pass).
+        Read from the store's recorded norms (no pass); after normalisation, of the normalised rows.
         """
         return self._all_norms()[:, self._column(block)]
 
@@ -137,8 +152,13 @@ class MethodContext:
 
     # ------------------------------------------------------------------ streaming passes
     def _convert(self, batch: Mapping[str, torch.Tensor], first_row: int) -> Batch:
-        """Storage rows -> ``compute_dtype`` on ``device``."""
-        return {name: t.to(device=self.device, dtype=self.compute_dtype) for name, t in batch.items()}
+        """Storage rows -> ``compute_dtype`` on ``device``, times :attr:`example_scales` when set (never in place)."""
+        out = {name: t.to(device=self.device, dtype=self.compute_dtype) for name, t in batch.items()}
+        if self.example_scales is not None:
+            size = next(iter(out.values())).shape[0] if out else 0
+            scale = self.example_scales[first_row : first_row + size].to(device=self.device, dtype=self.compute_dtype)
+            out = {name: t * scale.unsqueeze(1) for name, t in out.items()}
+        return out
 
     def _stream(self, description: str, blocks: Sequence[str] | None = None) -> Iterator[Batch]:
         """One pass over *this process's* rows: ``{block: (b, d_l)}`` in ``compute_dtype``.
@@ -250,6 +270,24 @@ class MethodContext:
         _, rows = self.streamed_pass(description, rows_of=rows_of, blocks=blocks, dim=dim)
         return rows
 
+    def training_chunks(self, description: str, blocks: Sequence[str] | None = None) -> Iterator[tuple[range, Batch]]:
+        """Every training row (not only this process's), ``batch_size`` at a time: ``(rows, {block: (c, d_l)})``.
+
+        For using training gradients as *test* vectors, e.g. preconditioning them for
+        self-influence. Every process gets the same chunks in the same order, so collectives
+        inside the loop (the streaming helpers) line up. Not for sums over examples (that would
+        count each row once per process): use :meth:`streamed_sum`. Counted as one pass.
+        """
+        self.passes += 1
+        names = list(self.blocks if blocks is None else blocks)
+        position = 0
+        total = self.train.num_examples
+        with tqdm(total=total, desc=description, unit="ex", disable=not self.progress, leave=False) as bar:
+            for ids, batch in self.train.iter_batches(self.batch_size, blocks=names):
+                yield range(position, position + len(ids)), self._convert(batch, position)
+                position += len(ids)
+                bar.update(len(ids))
+
 
 @dataclass
 class Preconditioned:
@@ -257,6 +295,32 @@ class Preconditioned:
 
     vectors: dict[str, torch.Tensor]
     diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SelfInfluence:
+    """Self-influence ``s_k = sum_l g_kl^T P_l g_kl`` of every training example: ``values`` float64 ``(n,)``."""
+
+    values: torch.Tensor
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+def _merge_diagnostics(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Diagnostics of several preconditioning calls as one: flags or-ed, lists united, numbers maxed."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if key not in out:
+                out[key] = sorted(set(value)) if isinstance(value, list) else value
+            elif isinstance(value, bool):
+                out[key] = bool(out[key]) or value
+            elif isinstance(value, (int, float)) and isinstance(out[key], (int, float)):
+                out[key] = max(out[key], value)
+            elif isinstance(value, list):
+                out[key] = sorted(set(out[key]) | set(value))
+            else:
+                out[key] = value
+    return out
 
 
 class InfluenceMethod(ABC):
@@ -291,6 +355,25 @@ class InfluenceMethod(ABC):
                 ``ctx.device`` (read-only).
             ctx: training store, damping, settings and the streaming helpers.
         """
+
+    def self_influence(self, ctx: MethodContext) -> SelfInfluence:
+        """``s_k = sum_l g_kl^T P_l g_kl`` for every training example ``k`` (``P_l`` this method's inverse).
+
+        Default: the training rows themselves are the test vectors, one chunk of ``ctx.batch_size``
+        rows at a time (:meth:`MethodContext.training_chunks`): ``R = precondition(X_chunk)``, then
+        ``s_k = sum_l R_l[k] . g_kl``. That costs this method's passes once per chunk; methods
+        with a cheaper form override this. No ``n x n`` matrix is formed.
+        """
+        values = torch.empty(ctx.total_examples, dtype=torch.float64)
+        diagnostics: list[dict[str, Any]] = []
+        for rows, chunk in ctx.training_chunks(f"Self-influence ({self.name})"):
+            result = self.precondition(chunk, ctx)
+            part = torch.zeros(len(rows), dtype=torch.float64)
+            for name in ctx.blocks:
+                part += (result.vectors[name] * chunk[name]).sum(dim=1).to("cpu", torch.float64)
+            values[rows.start : rows.stop] = part
+            diagnostics.append(result.diagnostics)
+        return SelfInfluence(values, _merge_diagnostics(diagnostics))
 
     def settings(self) -> dict[str, Any]:
         """The method's options as a JSON-able dict (recorded with the scores)."""

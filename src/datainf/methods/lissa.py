@@ -34,10 +34,14 @@ class Lissa(InfluenceMethod):
     The step ``r_j - r_{j-1}`` is the residual ``v - A r_{j-1} / s``; a block whose residual is
     non-finite or larger at the last step than at the first is reported as diverged (warning, and
     ``diagnostics["lissa_diverged_blocks"]`` on the scores).
+
+    Self-influence (``mode="self"``) runs the same recursion with the training rows themselves as
+    ``v``, ``batch_size`` rows at a time: ``iterations`` passes per chunk of rows, then
+    ``s_k = sum_l R_l[k] . g_kl`` (the default of :meth:`InfluenceMethod.self_influence`).
     """
 
     name = "lissa"
-    passes_description = "`iterations` passes (10 by default)"
+    passes_description = "`iterations` passes (10 by default); self mode: `iterations` per chunk of training rows"
 
     @dataclass(frozen=True)
     class Options:
