@@ -26,8 +26,8 @@ One file in ``datainf/methods/`` (imported by ``datainf/methods/__init__.py`` so
 3. decorate the class with :func:`register_method`. Every entry point (``influence``, ``datainf score``,
    the demo, the explain pipelines) then accepts the name; :func:`available_methods` lists it.
 
-A method reads the training gradients **only** through the :class:`MethodContext` helpers, each one
-streaming pass over the rows:
+A method reads the training gradients **only** through the :class:`MethodContext` helpers (each
+``streamed_*`` call is one pass over the rows):
 
 * :meth:`MethodContext.streamed_sum`: sums over examples (``X^T X``, ``sum_i c_i g_i``, ...): the
   method adds each batch's contribution in place; the totals it gets back are over *all* training
@@ -44,6 +44,27 @@ share of the rows: the helpers all-reduce the sums and all-gather the per-exampl
 return, so a method written with them gives the same result on any number of processes and never
 sees a partial sum. When the engine normalises the gradients (``InfluenceConfig(normalize=True)``)
 the helpers hand out the normalised rows and norms, so methods need not know about it either.
+``tests/test_method_context.py`` runs every registered method as a two-process job in one process:
+a new method is checked there without any change to the tests.
+
+A whole method, for illustration (the damped diagonal, like :mod:`datainf.methods.diagonal`)::
+
+    @register_method
+    class DampedDiagonal(InfluenceMethod):
+        name = "damped_diagonal"
+        passes_description = "1 pass"
+
+        def precondition(self, test, ctx):
+            def add(sums, batch):
+                for b in ctx.blocks:
+                    sums[b] += batch[b].double().square().sum(dim=0)
+
+            zeros = {b: torch.zeros(ctx.train.block_dims[b], dtype=torch.float64, device=ctx.device) for b in ctx.blocks}
+            totals = ctx.streamed_sum("diagonal", zeros, add)  # over every example of every process
+            return Preconditioned({
+                b: (test[b].double() / (totals[b] / ctx.total_examples + ctx.lambdas[b])).to(ctx.compute_dtype)
+                for b in ctx.blocks
+            })
 """
 
 from __future__ import annotations
@@ -62,6 +83,7 @@ from datainf.errors import ConfigError
 from datainf.store import GradientStore
 
 __all__ = [
+    "Batch",
     "InfluenceMethod",
     "MethodContext",
     "Preconditioned",
@@ -74,6 +96,7 @@ __all__ = [
     "check_method_names",
 ]
 
+#: One streamed batch: block name -> ``(b, d_l)`` rows in ``compute_dtype`` on the context's device.
 Batch = dict[str, torch.Tensor]
 
 
