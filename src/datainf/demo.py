@@ -153,6 +153,9 @@ def run_mislabel_demo(
     from datainf.models import load_model
     from datainf.report import write_mislabel_report
 
+    from datainf.methods import check_method_names
+
+    methods = check_method_names(methods, what="the demo's methods")  # any registered method; refused before any work
     config = config or MislabelDemoConfig()
     out = Path(out_dir)
     cache = out / f"cache-{config.key()}"

@@ -10,14 +10,24 @@ Pipeline of :func:`influence` (method.md sections 2-3):
 4. the method's preconditioning, ``R_l ~= V_l (G_l + lambda_l I)^-1`` (its own streaming passes);
 5. one scoring pass: ``I[:, k] = - sum_l R_l g_kl``.
 
+``mode="self"`` replaces steps 3-5 by the method's self-influence ``s_k = sum_l g_kl^T P_l g_kl``
+(``P_l`` its approximation of ``(G_l + lambda_l I)^-1``): how much up-weighting example ``k`` lowers
+*its own* loss, with no test set (a mislabel detector: large = the rest of the data does not explain
+the example). ``normalize=True`` divides every training and test gradient by its norm over all
+blocks before step 2 (see :class:`InfluenceConfig`).
+
 Sums over examples accumulate in the compute dtype (float32 unless the gradients are float64), in
-place. Streaming passes over the training gradients: DataInf 2, Hessian-free 1, LiSSA ``iterations + 1``,
-Exact ``groups + 1``. Peak memory is one batch of gradients plus ``O(m sum_l d_l)`` plus the scores,
+place. Streaming passes over the training gradients: DataInf 2, Hessian-free 1, Diagonal 2, LiSSA
+``iterations + 1``, Exact ``groups + 1``; in ``self`` mode Hessian-free 0, Diagonal 2, Exact up to
+``2 groups``, DataInf ``chunks + 1`` and LiSSA ``iterations * chunks + 1`` (``chunks = ceil(n / batch_size)``:
+they precondition the training rows themselves, a chunk at a time). Peak memory is one batch of gradients plus ``O(m sum_l d_l)`` plus the scores,
 independent of ``n`` (Exact's Woodbury branch excepted: it keeps ``X_l`` of blocks with ``d_l > n``).
 
-Under ``torchrun`` each process streams its share of the training rows and the per-block sums are
-all-reduced (:mod:`datainf.distributed`); scores do not depend on the number of processes beyond
-float round-off.
+Under ``torchrun`` each process streams its share of the training rows. The engine owns every
+combination across processes: ``lambda_l``'s norm sums here, and every sum or per-example result a
+method asks for through the :class:`~datainf.methods.MethodContext` helpers (``streamed_sum``,
+``streamed_rows``) is all-reduced / all-gathered before the method sees it (:mod:`datainf.distributed`);
+scores do not depend on the number of processes beyond float round-off.
 """
 
 from __future__ import annotations
@@ -38,11 +48,18 @@ from datainf.methods import MethodContext, get_method
 from datainf.scores import Scores
 from datainf.store import GradientStore
 
-__all__ = ["InfluenceConfig", "influence", "influence_from_config", "block_lambdas", "GradientsLike"]
+__all__ = ["InfluenceConfig", "influence", "influence_from_config", "block_lambdas", "GradientsLike", "SELF_SIGN_CONVENTION"]
 
 logger = logging.getLogger(__name__)
 
 GradientsLike = GradientStore | Mapping[str, torch.Tensor]
+
+#: What the values of ``mode="self"`` scores mean (recorded as their ``sign_convention``).
+SELF_SIGN_CONVENTION = (
+    "self-influence s_k = sum_l g_kl^T (G_l + lambda_l I)^-1 g_kl >= 0: up-weighting example k lowers its own loss by "
+    "s_k (its influence on its own loss is -s_k); large = the rest of the data does not explain the example "
+    "(mislabel suspects rank first, like harmful examples in the other modes)"
+)
 
 
 @dataclass(frozen=True)
@@ -50,9 +67,12 @@ class InfluenceConfig:
     """Settings of one influence computation (recorded with the scores).
 
     Attributes:
-        method: registered method name (``datainf``, ``exact``, ``lissa``, ``hessian_free``).
-        mode: ``average`` (one score per training example, on the mean test loss) or ``pairwise``
-            (an ``m x n`` matrix, one row per test example).
+        method: a registered method name (:func:`datainf.methods.available_methods`: ``datainf``,
+            ``exact``, ``lissa``, ``hessian_free``, or one added with ``register_method``).
+        mode: ``average`` (one score per training example, on the mean test loss), ``pairwise``
+            (an ``m x n`` matrix, one row per test example) or ``self`` (each training example's
+            self-influence ``s_k = sum_l g_kl^T (G_l + lambda_l I)^-1 g_kl``, ``(n,)``; no test
+            gradients: passing some is refused).
         damping: ``lambda_l = damping * mean_i ||g_il||^2 / d_l`` (paper: 0.1). Must be > 0.
         fixed_lambda: use this ``lambda`` for every block instead (must be > 0).
         method_options: the method's own options, e.g. ``{"iterations": 10, "scale": 1.0}`` for LiSSA.
@@ -60,20 +80,30 @@ class InfluenceConfig:
         compute_dtype: ``float32`` or ``float64``; default float64 when the gradients are stored in
             float64, else float32 (Exact always solves in float64).
         device: where the arithmetic runs (``cpu``, ``cuda``, ...).
+        normalize: divide every training and test gradient by its norm over all blocks,
+            ``g_k / ||g_k||``, before anything else (damping included: ``lambda_l`` is then computed
+            from the unit gradients). With ``hessian_free`` the score is minus the cosine similarity
+            of the two gradients; with ``datainf``/``exact``/... a preconditioned cosine. The score
+            is then no longer the influence on the test loss (an example's gradient magnitude,
+            e.g. a large loss, no longer counts): it ranks by the *direction* of the gradients.
+            Examples whose gradient is all zero stay zero.
     """
 
     method: str = "datainf"
-    mode: Literal["average", "pairwise"] = "average"
+    mode: Literal["average", "pairwise", "self"] = "average"
     damping: float = 0.1
     fixed_lambda: float | None = None
     method_options: Mapping[str, Any] = field(default_factory=dict)
     batch_size: int = 1024
     compute_dtype: str | None = None
     device: str = "cpu"
+    normalize: bool = False
 
     def __post_init__(self) -> None:
-        if self.mode not in ("average", "pairwise"):
-            raise ConfigError(f"mode must be 'average' or 'pairwise', got {self.mode!r}.")
+        if self.mode not in ("average", "pairwise", "self"):
+            raise ConfigError(f"mode must be 'average', 'pairwise' or 'self', got {self.mode!r}.")
+        if not isinstance(self.normalize, bool):
+            raise ConfigError(f"normalize must be True or False, got {self.normalize!r}.")
         if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping > 0):
             raise ConfigError(
                 f"damping must be a finite number > 0 (the paper uses 0.1), got {self.damping!r}: "
@@ -149,6 +179,7 @@ def block_lambdas(
     fixed_lambda: float | None = None,
     sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
     rows: range | None = None,
+    normalize: bool = False,
 ) -> dict[str, float]:
     """Per-block damping ``lambda_l = damping * (1 / (n d_l)) sum_i ||g_il||^2`` (method.md section 2).
 
@@ -159,8 +190,13 @@ def block_lambdas(
     Under ``torch.distributed``, ``rows`` is this process's share of the examples and
     ``sum_over_processes`` an all-reduce: the per-block sums of squared norms (and the count) are
     summed over processes. Give both or neither.
+
+    With ``normalize``, the norms are those of the unit-normalised gradients,
+    ``||g_il||^2 / sum_l' ||g_il'||^2`` (see :class:`InfluenceConfig`).
     """
     norms = store.squared_norms()  # (n, L)
+    if normalize:
+        norms = norms * unit_scales(norms).square().unsqueeze(1)
     offset = 0
     if rows is not None:
         norms, offset = norms[rows.start : rows.stop], rows.start
@@ -184,6 +220,23 @@ def block_lambdas(
     return out
 
 
+def unit_scales(squared_norms: torch.Tensor) -> torch.Tensor:
+    """``1 / ||g_i||`` per example from per-block squared norms ``(n, L)`` (float64 ``(n,)``; 0 for an all-zero gradient)."""
+    totals = squared_norms.sum(dim=1)
+    return torch.where(totals > 0, totals.rsqrt(), torch.zeros_like(totals))
+
+
+def _zero_gradient_ids(store: GradientStore, role: str) -> list[str]:
+    zero = (store.squared_norms().sum(dim=1) == 0).nonzero().flatten().tolist()
+    if zero:
+        ids = store.ids
+        logger.warning(
+            "normalize: %d %s example(s) have an all-zero gradient and stay zero (score 0): %s%s",
+            len(zero), role, [ids[i] for i in zero[:5]], "..." if len(zero) > 5 else "",
+        )
+    return [store.ids[i] for i in zero]
+
+
 def _default_compute_dtype(store: GradientStore, requested: str | None) -> torch.dtype:
     if requested is not None:
         return getattr(torch, requested)
@@ -203,9 +256,11 @@ def _store_identity(store: GradientStore) -> dict[str, Any]:
 
 
 def influence_from_config(
-    train: GradientsLike, test: GradientsLike, config: InfluenceConfig, *, progress: bool = True
+    train: GradientsLike, test: GradientsLike | None, config: InfluenceConfig, *, progress: bool = True
 ) -> Scores:
     """Run :func:`influence` with an :class:`InfluenceConfig` (what the CLI uses).
+
+    ``test`` must be ``None`` exactly when ``config.mode == "self"``.
 
     Under ``torchrun`` every rank calls this with the same configuration and the same (full) train
     and test gradients; each rank streams a contiguous share of the training rows, partial sums
@@ -214,27 +269,43 @@ def influence_from_config(
     :class:`~datainf.errors.DistributedMismatchError` on every rank.
     """
     started = time.perf_counter()
+    self_mode = config.mode == "self"
+    if self_mode and test is not None:
+        raise ConfigError(
+            "mode='self' scores each training example on its own loss and uses no test gradients, but test gradients "
+            "were given. Drop them (influence(train, mode='self')), or use mode='average' / 'pairwise' to score "
+            "against the test set."
+        )
+    if not self_mode and test is None:
+        raise ConfigError(f"mode={config.mode!r} needs test gradients; pass them, or use mode='self' (no test set).")
     ctx = dist_context()
+    test_store: GradientStore | None = None
     if ctx.is_distributed:
         # every rank must reach the fingerprint exchange, also when its own inputs are unusable
         identity: dict[str, Any] = {}
         try:
-            train_store, test_store = _as_store(train, "train"), _as_store(test, "test")
-            identity = {"train gradients": _store_identity(train_store), "test gradients": _store_identity(test_store)}
+            train_store = _as_store(train, "train")
+            identity = {"train gradients": _store_identity(train_store)}
+            if test is not None:
+                test_store = _as_store(test, "test")
+                identity["test gradients"] = _store_identity(test_store)
         except Exception as err:
             ctx.raise_if_any(err, "Reading the gradients")
         ctx.raise_if_any(None, "Reading the gradients")
         ctx.check_same({"config": config.to_dict(), **identity}, "influence computation (settings and gradients)")
     else:
-        train_store, test_store = _as_store(train, "train"), _as_store(test, "test")
-    _check_compatible(train_store, test_store)
+        train_store = _as_store(train, "train")
+        test_store = None if test is None else _as_store(test, "test")
+    if test_store is not None:
+        _check_compatible(train_store, test_store)
     method = get_method(config.method, config.method_options)
     compute_dtype = _default_compute_dtype(train_store, config.compute_dtype)
     device = ctx.resolve_device(config.device) or torch.device("cpu")
     rows = ctx.shard(train_store.num_examples)
 
     lambdas = block_lambdas(
-        train_store, damping=config.damping, fixed_lambda=config.fixed_lambda, sum_over_processes=ctx.all_reduce_sum, rows=rows
+        train_store, damping=config.damping, fixed_lambda=config.fixed_lambda, sum_over_processes=ctx.all_reduce_sum, rows=rows,
+        normalize=config.normalize,
     )
     zero_blocks = sorted(b for b, lam in lambdas.items() if lam == 0.0)
     if zero_blocks:
@@ -246,14 +317,11 @@ def influence_from_config(
     if not blocks:
         raise EmptyInputError("Every training gradient is zero: there is nothing to attribute. Check that the adapter is trainable.")
 
-    test_grads = test_store.to_dict()
-    vectors: dict[str, torch.Tensor] = {}
-    for name in blocks:
-        v = test_grads.pop(name)
-        if config.mode == "average":
-            v = v.mean(dim=0, keepdim=True, dtype=torch.float64)
-        vectors[name] = v.to(device=device, dtype=compute_dtype)
-
+    zero_examples: dict[str, list[str]] = {}
+    if config.normalize:
+        zero_examples["train"] = _zero_gradient_ids(train_store, "training")
+        if test_store is not None:
+            zero_examples["test"] = _zero_gradient_ids(test_store, "test")
     method_ctx = MethodContext(
         train=train_store,
         lambdas=lambdas,
@@ -262,26 +330,11 @@ def influence_from_config(
         compute_dtype=compute_dtype,
         device=device,
         progress=progress and ctx.is_main,
-        sum_over_processes=ctx.all_reduce_sum,
         total_examples=train_store.num_examples,
         rows=rows,
-        gather_over_processes=ctx.all_gather_cat,
+        processes=ctx,
+        example_scales=unit_scales(train_store.squared_norms()) if config.normalize else None,
     )
-    preconditioned = method.precondition(vectors, method_ctx)
-    precondition_seconds = time.perf_counter() - started
-
-    test_rows = next(iter(preconditioned.vectors.values())).shape[0]
-    local = torch.empty(test_rows, len(rows), dtype=torch.float64)  # (m, n_local): this process's columns
-    start = 0
-    for batch in method_ctx.stream(f"Scores ({method.name})"):
-        size = next(iter(batch.values())).shape[0]
-        partial = torch.zeros(size, test_rows, dtype=compute_dtype, device=device)  # (b, m)
-        for name in blocks:
-            partial.addmm_(batch[name], preconditioned.vectors[name].T, alpha=-1.0)  # -= X_b R_l^T
-        local[:, start : start + size] = partial.T.to("cpu", torch.float64)
-        start += size
-    values = ctx.all_gather_cat(local, dim=1)  # (m, n), columns in store order on every rank
-
     settings = {
         **config.to_dict(),
         "method": method.name,
@@ -291,6 +344,54 @@ def influence_from_config(
         "storage_dtype": train_store.dtype,
         "fingerprint": train_store.fingerprint,
     }
+    if self_mode:
+        own = method.self_influence(method_ctx)
+        diagnostics = {
+            **own.diagnostics,
+            "seconds": time.perf_counter() - started,
+            "passes": method_ctx.passes,
+            "processes": ctx.world_size,
+            "passes_description": method.passes_description,
+            "zero_gradient_blocks": zero_blocks,
+            **({"zero_gradient_examples": zero_examples} if config.normalize else {}),
+        }
+        return Scores(
+            values=own.values.to(torch.float64),
+            train_ids=train_store.ids,
+            test_ids=[],
+            method=method.name,
+            mode="self",
+            settings=settings,
+            diagnostics=diagnostics,
+            sign_convention=SELF_SIGN_CONVENTION,
+        )
+
+    assert test_store is not None
+    test_grads = test_store.to_dict()
+    test_scales = unit_scales(test_store.squared_norms()) if config.normalize else None
+    vectors: dict[str, torch.Tensor] = {}
+    for name in blocks:
+        v = test_grads.pop(name)
+        if test_scales is not None:
+            v = v.to(torch.float64) * test_scales.unsqueeze(1)
+        if config.mode == "average":
+            v = v.mean(dim=0, keepdim=True, dtype=torch.float64)
+        vectors[name] = v.to(device=device, dtype=compute_dtype)
+
+    preconditioned = method.precondition(vectors, method_ctx)
+    precondition_seconds = time.perf_counter() - started
+
+    test_rows = next(iter(preconditioned.vectors.values())).shape[0]
+
+    def score_columns(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        size = next(iter(batch.values())).shape[0]
+        partial = torch.zeros(size, test_rows, dtype=compute_dtype, device=device)  # (b, m)
+        for name in blocks:
+            partial.addmm_(batch[name], preconditioned.vectors[name].T, alpha=-1.0)  # -= X_b R_l^T
+        return {"scores": partial.T.to("cpu", torch.float64)}  # (m, b)
+
+    values = method_ctx.streamed_rows(f"Scores ({method.name})", score_columns, dim=1)["scores"]  # (m, n), store order
+
     diagnostics = {
         **preconditioned.diagnostics,
         "seconds": time.perf_counter() - started,
@@ -299,6 +400,7 @@ def influence_from_config(
         "processes": ctx.world_size,
         "passes_description": f"{method.passes_description} + 1 scoring pass",
         "zero_gradient_blocks": zero_blocks,
+        **({"zero_gradient_examples": zero_examples} if config.normalize else {}),
     }
     return Scores(
         values=values[0] if config.mode == "average" else values,
@@ -313,15 +415,16 @@ def influence_from_config(
 
 def influence(
     train: GradientsLike,
-    test: GradientsLike,
+    test: GradientsLike | None = None,
     *,
     method: str = "datainf",
-    mode: Literal["average", "pairwise"] = "average",
+    mode: Literal["average", "pairwise", "self"] = "average",
     damping: float = 0.1,
     fixed_lambda: float | None = None,
     method_options: Mapping[str, Any] | None = None,
     batch_size: int = 1024,
     device: str = "cpu",
+    normalize: bool = False,
     progress: bool = True,
 ) -> Scores:
     """Influence of every training example on the test loss (positive = harmful).
@@ -329,15 +432,20 @@ def influence(
     Args:
         train: training gradients, a :class:`~datainf.store.GradientStore` or a mapping block name ->
             tensor of shape ``(n, d_l)``.
-        test: test gradients, same blocks, shape ``(m, d_l)``.
-        method: ``datainf`` (paper eq. 5), ``exact``, ``lissa`` or ``hessian_free``.
-        mode: ``average`` -> ``Scores.values`` of shape ``(n,)``; ``pairwise`` -> ``(m, n)``.
+        test: test gradients, same blocks, shape ``(m, d_l)``; ``None`` (and only then) in ``self`` mode.
+        method: ``datainf`` (paper eq. 5), ``exact``, ``lissa``, ``hessian_free`` or any other
+            registered method (:func:`datainf.methods.available_methods`).
+        mode: ``average`` -> ``Scores.values`` of shape ``(n,)``; ``pairwise`` -> ``(m, n)``;
+            ``self`` -> ``(n,)`` self-influence ``s_k >= 0`` (large = suspect; see
+            :data:`SELF_SIGN_CONVENTION`), no test gradients.
         damping: ``lambda_l = damping * mean_i ||g_il||^2 / d_l`` per block (> 0; paper 0.1).
         fixed_lambda: one ``lambda`` for every block instead.
         method_options: e.g. ``{"iterations": 10, "scale": "trace"}`` for LiSSA,
             ``{"max_memory_gb": 4}`` for Exact.
         batch_size: training examples per streamed batch.
         device: where the arithmetic runs.
+        normalize: unit-normalise every training and test gradient first (cosine-style scores;
+            see :class:`InfluenceConfig`).
         progress: show progress bars.
 
     Returns:
@@ -357,5 +465,6 @@ def influence(
         method_options=dict(method_options or {}),
         batch_size=batch_size,
         device=device,
+        normalize=normalize,
     )
     return influence_from_config(train, test, config, progress=progress)

@@ -36,7 +36,8 @@ class Scores:
 
     Attributes:
         values: ``(n,)`` in ``average`` mode (influence on the mean test loss), ``(m, n)`` in
-            ``pairwise`` mode (row ``j`` = influence on test example ``j``'s loss). float64.
+            ``pairwise`` mode (row ``j`` = influence on test example ``j``'s loss), ``(n,)`` in
+            ``self`` mode (self-influence, ``test_ids`` empty; see :attr:`sign_convention`). float64.
         train_ids: the ``n`` training example ids, in column order.
         test_ids: the ``m`` test example ids (in ``average`` mode, those averaged over).
         method: ``datainf``, ``exact``, ``lissa``, ``hessian_free`` or a registered method.
@@ -49,19 +50,19 @@ class Scores:
     train_ids: list[str]
     test_ids: list[str]
     method: str
-    mode: Literal["average", "pairwise"]
+    mode: Literal["average", "pairwise", "self"]
     settings: dict[str, Any] = field(default_factory=dict)
     diagnostics: dict[str, Any] = field(default_factory=dict)
     sign_convention: str = SIGN_CONVENTION
 
     def __post_init__(self) -> None:
-        expected = (len(self.train_ids),) if self.mode == "average" else (len(self.test_ids), len(self.train_ids))
+        expected = (len(self.train_ids),) if self.mode in ("average", "self") else (len(self.test_ids), len(self.train_ids))
         if tuple(self.values.shape) != expected:
             raise ConfigError(f"Scores of mode {self.mode!r} need values of shape {expected}, got {tuple(self.values.shape)}.")
 
     # ------------------------------------------------------------------ rankings
     def _row(self, test_index: int | None) -> torch.Tensor:
-        if self.mode == "average":
+        if self.mode in ("average", "self"):
             if test_index is not None:
                 raise ConfigError("These scores are averaged over the test set; test_index applies to pairwise scores only.")
             return self.values
@@ -93,7 +94,7 @@ class Scores:
         """
         import pandas as pd
 
-        if self.mode == "average":
+        if self.mode in ("average", "self"):
             frame = pd.DataFrame({"train_id": self.train_ids, "influence": self.values.numpy()})
             frame["rank"] = frame["influence"].rank(ascending=False, method="first").astype(int)
             return frame

@@ -105,6 +105,30 @@ def _non_finite_ids(values: torch.Tensor, ids: Sequence[str], limit: int = 10) -
     return [ids[i] for i in bad_rows[:limit]] + (["..."] if len(bad_rows) > limit else [])
 
 
+_NORM_CHUNK_ELEMENTS = 1 << 17  # float64 numbers per row chunk of _row_squared_norms (1 MiB: stays in cache)
+
+
+def _row_squared_norms(block: torch.Tensor) -> torch.Tensor:
+    """``||row||^2`` of every row of a ``(b, d)`` block, float64 ``(b,)``, accumulated in float64.
+
+    Taken in row chunks of about ``_NORM_CHUNK_ELEMENTS`` numbers, so that the float64 copy is one
+    chunk, not the whole block. Each row's reduction is the same whatever the chunk (same values,
+    bit for bit, as one call on the block); a chunk never holds a lone row of a larger block (a
+    single-row reduction may be split across threads, which rounds differently).
+    """
+    rows, dim = block.shape
+    out = torch.empty(rows, dtype=torch.float64)
+    step = max(2, _NORM_CHUNK_ELEMENTS // max(dim, 1))
+    start = 0
+    while start < rows:
+        stop = min(rows, start + step)
+        if rows - stop == 1:
+            stop = rows
+        out[start:stop] = torch.linalg.vector_norm(block[start:stop], dim=1, dtype=torch.float64).square()
+        start = stop
+    return out
+
+
 def _check_rows(rows: range | None, n: int) -> range:
     """``rows`` checked against a store of ``n`` examples (``None`` -> every row)."""
     if rows is None:
@@ -293,7 +317,7 @@ class GradientStore(ABC):
             tensor = tensor.reshape(b, dim)
             cast = tensor.to(device="cpu", dtype=target).contiguous()
             # A row holds NaN/inf exactly when its squared norm (float64, no overflow for 16/32-bit values) does.
-            squared = torch.linalg.vector_norm(cast, dim=1, dtype=torch.float64).square()
+            squared = _row_squared_norms(cast)
             if not torch.isfinite(squared).all():
                 original_finite = torch.isfinite(tensor).all() if cast is not tensor else False
                 if original_finite:

@@ -29,7 +29,8 @@ __all__ = ["ExplanationResult", "score_and_evaluate", "class_indices", "format_g
 
 logger = logging.getLogger(__name__)
 
-#: Methods an experiment runs by default (Exact and LiSSA are added where the caller asks).
+#: Methods an experiment runs by default (Exact and LiSSA are added where the caller asks); any name
+#: in :func:`datainf.methods.available_methods` is accepted.
 GENERATION_METHODS: tuple[str, ...] = ("datainf", "hessian_free")
 
 
@@ -102,7 +103,7 @@ def score_and_evaluate(
         test_store: ``m`` test gradients; row order matches ``test_classes``.
         train_classes: ``(n,)`` class of each training example.
         test_classes: ``(m,)`` class of each test example.
-        methods: influence methods to run on the same gradients.
+        methods: influence methods to run on the same gradients (any registered method).
         damping: ``lambda_l = damping * mean_i ||g_il||^2 / d_l``.
         method_options: per-method options, e.g. ``{"lissa": {"scale": "trace"}}``.
         progress: show progress bars.
@@ -113,7 +114,9 @@ def score_and_evaluate(
     """
     from datainf.evaluation import per_test_metrics
     from datainf.influence import influence
+    from datainf.methods import check_method_names
 
+    methods = check_method_names(methods)  # any registered method, refused before the first is computed
     if len(train_classes) != train_store.num_examples or len(test_classes) != test_store.num_examples:
         raise DatasetError(
             f"{len(train_classes)} training / {len(test_classes)} test classes for stores of "

@@ -77,6 +77,7 @@ from torch import nn
 
 from datainf.errors import ConfigError, TaskInputError
 from datainf.explain.common import ExplanationResult, class_indices, score_and_evaluate
+from datainf.methods import available_methods, unknown_methods
 from datainf.models import ModelLoadError
 from datainf.store import atomic_write_json
 from datainf.settings import DictSettings, name_tuple
@@ -95,7 +96,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_METHODS = ("datainf", "hessian_free", "exact", "lissa")
 _DATASETS = ("sentence", "math", "math-reason")
 # config.json architectures that are a task head other than a language model: such a folder holds a
 # fine-tuned classifier (or tagger, ...), not a causal LM, even when its model type could run as one
@@ -199,10 +199,10 @@ class TextGenerationConfig(DictSettings):
         if not self.target_modules:
             problems.append("target_modules is empty: name the layers that get LoRA, e.g. query,value")
         if not self.methods:
-            problems.append("methods is empty: name at least one of " + ", ".join(_METHODS))
-        unknown = [m for m in self.methods if m not in _METHODS]
+            problems.append("methods is empty: name at least one of " + ", ".join(available_methods()))
+        unknown = unknown_methods(self.methods)
         if unknown:
-            problems.append(f"unknown method(s) {unknown}: use {list(_METHODS)}")
+            problems.append(f"unknown method(s) {unknown}: use {available_methods()}")
         if len(set(self.methods)) != len(self.methods):
             problems.append(f"methods {list(self.methods)} repeat a method")
         for name, low in (("r", 1), ("epochs", 1), ("batch_size", 1), ("max_length", 4), ("max_new_tokens", 1)):

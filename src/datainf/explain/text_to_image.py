@@ -148,7 +148,7 @@ class TextToImageConfig(DictSettings):
     _settings_name = "text-to-image"
 
     def __post_init__(self) -> None:
-        from datainf.methods import available_methods
+        from datainf.methods import available_methods, unknown_methods
 
         problems: list[str] = []
         if self.dataset not in _DATASETS:
@@ -173,7 +173,7 @@ class TextToImageConfig(DictSettings):
                 problems.append(f"{name}={steps} must be distinct integers in [0, {_NUM_TRAIN_TIMESTEPS})")
         if not self.damping > 0:
             problems.append(f"damping={self.damping} must be > 0")
-        unknown = [m for m in self.methods if m not in available_methods()]
+        unknown = unknown_methods(self.methods)
         if not self.methods or unknown:
             problems.append(f"methods={self.methods}: choose from {sorted(available_methods())}")
         if self.n_samples < 0 or self.sampling_steps < 1 or self.guidance_scale < 0:

@@ -1,7 +1,22 @@
-"""Influence methods (strategies): DataInf, Exact, LiSSA and Hessian-free, behind one interface."""
+"""Influence methods (strategies) behind one interface: DataInf, Exact, LiSSA, Hessian-free and Diagonal.
 
-from datainf.methods.base import InfluenceMethod, MethodContext, Preconditioned, available_methods, get_method, register_method
+How to add one: see :mod:`datainf.methods.base` (one file here, one :func:`register_method`).
+"""
+
+from datainf.methods.base import (
+    InfluenceMethod,
+    MethodContext,
+    Preconditioned,
+    SelfInfluence,
+    available_methods,
+    check_method_names,
+    get_method,
+    register_method,
+    unknown_methods,
+    unregister_method,
+)
 from datainf.methods.datainf_method import DataInf
+from datainf.methods.diagonal import Diagonal
 from datainf.methods.exact import Exact
 from datainf.methods.hessian_free import HessianFree
 from datainf.methods.lissa import Lissa, LissaDivergenceWarning
@@ -10,10 +25,15 @@ __all__ = [
     "InfluenceMethod",
     "MethodContext",
     "Preconditioned",
+    "SelfInfluence",
     "available_methods",
+    "check_method_names",
     "get_method",
     "register_method",
+    "unknown_methods",
+    "unregister_method",
     "DataInf",
+    "Diagonal",
     "Exact",
     "HessianFree",
     "Lissa",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from datainf.errors import ConfigError
-from datainf.methods.base import InfluenceMethod, MethodContext, Preconditioned, register_method
+from datainf.methods.base import Batch, InfluenceMethod, MethodContext, Preconditioned, register_method
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +34,14 @@ class Lissa(InfluenceMethod):
     The step ``r_j - r_{j-1}`` is the residual ``v - A r_{j-1} / s``; a block whose residual is
     non-finite or larger at the last step than at the first is reported as diverged (warning, and
     ``diagnostics["lissa_diverged_blocks"]`` on the scores).
+
+    Self-influence (``mode="self"``) runs the same recursion with the training rows themselves as
+    ``v``, ``batch_size`` rows at a time: ``iterations`` passes per chunk of rows, then
+    ``s_k = sum_l R_l[k] . g_kl`` (the default of :meth:`InfluenceMethod.self_influence`).
     """
 
     name = "lissa"
-    passes_description = "`iterations` passes (10 by default)"
+    passes_description = "`iterations` passes (10 by default); self mode: `iterations` per chunk of training rows"
 
     @dataclass(frozen=True)
     class Options:
@@ -58,9 +62,7 @@ class Lissa(InfluenceMethod):
     def precondition(self, test: Mapping[str, torch.Tensor], ctx: MethodContext) -> Preconditioned:
         n = ctx.total_examples
         if self.options.scale == "trace":
-            norms = ctx.sum_over_processes(ctx.local_squared_norms().sum(dim=0))  # (L,)
-            order = list(ctx.train.block_dims)
-            scales = {b: float(norms[order.index(b)]) / n + ctx.lambdas[b] for b in ctx.blocks}
+            scales = {b: ctx.squared_norm_total(b) / n + ctx.lambdas[b] for b in ctx.blocks}
         else:
             scales = {b: float(self.options.scale) for b in ctx.blocks}
         v = {b: test[b].to(torch.float64) for b in ctx.blocks}
@@ -69,13 +71,16 @@ class Lissa(InfluenceMethod):
         last: dict[str, float] = {}
         for step in range(int(self.options.iterations)):
             current = {b: r[b].to(ctx.compute_dtype) for b in ctx.blocks}
-            products = {b: torch.zeros_like(current[b]) for b in ctx.blocks}
-            for batch in ctx.stream(f"LiSSA {step + 1}/{self.options.iterations}"):
+
+            def add(products: dict[str, torch.Tensor], batch: Batch, current: dict[str, torch.Tensor] = current) -> None:
                 for b in ctx.blocks:
                     x = batch[b]
                     products[b].addmm_((x @ current[b].T).T, x)  # (m, d): += r X_b^T X_b
+
+            zeros = {b: torch.zeros_like(current[b]) for b in ctx.blocks}
+            products = ctx.streamed_sum(f"LiSSA {step + 1}/{self.options.iterations}", zeros, add)
             for b in ctx.blocks:
-                hvp = ctx.sum_over_processes(products.pop(b)).to(torch.float64) / n + ctx.lambdas[b] * r[b]
+                hvp = products.pop(b).to(torch.float64) / n + ctx.lambdas[b] * r[b]
                 residual = v[b] - hvp / scales[b]
                 r[b] = r[b] + residual
                 norm = float(residual.norm())
