@@ -46,7 +46,7 @@ TASKS: dict[str, tuple[str, str, tuple[float, float], tuple[float, float]]] = {
 
 NOTES = """What the misses mean and what was tried (2026-11-24):
 
-- Text tasks, response loss (the default, method.md section 4): every method is near chance (AUC 0.46-0.60),
+- Text tasks, response loss (the default, docs/gradients.md section 4.3): every method is near chance (AUC 0.46-0.60),
   DataInf slightly below Hessian-free. The MiniLM decoder learns the tasks only partly (exact match 0.05-0.14
   after 4 epochs; 0.45 on sentence after 10 epochs, with the same AUC), and the response gradient is dominated
   by which words or numbers the example must produce, not by its template. Tried: 10 epochs, damping 0.001-1

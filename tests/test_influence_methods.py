@@ -1,4 +1,4 @@
-"""Fast influence methods against slow float64 references (method.md sections 2-3)."""
+"""Fast influence methods against slow float64 references (docs/method.md sections 4-11)."""
 
 from __future__ import annotations
 

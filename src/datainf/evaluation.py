@@ -1,4 +1,4 @@
-"""Metrics that judge influence scores, as in the DataInf paper's experiments (method.md section 5).
+"""Metrics that judge influence scores, as in the DataInf paper's experiments (docs/method.md section 12).
 
 **Sign convention.** datainf's influence ``I(k) > 0`` means training example ``k`` *raises* the test
 loss (harmful); ``I(k) < 0`` means it lowers it (helpful). Hence:

@@ -1,6 +1,6 @@
 """The functional entry point: influence scores from per-block training and test gradients.
 
-Pipeline of :func:`influence` (method.md sections 2-3):
+Pipeline of :func:`influence` (docs/method.md sections 4-6):
 
 1. validate the inputs (non-empty, same blocks and sizes, same model fingerprint, finite);
 2. ``lambda_l = damping * mean_i ||g_il||^2 / d_l`` per block from the *training* gradients (read
@@ -181,7 +181,7 @@ def block_lambdas(
     rows: range | None = None,
     normalize: bool = False,
 ) -> dict[str, float]:
-    """Per-block damping ``lambda_l = damping * (1 / (n d_l)) sum_i ||g_il||^2`` (method.md section 2).
+    """Per-block damping ``lambda_l = damping * (1 / (n d_l)) sum_i ||g_il||^2`` (docs/method.md section 4).
 
     Computed from the store's recorded squared norms (float64), so it costs no pass over the
     gradients. With ``fixed_lambda`` every block gets that value. Blocks whose gradients are all zero

@@ -2,14 +2,14 @@
 
 Three reports:
 
-* :func:`write_mislabel_report`: the mislabeled-data detection experiment (method.md section 5):
+* :func:`write_mislabel_report`: the mislabeled-data detection experiment (docs/method.md section 13.3):
   a metric table per method, the detection curve (share of flipped labels found against share of
   training examples inspected, by decreasing influence), histograms of the scores of flipped and
   clean examples, and the 10 most harmful training examples per method.
 * :func:`write_scores_report`: any scores file (``datainf report``): the most harmful and most
   helpful training examples with their text, overall and, for pairwise scores, for the first few
   test examples.
-* :func:`write_generation_report`: an explain-a-generation experiment (method.md section 5): the
+* :func:`write_generation_report`: an explain-a-generation experiment (docs/method.md sections 13.4-13.5): the
   class-detection metrics, and for sampled test prompts the generated text or image beside the
   most helpful and most harmful training examples.
 

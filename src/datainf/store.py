@@ -2,7 +2,7 @@
 
 A store holds, for ``n`` examples, one flattened gradient per *block* (one trainable tensor, e.g. a
 ``lora_A`` weight): block ``l`` is an ``(n, d_l)`` matrix ``X_l`` whose row ``i`` is ``g_il``
-(method.md section 1). Alongside the gradients it keeps each example's squared norm per block,
+(docs/method.md section 1; format: docs/gradients.md section 7). Alongside the gradients it keeps each example's squared norm per block,
 ``||g_il||^2`` (float64, computed from the *stored* values), so that the per-block damping
 ``lambda_l`` and DataInf's denominators cost no extra pass over the gradients.
 

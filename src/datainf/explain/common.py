@@ -6,7 +6,7 @@ the training set and of the test set, and then calls :func:`score_and_evaluate`:
 ``I[j, k]`` of training example ``k`` on test example ``j`` (positive = harmful: up-weighting ``k``
 raises the loss of ``j``) for each method, and per test example the class-detection AUC of ``-I``
 against "same class" and the recall of same-class examples among the most helpful ones
-(method.md section 5, the paper's Table 2).
+(docs/method.md section 12; the paper's Table 2: sections 13.4-13.5).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Find and validate the trainable tensors of a LoRA-tuned model: the *blocks* of DataInf.
 
-A block is one trainable parameter tensor (method.md section 1): the ``lora_A`` and ``lora_B``
+A block is one trainable parameter tensor (docs/method.md section 1): the ``lora_A`` and ``lora_B``
 weights of every adapted layer are two separate blocks, and every trainable tensor of a
 ``modules_to_save`` copy (e.g. a classifier head's weight and bias) is one more block each. Blocks are
 named by the parameter's full name in ``model.named_parameters()``, e.g.
@@ -466,7 +466,7 @@ def gradient_mode(model: nn.Module, blocks: LoRABlocks | Sequence[GradientBlock]
     the cached activations); restore every module's previous train/eval and checkpointing flags and
     every tensor's previous ``requires_grad`` on exit, also when the body raises.
 
-    Gradients are taken at the fine-tuned weights with the model in eval mode (method.md section 4).
+    Gradients are taken at the fine-tuned weights with the model in eval mode (docs/gradients.md section 1).
     The switch is logged at INFO level.
     """
     modes = [(m, m.training) for m in model.modules()]

@@ -1,6 +1,6 @@
 """The interface every influence method implements, the context the engine hands it, and the registry.
 
-All methods share one structure (method.md section 3). For each block ``l`` with training gradients
+All methods share one structure (docs/method.md sections 2 and 6). For each block ``l`` with training gradients
 ``X_l`` (``n x d_l``) and test gradients ``V_l`` (``m x d_l``) they compute a *preconditioned test
 matrix*
 
@@ -106,7 +106,7 @@ class MethodContext:
 
     Attributes:
         train: the training gradients (``n`` examples).
-        lambdas: ``lambda_l`` per block (method.md section 2), the same for every method.
+        lambdas: ``lambda_l`` per block (docs/method.md section 4), the same for every method.
         blocks: the blocks to process, in a fixed (sorted) order; blocks whose training gradients are
             all zero are left out (they contribute nothing).
         batch_size: examples per batch read from the store (also the chunk size of

@@ -38,7 +38,7 @@ def _spd_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 @register_method
 class Exact(InfluenceMethod):
-    """The estimand itself, per block, in float64 (method.md section 3):
+    """The estimand itself, per block, in float64 (docs/method.md section 7):
 
         R_l = V_l (G_l + lambda_l I)^-1,  G_l = X_l^T X_l / n.
 

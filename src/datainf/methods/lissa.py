@@ -22,7 +22,7 @@ class LissaDivergenceWarning(UserWarning):
 
 @register_method
 class Lissa(InfluenceMethod):
-    """Neumann-series recursion for ``(G_l + lambda_l I)^-1 v`` (method.md section 3):
+    """Neumann-series recursion for ``(G_l + lambda_l I)^-1 v`` (docs/method.md section 9):
 
         r_0 = v,   r_j = v + (I - (G_l + lambda_l I) / s) r_{j-1},   R_l = r_J / s
 
