@@ -71,10 +71,12 @@ def test_integer_labels_are_looked_up_as_their_names() -> None:
 
 def test_unknown_labels_name_the_role_and_the_classes() -> None:
     given = LabelEncoder.from_names(["neg", "pos"])
-    with pytest.raises(DatasetError, match=r"^Training labels \['neutral', 'x'\] are not among the label names \['neg', 'pos'\]"):
+    message = r"^Training labels \['neutral', 'x'\] are not among the label names \['neg', 'pos'\]"
+    with pytest.raises(DatasetError, match=message):
         given.encode(_records(["x", "neutral", "pos", "x"]), "training")
     fitted = LabelEncoder.fit(_records(["neg", "pos"]))
-    with pytest.raises(DatasetError, match=r"^Test labels \['neutral'\] never occur in training \(training labels: \['neg', 'pos'\]\)"):
+    message = r"^Test labels \['neutral'\] never occur in training \(training labels: \['neg', 'pos'\]\)"
+    with pytest.raises(DatasetError, match=message):
         fitted.encode(_records(["neutral"]), "test")
     with pytest.raises(DatasetError, match=r"Data record\(s\) 'r1' have no 'label' value"):
         fitted.encode(_records(["neg", None]), "data")
@@ -96,7 +98,8 @@ def test_from_model_prefers_the_adapter_label_names() -> None:
     model = _model({"LABEL_0": 0, "LABEL_1": 1})
     encoder = LabelEncoder.from_model(model, {"label_names": ["neg", "pos"], "num_labels": 2})
     assert encoder == LabelEncoder(("neg", "pos")) and not encoder.class_ids
-    with pytest.raises(DatasetError, match=r"Data labels \['0', '1'\] never occur in training \(training labels: \['neg', 'pos'\]\)"):
+    message = r"Data labels \['0', '1'\] never occur in training \(training labels: \['neg', 'pos'\]\)"
+    with pytest.raises(DatasetError, match=message):
         encoder.encode(_records([0, 1]), "data")  # the adapter was trained on names: integers are not its classes
 
 

@@ -36,7 +36,7 @@ from datainf.gradients import (
     collect_gradients,
     find_lora_blocks,
 )
-from datainf.gradients.tasks import example_seed
+from datainf.tasks import example_seed
 from datainf.testing import check_per_example_gradients
 
 
@@ -424,3 +424,16 @@ def test_store_fingerprint_matches_the_one_recorded_before_the_split(name: str) 
     model, task = _fingerprint_case(name)
     _fixed_weights(model)
     assert gradient_fingerprint(model, task, find_lora_blocks(model)) == RECORDED_FINGERPRINTS[name]
+
+
+def test_the_old_import_paths_still_work() -> None:
+    import datainf.gradients as gradients
+    import datainf.gradients.tasks as old
+    import datainf.tasks as tasks
+
+    for name in old.__all__:
+        assert getattr(old, name) is getattr(tasks, name), name
+    for name in ("GradientTask", "TaskBatch", "SequenceClassificationTask", "CausalLMTask", "DiffusionTask"):
+        assert getattr(gradients, name) is getattr(tasks, name), name
+    assert SequenceClassificationTask.__module__ == "datainf.tasks.classification"
+    assert CausalLMTask.__module__ == "datainf.tasks.causal_lm" and DiffusionTask.__module__ == "datainf.tasks.diffusion"

@@ -447,10 +447,10 @@ def load_model(
         if label_names and len(label_names) == num_labels:
             kwargs["id2label"] = {i: str(name) for i, name in enumerate(label_names)}
             kwargs["label2id"] = {str(name): i for i, name in enumerate(label_names)}
-    if spec.decoder:
-        if getattr(config, "model_type", "") in _ENCODERS_AS_DECODERS and not getattr(config, "is_decoder", False):
-            kwargs["is_decoder"] = True
-            logger.info("Loading the %s encoder in %s as a causal decoder (is_decoder=True).", config.model_type, base_dir)
+    encoder = getattr(config, "model_type", "") in _ENCODERS_AS_DECODERS and not getattr(config, "is_decoder", False)
+    if spec.decoder and encoder:
+        kwargs["is_decoder"] = True
+        logger.info("Loading the %s encoder in %s as a causal decoder (is_decoder=True).", config.model_type, base_dir)
     try:
         auto_cls = spec.model_class()
     except ConfigError as err:

@@ -156,8 +156,9 @@ class LabelEncoder:
                 f"Labels in {field!r} mix strings and integers ({_preview(examples, 6)}). Use one type for every "
                 "record, e.g. convert all labels to strings."
             )
-        classes = sorted(set(train))  # type: ignore[type-var]  # one type, checked above
-        unseen = sorted({x for x in other if x not in set(classes)})  # type: ignore[type-var]
+        known = set(train)
+        classes = sorted(known)  # one label type, checked above
+        unseen = sorted({x for x in other if x not in known})
         if unseen:
             raise DatasetError(
                 f"Test labels {_preview(unseen)} never occur in the training records (training labels: "
@@ -238,7 +239,9 @@ class LabelEncoder:
         """
         bad = [i for i in ids if not _is_class_id(i) or not 0 <= int(i) < len(self.names)]
         if bad:
-            raise DatasetError(f"Class ids {_preview(bad)} are outside [0, {len(self.names)}) for labels {list(self.names)[:20]}.")
+            raise DatasetError(
+                f"Class ids {_preview(bad)} are outside [0, {len(self.names)}) for labels {list(self.names)[:20]}."
+            )
         return [self.names[int(i)] for i in ids]
 
     def _unknown_message(self, unseen: Sequence[str], role: str) -> str:
