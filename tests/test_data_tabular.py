@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from datainf.data.tabular import encode_labels, load_records
+from datainf.data.tabular import MissingColumnsError, encode_labels, load_records
 from datainf.errors import DatasetError, EmptyInputError
 
 ROWS: list[dict[str, Any]] = [
@@ -122,21 +122,27 @@ def test_unknown_format(tmp_path: Path) -> None:
 
 def test_misnamed_column_lists_columns_and_mapping(tmp_path: Path) -> None:
     path = _write(tmp_path / "d.jsonl", ROWS)
-    with pytest.raises(DatasetError) as info:
-        load_records(path, columns={"text": "sentense"})
+    with pytest.raises(MissingColumnsError) as info:
+        load_records(path, columns={"text": "sentense", "label": "y"})
     message = str(info.value)
     assert "'sentense'" in message and "for field 'text'" in message
     assert "['sentence', 'y']" in message
-    assert 'columns={"text": "<column>"}' in message and "--text-column <column>" in message
+    assert 'columns={"text": "<column>"}' in message
+    err = info.value
+    assert isinstance(err, DatasetError)
+    assert err.missing == ("text",) and err.found == ("sentence", "y") and err.columns == {"text": "sentense"}
+    assert err.path == path
 
 
 def test_missing_required_field(tmp_path: Path) -> None:
     path = _write(tmp_path / "d.jsonl", ROWS)
-    with pytest.raises(DatasetError) as info:
-        load_records(path, required=("text",))
+    with pytest.raises(MissingColumnsError) as info:
+        load_records(path, required=("text", "label", "y"))
     message = str(info.value)
-    assert "['text']" in message and "['sentence', 'y']" in message
-    assert 'columns={"text": "<column>"}' in message and "--text-column" in message
+    assert "['text', 'label']" in message and "['sentence', 'y']" in message
+    assert 'columns={"text": "<column>", "label": "<column>"}' in message
+    err = info.value
+    assert err.missing == ("text", "label") and err.found == ("sentence", "y") and err.columns == {}
 
 
 def test_one_column_for_two_fields_is_refused(tmp_path: Path) -> None:
@@ -151,12 +157,14 @@ def test_swapped_columns(tmp_path: Path) -> None:
     assert got == [{"id": "0", "text": "b", "label": "a"}]
 
 
-def test_fields_without_a_cli_flag_get_only_the_python_hint(tmp_path: Path) -> None:
+def test_the_data_layer_names_no_command_line_option(tmp_path: Path) -> None:
+    """Command-line hints are the CLI's to add (from the error's attributes); the data layer has none."""
     path = _write(tmp_path / "d.jsonl", ROWS)
-    with pytest.raises(DatasetError) as info:
-        load_records(path, required=("source",))
-    assert 'columns={"source": "<column>"}' in str(info.value)
-    assert "command line" not in str(info.value)
+    for kwargs in ({"required": ("source",)}, {"required": ("text",)}, {"columns": {"text": "sentense"}}):
+        with pytest.raises(MissingColumnsError) as info:
+            load_records(path, **kwargs)
+        message = str(info.value).replace(str(path), "<path>")
+        assert "--" not in message and "command line" not in message, message
 
 
 def test_required_value_missing_names_ids(tmp_path: Path) -> None:
@@ -276,3 +284,15 @@ def test_encode_label_errors() -> None:
         encode_labels([{"id": "x"}], [])
     with pytest.raises(DatasetError, match="non-integer"):
         encode_labels([{"id": "x", "label": 0.5}], [])
+
+
+def test_encode_labels_is_the_label_encoder() -> None:
+    from datainf.data.labels import LabelEncoder
+
+    train = [{"id": str(i), "label": y} for i, y in enumerate(["b", "a", "c", "a"])]
+    test = [{"id": "t", "label": "c"}]
+    names, train_ids, test_ids = encode_labels(train, test)
+    encoder = LabelEncoder.fit(train)
+    assert names == list(encoder.names) == ["a", "b", "c"]
+    assert train_ids == [r["label"] for r in encoder.encode(train, "training")] == [1, 0, 2, 0]
+    assert test_ids == [2]

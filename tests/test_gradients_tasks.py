@@ -36,7 +36,7 @@ from datainf.gradients import (
     collect_gradients,
     find_lora_blocks,
 )
-from datainf.gradients.tasks import example_seed
+from datainf.tasks import example_seed
 from datainf.testing import check_per_example_gradients
 
 
@@ -346,3 +346,94 @@ def test_non_finite_gradient_with_finite_loss_names_the_examples() -> None:
     with pytest.raises(NonFiniteGradientError, match="losses were finite") as info:
         collect_gradients(model, _SqrtTask(), data, batch_size=5, progress=False)
     assert "'e1'" in str(info.value) and "'e3'" in str(info.value) and "'e0'" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- store fingerprints are stable
+
+# Recorded at 48755a2 (before the tasks moved from datainf/gradients/tasks.py into datainf/tasks/): a
+# store written then must still be reused, so neither the model part nor the task part may change.
+_SCHED = (
+    'DDPMScheduler{"beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001, "num_train_timesteps": 1000, '
+    '"prediction_type": "epsilon"}'
+)
+RECORDED_FINGERPRINTS = {
+    "cls": {
+        "model": "a61da70a3994f5a2",
+        "task": 'SequenceClassificationTask{"label_field": "label", "max_length": 32, "pad_token_id": null, '
+        '"text_field": "text", "text_pair_field": "pair"}|tokenizer=|num_labels=3',
+        "adapter": "default",
+    },
+    "cls_default": {
+        "model": "a61da70a3994f5a2",
+        "task": 'SequenceClassificationTask{"label_field": "label", "max_length": null, "pad_token_id": null, '
+        '"text_field": "text", "text_pair_field": null}|tokenizer=None|num_labels=None',
+        "adapter": "default",
+    },
+    "lm": {
+        "model": "4a0f4a8ab1dc1cbe",
+        "task": 'CausalLMTask{"append_eos": true, "loss_on": "all", "max_length": 48, "pad_token_id": null, '
+        '"prompt_field": "prompt", "response_field": "response"}|tokenizer=',
+        "adapter": "default",
+    },
+    "diff_text": {
+        "model": "a0c7e3fc33461c99",
+        "task": 'DiffusionTask{"class_field": "class_label", "image_field": "pixel_values", "prompt_field": "prompt", '
+        '"prompt_max_length": 8, "seed": 0, "timestep_blocks": true, "timesteps": [25, 525]}'
+        f"|scheduler={_SCHED}|vae=False|text_encoder=CLIPTextModel",
+        "adapter": "default",
+    },
+    "diff_class": {
+        "model": "20589425009d05d0",
+        "task": 'DiffusionTask{"class_field": "class_label", "image_field": "pixel_values", "prompt_field": "prompt", '
+        '"prompt_max_length": null, "seed": 3, "timestep_blocks": false, "timesteps": [25, 225, 425, 525, 725, 925]}'
+        f"|scheduler={_SCHED}|vae=False|text_encoder=None",
+        "adapter": "default",
+    },
+}
+
+
+def _fixed_weights(model: nn.Module) -> nn.Module:
+    """Overwrite every parameter with a fixed ramp, so the fingerprint does not depend on torch's RNG."""
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            ramp = torch.linspace(-1, 1, p.numel(), dtype=torch.float64).reshape(p.shape)
+            p.copy_(ramp.to(p.dtype) * (i % 7 + 1) / 7)
+    return model
+
+
+def _fingerprint_case(name: str) -> tuple[nn.Module, GradientTask]:
+    from gradient_fixtures import text_encoder
+
+    if name == "cls":
+        cfg = SequenceClassificationConfig(max_length=32, text_pair_field="pair")
+        return bert_classifier(), SequenceClassificationTask(word_tokenizer(), cfg, num_labels=3)
+    if name == "cls_default":
+        return bert_classifier(), SequenceClassificationTask()
+    if name == "lm":
+        return llama_lm(), CausalLMTask(word_tokenizer("lm"), CausalLMConfig(max_length=48, loss_on="all"))
+    if name == "diff_text":
+        cfg = DiffusionTaskConfig(timesteps=(25, 525), prompt_max_length=8)
+        return unet_cond(), DiffusionTask(scheduler(), cfg, text_encoder=text_encoder(), tokenizer=word_tokenizer("lm"))
+    return unet_class(), DiffusionTask(scheduler(), DiffusionTaskConfig(timestep_blocks=False, seed=3))
+
+
+@pytest.mark.parametrize("name", sorted(RECORDED_FINGERPRINTS))
+def test_store_fingerprint_matches_the_one_recorded_before_the_split(name: str) -> None:
+    from datainf.gradients import gradient_fingerprint
+
+    model, task = _fingerprint_case(name)
+    _fixed_weights(model)
+    assert gradient_fingerprint(model, task, find_lora_blocks(model)) == RECORDED_FINGERPRINTS[name]
+
+
+def test_the_old_import_paths_still_work() -> None:
+    import datainf.gradients as gradients
+    import datainf.gradients.tasks as old
+    import datainf.tasks as tasks
+
+    for name in old.__all__:
+        assert getattr(old, name) is getattr(tasks, name), name
+    for name in ("GradientTask", "TaskBatch", "SequenceClassificationTask", "CausalLMTask", "DiffusionTask"):
+        assert getattr(gradients, name) is getattr(tasks, name), name
+    assert SequenceClassificationTask.__module__ == "datainf.tasks.classification"
+    assert CausalLMTask.__module__ == "datainf.tasks.causal_lm" and DiffusionTask.__module__ == "datainf.tasks.diffusion"

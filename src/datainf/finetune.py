@@ -2,10 +2,12 @@
 
 Recipe (method.md section 5): AdamW, learning rate 3e-4, batch 32, linear schedule with 6 % warm-up,
 maximum length 128, LoRA on ``query`` / ``value``. The loss of each batch is the mean of the same
-per-example losses the gradient collector differentiates (:mod:`datainf.gradients.tasks`):
+per-example losses the gradient collector differentiates: the task of the configured kind
+(:mod:`datainf.tasks.kinds`), built by :meth:`~datainf.tasks.TaskKind.make_task`:
 
 * ``classification``: cross-entropy; peft's ``SEQ_CLS`` task type keeps the classifier head
-  trainable through ``modules_to_save``;
+  trainable through ``modules_to_save``; labels become class ids through
+  :class:`~datainf.data.labels.LabelEncoder`;
 * ``causal-lm``: mean NLL over each example's *response* tokens (prompt and padding masked out).
 
 Training is seeded (LoRA initialisation, dropout, shuffling) and deterministic on the CPU. The
@@ -34,9 +36,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from datainf.errors import ConfigError, DatasetError, EmptyInputError
-from datainf.models import ADAPTER_METADATA, MODEL_KINDS, ModelLoadError, base_model_digest
+from datainf.data.labels import LabelEncoder
+from datainf.errors import ConfigError, EmptyInputError
+from datainf.models import ADAPTER_METADATA, ModelLoadError, base_model_digest
 from datainf.settings import DictSettings, name_tuple
+from datainf.tasks.kinds import TaskKind, available_task_kinds, get_task_kind
 
 __all__ = ["FinetuneConfig", "finetune_lora", "TRAINING_LOG"]
 
@@ -51,7 +55,8 @@ class FinetuneConfig(DictSettings):
     """Settings of one LoRA fine-tuning run (written to ``datainf_adapter.json`` with the adapter).
 
     Attributes:
-        kind: ``classification`` or ``causal-lm``.
+        kind: a task kind that fine-tuning trains (:func:`datainf.tasks.available_task_kinds` with
+            ``trainable=True``): ``classification`` or ``causal-lm`` built in.
         r: LoRA rank.
         alpha: LoRA alpha (the update is scaled by ``alpha / r``).
         target_modules: names of the linear layers that get LoRA (``query``/``value`` for BERT-style
@@ -91,8 +96,9 @@ class FinetuneConfig(DictSettings):
     def __post_init__(self) -> None:
         problems: list[str] = []
         object.__setattr__(self, "modules_to_save", name_tuple(self.modules_to_save))
-        if self.kind not in MODEL_KINDS:
-            problems.append(f"kind={self.kind!r}: use one of {list(MODEL_KINDS)}")
+        trainable = available_task_kinds(trainable=True)
+        if self.kind not in trainable:
+            problems.append(f"kind={self.kind!r}: use one of {trainable}")
         targets = name_tuple(self.target_modules)
         object.__setattr__(self, "target_modules", targets)
         if not targets:
@@ -133,52 +139,16 @@ class FinetuneConfig(DictSettings):
 # ---------------------------------------------------------------------------------------------- data
 
 
-def _classification_records(
-    records: Sequence[Mapping[str, Any]], label_names: Sequence[str] | None
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Records ``{"id", "text", "label": class index}`` and the class names (index = class id)."""
-    from datainf.data.tabular import encode_labels
-
-    missing = [str(r.get("id", i)) for i, r in enumerate(records) if r.get("text") is None]
-    if missing:
-        raise DatasetError(
-            f"{len(missing)} training record(s) have no 'text' field, e.g. ids {missing[:5]}. Map the text column "
-            "(CLI: --text-column)."
-        )
-    if label_names is None:
-        names, train_ids, _ = encode_labels(records, [])
-    else:
-        names = [str(n) for n in label_names]
-        index = {n: i for i, n in enumerate(names)}
-        train_ids = []
-        unknown: list[str] = []
-        for r in records:
-            raw = r.get("label")
-            key = str(int(raw)) if isinstance(raw, float) and raw.is_integer() else str(raw)
-            if key not in index:
-                unknown.append(key)
-            else:
-                train_ids.append(index[key])
-        if unknown:
-            raise DatasetError(
-                f"Training labels {sorted(set(unknown))[:10]} are not among the label names {names[:10]}; fix the "
-                "labels or the label names."
-            )
-    out = [{"id": str(r.get("id", i)), "text": str(r["text"]), "label": y} for i, (r, y) in enumerate(zip(records, train_ids))]
-    return out, names
-
-
-def _lm_records(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    bad = [str(r.get("id", i)) for i, r in enumerate(records) if not r.get("response")]
-    if bad:
-        raise DatasetError(
-            f"{len(bad)} training record(s) have no (or an empty) 'response', e.g. ids {bad[:5]}. Causal-LM fine-tuning "
-            "needs prompt/response pairs; map the columns (CLI: --prompt-column / --response-column)."
-        )
-    return [
-        {"id": str(r.get("id", i)), "prompt": str(r.get("prompt") or ""), "response": str(r["response"])}
-        for i, r in enumerate(records)
-    ]
+def _training_data(
+    kind: TaskKind, records: Sequence[Mapping[str, Any]], label_names: Sequence[str] | None
+) -> tuple[list[dict[str, Any]], LabelEncoder | None]:
+    """The records the task is trained on (labels as class ids for kinds that encode them) and the
+    label encoder (``None`` for kinds without labels)."""
+    data = kind.prepare_records(records)
+    if not kind.encodes_labels:
+        return data, None
+    encoder = LabelEncoder.fit(data) if label_names is None else LabelEncoder.from_names(label_names)
+    return encoder.encode(data, "training"), encoder
 
 
 # ---------------------------------------------------------------------------------------------- peft
@@ -206,8 +176,13 @@ def _wrap_with_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
             "without an adapter (datainf.models.load_model(base, kind=...))."
         )
     fan_in_fan_out = any(type(m).__name__ == "Conv1D" for m in model.modules())  # GPT-2 style layers
+    peft_type = get_task_kind(config.kind).peft_task_type
+    if peft_type is None or peft_type not in TaskType.__members__:
+        raise ConfigError(
+            f"Task kind {config.kind!r} has peft task type {peft_type!r}; use one of {sorted(TaskType.__members__)}."
+        )
     lora_config = LoraConfig(
-        task_type=TaskType.SEQ_CLS if config.kind == "classification" else TaskType.CAUSAL_LM,
+        task_type=TaskType[peft_type],
         r=config.r,
         lora_alpha=config.alpha,
         target_modules=list(config.target_modules),
@@ -304,8 +279,6 @@ def finetune_lora(
     """
     from transformers import get_linear_schedule_with_warmup
 
-    from datainf.gradients.tasks import CausalLMConfig, CausalLMTask, SequenceClassificationConfig, SequenceClassificationTask
-
     if not isinstance(config, FinetuneConfig):
         raise ConfigError(f"config must be a FinetuneConfig, got {type(config).__name__}.")
     if not records:
@@ -314,20 +287,17 @@ def finetune_lora(
     if output_dir.exists() and not overwrite:
         raise ConfigError(f"{output_dir} already exists; pass overwrite=True (CLI: --overwrite) or choose another folder.")
 
-    names: list[str] | None = None
-    task: Any
-    if config.kind == "classification":
-        data, names = _classification_records(records, label_names)
+    kind = get_task_kind(config.kind)
+    data, labels = _training_data(kind, records, label_names)
+    names = list(labels.names) if labels is not None else None
+    if names is not None:
         head = int(getattr(getattr(model, "config", None), "num_labels", len(names)))
         if head != len(names):
             raise ConfigError(
                 f"The model's classification head has {head} outputs but the data has {len(names)} classes "
                 f"({names[:10]}). Load the model with num_labels={len(names)}."
             )
-        task = SequenceClassificationTask(tokenizer, SequenceClassificationConfig(max_length=config.max_length), num_labels=len(names))
-    else:
-        data = _lm_records(records)
-        task = CausalLMTask(tokenizer, CausalLMConfig(max_length=config.max_length))
+    task = kind.make_task(tokenizer, max_length=config.max_length, num_labels=len(names) if names is not None else None)
 
     base_path = _base_model_path(model)
     try:

@@ -4,12 +4,15 @@ datainf works offline: every model and adapter is a local folder. A name that is
 (e.g. a hub id such as ``roberta-large``) is refused at once with a clear message instead of letting
 ``from_pretrained`` try the network.
 
-Two task kinds are supported:
+The ``kind`` is a task kind of :mod:`datainf.tasks.kinds` that names a transformers auto class
+(:attr:`~datainf.tasks.TaskKind.auto_model`); built in:
 
 * ``"classification"``: ``AutoModelForSequenceClassification`` with ``num_labels`` classes (read from
   the adapter's ``datainf_adapter.json`` when the adapter was trained by :mod:`datainf.finetune`);
+  every kind that :attr:`~datainf.tasks.TaskKind.encodes_labels` gets its head sized this way;
 * ``"causal-lm"``: ``AutoModelForCausalLM``. Encoder models that can run as decoders (BERT, RoBERTa,
-  ...) are loaded with ``is_decoder=True`` (causal attention), e.g. all-MiniLM-L6-v2 as a small LM.
+  ...) are loaded with ``is_decoder=True`` (causal attention), e.g. all-MiniLM-L6-v2 as a small LM;
+  so is every kind marked :attr:`~datainf.tasks.TaskKind.decoder`.
 
 An adapter is checked against the base model before and after loading; a mismatch (different base
 model recorded by datainf, weight shapes that do not fit, target modules absent, adapter tensors that
@@ -28,17 +31,17 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from datainf.errors import DataInfError
+from datainf.errors import ConfigError, DataInfError
+from datainf.tasks.kinds import TaskKind, available_task_kinds, get_task_kind
 
 __all__ = [
     "ADAPTER_METADATA",
     "ModelKind",
-    "MODEL_KINDS",
     "LoadedModel",
     "ModelLoadError",
     "AdapterMismatchError",
@@ -52,8 +55,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ModelKind = Literal["classification", "causal-lm"]
-MODEL_KINDS: tuple[str, ...] = ("classification", "causal-lm")
+ModelKind = str
+"""The name of a registered task kind that :func:`load_model` can load (:func:`datainf.tasks.available_task_kinds`
+with ``loadable=True``), e.g. ``"classification"`` or ``"causal-lm"``."""
 
 #: File written by :func:`datainf.finetune.finetune_lora` next to the peft adapter: base model path and
 #: digest, task kind, label names, training settings.
@@ -210,6 +214,25 @@ def base_model_digest(base: str | os.PathLike[str]) -> str:
 # ---------------------------------------------------------------------------------------------- loading
 
 
+def _loadable_kind(kind: str) -> TaskKind:
+    """The registered task kind ``kind``, checked to name a transformers model class.
+
+    Raises:
+        ModelLoadError: the kind is unknown or has no transformers model class.
+    """
+    try:
+        spec = get_task_kind(kind)
+    except ConfigError:
+        raise ModelLoadError(f"Unknown model kind {kind!r}; use one of {available_task_kinds(loadable=True)}.") from None
+    if not spec.loadable:
+        raise ModelLoadError(
+            f"Task kind {kind!r} names no transformers model class, so load_model cannot load it (kinds it loads: "
+            f"{available_task_kinds(loadable=True)}); load the model yourself and build its task "
+            f"({spec.task_class.__name__}) directly."
+        )
+    return spec
+
+
 def load_tokenizer(base: str | os.PathLike[str], *, kind: ModelKind = "classification") -> Any:
     """The tokenizer of a local model folder; causal LMs without a pad token get EOS (or UNK) as pad.
 
@@ -226,7 +249,7 @@ def load_tokenizer(base: str | os.PathLike[str], *, kind: ModelKind = "classific
             f"No usable tokenizer in {path} ({type(err).__name__}: {str(err)[:300]}). Save one next to the model with "
             "tokenizer.save_pretrained(folder)."
         ) from err
-    if kind == "causal-lm" and getattr(tokenizer, "pad_token", None) is None:
+    if _loadable_kind(kind).decoder and getattr(tokenizer, "pad_token", None) is None:
         for candidate in ("eos_token", "unk_token"):
             token = getattr(tokenizer, candidate, None)
             if token is not None:
@@ -360,10 +383,12 @@ def load_model(
 
     Args:
         base: local folder written by ``save_pretrained`` (``config.json`` + weights + tokenizer files).
-        kind: ``"classification"`` or ``"causal-lm"``.
-        num_labels: classes of a classification head. Default: from the adapter's
-            ``datainf_adapter.json``, else the folder's ``config.num_labels``. A head whose size
-            differs from the checkpoint's is re-initialised (seeded by ``seed``).
+        kind: a task kind with a transformers model class (``"classification"`` or ``"causal-lm"``
+            built in; :func:`datainf.tasks.available_task_kinds` with ``loadable=True``).
+        num_labels: classes of a classification head (kinds that encode labels; ignored by the
+            others). Default: from the adapter's ``datainf_adapter.json``, else the folder's
+            ``config.num_labels``. A head whose size differs from the checkpoint's is re-initialised
+            (seeded by ``seed``).
         adapter: folder of a peft LoRA adapter (or a ``datainf finetune`` output folder holding
             ``adapter/``). With a datainf adapter, the label names it was trained with are set as the
             model's ``id2label`` / ``label2id``.
@@ -381,10 +406,9 @@ def load_model(
             or unreadable; ``kind`` or ``num_labels`` is invalid.
         AdapterMismatchError: the adapter belongs to a different base model.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
-    if kind not in MODEL_KINDS:
-        raise ModelLoadError(f"Unknown model kind {kind!r}; use one of {list(MODEL_KINDS)}.")
+    spec = _loadable_kind(kind)
     torch_dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise ModelLoadError(f"Unknown dtype {dtype!r}; use float32, float64, bfloat16 or float16.")
@@ -407,7 +431,7 @@ def load_model(
 
     label_names = meta.get("label_names")
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": torch_dtype}
-    if kind == "classification":
+    if spec.encodes_labels:
         if num_labels is None:
             num_labels = int(meta["num_labels"]) if meta.get("num_labels") else int(getattr(config, "num_labels", 2))
         if isinstance(num_labels, bool) or int(num_labels) < 1:
@@ -423,12 +447,14 @@ def load_model(
         if label_names and len(label_names) == num_labels:
             kwargs["id2label"] = {i: str(name) for i, name in enumerate(label_names)}
             kwargs["label2id"] = {str(name): i for i, name in enumerate(label_names)}
-        auto_cls: Any = AutoModelForSequenceClassification
-    else:
-        if getattr(config, "model_type", "") in _ENCODERS_AS_DECODERS and not getattr(config, "is_decoder", False):
-            kwargs["is_decoder"] = True
-            logger.info("Loading the %s encoder in %s as a causal decoder (is_decoder=True).", config.model_type, base_dir)
-        auto_cls = AutoModelForCausalLM
+    encoder = getattr(config, "model_type", "") in _ENCODERS_AS_DECODERS and not getattr(config, "is_decoder", False)
+    if spec.decoder and encoder:
+        kwargs["is_decoder"] = True
+        logger.info("Loading the %s encoder in %s as a causal decoder (is_decoder=True).", config.model_type, base_dir)
+    try:
+        auto_cls = spec.model_class()
+    except ConfigError as err:
+        raise ModelLoadError(str(err)) from err
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -443,7 +469,7 @@ def load_model(
             raise ModelLoadError(f"Loading the model in {base_dir} failed ({type(err).__name__}: {str(err)[:300]}).") from err
 
     tokenizer = load_tokenizer(base_dir, kind=kind)
-    if kind == "causal-lm" and getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+    if spec.decoder and getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if adapter_dir is not None:
         model = _attach_adapter(model, base_dir, adapter_dir, peft_cfg, trainable=trainable)

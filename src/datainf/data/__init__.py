@@ -5,6 +5,8 @@ record.
 
 - :mod:`datainf.data.tabular`: :func:`load_records` (JSONL, JSON, CSV/TSV, Parquet, saved HF
   datasets) and :func:`encode_labels`;
+- :mod:`datainf.data.labels`: :class:`LabelEncoder`, class labels <-> class ids (used by
+  fine-tuning, gradients, scoring and the classification task);
 - :mod:`datainf.data.bbc`: :func:`load_bbc_news` and :func:`make_noisy_split` (flipped labels for
   mislabeled-data detection);
 - :mod:`datainf.data.generation`: :func:`make_generation_dataset` (the paper's sentence
@@ -40,14 +42,17 @@ from datainf.data.images import (
     stack_pixel_values,
     subject_tokens,
 )
-from datainf.data.tabular import CLI_COLUMN_FLAGS, SUPPORTED_FORMATS, encode_labels, load_records
+from datainf.data.labels import LabelEncoder
+from datainf.data.tabular import SUPPORTED_FORMATS, MissingColumnsError, encode_labels, load_records
 
 __all__ = [
     # tabular
     "SUPPORTED_FORMATS",
-    "CLI_COLUMN_FLAGS",
+    "MissingColumnsError",
     "load_records",
     "encode_labels",
+    # labels
+    "LabelEncoder",
     # bbc
     "NoisySplit",
     "bbc_news_dir",

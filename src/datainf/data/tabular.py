@@ -1,4 +1,4 @@
-"""Load user datasets from disk as plain records, and encode their labels.
+"""Load user datasets from disk as plain records.
 
 A *record* is a ``dict[str, Any]`` with a string ``"id"`` field; every loader in
 :mod:`datainf.data` returns a ``list`` of them. :func:`load_records` reads the formats people keep
@@ -6,9 +6,10 @@ small fine-tuning sets in (JSONL, JSON, CSV, Parquet, a folder written by
 ``datasets.Dataset.save_to_disk``) and renames the file's columns to the field names datainf expects
 (``"text"``, ``"label"``, ``"prompt"``, ...).
 
-Every problem is reported as a :class:`~datainf.errors.DatasetError` (or
-:class:`~datainf.errors.EmptyInputError` for a dataset with no rows) whose message says what is
-wrong and how to fix it.
+Every problem is reported as a :class:`~datainf.errors.DatasetError` (a
+:class:`MissingColumnsError` for absent columns, :class:`~datainf.errors.EmptyInputError` for a
+dataset with no rows) whose message says what is wrong and how to fix it. :func:`encode_labels` is a
+thin wrapper of :class:`~datainf.data.labels.LabelEncoder`, the one label encoder.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from datainf.data.labels import LabelEncoder
 from datainf.errors import DatasetError, EmptyInputError
 
-__all__ = ["SUPPORTED_FORMATS", "CLI_COLUMN_FLAGS", "load_records", "encode_labels"]
+__all__ = ["SUPPORTED_FORMATS", "MissingColumnsError", "load_records", "encode_labels"]
 
 logger = logging.getLogger(__name__)
 
@@ -215,18 +217,40 @@ def _column_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return list(seen)
 
 
-#: Command-line option that maps each of our field names to a file column (see datainf.cli).
-CLI_COLUMN_FLAGS: dict[str, str] = {
-    field: f"--{field}-column" for field in ("text", "label", "prompt", "response", "id")
-}
-
-
 def _mapping_hint(fields: Sequence[str]) -> str:
-    """Say how to map ``fields`` to file columns, in Python and on the command line."""
+    """Say how to map ``fields`` to file columns."""
     python = ", ".join(f'"{f}": "<column>"' for f in fields)
-    flags = [f"{CLI_COLUMN_FLAGS[f]} <column>" for f in fields if f in CLI_COLUMN_FLAGS]
-    cli = f" (command line: {', '.join(flags)})" if flags else ""
-    return f"columns={{{python}}}{cli}, using a column listed above."
+    return f"columns={{{python}}}, using a column listed above."
+
+
+class MissingColumnsError(DatasetError):
+    """Fields datainf needs are not among the columns of a dataset file.
+
+    The message names the fields and the columns the file has; the attributes carry the same facts
+    so that a front end can add its own hint (e.g. the command-line option that maps a field).
+
+    Attributes:
+        path: the dataset file.
+        missing: our field names that no column fills, e.g. ``("text", "label")``.
+        columns: for the missing fields that were mapped to a file column that does not exist,
+            field -> that column; empty when the fields were required but not mapped.
+        found: the file's columns, in first-seen order.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: Path,
+        missing: Sequence[str],
+        found: Sequence[str],
+        columns: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.missing = tuple(missing)
+        self.found = tuple(found)
+        self.columns = dict(columns or {})
 
 
 def load_records(
@@ -253,9 +277,10 @@ def load_records(
         the file has one, converted to ``str``; otherwise it is the 0-based row index as a string.
 
     Raises:
-        DatasetError: the file is missing, its format is unknown or unreadable, a mapped or
-            required column does not exist (the message lists the columns that do), a required
-            value is missing, an id is missing, or ids repeat.
+        MissingColumnsError: a mapped or required column does not exist (the message lists the
+            columns that do; the error carries them as attributes).
+        DatasetError: the file is missing, its format is unknown or unreadable, a required value
+            is missing, an id is missing, or ids repeat.
         EmptyInputError: the file holds no rows.
     """
     path = Path(path)
@@ -278,9 +303,13 @@ def load_records(
         wanted = ", ".join(
             f"{theirs!r} (for field {ours!r})" for ours, theirs in missing_mapped.items()
         )
-        raise DatasetError(
+        raise MissingColumnsError(
             f"{path}: column {wanted} not found. Columns in the file: {present}. Map the field "
-            "with " + _mapping_hint(list(missing_mapped))
+            "with " + _mapping_hint(list(missing_mapped)),
+            path=path,
+            missing=list(missing_mapped),
+            found=present,
+            columns=missing_mapped,
         )
     sources = set(mapping.values())
     if len(sources) < len(mapping):
@@ -293,10 +322,13 @@ def load_records(
     out_fields = [renamed.get(c, c) for c in present if c in sources or c not in mapping]
     missing_required = [f for f in required if f not in out_fields and f != "id"]
     if missing_required:
-        raise DatasetError(
+        raise MissingColumnsError(
             f"{path}: required field(s) {missing_required} not found. Columns in the file: "
             f"{present}. If the data is there under another name, map it with "
-            + _mapping_hint(missing_required)
+            + _mapping_hint(missing_required),
+            path=path,
+            missing=missing_required,
+            found=present,
         )
     shadowed = [c for c in present if c in mapping and c not in sources]
     if shadowed:
@@ -340,31 +372,6 @@ def load_records(
     return records
 
 
-def _normalise_label(value: Any, record_id: str, field: str) -> str | int:
-    """Return a str or int label; integral floats (as pandas reads int columns with gaps) -> int."""
-    if _is_missing(value):
-        raise DatasetError(
-            f"Record {record_id!r} has no {field!r} value. Every record needs a label."
-        )
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        if value.is_integer():
-            return int(value)
-        raise DatasetError(
-            f"Record {record_id!r} has a non-integer numeric {field!r} {value!r}. Labels must be "
-            "strings or integers."
-        )
-    if isinstance(value, str):
-        return value
-    raise DatasetError(
-        f"Record {record_id!r} has a {field!r} of type {type(value).__name__}; labels must be "
-        "strings or integers."
-    )
-
-
 def encode_labels(
     train_records: Sequence[Mapping[str, Any]],
     test_records: Sequence[Mapping[str, Any]],
@@ -372,8 +379,10 @@ def encode_labels(
 ) -> tuple[list[str], list[int], list[int]]:
     """Map string or integer labels to contiguous class indices ``0..K-1``.
 
-    The classes are the distinct labels of the *training* records, sorted (numerically for integer
-    labels, alphabetically for strings), so integer labels ``0..K-1`` keep their values.
+    A thin wrapper of :class:`~datainf.data.labels.LabelEncoder`: the classes are
+    ``LabelEncoder.fit(train_records, field, held_out=test_records).names``, the distinct labels of the
+    *training* records, sorted (numerically for integer labels, alphabetically for strings), so
+    integer labels ``0..K-1`` keep their values.
 
     Args:
         train_records: records carrying ``field``; define the label set.
@@ -389,37 +398,7 @@ def encode_labels(
         DatasetError: a label is missing or of an unsupported type, labels mix strings and
             integers, or test labels do not occur in training (the message names them).
     """
-    if not train_records:
-        raise EmptyInputError(
-            "encode_labels got no training records; the label set would be empty."
-        )
-
-    def labels_of(records: Sequence[Mapping[str, Any]]) -> list[str | int]:
-        return [
-            _normalise_label(r.get(field), str(r.get("id", i)), field)
-            for i, r in enumerate(records)
-        ]
-
-    train_labels = labels_of(train_records)
-    test_labels = labels_of(test_records)
-    kinds = {type(x) for x in train_labels + test_labels}
-    if len(kinds) > 1:
-        examples = sorted(set(train_labels + test_labels), key=repr)
-        raise DatasetError(
-            f"Labels in {field!r} mix strings and integers ({_preview(examples, 6)}). Use one type "
-            "for every record, e.g. convert all labels to strings."
-        )
-    classes = sorted(set(train_labels))
-    index = {label: i for i, label in enumerate(classes)}
-    unseen = sorted({x for x in test_labels if x not in index})
-    if unseen:
-        raise DatasetError(
-            f"Test labels {_preview(unseen)} never occur in the training records (training labels: "
-            f"{_preview(classes)}). A classifier cannot predict unseen classes: add training "
-            "examples for them or drop those test records."
-        )
-    return (
-        [str(c) for c in classes],
-        [index[x] for x in train_labels],
-        [index[x] for x in test_labels],
-    )
+    encoder = LabelEncoder.fit(train_records, field, held_out=test_records)
+    train_ids = [r[field] for r in encoder.encode(train_records, "training", field=field)]
+    test_ids = [r[field] for r in encoder.encode(test_records, "test", field=field)]
+    return list(encoder.names), train_ids, test_ids

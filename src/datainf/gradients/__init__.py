@@ -1,8 +1,9 @@
 """Per-example LoRA gradients for transformers and diffusers models, in one batched pass.
 
 * :func:`collect_gradients` -- every example's gradient of every block into a ``GradientStore``.
-* Tasks (what the per-example loss is): :class:`SequenceClassificationTask`, :class:`CausalLMTask`,
-  :class:`DiffusionTask`, or your own :class:`GradientTask`.
+* Tasks (what the per-example loss is, defined in :mod:`datainf.tasks` and re-exported here):
+  :class:`SequenceClassificationTask`, :class:`CausalLMTask`, :class:`DiffusionTask`, or your own
+  :class:`GradientTask`.
 * :func:`find_lora_blocks` -- discovery and validation of the adapter's trainable tensors.
 * :class:`PerExampleGradients` -- the hook machinery (one forward, one backward per batch).
 
@@ -12,7 +13,7 @@ Check the fast path on your own model with :func:`datainf.testing.check_per_exam
 from datainf.gradients.collect import batch_gradients, collect_gradients, dataset_fingerprint, example_ids, gradient_fingerprint
 from datainf.gradients.hooks import PerExampleGradients, row_block_name, split_block_dims
 from datainf.gradients.lora import GradientBlock, LoRABlocks, find_lora_blocks, gradient_mode, model_fingerprint
-from datainf.gradients.tasks import (
+from datainf.tasks import (
     DEFAULT_DIFFUSION_TIMESTEPS,
     CausalLMConfig,
     CausalLMTask,

@@ -2,7 +2,7 @@
 
 One forward and one backward pass per batch (:class:`~datainf.gradients.hooks.PerExampleGradients`),
 with the model in eval mode (LoRA dropout off) at its fine-tuned weights. The task decides what the
-per-example loss is (:mod:`datainf.gradients.tasks`).
+per-example loss is (:mod:`datainf.tasks`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from datainf.errors import (
 )
 from datainf.gradients.hooks import PerExampleGradients, split_block_dims
 from datainf.gradients.lora import LoRABlocks, find_lora_blocks, gradient_mode, model_fingerprint
-from datainf.gradients.tasks import GradientTask, TaskBatch
+from datainf.tasks import GradientTask, TaskBatch
 from datainf.store import DiskGradientStore, GradientStore
 
 __all__ = ["collect_gradients", "example_ids", "batch_gradients", "gradient_fingerprint", "dataset_fingerprint"]
