@@ -1,6 +1,6 @@
 """LoRA fine-tuning with peft and a plain torch loop (the DataInf paper's recipe by default).
 
-Recipe (method.md section 5): AdamW, learning rate 3e-4, batch 32, linear schedule with 6 % warm-up,
+Recipe (docs/method.md section 13.1): AdamW, learning rate 3e-4, batch 32, linear schedule with 6 % warm-up,
 maximum length 128, LoRA on ``query`` / ``value``. The loss of each batch is the mean of the same
 per-example losses the gradient collector differentiates: the task of the configured kind
 (:mod:`datainf.tasks.kinds`), built by :meth:`~datainf.tasks.TaskKind.make_task`:

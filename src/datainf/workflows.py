@@ -65,7 +65,21 @@ logger = logging.getLogger(__name__)
 
 S = TypeVar("S")
 
-_KINDS = ("classification", "causal-lm")
+
+
+def _trainable_kinds() -> tuple[str, ...]:
+    """Task kinds ``finetune_run`` can train (from the task-kind registry, :mod:`datainf.tasks.kinds`)."""
+    from datainf.tasks import available_task_kinds
+
+    return tuple(available_task_kinds(trainable=True))
+
+
+def _loadable_kinds() -> tuple[str, ...]:
+    """Task kinds whose models ``gradients_run`` / ``score_run`` can load from a folder."""
+    from datainf.tasks import available_task_kinds
+
+    return tuple(available_task_kinds(loadable=True))
+
 _DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
@@ -150,7 +164,7 @@ class FinetuneSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _normalise(self, ("model", "data"), {"kind": _KINDS})
+        _normalise(self, ("model", "data"), {"kind": _trainable_kinds()})
 
 
 @dataclass(frozen=True)
@@ -190,7 +204,7 @@ class GradientsSettings:
     id_column: str | None = None
 
     def __post_init__(self) -> None:
-        _normalise(self, ("model", "adapter", "data"), {"kind": _KINDS, "dtype": _DTYPES})
+        _normalise(self, ("model", "adapter", "data"), {"kind": _loadable_kinds(), "dtype": _DTYPES})
 
 
 @dataclass(frozen=True)
@@ -245,7 +259,7 @@ class ScoreSettings:
         _normalise(
             self,
             ("train_grads", "test_grads", "model", "adapter", "train_data", "test_data"),
-            {"kind": _KINDS, "dtype": _DTYPES, "mode": ("average", "pairwise"), "table_format": ("csv", "parquet")},
+            {"kind": _loadable_kinds(), "dtype": _DTYPES, "mode": ("average", "pairwise"), "table_format": ("csv", "parquet")},
         )
         if isinstance(self.method, str):
             object.__setattr__(self, "method", (self.method,))
@@ -364,8 +378,9 @@ def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progres
         ConfigError: no model, bad settings, ``<out>`` holds another configuration (without ``overwrite``).
         DatasetError: unreadable data, missing columns.
     """
-    from datainf.data.tabular import encode_labels
+    from datainf.data.labels import LabelEncoder
     from datainf.finetune import FinetuneConfig, finetune_lora
+    from datainf.tasks import get_task_kind
     from datainf.models import load_model, resolve_model_dir
 
     with removed_on_error(settings.out):
@@ -388,7 +403,7 @@ def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progres
         run = RunDir.claim(settings.out, kind="finetune", settings=_saved(settings), overwrite=overwrite)
 
         def train(adapter_dir: Path) -> Path:
-            names = encode_labels(records, [])[0] if ft.kind == "classification" else None
+            names = list(LabelEncoder.fit(records).names) if get_task_kind(ft.kind).encodes_labels else None
             model, tokenizer = load_model(
                 str(settings.model), kind=ft.kind, num_labels=len(names) if names else None, device=settings.device, seed=ft.seed
             )
@@ -550,15 +565,16 @@ def _score_inputs_from_data(
     if not (settings.train_data and settings.test_data):
         raise ConfigError("Pass both --train-data and --test-data.")
 
+    from datainf.data.labels import LabelEncoder
+    from datainf.tasks import get_task_kind
+
     def read() -> tuple[ScoreSettings, list[dict[str, Any]], list[dict[str, Any]]]:
         resolved = _resolve_model_settings(settings, _adapter_meta(settings))
         kind = str(resolved.kind)
         train = _load_data(resolved.train_data, resolved, kind, "--train-data")
         test = _load_data(resolved.test_data, resolved, kind, "--test-data")
-        if kind == "classification":
-            from datainf.data.tabular import encode_labels
-
-            encode_labels(train, test)  # test labels unseen in the training data -> DatasetError
+        if get_task_kind(kind).encodes_labels:
+            LabelEncoder.fit(train, held_out=test)  # test labels unseen in the training data -> DatasetError
         return resolved, train, test
 
     settings, train, test = on_every_rank(ctx, "Reading the data", read)
@@ -705,19 +721,23 @@ def _model_and_task(
     ``records`` maps a role (``data``, ``training``, ``test``: named in label errors) to its records;
     returned the same way, classification records with the integer labels of the model's head.
     """
+    from datainf.data.labels import LabelEncoder
     from datainf.models import load_model
+    from datainf.tasks import get_task_kind
 
     meta = _adapter_meta(settings)
     settings = _resolve_model_settings(settings, meta)
     kind = str(settings.kind)
+    task_kind = get_task_kind(kind)
     device = dist_context().resolve_device(settings.device)  # "cuda" -> this rank's GPU under torchrun
     model, tokenizer = load_model(
         str(settings.model), kind=kind, num_labels=settings.num_labels, adapter=settings.adapter, device=str(device)  # type: ignore[arg-type]
     )
-    if kind == "classification":
-        records = {role: _encode_for_model(recs, model, meta, role) for role, recs in records.items()}
-    num_labels = getattr(model.config, "num_labels", None) if kind == "classification" else None
-    task = _make_task(kind, tokenizer, settings.max_length, num_labels)
+    if task_kind.encodes_labels:
+        encoder = LabelEncoder.from_model(model, meta)
+        records = {role: encoder.encode(recs, role) for role, recs in records.items()}
+    num_labels = getattr(model.config, "num_labels", None)
+    task = task_kind.make_task(tokenizer, max_length=settings.max_length, num_labels=num_labels)
     return model, task, dict(records)
 
 
@@ -782,12 +802,11 @@ def _compute_store(
     )
 
 
-# ---------------------------------------------------------------------------------------------- task kinds and labels
-# Moved unchanged from cli.py. To be replaced at merge time by the task-kind registry
-# (datainf.tasks.get_task_kind) and the one label encoder (datainf.data.labels.LabelEncoder).
+# ---------------------------------------------------------------------------------------------- data of a task kind
 
 
 def _column_map(settings: Any) -> dict[str, str]:
+    """The record field -> file column renames given by the settings' ``*_column`` fields."""
     mapping = {
         "text": getattr(settings, "text_column", None),
         "label": getattr(settings, "label_column", None),
@@ -798,55 +817,11 @@ def _column_map(settings: Any) -> dict[str, str]:
     return {ours: theirs for ours, theirs in mapping.items() if theirs}
 
 
-def _required_fields(kind: str) -> list[str]:
-    return ["text", "label"] if kind == "classification" else ["response"]
-
-
 def _load_data(path: str | None, settings: Any, kind: str, flag: str) -> list[dict[str, Any]]:
+    """The records of ``path`` with the fields the task kind needs (its ``required_fields``)."""
     from datainf.data.tabular import load_records
+    from datainf.tasks import get_task_kind
 
     if not path:
         raise ConfigError(f"No data given: pass {flag} PATH.")
-    return load_records(path, columns=_column_map(settings), required=_required_fields(kind))
-
-
-def _norm_label(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value)
-
-
-def _label_ids(
-    records: Sequence[Mapping[str, Any]], label_names: Sequence[str], role: str, train_labels: Sequence[str] | None = None
-) -> list[dict[str, Any]]:
-    """Records with ``label`` replaced by its index in ``label_names`` (unknown labels -> DatasetError)."""
-    index = {str(n): i for i, n in enumerate(label_names)}
-    unseen = sorted({_norm_label(r.get("label")) for r in records} - set(index))
-    if unseen:
-        raise DatasetError(
-            f"{role.capitalize()} labels {unseen[:10]} never occur in training (training labels: {list(label_names)[:20]}). "
-            "The classifier cannot score unseen classes: fix the labels or drop those examples."
-        )
-    return [{**r, "label": index[_norm_label(r.get("label"))]} for r in records]
-
-
-def _make_task(kind: str, tokenizer: Any, max_length: int | None, num_labels: int | None) -> Any:
-    from datainf.gradients import CausalLMConfig, CausalLMTask, SequenceClassificationConfig, SequenceClassificationTask
-
-    if kind == "classification":
-        return SequenceClassificationTask(tokenizer, SequenceClassificationConfig(max_length=max_length), num_labels=num_labels)
-    return CausalLMTask(tokenizer, CausalLMConfig(max_length=max_length))
-
-
-def _encode_for_model(
-    records: list[dict[str, Any]], model: Any, meta: Mapping[str, Any], role: str
-) -> list[dict[str, Any]]:
-    """Classification records with integer labels matching the model's head."""
-    names = meta.get("label_names")
-    if names:
-        return _label_ids(records, names, role)
-    labels = [r.get("label") for r in records]
-    if all(isinstance(v, int) and not isinstance(v, bool) or (isinstance(v, float) and v.is_integer()) for v in labels):
-        return [{**r, "label": int(r["label"])} for r in records]
-    label2id = {str(k): int(v) for k, v in (getattr(getattr(model, "config", None), "label2id", None) or {}).items()}
-    return _label_ids(records, [n for n, _ in sorted(label2id.items(), key=lambda kv: kv[1])], role) if label2id else records
+    return load_records(path, columns=_column_map(settings), required=list(get_task_kind(kind).required_fields))

@@ -153,11 +153,18 @@ def _columns() -> list[Option]:
     ]
 
 
+def _task_kinds(adapter_required: bool) -> tuple[str, ...]:
+    """``--kind`` choices from the task-kind registry: kinds that can be trained (``finetune``) or loaded."""
+    from datainf.tasks import available_task_kinds
+
+    return tuple(available_task_kinds(trainable=not adapter_required, loadable=adapter_required))
+
+
 def _model_options(adapter_required: bool) -> list[Option]:
     kind_help = "task kind" + ("" if not adapter_required else " (default: the adapter's, else classification)")
     opts = [
         Option("model", ("--model",), _optional(_to_path), None, "local folder of the base model (save_pretrained)", metavar="DIR"),
-        Option("kind", ("--kind",), _optional(_to_str), None, kind_help, choices=("classification", "causal-lm")),
+        Option("kind", ("--kind",), _optional(_to_str), None, kind_help, choices=_task_kinds(adapter_required)),
         Option("max_length", ("--max-length",), _optional(_to_int), None, "longest token sequence (default: the adapter's training value, else the model's limit)"),
         Option("device", ("--device",), _to_str, "cpu", "cpu, cuda, cuda:1, ..."),
     ]
@@ -205,7 +212,7 @@ def _score_options() -> list[Option]:
         Option("train_data", ("--train-data",), _optional(_to_path), None, "training data (gradients computed into <out>/grads-train)", metavar="PATH"),
         Option("test_data", ("--test-data",), _optional(_to_path), None, "test data (gradients computed into <out>/grads-test)", metavar="PATH"),
         *_columns(),
-        Option("method", ("--method",), _to_list, ["datainf"], "influence method(s): datainf, exact, lissa, hessian_free (repeat or comma list)", action="append"),
+        Option("method", ("--method",), _to_list, ["datainf"], "influence method(s), any of `datainf.methods.available_methods()` (built in: datainf, exact, lissa, hessian_free, diagonal; repeat or comma list)", action="append"),
         Option("mode", ("--mode",), _to_str, "average", "average: one score per training example; pairwise: one per (test, train) pair", choices=("average", "pairwise")),
         Option("damping", ("--damping",), _to_float, 0.1, "lambda_l = damping * mean ||g_il||^2 / d_l (paper: 0.1)"),
         Option("fixed_lambda", ("--fixed-lambda",), _optional(_to_float), None, "one lambda for every block instead of --damping"),

@@ -1,4 +1,4 @@
-"""Tasks: what the per-example loss ``l_i`` is (method.md section 4), and the task kinds.
+"""Tasks: what the per-example loss ``l_i`` is (docs/gradients.md section 4), and the task kinds.
 
 A task turns raw examples (dict records) into a batch, runs the model, and returns the vector of
 per-example losses, shape ``(b,)``. The collector sums that vector and backpropagates once; the

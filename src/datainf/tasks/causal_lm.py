@@ -1,4 +1,4 @@
-"""Causal language modelling: the mean NLL of each example's response tokens (method.md section 4)."""
+"""Causal language modelling: the mean NLL of each example's response tokens (docs/gradients.md section 4.3)."""
 
 from __future__ import annotations
 

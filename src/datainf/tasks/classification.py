@@ -1,4 +1,4 @@
-"""Sequence classification: the cross-entropy of each example's label (method.md section 4)."""
+"""Sequence classification: the cross-entropy of each example's label (docs/gradients.md section 4.2)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Diffusion: the denoising loss of a diffusers UNet at fixed timesteps, noise seeded by the example
-(method.md section 4)."""
+(docs/gradients.md section 4.4)."""
 
 from __future__ import annotations
 
