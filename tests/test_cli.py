@@ -245,6 +245,7 @@ def test_bad_inputs_give_one_line_errors(env, stores, capsys, tmp_path):
         (grads + ["--data", root / "missing.jsonl", *COLUMNS], "missing.jsonl does not exist"),
         (grads + ["--data", env["train"], "--text-column", "txt", "--label-column", "y"], "column 'txt' (for field 'text') not found. Columns in the file: ['uid', 'sentence', 'y']"),
         (grads + ["--data", env["train"]], "required field(s) ['text', 'label'] not found. Columns in the file: ['uid', 'sentence', 'y']"),
+        (grads + ["--data", env["train"]], "On the command line: --text-column <column>, --label-column <column>."),
         (grads + ["--data", empty, *COLUMNS], "holds no rows"),
         (grads + ["--data", unseen, *COLUMNS], "labels ['neutral'] never occur in training"),
         (["score", "--model", env["model"], "--adapter", env["ft"], "--train-data", env["train"], "--test-data", unseen, *COLUMNS],

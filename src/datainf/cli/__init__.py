@@ -97,6 +97,20 @@ def _one_line(message: str) -> str:
     return out
 
 
+#: the command-line flag that renames each record field's column
+_COLUMN_FLAGS = {field: f"--{field}-column" for field in ("text", "label", "prompt", "response", "id")}
+
+
+def _with_flag_hint(err: DataInfError) -> str:
+    """The error's message; for missing data columns, followed by the flags that name other columns."""
+    from datainf.data.tabular import MissingColumnsError
+
+    if not isinstance(err, MissingColumnsError):
+        return str(err)
+    flags = [f"{_COLUMN_FLAGS[f]} <column>" for f in err.missing if f in _COLUMN_FLAGS]
+    return f"{err} On the command line: {', '.join(flags)}." if flags else str(err)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``datainf`` command line; returns the exit code (0, 2 on bad input, 130 on Ctrl-C)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -124,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         main_process = is_main_process()
         if main_process or not getattr(err, "all_ranks", False):
             prefix = "" if main_process else f"[rank {os.environ.get('RANK', '?')}] "
-            print(f"{prefix}datainf: error: {_one_line(str(err))}", file=sys.stderr)
+            print(f"{prefix}datainf: error: {_one_line(_with_flag_hint(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("datainf: interrupted; rerun the same command to resume", file=sys.stderr)
