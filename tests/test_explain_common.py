@@ -11,7 +11,7 @@ import torch
 
 from datainf.errors import ConfigError, DatasetError
 from datainf.explain import ExplanationResult, class_indices, format_generation_table, score_and_evaluate
-from datainf.generation_demo import main_generation_demo, run_generation_demo
+from datainf.demos import main_generation_demo, run_generation_demo
 from datainf.report import write_generation_report
 from datainf.scores import Scores
 from datainf.store import GradientStore

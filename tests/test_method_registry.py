@@ -148,7 +148,7 @@ def test_toy_method_in_score_and_evaluate(toy):
 def test_demo_accepts_any_registered_method(toy, monkeypatch, tmp_path):
     """The demo validates its method list against the registry before any work (data loading is stubbed out)."""
     import datainf.data.bbc as bbc
-    from datainf.demo import run_mislabel_demo
+    from datainf.demos import run_mislabel_demo
 
     class Reached(Exception):
         pass

@@ -83,13 +83,11 @@ def cmd_report(config: dict[str, Any]) -> int:
 
 
 def cmd_demo(config: dict[str, Any], args: argparse.Namespace) -> int:
-    """``datainf demo``: delegates to :func:`datainf.demo.main_demo`."""
-    if importlib.util.find_spec("datainf.demo") is None:
-        raise ConfigError("The demo is not available in this installation (datainf.demo is missing).")
-    demo = importlib.import_module("datainf.demo")
+    """``datainf demo``: delegates to :func:`datainf.demos.main_demo` (the mislabel demo or an explain demo)."""
+    from datainf import demos
+
     namespace = argparse.Namespace(**config, config=getattr(args, "config", None))
-    result = demo.main_demo(namespace)
-    return int(result) if isinstance(result, int) else 0
+    return int(demos.main_demo(namespace))
 
 
 #: The subcommands that take only their resolved settings (``demo`` also gets the parsed arguments).

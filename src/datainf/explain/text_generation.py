@@ -1,6 +1,6 @@
 """Explaining text generations: which training examples drove a LoRA-tuned causal LM's answer.
 
-The paper's text-generation experiment (method.md section 5, Table 2) on its three template-generated
+The paper's text-generation experiment (docs/method.md section 13.4, Table 2) on its three template-generated
 tasks (``sentence``, ``math``, ``math-reason``; :mod:`datainf.data.generation`):
 
 1. build the dataset (10 classes, 90 train / 10 test per class by default);
@@ -31,7 +31,7 @@ the influence computation. For a model with a pretrained LM head (GPT-2, Llama) 
 trained by default: pass the paper's q/v targets (``q_proj, v_proj``; ``c_attn`` for GPT-2).
 
 **Which loss is explained.** By default the gradients are those of the test example's *response*
-loss (method.md section 4). ``loss_on="all"`` scores every token after the first, prompt included;
+loss (docs/gradients.md section 4.3). ``loss_on="all"`` scores every token after the first, prompt included;
 the prompt carries the class template (the bot persona or the word problem), so same-class gradients
 then share a large common component and class detection becomes easy. The DataInf authors' code
 scored prompt tokens, which is worth knowing when comparing with the paper's Table 2.
@@ -51,7 +51,8 @@ upper-case letters at all.
 prompt is padded: models with absolute position embeddings (BERT, GPT-2) and rotary ones (Llama) see
 every prompt exactly as in training, with no position-id bookkeeping.
 
-Everything is cached under ``out_dir/cache-<config key>/``: the adapter, both gradient stores, the
+Everything is cached under ``out_dir/cache-<config key>/`` (:func:`text_generation_cache`, a
+:class:`~datainf.runs.RunDir` named after the configuration): the adapter, both gradient stores, the
 exact-match results and generations (JSON). A rerun with the same configuration reuses them;
 ``recompute=True`` starts over. Every file is written atomically.
 """
@@ -65,7 +66,6 @@ import math
 import os
 import re
 import shutil
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -79,12 +79,13 @@ from datainf.errors import ConfigError, TaskInputError
 from datainf.explain.common import ExplanationResult, class_indices, score_and_evaluate
 from datainf.methods import available_methods, unknown_methods
 from datainf.models import ModelLoadError
-from datainf.store import atomic_write_json
+from datainf.runs import RunDir
 from datainf.settings import DictSettings, name_tuple
 
 __all__ = [
     "TextGenerationConfig",
     "run_text_generation",
+    "text_generation_cache",
     "greedy_generate",
     "exact_match",
     "normalise_text",
@@ -148,7 +149,7 @@ class TextGenerationConfig(DictSettings):
             ``exact``, ``lissa``).
         seed: seeds the dataset, LoRA initialisation and shuffling.
         max_new_tokens: generation limit per test prompt (stops earlier at EOS).
-        loss_on: what the influence gradients differentiate: ``"response"`` (default, method.md
+        loss_on: what the influence gradients differentiate: ``"response"`` (default, docs/gradients.md
             section 4: mean NLL of the response tokens) or ``"all"`` (every token after the first,
             prompt included; a diagnostic: the DataInf authors' code scored prompt tokens, which carry
             the class template). Fine-tuning always uses the response loss.
@@ -491,28 +492,43 @@ def _load(base: str, *, adapter: Path | None, seed: int) -> tuple[nn.Module, Any
     return model, tokenizer
 
 
-def _read_json(path: Path) -> Any | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+def text_generation_cache(config: TextGenerationConfig, out_dir: str | os.PathLike[str], *, recompute: bool = False) -> RunDir:
+    """The cache folder of ``config`` under ``out_dir``: ``<out_dir>/cache-<config.key()>``.
 
-
-def _write_json(path: Path, data: Any) -> None:
-    atomic_write_json(path, data, default=float)
+    Created if missing, its ``config.json`` (:meth:`TextGenerationConfig.to_dict`) written;
+    ``recompute=True`` deletes it first.
+    """
+    return RunDir.for_settings(
+        out_dir, config.to_dict(), key=config.key(), recompute=recompute, kind="text-generation", json_default=float
+    )
 
 
 def _cached_exact_match(
-    model: nn.Module, tokenizer: Any, records: Sequence[Mapping[str, Any]], path: Path, *, max_new_tokens: int
+    run: RunDir, name: str, model: nn.Module, tokenizer: Any, records: Sequence[Mapping[str, Any]], *, max_new_tokens: int
 ) -> dict[str, Any]:
-    """``{"exact_match", "generations"}`` of :func:`exact_match`, read from ``path`` when a previous run wrote it."""
-    cached = _read_json(path)
-    if isinstance(cached, dict) and "exact_match" in cached:
-        return cached
-    em, gens = exact_match(model, tokenizer, records, max_new_tokens=max_new_tokens)
-    result = {"exact_match": em, "generations": gens}
-    _write_json(path, result)
-    return result
+    """``{"exact_match", "generations"}`` of :func:`exact_match`: the stage ``name`` (a JSON file) of ``run``
+    when a previous run wrote it, else computed and written."""
+
+    def compute(path: Path) -> dict[str, Any]:
+        em, gens = exact_match(model, tokenizer, records, max_new_tokens=max_new_tokens)
+        return {"exact_match": em, "generations": gens}
+
+    def load(path: Path) -> dict[str, Any]:
+        cached = run.read_json(name)  # None when unreadable
+        return cached if isinstance(cached, dict) else {}
+
+    return run.cached(
+        name,
+        compute,
+        load=load,
+        save=lambda result, path: run.write_json(name, result, default=float),
+        accept=lambda cached: "exact_match" in cached,
+    )
+
+
+def _adapter_done(path: Path) -> bool:
+    """A finished adapter stage (``finetune_lora`` moves the whole adapter folder into place at the end)."""
+    return (path / "adapter_config.json").is_file()
 
 
 def run_text_generation(
@@ -550,36 +566,29 @@ def run_text_generation(
         raise ConfigError(f"config must be a TextGenerationConfig, got {type(config).__name__}.")
     base = config.base_model or default_base_model()
     check_causal_lm(base)
-    out = Path(out_dir)
-    cache = out / f"cache-{config.key()}"
-    if recompute and cache.exists():
-        shutil.rmtree(cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    _write_json(cache / "config.json", config.to_dict())
-    stage: dict[str, float] = {}
+    out = RunDir(out_dir, kind="text-generation")  # the summary; the cached stages live in `run`
+    run = text_generation_cache(config, out_dir, recompute=recompute)
 
-    started = time.perf_counter()
-    data = make_generation_dataset(
-        config.dataset, seed=config.seed, n_per_class=config.n_per_class, n_test_per_class=config.n_test_per_class
-    )
-    train, test = data.train, data.test
-    train_classes, test_classes = class_indices(train), class_indices(test)
-    stage["data"] = time.perf_counter() - started
+    with run.timed("data"):
+        data = make_generation_dataset(
+            config.dataset, seed=config.seed, n_per_class=config.n_per_class, n_test_per_class=config.n_test_per_class
+        )
+        train, test = data.train, data.test
+        train_classes, test_classes = class_indices(train), class_indices(test)
 
     # base model: checks, then exact match before fine-tuning
-    started = time.perf_counter()
-    model, tokenizer = _load(base, adapter=None, seed=config.seed)
-    _check_logits(model, tokenizer, base)
-    longest = check_lengths(train + test, tokenizer, max_length=config.max_length, model_limit=_model_limit(model, tokenizer))
-    logger.info("Longest example: %d tokens (max_length %d).", longest, config.max_length)
-    before = _cached_exact_match(model, tokenizer, test, cache / "quality_before.json", max_new_tokens=config.max_new_tokens)
-    stage["quality_before"] = time.perf_counter() - started
+    with run.timed("quality_before"):
+        model, tokenizer = _load(base, adapter=None, seed=config.seed)
+        _check_logits(model, tokenizer, base)
+        longest = check_lengths(
+            train + test, tokenizer, max_length=config.max_length, model_limit=_model_limit(model, tokenizer)
+        )
+        logger.info("Longest example: %d tokens (max_length %d).", longest, config.max_length)
+        before = _cached_exact_match(run, "quality_before.json", model, tokenizer, test, max_new_tokens=config.max_new_tokens)
 
-    adapter = cache / "adapter"
-    started = time.perf_counter()
-    if not (adapter / "adapter_config.json").is_file():
-        if adapter.exists():  # an unusable leftover (finetune_lora writes atomically, so only a foreign one)
-            shutil.rmtree(adapter)
+    def finetune(path: Path) -> Path:
+        if path.exists():  # an unusable leftover (finetune_lora writes atomically, so only a foreign one)
+            shutil.rmtree(path)
         finetune_lora(
             model,
             tokenizer,
@@ -590,32 +599,35 @@ def run_text_generation(
                 epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, max_length=config.max_length,
                 seed=config.seed,
             ),
-            output_dir=adapter,
+            output_dir=path,
             progress=progress,
         )
-    stage["finetune"] = time.perf_counter() - started
+        return path
+
+    with run.timed("finetune"):
+        adapter = run.cached("adapter", finetune, load=lambda path: path, is_done=_adapter_done)
     del model
 
-    started = time.perf_counter()
-    model, tokenizer = _load(base, adapter=adapter, seed=config.seed)
-    after = _cached_exact_match(model, tokenizer, test, cache / "quality_after.json", max_new_tokens=config.max_new_tokens)
-    stage["quality_after"] = time.perf_counter() - started
+    with run.timed("quality_after"):
+        model, tokenizer = _load(base, adapter=adapter, seed=config.seed)
+        after = _cached_exact_match(run, "quality_after.json", model, tokenizer, test, max_new_tokens=config.max_new_tokens)
 
-    started = time.perf_counter()
-    task = CausalLMTask(tokenizer, CausalLMConfig(max_length=config.max_length, loss_on=config.loss_on))  # type: ignore[arg-type]
-    task.setup(model)
     suffix = "" if config.loss_on == "response" else f"-{config.loss_on}"
-    train_store = collect_gradients(model, task, train, store=cache / f"grads-train{suffix}", batch_size=32, progress=progress)
-    test_store = collect_gradients(model, task, test, store=cache / f"grads-test{suffix}", batch_size=32, progress=progress)
-    stage["gradients"] = time.perf_counter() - started
+    with run.timed("gradients"):
+        task = CausalLMTask(tokenizer, CausalLMConfig(max_length=config.max_length, loss_on=config.loss_on))  # type: ignore[arg-type]
+        task.setup(model)
+        train_store = collect_gradients(
+            model, task, train, store=run.stage(f"grads-train{suffix}"), batch_size=32, progress=progress
+        )
+        test_store = collect_gradients(model, task, test, store=run.stage(f"grads-test{suffix}"), batch_size=32, progress=progress)
 
-    started = time.perf_counter()
-    scores, metrics = score_and_evaluate(
-        train_store, test_store, train_classes, test_classes,
-        methods=config.methods, damping=config.damping, progress=progress,
-    )
-    stage["influence"] = time.perf_counter() - started
+    with run.timed("influence"):
+        scores, metrics = score_and_evaluate(
+            train_store, test_store, train_classes, test_classes,
+            methods=config.methods, damping=config.damping, progress=progress,
+        )
 
+    stage = dict(run.stage_seconds)
     quality = {"exact_match_before": float(before["exact_match"]), "exact_match_after": float(after["exact_match"])}
     generations = {str(k): str(v) for k, v in dict(after.get("generations") or {}).items()}
     summary = {
@@ -627,7 +639,7 @@ def run_text_generation(
         "metrics": metrics,
         "stage_seconds": stage,
     }
-    _write_json(out / f"summary-{config.dataset}{suffix}.json", summary)
+    out.write_json(f"summary-{config.dataset}{suffix}.json", summary, default=float)
     return ExplanationResult(
         task="text-generation",
         dataset=config.dataset,
@@ -638,7 +650,7 @@ def run_text_generation(
         metrics=metrics,
         quality=quality,
         generations=generations,
-        cache=cache,
+        cache=run.path,
         stage_seconds=stage,
     )
 

@@ -1,6 +1,6 @@
 """Influence for text-to-image diffusion: which training images drove a LoRA-tuned UNet's generation.
 
-The experiment pipeline (method.md section 5, text-to-image, adapted) on the toy stack of
+The experiment pipeline (docs/method.md section 13.5, text-to-image, adapted) on the toy stack of
 :mod:`datainf.explain.toy_diffusion` (frozen all-MiniLM-L6-v2 prompt encoder, prompts tokenized to
 :attr:`TextToImageConfig.prompt_length` tokens; the shipped 32x32 pixel-space base UNet trained as a
 DDPM on captioned MNIST digits; DDIM sampling):
@@ -63,11 +63,13 @@ from datainf.explain.toy_diffusion import (
 )
 from datainf.explain.toy_diffusion import NUM_TRAIN_TIMESTEPS as _NUM_TRAIN_TIMESTEPS
 from datainf.explain.toy_diffusion import check_base_unet as _check_base
+from datainf.runs import RunDir
 from datainf.settings import DictSettings
 
 __all__ = [
     "TextToImageConfig",
     "run_text_to_image",
+    "text_to_image_cache",
     "sample_images",
     "make_scheduler",
     "BASE_UNET_CONFIG",
@@ -104,7 +106,7 @@ class TextToImageConfig(DictSettings):
         epochs: fine-tuning epochs (``None``: 8 for style (152 steps), 10 for subject (60 steps)).
         lr: AdamW learning rate of the fine-tune (constant).
         batch_size: fine-tuning batch size (``None``: 32 for style, 16 for subject).
-        timesteps: fixed diffusion timesteps of the per-example gradients (method.md section 4;
+        timesteps: fixed diffusion timesteps of the per-example gradients (docs/gradients.md section 4.4;
             default: the authors' notebook's 25, 225, 425, 525, 725, 925); the loss is their mean.
             Three timesteps (100, 400, 700) halve the gradient time but gave lower class-detection
             AUC on the style task (mean of 3 seeds, one mean gradient over the timesteps: DataInf
@@ -229,6 +231,31 @@ class TextToImageConfig(DictSettings):
         """Names the gradient stores of this recipe, e.g. ``"25.225.425.525.725.925-blocks"``
         (``-mean`` without :attr:`timestep_blocks`)."""
         return ".".join(str(t) for t in self.timesteps) + ("-blocks" if self.timestep_blocks else "-mean")
+
+
+# kept below the toy stack (which moves to datainf/explain/toy_diffusion.py): hoist into the imports at the top
+
+
+def _cache_key(
+    config: TextToImageConfig, base_folder: Path, train: Sequence[Mapping[str, Any]], test: Sequence[Mapping[str, Any]],
+    encoder: PromptEncoder,
+) -> str:
+    """The cache key of a run: :meth:`TextToImageConfig.key` of the base UNet's files, the training and
+    test records (ids, prompts, classes, pixels) and the prompt encoder's name and length."""
+    return config.key(_file_digest(base_folder), _data_digest(train), _data_digest(test), encoder.name, str(encoder.length))
+
+
+def text_to_image_cache(
+    config: TextToImageConfig, out_dir: str | os.PathLike[str], *, key: str, base_unet: str | os.PathLike[str],
+    recompute: bool = False,
+) -> RunDir:
+    """The cache folder ``<out_dir>/cache-<key>`` of one run (``key``: see :func:`run_text_to_image`).
+
+    Created if missing, its ``config.json`` (``{"config": config.to_dict(), "base_unet": <folder>}``)
+    written; ``recompute=True`` deletes it first.
+    """
+    settings = {"config": config.to_dict(), "base_unet": str(base_unet)}
+    return RunDir.for_settings(out_dir, settings, key=key, recompute=recompute, kind="text-to-image")
 
 
 def _file_digest(folder: Path) -> str:
@@ -404,8 +431,9 @@ def run_text_to_image(
 ) -> Any:
     """Run the text-to-image influence experiment end to end (see the module docstring).
 
-    Stages (each cached under ``out_dir/cache-<key>``, the key hashing the config, the base UNet's
-    files, the data and the text encoder): data; prompt encoding; LoRA fine-tune (``adapter.safetensors``);
+    Stages (each cached in the :class:`~datainf.runs.RunDir` ``out_dir/cache-<key>``
+    (:func:`text_to_image_cache`), the key hashing the config, the base UNet's files, the data and the
+    text encoder): data; prompt encoding; LoRA fine-tune (``adapter.safetensors``);
     denoising loss on the test set before / after (``quality.json``); images generated from a sample
     of test prompts (``samples.safetensors``); per-example gradients of the training and test sets
     (``grads-train-<recipe>`` / ``grads-test-<recipe>`` stores, :meth:`TextToImageConfig.gradient_recipe`);
@@ -437,128 +465,129 @@ def run_text_to_image(
     from datainf.data.images import stack_pixel_values
     from datainf.explain.common import ExplanationResult, class_indices, score_and_evaluate
     from datainf.gradients import DiffusionTask, DiffusionTaskConfig, collect_gradients
-    from datainf.store import atomic_write_bytes, atomic_write_json
+    from datainf.store import atomic_write_bytes
 
     config = config or TextToImageConfig()
-    stage: dict[str, float] = {}
     torch.manual_seed(config.seed)
+    # the cache folder is named after the data and the encoder, so these two stages are timed before it exists
+    early = RunDir(out_dir, kind="text-to-image")
 
-    started = time.perf_counter()
-    data = dataset if dataset is not None else _load_data(config)
-    class_names = list(data.class_names)
-    train = _class_records(data.train, config.dataset, class_names, "training")
-    test = _class_records(data.test, config.dataset, class_names, "test")
-    pixels = stack_pixel_values(train + test)  # DatasetError on mixed sizes / channels, before any training
-    for split, recs in (("training", train), ("test", test)):
-        ids = [str(r["id"]) for r in recs]
-        if len(set(ids)) != len(ids):
-            raise DatasetError(f"The {split} records have duplicate ids; give every image a unique 'id'.")
-    if len({int(r["class"]) for r in train}) < 2:
-        raise DatasetError("The training images cover fewer than two classes; class-detection metrics need two or more.")
-    stage["data"] = time.perf_counter() - started
+    with early.timed("data"):
+        data = dataset if dataset is not None else _load_data(config)
+        class_names = list(data.class_names)
+        train = _class_records(data.train, config.dataset, class_names, "training")
+        test = _class_records(data.test, config.dataset, class_names, "test")
+        pixels = stack_pixel_values(train + test)  # DatasetError on mixed sizes / channels, before any training
+        for split, recs in (("training", train), ("test", test)):
+            ids = [str(r["id"]) for r in recs]
+            if len(set(ids)) != len(ids):
+                raise DatasetError(f"The {split} records have duplicate ids; give every image a unique 'id'.")
+        if len({int(r["class"]) for r in train}) < 2:
+            raise DatasetError("The training images cover fewer than two classes; class-detection metrics need two or more.")
 
-    started = time.perf_counter()
-    encoder = encoder or load_prompt_encoder(length=config.prompt_length)
-    base_folder = Path(base_unet_path) if base_unet_path is not None else DEFAULT_BASE_UNET
-    base = load_base_unet(base_folder)
-    _check_base(base, pixels[:1], encoder)
-    too_long = encoder.truncated(sorted({r["prompt"] for r in train + test}))
-    if too_long:
-        logger.warning("%d prompt(s) exceed %d tokens and are truncated, e.g. %r", len(too_long), encoder.length, too_long[0])
-    for recs in (train, test):
-        states = encoder.encode([r["prompt"] for r in recs])
-        for r, s in zip(recs, states, strict=True):
-            r["encoder_hidden_states"] = s
-    stage["encode"] = time.perf_counter() - started
+    with early.timed("encode"):
+        encoder = encoder or load_prompt_encoder(length=config.prompt_length)
+        base_folder = Path(base_unet_path) if base_unet_path is not None else DEFAULT_BASE_UNET
+        base = load_base_unet(base_folder)
+        _check_base(base, pixels[:1], encoder)
+        too_long = encoder.truncated(sorted({r["prompt"] for r in train + test}))
+        if too_long:
+            logger.warning("%d prompt(s) exceed %d tokens and are truncated, e.g. %r", len(too_long), encoder.length, too_long[0])
+        for recs in (train, test):
+            states = encoder.encode([r["prompt"] for r in recs])
+            for r, s in zip(recs, states, strict=True):
+                r["encoder_hidden_states"] = s
 
-    key = config.key(_file_digest(base_folder), _data_digest(train), _data_digest(test), encoder.name, str(encoder.length))
-    cache = Path(out_dir) / f"cache-{key}"
-    if recompute and cache.exists():
-        shutil.rmtree(cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cache / "config.json", {"config": config.to_dict(), "base_unet": str(base_folder)})
+    key = _cache_key(config, base_folder, train, test, encoder)
+    run = text_to_image_cache(config, out_dir, key=key, base_unet=base_folder, recompute=recompute)
+    run.stage_seconds.update(early.stage_seconds)
 
     # quality before: the base UNet (LoRA starts at zero, so the fine-tune starts from it)
-    quality_path = cache / "quality.json"
-    quality: dict[str, float] = json.loads(quality_path.read_text()) if quality_path.is_file() else {}
-    started = time.perf_counter()
-    if "denoising_loss_before" not in quality:
-        quality["denoising_loss_before"] = float(_denoising_losses(base, test, config.eval_timesteps, config.seed + 2).mean())
-    stage["quality"] = time.perf_counter() - started
+    quality: dict[str, float] = run.read_json("quality.json") or {}
+    with run.timed("quality"):
+        if "denoising_loss_before" not in quality:
+            quality["denoising_loss_before"] = float(_denoising_losses(base, test, config.eval_timesteps, config.seed + 2).mean())
 
-    started = time.perf_counter()
-    unet = _inject_lora(base, config)
-    adapter_path = cache / "adapter.safetensors"
-    if adapter_path.is_file():
-        _load_lora_state(unet, st_load(adapter_path.read_bytes()), adapter_path)
-        meta = json.loads((cache / "adapter.json").read_text()) if (cache / "adapter.json").is_file() else {}
-    else:
-        losses = _finetune(unet, train, config, progress)
-        meta = {"epoch_losses": losses, "seconds": time.perf_counter() - started}
-        atomic_write_json(cache / "adapter.json", meta)
-        atomic_write_bytes(adapter_path, st_save(_lora_state(unet)))
-    unet.eval()
-    stage["finetune"] = time.perf_counter() - started
+    with run.timed("finetune"):
+        started = time.perf_counter()
+        unet = _inject_lora(base, config)
+
+        def finetune(path: Path) -> dict[str, Any]:
+            losses = _finetune(unet, train, config, progress)
+            meta = {"epoch_losses": losses, "seconds": time.perf_counter() - started}
+            run.write_json("adapter.json", meta)
+            atomic_write_bytes(path, st_save(_lora_state(unet)))  # last: its presence marks a finished fine-tune
+            return meta
+
+        def load_adapter(path: Path) -> dict[str, Any]:
+            _load_lora_state(unet, st_load(path.read_bytes()), path)
+            return run.read_json("adapter.json") or {}
+
+        meta = run.cached("adapter.safetensors", finetune, load=load_adapter, is_done=Path.is_file)
+        unet.eval()
     if meta.get("epoch_losses"):
         quality["finetune_loss_last_epoch"] = float(meta["epoch_losses"][-1])
 
-    started = time.perf_counter()
-    if "denoising_loss_after" not in quality:
-        quality["denoising_loss_after"] = float(_denoising_losses(unet, test, config.eval_timesteps, config.seed + 2).mean())
-        atomic_write_json(quality_path, quality)
-    stage["quality"] += time.perf_counter() - started
+    with run.timed("quality"):
+        if "denoising_loss_after" not in quality:
+            quality["denoising_loss_after"] = float(_denoising_losses(unet, test, config.eval_timesteps, config.seed + 2).mean())
+            run.write_json("quality.json", quality)
 
-    started = time.perf_counter()
-    generations: dict[str, torch.Tensor] = {}
-    if config.n_samples:
-        samples_path = cache / "samples.safetensors"
-        wanted = _sample_ids(test, config.n_samples)
-        if samples_path.is_file():
-            generations = dict(st_load(samples_path.read_bytes()))
-        if set(generations) != set(wanted):
-            by_id = {str(r["id"]): r for r in test}
-            context = torch.stack([by_id[i]["encoder_hidden_states"] for i in wanted])
-            images = sample_images(
-                unet, context, uncond=encoder.encode([""])[0], guidance_scale=config.guidance_scale,
-                steps=config.sampling_steps, seed=config.seed,
+    with run.timed("samples"):
+        generations: dict[str, torch.Tensor] = {}
+        if config.n_samples:
+            wanted = _sample_ids(test, config.n_samples)
+
+            def sample(path: Path) -> dict[str, torch.Tensor]:
+                by_id = {str(r["id"]): r for r in test}
+                context = torch.stack([by_id[i]["encoder_hidden_states"] for i in wanted])
+                images = sample_images(
+                    unet, context, uncond=encoder.encode([""])[0], guidance_scale=config.guidance_scale,
+                    steps=config.sampling_steps, seed=config.seed,
+                )
+                return {i: img.contiguous() for i, img in zip(wanted, images, strict=True)}
+
+            generations = run.cached(
+                "samples.safetensors",
+                sample,
+                load=lambda path: dict(st_load(path.read_bytes())),
+                save=lambda images, path: atomic_write_bytes(path, st_save(images)),
+                is_done=Path.is_file,
+                accept=lambda images: set(images) == set(wanted),  # the same sampled prompts
             )
-            generations = {i: img.contiguous() for i, img in zip(wanted, images, strict=True)}
-            atomic_write_bytes(samples_path, st_save(generations))
-        generations = {i: generations[i] for i in wanted}
-    stage["samples"] = time.perf_counter() - started
+            generations = {i: generations[i] for i in wanted}
 
-    started = time.perf_counter()
-    task = DiffusionTask(
-        make_scheduler(),
-        DiffusionTaskConfig(timesteps=config.timesteps, seed=config.seed, timestep_blocks=config.timestep_blocks),
-    )
-    grad_records = {
-        split: [{"id": str(r["id"]), "pixel_values": r["pixel_values"], "encoder_hidden_states": r["encoder_hidden_states"]} for r in recs]
-        for split, recs in (("train", train), ("test", test))
-    }
-    stores = {
-        split: collect_gradients(
-            unet, task, recs, store=cache / f"grads-{split}-{config.gradient_recipe()}", batch_size=16, progress=progress
+    with run.timed("gradients"):
+        task = DiffusionTask(
+            make_scheduler(),
+            DiffusionTaskConfig(timesteps=config.timesteps, seed=config.seed, timestep_blocks=config.timestep_blocks),
         )
-        for split, recs in grad_records.items()
-    }
-    for split, recs in grad_records.items():
-        if stores[split].ids != [r["id"] for r in recs]:
-            raise DatasetError(f"The cached {split} gradients do not follow the records' order; rerun with recompute=True.")
-    stage["gradients"] = time.perf_counter() - started
+        grad_records = {
+            split: [{"id": str(r["id"]), "pixel_values": r["pixel_values"], "encoder_hidden_states": r["encoder_hidden_states"]} for r in recs]
+            for split, recs in (("train", train), ("test", test))
+        }
+        stores = {
+            split: collect_gradients(
+                unet, task, recs, store=run.stage(f"grads-{split}-{config.gradient_recipe()}"), batch_size=16, progress=progress
+            )
+            for split, recs in grad_records.items()
+        }
+        for split, recs in grad_records.items():
+            if stores[split].ids != [r["id"] for r in recs]:
+                raise DatasetError(f"The cached {split} gradients do not follow the records' order; rerun with recompute=True.")
 
-    started = time.perf_counter()
-    scores, metrics = score_and_evaluate(
-        stores["train"], stores["test"], class_indices(train), class_indices(test),
-        methods=config.methods, damping=config.damping, progress=progress,
-    )
-    stage["influence"] = time.perf_counter() - started
+    with run.timed("influence"):
+        scores, metrics = score_and_evaluate(
+            stores["train"], stores["test"], class_indices(train), class_indices(test),
+            methods=config.methods, damping=config.damping, progress=progress,
+        )
 
     for recs in (train, test):
         for r in recs:
             r.pop("encoder_hidden_states", None)
+    stage = dict(run.stage_seconds)
     summary = {"config": config.to_dict(), "quality": quality, "metrics": metrics, "stage_seconds": stage}
-    atomic_write_json(cache / "summary.json", summary, default=float)
+    run.write_json("summary.json", summary, default=float)
     return ExplanationResult(
         task="text-to-image",
         dataset=config.dataset,
@@ -569,6 +598,6 @@ def run_text_to_image(
         metrics=metrics,
         quality=quality,
         generations=generations,
-        cache=cache,
+        cache=run.path,
         stage_seconds=stage,
     )

