@@ -61,8 +61,8 @@ def _find_demo_adapter(r: int) -> Path | None:
 
 def _prepare_adapter(work: Path, n_train: int) -> Path:
     """The demo adapter, or a quick 1-epoch fine-tune of the demo setting (outside any timing)."""
-    from datainf.demos.mislabel import MislabelDemoConfig, _minilm_path
     from datainf.data.bbc import load_bbc_news, make_noisy_split
+    from datainf.demos.mislabel import MislabelDemoConfig, _minilm_path
     from datainf.finetune import FinetuneConfig, finetune_lora
     from datainf.models import load_model
 
@@ -70,14 +70,30 @@ def _prepare_adapter(work: Path, n_train: int) -> Path:
     found = _find_demo_adapter(config.r)
     if found is not None:
         return found
-    split = make_noisy_split(load_bbc_news(), n_train=n_train, n_val=config.n_val, flip_fraction=config.flip_fraction, seed=config.seed)
-    model, tokenizer = load_model(_minilm_path(), kind="classification", num_labels=len(split.label_names), seed=config.seed)
+    split = make_noisy_split(
+        load_bbc_news(), n_train=n_train, n_val=config.n_val, flip_fraction=config.flip_fraction, seed=config.seed
+    )
+    model, tokenizer = load_model(
+        _minilm_path(), kind="classification", num_labels=len(split.label_names), seed=config.seed
+    )
     adapter = work / "adapter"
     finetune_lora(
-        model, tokenizer, split.train,
-        FinetuneConfig(kind="classification", r=config.r, alpha=2.0 * config.r, target_modules=config.target_modules,
-                       epochs=1, lr=config.lr, max_length=config.max_length, seed=config.seed),
-        output_dir=adapter, label_names=split.label_names, progress=False,
+        model,
+        tokenizer,
+        split.train,
+        FinetuneConfig(
+            kind="classification",
+            r=config.r,
+            alpha=2.0 * config.r,
+            target_modules=config.target_modules,
+            epochs=1,
+            lr=config.lr,
+            max_length=config.max_length,
+            seed=config.seed,
+        ),
+        output_dir=adapter,
+        label_names=split.label_names,
+        progress=False,
     )
     return adapter
 
@@ -102,7 +118,9 @@ def worker(args: argparse.Namespace) -> None:
 
     ctx = dist_context()
     config = MislabelDemoConfig()
-    split = make_noisy_split(load_bbc_news(), n_train=args.n_train, n_val=args.n_val, flip_fraction=config.flip_fraction, seed=config.seed)
+    split = make_noisy_split(
+        load_bbc_news(), n_train=args.n_train, n_val=args.n_val, flip_fraction=config.flip_fraction, seed=config.seed
+    )
     model, tokenizer = load_model(_minilm_path(), kind="classification", adapter=args.adapter, seed=config.seed)
     task = SequenceClassificationTask(tokenizer, SequenceClassificationConfig(max_length=config.max_length))
     task.setup(model)
@@ -112,8 +130,12 @@ def worker(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*truncat.*")
-        train = collect_gradients(model, task, split.train, store=out / "train", batch_size=32, overwrite=True, progress=False)
-        val = collect_gradients(model, task, split.val, store=out / "val", batch_size=32, overwrite=True, progress=False)
+        train = collect_gradients(
+            model, task, split.train, store=out / "train", batch_size=32, overwrite=True, progress=False
+        )
+        val = collect_gradients(
+            model, task, split.val, store=out / "val", batch_size=32, overwrite=True, progress=False
+        )
     ctx.barrier()
     stages["gradients"] = time.perf_counter() - started
     scores: dict[str, list[float]] = {}
@@ -121,7 +143,9 @@ def worker(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = influence(train, val, method=method, damping=config.damping, batch_size=args.score_batch_size, progress=False)
+            result = influence(
+                train, val, method=method, damping=config.damping, batch_size=args.score_batch_size, progress=False
+            )
         ctx.barrier()
         stages[f"influence:{method}"] = time.perf_counter() - started
         scores[method] = result.values.tolist()
@@ -166,7 +190,9 @@ def _llama_estimate() -> str:
     vec = params * 4  # one float32 vector over every block (average mode: m = 1)
     gram = block * block * 8
     tokens = 512
-    flops_per_example = 4 * 13e9 * tokens  # forward 2 N T + backward to the activations ~2 N T (frozen weights get no grads)
+    flops_per_example = (
+        4 * 13e9 * tokens
+    )  # forward 2 N T + backward to the activations ~2 N T (frozen weights get no grads)
     effective = 8 * 125e12  # 8 A100s at ~40 % of 312 TFLOP/s bf16
     lines = [
         "### On paper: Llama-2-13B, LoRA r=8 on q_proj/v_proj, 8 GPUs, 100,000 training examples",
@@ -185,7 +211,7 @@ def _llama_estimate() -> str:
         "(10 iterations + scoring). Exact: with n > d_l every block takes the direct branch, a "
         f"{block:,} x {block:,} float64 matrix = {gram / 1e9:.1f} GB per block, {blocks * gram / 1e12:.1f} TB for all {blocks}: "
         "one pass per group of blocks that fits `max_memory_gb` (64 GB -> 4 blocks per group -> 40 groups -> 41 passes) and "
-        f"{blocks} Cholesky factorisations of order {block:,} (~{block ** 3 / 3:.1e} FLOP each): impractical, as the paper found.",
+        f"{blocks} Cholesky factorisations of order {block:,} (~{block**3 / 3:.1e} FLOP each): impractical, as the paper found.",
         f"* Communication per pass (ring all-reduce sends 2 (N-1)/N = {ring:.2f} x the buffer per rank): DataInf's "
         f"`sum_i c_il g_il` over every block is {params:,} float32 numbers = {vec / 1e6:.1f} MB per test vector, so "
         f"{ring * vec / 1e6:.0f} MB per rank in average mode and m x {ring * vec / 1e6:.0f} MB for m pairwise test examples; LiSSA "
@@ -209,29 +235,34 @@ def _write_results(runs: dict[str, dict[str, Any]], walls: dict[str, float], arg
 
         a, b = np.asarray(one["scores"][method]), np.asarray(two["scores"][method])
         diffs[method] = float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
-    rows = ["| stage | 1 process x 2 threads (s) | 2 processes x 1 thread (s) | ratio 1x2 / 2x1 |", "|---|---:|---:|---:|"]
+    rows = [
+        "| stage | 1 process x 2 threads (s) | 2 processes x 1 thread (s) | ratio 1x2 / 2x1 |",
+        "|---|---:|---:|---:|",
+    ]
     for stage in one["stages"]:
         a, b = one["stages"][stage], two["stages"][stage]
         rows.append(f"| {stage} | {a:.2f} | {b:.2f} | {a / b:.2f} |")
-    rows.append(f"| whole subprocess (imports, model load, both stages) | {walls['1x2']:.1f} | {walls['2x1']:.1f} | {walls['1x2'] / walls['2x1']:.2f} |")
+    rows.append(
+        f"| whole subprocess (imports, model load, both stages) | {walls['1x2']:.1f} | {walls['2x1']:.1f} | {walls['1x2'] / walls['2x1']:.2f} |"
+    )
     rss_one = ", ".join(f"{v / 2**20:.0f}" for v in one["peak_rss_bytes"])
     rss_two = ", ".join(f"{v / 2**20:.0f}" for v in two["peak_rss_bytes"])
     text = f"""## Scaling out: 1 process x 2 threads vs 2 processes x 1 thread
 
 Command: `HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python benchmarks/bench_distributed.py{args.argv}`
 (the 2-process run is `torchrun --standalone --nproc_per_node=2`, backend gloo). Setting: the MiniLM demo
-(all-MiniLM-L6-v2, LoRA r=8 on query/value/pooler.dense + the 5-class head: {one['blocks']} blocks,
-{one['params_per_example']:,} numbers per example), BBC News {one['n_train']} training / {one['n_val']} validation
-articles, max length 64, gradient batch 32, float32 store; methods {', '.join(one['scores'])}.
+(all-MiniLM-L6-v2, LoRA r=8 on query/value/pooler.dense + the 5-class head: {one["blocks"]} blocks,
+{one["params_per_example"]:,} numbers per example), BBC News {one["n_train"]} training / {one["n_val"]} validation
+articles, max length 64, gradient batch 32, float32 store; methods {", ".join(one["scores"])}.
 Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}; shared with other work
 while measured, so the ratios are noisy (rerun the command to refresh this section).
 
 {chr(10).join(rows)}
 
-Peak RSS per rank (MiB): 1 process: {rss_one}; 2 processes: {rss_two} ({sum(two['peak_rss_bytes']) / 2**20:.0f} MiB
+Peak RSS per rank (MiB): 1 process: {rss_one}; 2 processes: {rss_two} ({sum(two["peak_rss_bytes"]) / 2**20:.0f} MiB
 for the machine). Each rank holds its own copy of the model and interpreter, so memory per machine grows with
 the number of processes while memory per rank stays about the same.
-Largest score difference between the two runs, relative to the largest score: {', '.join(f'{m} {d:.1e}' for m, d in diffs.items())}
+Largest score difference between the two runs, relative to the largest score: {", ".join(f"{m} {d:.1e}" for m, d in diffs.items())}
 (float32 round-off; the 2-process run adds the per-rank partial sums in another order).
 
 Both configurations share the same 2 cores, so this measures the cost of the distributed path, not a
@@ -257,7 +288,9 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=400, help="training articles (demo: 400)")
     parser.add_argument("--n-val", type=int, default=100, help="validation articles (demo: 100)")
     parser.add_argument("--methods", default="datainf,lissa,hessian_free", help="comma list of influence methods")
-    parser.add_argument("--score-batch-size", type=int, default=128, help="training gradients read per batch while scoring")
+    parser.add_argument(
+        "--score-batch-size", type=int, default=128, help="training gradients read per batch while scoring"
+    )
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -267,8 +300,17 @@ def main() -> None:
         adapter = Path(args.adapter) if args.adapter else _prepare_adapter(work, args.n_train)
         env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         common = [
-            "--worker", "--adapter", str(adapter), "--n-train", str(args.n_train), "--n-val", str(args.n_val),
-            "--methods", args.methods, "--score-batch-size", str(args.score_batch_size),
+            "--worker",
+            "--adapter",
+            str(adapter),
+            "--n-train",
+            str(args.n_train),
+            "--n-val",
+            str(args.n_val),
+            "--methods",
+            args.methods,
+            "--score-batch-size",
+            str(args.score_batch_size),
         ]
         script = str(Path(__file__).resolve())
         torchrun = str(Path(sys.executable).with_name("torchrun"))
@@ -283,7 +325,9 @@ def main() -> None:
             extra = ["--stores", str(work / f"stores-{label}"), "--summary", str(summary)]
             walls[label] = _run(label, command + extra, {**env, "OMP_NUM_THREADS": command[-1]})
             runs[label] = json.loads(summary.read_text())
-        assert runs["1x2"]["train_ids"] == runs["2x1"]["train_ids"], "the two runs stored the examples in different orders"
+        assert runs["1x2"]["train_ids"] == runs["2x1"]["train_ids"], (
+            "the two runs stored the examples in different orders"
+        )
         given = [a for a in sys.argv[1:]]
         args.argv = (" " + " ".join(given)) if given else ""
         _write_results(runs, walls, args)

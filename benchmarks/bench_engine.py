@@ -65,7 +65,9 @@ def plain_read_seconds(store: GradientStore, batch_size: int = 1024) -> float:
     return time.perf_counter() - started
 
 
-def timed(method: str, store: GradientStore, test: dict[str, torch.Tensor], **kwargs: object) -> tuple[float, datainf.Scores]:
+def timed(
+    method: str, store: GradientStore, test: dict[str, torch.Tensor], **kwargs: object
+) -> tuple[float, datainf.Scores]:
     started = time.perf_counter()
     scores = datainf.influence(store, test, method=method, progress=False, **kwargs)  # type: ignore[arg-type]
     return time.perf_counter() - started, scores
@@ -113,11 +115,16 @@ def main() -> None:
     configs = (
         [("24 x 3072", 24, 3072, [1000, 4000]), ("160 x 40960", 160, 40960, [40])]
         if args.quick
-        else [("24 x 3072 (MiniLM r=8 q/v)", 24, 3072, [2000, 4000, 40000]), ("160 x 40960 (Llama-13B r=8 q/v)", 160, 40960, [100, 200])]
+        else [
+            ("24 x 3072 (MiniLM r=8 q/v)", 24, 3072, [2000, 4000, 40000]),
+            ("160 x 40960 (Llama-13B r=8 q/v)", 160, 40960, [100, 200]),
+        ]
     )
     emit("### DataInf time / plain streaming read of the same store")
     emit()
-    emit("| blocks x d_l | n | store GB | read s | DataInf m=1 s | ratio m=1 | DataInf m=100 s | ratio m=100 | Hessian-free m=1 / read |")
+    emit(
+        "| blocks x d_l | n | store GB | read s | DataInf m=1 s | ratio m=1 | DataInf m=100 s | ratio m=100 | Hessian-free m=1 / read |"
+    )
     emit("|---|---|---|---|---|---|---|---|---|")
     rss_paths: dict[int, Path] = {}
     for label, blocks, dim, sizes in configs:
@@ -160,7 +167,9 @@ def main() -> None:
     n = 500 if args.quick else 2000
     emit(f"### Exact and LiSSA vs DataInf, RoBERTa-large-like shapes (48 blocks of 1024 r), n = {n}, m = 1")
     emit()
-    emit("| r | d_l | DataInf s | Exact s | Exact / DataInf | Exact branch | LiSSA (10 it.) s | LiSSA / DataInf | LiSSA diverged | Pearson(DataInf, Exact) |")
+    emit(
+        "| r | d_l | DataInf s | Exact s | Exact / DataInf | Exact branch | LiSSA (10 it.) s | LiSSA / DataInf | LiSSA diverged | Pearson(DataInf, Exact) |"
+    )
     emit("|---|---|---|---|---|---|---|---|---|---|")
     for rank in (1, 2, 4, 8):
         path = work / f"store-r{rank}"

@@ -76,7 +76,9 @@ NOTES = """What the misses mean and what was tried (2026-11-24):
   gradient stage took 39 s instead of 33 s and influence 5.6 s instead of 2.9 s."""
 
 
-def run_seeds(name: str, out: Path, seeds: list[int]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
+def run_seeds(
+    name: str, out: Path, seeds: list[int]
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
     """Metric rows of further from-scratch runs with other seeds (data split, LoRA init, noise), and
     for image tasks those of the mean-over-timesteps recipe on the same adapters."""
     task, dataset, _, _ = TASKS[name]
@@ -114,7 +116,9 @@ def run_task(name: str, out: Path) -> dict[str, Any]:
         # what the DataInf authors' code scored, for comparison with the paper's Table 2
         from datainf.explain.text_generation import TextGenerationConfig, run_text_generation
 
-        every_token = run_text_generation(TextGenerationConfig(dataset=dataset, loss_on="all"), out_dir=out / name, progress=False)
+        every_token = run_text_generation(
+            TextGenerationConfig(dataset=dataset, loss_on="all"), out_dir=out / name, progress=False
+        )
         variant = every_token.metrics
     mean_recipe = _mean_recipe_metrics(dataset, out / name, 0) if task == "text-to-image" else []
     return {
@@ -147,7 +151,7 @@ def write_markdown(rows: dict[str, dict[str, Any]]) -> None:
         "Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_generation.py` (each task run from scratch, then",
         "again from its cache, in one process). Text tasks: the packaged MiniLM-L6 as a causal decoder + LoRA; image",
         "tasks: the shipped 32x32 text-conditioned UNet + LoRA on to_q/to_k/to_v/to_out.0 (see `datainf.explain`).",
-        "AUC = class-detection AUC of -I against \"same class\"; recall = share of same-class examples among the",
+        'AUC = class-detection AUC of -I against "same class"; recall = share of same-class examples among the',
         "most helpful (as many as the class has in training). Mean ± standard deviation over test examples.",
         "Paper: Llama-2-13B-chat (text) and stable-diffusion-v1.5 (images), Table 2. Positive influence = harmful.",
         "",
@@ -170,7 +174,7 @@ def write_markdown(rows: dict[str, dict[str, Any]]) -> None:
     if variants:
         lines += [
             "",
-            "Text tasks with the gradients of *every* token (prompt included, `loss_on=\"all\"`, same adapter). The prompt",
+            'Text tasks with the gradients of *every* token (prompt included, `loss_on="all"`, same adapter). The prompt',
             "carries the class template, so this is an easier question than the response loss above; the DataInf authors'",
             "code scored prompt tokens, so these rows are the ones comparable with the paper's Table 2:",
             "",
@@ -200,7 +204,9 @@ def write_markdown(rows: dict[str, dict[str, Any]]) -> None:
             blocks_runs = {"0": row["metrics"], **row.get("seed_metrics", {})}
             mean_runs = {"0": row["mean_recipe_metrics"], **row.get("seed_mean_recipe_metrics", {})}
             for method in [m["method"] for m in row["metrics"]]:
-                (mean_seeds, mean_auc), (block_seeds, block_auc) = (_seed_aucs(runs, method) for runs in (mean_runs, blocks_runs))
+                (mean_seeds, mean_auc), (block_seeds, block_auc) = (
+                    _seed_aucs(runs, method) for runs in (mean_runs, blocks_runs)
+                )
                 lines.append(f"| {name} | {method} | {mean_seeds} | {mean_auc:.3f} | {block_seeds} | {block_auc:.3f} |")
     seeded = [name for name in TASKS if name in rows and rows[name].get("seed_metrics")]
     if seeded:
@@ -216,7 +222,11 @@ def write_markdown(rows: dict[str, dict[str, Any]]) -> None:
             for method in [m["method"] for m in rows[name]["metrics"]]:
                 per_seed, mean_auc = _seed_aucs(runs, method)
                 lines.append(f"| {name} | {method} | {per_seed} | {mean_auc:.3f} |")
-    lines += ["", "| task | train / test | model quality | first run (s) | cached rerun (s) | stages of the first run (s) |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| task | train / test | model quality | first run (s) | cached rerun (s) | stages of the first run (s) |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in TASKS:
         if name not in rows:
             continue
@@ -241,7 +251,13 @@ def write_markdown(rows: dict[str, dict[str, Any]]) -> None:
             if TASKS[name][0] == "text-generation":
                 text += f"; >= 0.95: {'met' if di_auc >= 0.95 else 'MISSED'}"
             goals.append(text)
-    lines += ["", "Goals (DataInf >= Hessian-free on every task; DataInf AUC >= 0.95 on the text tasks):", *goals, "", NOTES]
+    lines += [
+        "",
+        "Goals (DataInf >= Hessian-free on every task; DataInf AUC >= 0.95 on the text tasks):",
+        *goals,
+        "",
+        NOTES,
+    ]
     (HERE / "results_generation.md").write_text("\n".join(lines) + "\n")
 
 
@@ -249,9 +265,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--out", default=None, help="cache folder (default: a temporary folder)")
-    parser.add_argument("--extra-seeds", type=int, nargs="*", default=[], help="further from-scratch runs with these seeds (AUC per seed)")
-    parser.add_argument("--render-only", action="store_true", help="rewrite results_generation.md from the recorded JSON")
-    parser.add_argument("--only-seeds", action="store_true", help="run only the extra seeds, keeping the recorded seed-0 rows")
+    parser.add_argument(
+        "--extra-seeds",
+        type=int,
+        nargs="*",
+        default=[],
+        help="further from-scratch runs with these seeds (AUC per seed)",
+    )
+    parser.add_argument(
+        "--render-only", action="store_true", help="rewrite results_generation.md from the recorded JSON"
+    )
+    parser.add_argument(
+        "--only-seeds", action="store_true", help="run only the extra seeds, keeping the recorded seed-0 rows"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out or tempfile.mkdtemp(prefix="datainf-generation-"))
@@ -268,8 +294,14 @@ def main() -> None:
         RAW.write_text(json.dumps(rows, indent=2, default=float))
         write_markdown(rows)
         for m in rows[name]["metrics"]:
-            print(f"  {m['method']:<13} AUC {m['auc_mean']:.3f} ± {m['auc_std']:.3f}  recall {m['recall_mean']:.3f}  {m['seconds']:.2f} s", flush=True)
-        print(f"  first run {rows[name]['first_run_seconds']:.0f} s, cached {rows[name]['cached_run_seconds']:.0f} s", flush=True)
+            print(
+                f"  {m['method']:<13} AUC {m['auc_mean']:.3f} ± {m['auc_std']:.3f}  recall {m['recall_mean']:.3f}  {m['seconds']:.2f} s",
+                flush=True,
+            )
+        print(
+            f"  first run {rows[name]['first_run_seconds']:.0f} s, cached {rows[name]['cached_run_seconds']:.0f} s",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

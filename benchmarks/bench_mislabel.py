@@ -31,7 +31,9 @@ HERE = Path(__file__).resolve().parent
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default=None, help="cache folder (default: a temp dir, so every seed runs from scratch)")
+    parser.add_argument(
+        "--out", default=None, help="cache folder (default: a temp dir, so every seed runs from scratch)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out or tempfile.mkdtemp(prefix="datainf-mislabel-"))

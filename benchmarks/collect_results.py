@@ -8,7 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("results_engine.md", "results_gradients.md", "results_mislabel.md", "results_generation.md", "results_distributed.md")
+PARTS = (
+    "results_engine.md",
+    "results_gradients.md",
+    "results_mislabel.md",
+    "results_generation.md",
+    "results_distributed.md",
+)
 
 HEADER = """# Benchmarks
 

@@ -30,7 +30,9 @@ from datainf.store import atomic_write_bytes
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_BASE_UNET, help="output folder (default: the packaged asset)")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_BASE_UNET, help="output folder (default: the packaged asset)"
+    )
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -60,8 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_bytes(args.out / "training.json", json.dumps(log, indent=2).encode())
 
     _, result = train_base_unet(
-        encoder=encoder, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        n_images=args.n_images, out_dir=args.out, progress=not args.quiet, on_epoch=on_epoch,
+        encoder=encoder,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        n_images=args.n_images,
+        out_dir=args.out,
+        progress=not args.quiet,
+        on_epoch=on_epoch,
     )
     log["training"] = result.config
     log["wall_seconds"] = result.seconds

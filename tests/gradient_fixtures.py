@@ -30,7 +30,11 @@ def word_tokenizer(kind: str = "cls") -> Any:
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
         )
         return PreTrainedTokenizerFast(
-            tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+            tokenizer_object=tok,
+            pad_token="[PAD]",
+            unk_token="[UNK]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
             model_input_names=["input_ids", "token_type_ids", "attention_mask"],
         )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 4)])
@@ -44,7 +48,9 @@ def random_text(gen: torch.Generator, low: int, high: int) -> str:
     return " ".join(f"w{int(i)}" for i in torch.randint(0, N_WORDS, (n,), generator=gen))
 
 
-def classification_data(n: int, *, seed: int = 0, low: int = 2, high: int = 20, num_labels: int = 3) -> list[dict[str, Any]]:
+def classification_data(
+    n: int, *, seed: int = 0, low: int = 2, high: int = 20, num_labels: int = 3
+) -> list[dict[str, Any]]:
     gen = torch.Generator().manual_seed(seed)
     return [{"id": f"c{seed}-{i}", "text": random_text(gen, low, high), "label": i % num_labels} for i in range(n)]
 
@@ -69,8 +75,14 @@ def bert_classifier(seed: int = 0, **lora_kw: Any) -> nn.Module:
 
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, num_labels=3, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+        pad_token_id=0,
     )
     lora_kw.setdefault("target_modules", ["query", "value"])
     lora_kw.setdefault("modules_to_save", ["classifier"])
@@ -83,12 +95,22 @@ def roberta_classifier(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     cfg = RobertaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=66, num_labels=3, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=66,
+        num_labels=3,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
     )
     return get_peft_model(
         RobertaForSequenceClassification(cfg),
-        _lora(r=2, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS"),
+        _lora(
+            r=2, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS"
+        ),
     )
 
 
@@ -97,8 +119,16 @@ def llama_lm(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=4, eos_token_id=5,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=4,
+        eos_token_id=5,
     )
     return get_peft_model(
         LlamaForCausalLM(cfg), _lora(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
@@ -125,9 +155,16 @@ def unet_cond(seed: int = 0, *, with_conv: bool = True) -> nn.Module:
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=8,
+        norm_num_groups=8,
     )
     unet.requires_grad_(False)
     targets = UNET_TARGETS + (["proj_in", "proj_out"] if with_conv else [])
@@ -141,9 +178,16 @@ def unet_class(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     unet = UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, num_class_embeds=10, attention_head_dim=8,
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        num_class_embeds=10,
+        attention_head_dim=8,
     )
     unet.requires_grad_(False)
     inject_adapter_in_model(_lora(r=2, lora_alpha=2, target_modules=UNET_TARGETS), unet)
@@ -199,8 +243,15 @@ def text_encoder() -> nn.Module:
 
     torch.manual_seed(11)
     cfg = CLIPTextConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=16, pad_token_id=0, bos_token_id=4, eos_token_id=5,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        pad_token_id=0,
+        bos_token_id=4,
+        eos_token_id=5,
     )
     return CLIPTextModel(cfg).eval()
 
@@ -211,8 +262,14 @@ def vae() -> nn.Module:
 
     torch.manual_seed(12)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), norm_num_groups=4,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8,),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        norm_num_groups=4,
         sample_size=8,
     ).eval()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ def sentiment_rows(start: int, n: int, seed: int) -> list[dict]:
     rows = []
     for i in range(start, start + n):
         label = "pos" if i % 2 else "neg"
-        cue = "good great fine".split() if label == "pos" else "bad awful poor".split()
+        cue = ["good", "great", "fine"] if label == "pos" else ["bad", "awful", "poor"]
         rows.append({"uid": f"s{i}", "sentence": " ".join(rng.sample(WORDS[:10], 3) + rng.sample(cue, 2)), "y": label})
     return rows
 
@@ -56,8 +55,27 @@ def env(tmp_path_factory) -> dict[str, Path]:
         "train": write_jsonl(root / "train.jsonl", sentiment_rows(0, 16, seed=0)),
         "test": write_jsonl(root / "test.jsonl", sentiment_rows(100, 4, seed=1)),
     }
-    code = main(["finetune", "--model", str(paths["model"]), "--data", str(paths["train"]), *COLUMNS,
-                 "--epochs", "2", "--batch-size", "8", "--lr", "0.01", "--max-length", "16", "--out", str(root / "ft"), "-q"])
+    code = main(
+        [
+            "finetune",
+            "--model",
+            str(paths["model"]),
+            "--data",
+            str(paths["train"]),
+            *COLUMNS,
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--lr",
+            "0.01",
+            "--max-length",
+            "16",
+            "--out",
+            str(root / "ft"),
+            "-q",
+        ]
+    )
     assert code == 0
     paths["ft"] = root / "ft"
     return paths
@@ -67,8 +85,21 @@ def env(tmp_path_factory) -> dict[str, Path]:
 def stores(env) -> dict[str, Path]:
     root = env["root"]
     for name, data in (("g-train", env["train"]), ("g-test", env["test"])):
-        code = main(["grads", "--model", str(env["model"]), "--adapter", str(env["ft"]), "--data", str(data), *COLUMNS,
-                     "--out", str(root / name), "-q"])
+        code = main(
+            [
+                "grads",
+                "--model",
+                str(env["model"]),
+                "--adapter",
+                str(env["ft"]),
+                "--data",
+                str(data),
+                *COLUMNS,
+                "--out",
+                str(root / name),
+                "-q",
+            ]
+        )
         assert code == 0
     return {"train": root / "g-train", "test": root / "g-test"}
 
@@ -133,8 +164,23 @@ def test_grads_interrupted_then_resumed(env, stores, capsys, tmp_path, monkeypat
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    args = ["grads", "--model", env["model"], "--adapter", env["ft"], "--data", env["train"], *COLUMNS,
-            "--grad-batch-size", "4", "--shard-size", "4", "--out", tmp_path / "g", "-q"]
+    args = [
+        "grads",
+        "--model",
+        env["model"],
+        "--adapter",
+        env["ft"],
+        "--data",
+        env["train"],
+        *COLUMNS,
+        "--grad-batch-size",
+        "4",
+        "--shard-size",
+        "4",
+        "--out",
+        tmp_path / "g",
+        "-q",
+    ]
     monkeypatch.setattr(collect, "batch_gradients", flaky)
     code, _, err = run(capsys, *args)
     assert code == 130 and "interrupted; rerun the same command to resume" in err
@@ -154,9 +200,25 @@ def test_grads_interrupted_then_resumed(env, stores, capsys, tmp_path, monkeypat
 
 def test_score_from_stores_all_methods_and_replay(env, stores, capsys, tmp_path):
     out = tmp_path / "s"
-    code, stdout, err = run(capsys, "score", "--train-grads", stores["train"], "--test-grads", stores["test"],
-                            "--method", "datainf,exact", "--method", "lissa", "--method", "hessian_free",
-                            "--method-options", '{"lissa": {"scale": "trace"}}', "--out", out, "-q")
+    code, stdout, err = run(
+        capsys,
+        "score",
+        "--train-grads",
+        stores["train"],
+        "--test-grads",
+        stores["test"],
+        "--method",
+        "datainf,exact",
+        "--method",
+        "lissa",
+        "--method",
+        "hessian_free",
+        "--method-options",
+        '{"lissa": {"scale": "trace"}}',
+        "--out",
+        out,
+        "-q",
+    )
     assert code == 0, err
     assert "LiSSA diverged" not in err
     assert Scores.load(out / "scores-lissa.safetensors").settings["method_options"]["scale"] == "trace"
@@ -184,14 +246,41 @@ def test_score_from_stores_all_methods_and_replay(env, stores, capsys, tmp_path)
 
 def test_score_from_model_and_data_matches_stores(env, stores, capsys, tmp_path):
     out = tmp_path / "s"
-    code, _, err = run(capsys, "score", "--model", env["model"], "--adapter", env["ft"], "--train-data", env["train"],
-                       "--test-data", env["test"], *COLUMNS, "--mode", "pairwise", "--out", out, "-q")
+    code, _, err = run(
+        capsys,
+        "score",
+        "--model",
+        env["model"],
+        "--adapter",
+        env["ft"],
+        "--train-data",
+        env["train"],
+        "--test-data",
+        env["test"],
+        *COLUMNS,
+        "--mode",
+        "pairwise",
+        "--out",
+        out,
+        "-q",
+    )
     assert code == 0, err
     assert (out / "grads-train" / "manifest.json").is_file() and (out / "grads-test" / "manifest.json").is_file()
     pairwise = Scores.load(out / "scores-datainf.safetensors")
     assert pairwise.mode == "pairwise" and pairwise.values.shape == (4, 16)
-    code, _, err = run(capsys, "score", "--train-grads", stores["train"], "--test-grads", stores["test"],
-                       "--mode", "pairwise", "--out", tmp_path / "s2", "-q")
+    code, _, err = run(
+        capsys,
+        "score",
+        "--train-grads",
+        stores["train"],
+        "--test-grads",
+        stores["test"],
+        "--mode",
+        "pairwise",
+        "--out",
+        tmp_path / "s2",
+        "-q",
+    )
     assert code == 0, err
     torch.testing.assert_close(pairwise.values, Scores.load(tmp_path / "s2" / "scores-datainf.safetensors").values)
 
@@ -201,11 +290,45 @@ def test_causal_lm_pipeline(env, capsys, tmp_path):
     rows = [{"q": " ".join(rng.sample(WORDS, 3)), "a": " ".join(rng.sample(WORDS, 2))} for _ in range(8)]
     data = write_jsonl(tmp_path / "lm.jsonl", rows)
     lm_columns = ("--prompt-column", "q", "--response-column", "a")
-    code, _, err = run(capsys, "finetune", "--model", env["model"], "--kind", "causal-lm", "--data", data, *lm_columns,
-                       "--epochs", "1", "--batch-size", "4", "--max-length", "16", "--out", tmp_path / "ft", "-q")
+    code, _, err = run(
+        capsys,
+        "finetune",
+        "--model",
+        env["model"],
+        "--kind",
+        "causal-lm",
+        "--data",
+        data,
+        *lm_columns,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "16",
+        "--out",
+        tmp_path / "ft",
+        "-q",
+    )
     assert code == 0, err
-    code, _, err = run(capsys, "score", "--model", env["model"], "--adapter", tmp_path / "ft", "--train-data", data,
-                       "--test-data", data, *lm_columns, "--mode", "pairwise", "--out", tmp_path / "s", "-q")
+    code, _, err = run(
+        capsys,
+        "score",
+        "--model",
+        env["model"],
+        "--adapter",
+        tmp_path / "ft",
+        "--train-data",
+        data,
+        "--test-data",
+        data,
+        *lm_columns,
+        "--mode",
+        "pairwise",
+        "--out",
+        tmp_path / "s",
+        "-q",
+    )
     assert code == 0, err
     config = json.loads((tmp_path / "s" / "config.json").read_text())
     assert config["kind"] == "causal-lm" and config["max_length"] == 16  # resolved from the adapter
@@ -219,10 +342,22 @@ def test_causal_lm_pipeline(env, capsys, tmp_path):
 
 
 def test_report_command(env, stores, capsys, tmp_path):
-    code, _, err = run(capsys, "score", "--train-grads", stores["train"], "--test-grads", stores["test"], "--out", tmp_path / "s", "-q")
+    code, _, err = run(
+        capsys, "score", "--train-grads", stores["train"], "--test-grads", stores["test"], "--out", tmp_path / "s", "-q"
+    )
     assert code == 0, err
-    code, out, err = run(capsys, "report", "--scores", tmp_path / "s" / "scores-datainf.safetensors", "--data", env["train"],
-                         *COLUMNS, "--out", tmp_path / "r", "-q")
+    code, out, err = run(
+        capsys,
+        "report",
+        "--scores",
+        tmp_path / "s" / "scores-datainf.safetensors",
+        "--data",
+        env["train"],
+        *COLUMNS,
+        "--out",
+        tmp_path / "r",
+        "-q",
+    )
     assert code == 0, err
     html = (tmp_path / "r" / "index.html").read_text()
     assert "positive influence = harmful" in html and "s0" in html
@@ -243,25 +378,60 @@ def test_bad_inputs_give_one_line_errors(env, stores, capsys, tmp_path):
     grads = ["grads", "--model", env["model"], "--adapter", env["ft"]]
     cases = [
         (grads + ["--data", root / "missing.jsonl", *COLUMNS], "missing.jsonl does not exist"),
-        (grads + ["--data", env["train"], "--text-column", "txt", "--label-column", "y"], "column 'txt' (for field 'text') not found. Columns in the file: ['uid', 'sentence', 'y']"),
-        (grads + ["--data", env["train"]], "required field(s) ['text', 'label'] not found. Columns in the file: ['uid', 'sentence', 'y']"),
+        (
+            grads + ["--data", env["train"], "--text-column", "txt", "--label-column", "y"],
+            "column 'txt' (for field 'text') not found. Columns in the file: ['uid', 'sentence', 'y']",
+        ),
+        (
+            grads + ["--data", env["train"]],
+            "required field(s) ['text', 'label'] not found. Columns in the file: ['uid', 'sentence', 'y']",
+        ),
         (grads + ["--data", env["train"]], "On the command line: --text-column <column>, --label-column <column>."),
         (grads + ["--data", empty, *COLUMNS], "holds no rows"),
         (grads + ["--data", unseen, *COLUMNS], "labels ['neutral'] never occur in training"),
-        (["score", "--model", env["model"], "--adapter", env["ft"], "--train-data", env["train"], "--test-data", unseen, *COLUMNS],
-         "Test labels 'neutral' never occur in the training records"),
-        (["grads", "--model", env["other_model"], "--adapter", env["ft"], "--data", env["train"], *COLUMNS],
-         "was trained on base model"),
-        (["grads", "--model", "FacebookAI/roberta-large", "--adapter", env["ft"], "--data", env["train"], *COLUMNS],
-         "datainf works offline: pass a local folder"),
-        (["finetune", "--model", "bert-base-uncased", "--data", env["train"], *COLUMNS], "datainf works offline: pass a local folder"),
-        (["score", "--train-grads", stores["train"], "--test-grads", stores["test"], "--method", "magic"], "Unknown method(s) ['magic']"),
-        (["score", "--train-grads", stores["train"], "--test-grads", stores["test"], "--damping", "0"], "damping must be a finite number > 0"),
+        (
+            [
+                "score",
+                "--model",
+                env["model"],
+                "--adapter",
+                env["ft"],
+                "--train-data",
+                env["train"],
+                "--test-data",
+                unseen,
+                *COLUMNS,
+            ],
+            "Test labels 'neutral' never occur in the training records",
+        ),
+        (
+            ["grads", "--model", env["other_model"], "--adapter", env["ft"], "--data", env["train"], *COLUMNS],
+            "was trained on base model",
+        ),
+        (
+            ["grads", "--model", "FacebookAI/roberta-large", "--adapter", env["ft"], "--data", env["train"], *COLUMNS],
+            "datainf works offline: pass a local folder",
+        ),
+        (
+            ["finetune", "--model", "bert-base-uncased", "--data", env["train"], *COLUMNS],
+            "datainf works offline: pass a local folder",
+        ),
+        (
+            ["score", "--train-grads", stores["train"], "--test-grads", stores["test"], "--method", "magic"],
+            "Unknown method(s) ['magic']",
+        ),
+        (
+            ["score", "--train-grads", stores["train"], "--test-grads", stores["test"], "--damping", "0"],
+            "damping must be a finite number > 0",
+        ),
         (["score", "--train-grads", stores["train"]], "Pass both --train-grads and --test-grads"),
         (["score", "--train-grads", stores["train"], "--test-grads", root / "nope"], "does not exist"),
         (["report", "--scores", root / "nope.safetensors", "--data", env["train"]], "does not exist"),
         (["score", "--bogus"], "unrecognized arguments: --bogus"),
-        (["grads", "--model", env["model"], "--adapter", env["ft"], "--data", env["train"], "--epochs", "3"], "unrecognized arguments"),
+        (
+            ["grads", "--model", env["model"], "--adapter", env["ft"], "--data", env["train"], "--epochs", "3"],
+            "unrecognized arguments",
+        ),
         (["score", "--damping", "abc"], "Bad value 'abc' for --damping"),
     ]
     for index, (args, expected) in enumerate(cases):
@@ -276,12 +446,37 @@ def test_output_folder_of_another_command_or_config_is_refused(env, stores, caps
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    code, _, err = run(capsys, "score", "--train-grads", stores["train"], "--test-grads", stores["test"], "--out", foreign, "--overwrite", "-q")
+    code, _, err = run(
+        capsys,
+        "score",
+        "--train-grads",
+        stores["train"],
+        "--test-grads",
+        stores["test"],
+        "--out",
+        foreign,
+        "--overwrite",
+        "-q",
+    )
     assert code == 2 and "not empty and was not written by `datainf score`" in err
     assert (foreign / "thesis.tex").read_text() == "precious"
     # a grads store folder reused for a different adapter configuration
-    code, _, err = run(capsys, "grads", "--model", env["model"], "--adapter", env["ft"], "--data", env["train"], *COLUMNS,
-                       "--max-length", "12", "--out", stores["train"], "-q")
+    code, _, err = run(
+        capsys,
+        "grads",
+        "--model",
+        env["model"],
+        "--adapter",
+        env["ft"],
+        "--data",
+        env["train"],
+        *COLUMNS,
+        "--max-length",
+        "12",
+        "--out",
+        stores["train"],
+        "-q",
+    )
     assert code == 2 and "different configuration" in err and "max_length" in err
     # the score folder used by the report command
     code, _, err = run(capsys, "report", "--scores", "x.safetensors", "--data", env["train"], "--out", env["ft"], "-q")
@@ -298,7 +493,9 @@ def test_demo_delegates_to_datainf_demos(capsys, monkeypatch, tmp_path):
     import datainf.demos
 
     monkeypatch.setattr(datainf.demos, "main_demo", main_demo)
-    code, _, err = run(capsys, "demo", "--out", tmp_path / "d", "--task", "text-generation", "--dataset", "math", "--seed", "3", "-q")
+    code, _, err = run(
+        capsys, "demo", "--out", tmp_path / "d", "--task", "text-generation", "--dataset", "math", "--seed", "3", "-q"
+    )
     assert code == 0, err
     args = seen["args"]
     assert args.out == str(tmp_path / "d") and args.task == "text-generation" and args.seed == 3 and args.quiet is True
@@ -320,5 +517,11 @@ def test_python_dash_m_entry_point():
 
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "datainf.cli", "score", "--damping", "abc"], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "datainf.cli", "score", "--damping", "abc"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stderr.startswith("datainf: error: Bad value 'abc' for --damping")

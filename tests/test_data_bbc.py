@@ -28,9 +28,7 @@ def bbc_records() -> list[dict[str, Any]]:
 
 def _toy_records(counts: dict[str, int]) -> list[dict[str, Any]]:
     return [
-        {"id": f"{label}-{i}", "text": f"text {i}", "label": label}
-        for label, n in counts.items()
-        for i in range(n)
+        {"id": f"{label}-{i}", "text": f"text {i}", "label": label} for label, n in counts.items() for i in range(n)
     ]
 
 
@@ -60,11 +58,19 @@ def test_noisy_split_on_bbc(bbc_records: list[dict[str, Any]]) -> None:
     # Stratified, largest remainder: 500 * (510, 386, 417, 511, 401) / 2225
     # = 114.61, 86.74, 93.71, 114.83, 90.11 -> floors sum to 497; the 3 largest fractions round up.
     assert Counter(r["true_label"] for r in split.train) == {
-        "business": 114, "entertainment": 87, "politics": 94, "sports": 115, "tech": 90
+        "business": 114,
+        "entertainment": 87,
+        "politics": 94,
+        "sports": 115,
+        "tech": 90,
     }
     # Val from what is left (396, 299, 323, 396, 311 of 1725): 22.96, 17.33, 18.72, 22.96, 18.03.
     assert Counter(r["label"] for r in split.val) == {
-        "business": 23, "entertainment": 17, "politics": 19, "sports": 23, "tech": 18
+        "business": 23,
+        "entertainment": 17,
+        "politics": 19,
+        "sports": 23,
+        "tech": 18,
     }
 
 

@@ -113,10 +113,7 @@ def test_style_dataset() -> None:
     other = make_style_dataset(n_train_per_style=6, n_test_per_style=2, seed=1)
     assert not torch.equal(ds.train[0]["pixel_values"], other.train[0]["pixel_values"])
     # Styles look different: the mean image of each style differs clearly from the others.
-    means = [
-        torch.stack([r["pixel_values"] for r in ds.train if r["style"] == s]).mean(0)
-        for s in range(3)
-    ]
+    means = [torch.stack([r["pixel_values"] for r in ds.train if r["style"] == s]).mean(0) for s in range(3)]
     for i in range(3):
         for j in range(i + 1, 3):
             assert (means[i] - means[j]).abs().mean() > 0.2, (STYLE_NAMES[i], STYLE_NAMES[j])
@@ -144,6 +141,7 @@ def test_subject_dataset() -> None:
         assert r["subject_name"] == ds.class_names[r["subject"]]
     # Subjects cycle through the digits, so 12 subjects cover 0-9 and repeat 0 and 1.
     assert [ds.train[3 * s]["digit"] for s in range(12)] == [*range(10), 0, 1]
+
     # View 0 of a subject is its MNIST image unchanged; the other views differ from it, yet nearly
     # all are closer to their own subject's view 0 than to any other subject's (compared after a
     # blur, which forgives the one-pixel shifts; a shifted 7 can come out nearer some 9).

@@ -107,7 +107,9 @@ def test_from_model_without_adapter_names_reads_label2id_and_keeps_integer_label
     model = _model({"pos": 1, "neg": 0})
     encoder = LabelEncoder.from_model(model, {})
     assert encoder.names == ("neg", "pos") and encoder.class_ids
-    assert [r["label"] for r in encoder.encode(_records([1, 0.0, 7]), "data")] == [1, 0, 7], "integers are class ids as given"
+    assert [r["label"] for r in encoder.encode(_records([1, 0.0, 7]), "data")] == [1, 0, 7], (
+        "integers are class ids as given"
+    )
     assert [r["label"] for r in encoder.encode(_records(["pos", "neg"]), "data")] == [1, 0]
     with pytest.raises(DatasetError, match=r"Data labels \['1', 'x'\] never occur in training"):
         encoder.encode(_records(["x", 1]), "data")  # mixed: looked up by name

@@ -226,9 +226,7 @@ def test_json_must_be_a_list_of_objects(tmp_path: Path) -> None:
         load_records(path)
 
 
-def test_parquet_without_pyarrow_says_what_to_install(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "d.parquet"
     path.write_bytes(b"PAR1")
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow` fail
@@ -236,9 +234,7 @@ def test_parquet_without_pyarrow_says_what_to_install(
         load_records(path)
 
 
-def test_hf_folder_without_datasets_says_what_to_install(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_hf_folder_without_datasets_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "saved"
     folder.mkdir()
     (folder / "dataset_info.json").write_text("{}", encoding="utf-8")

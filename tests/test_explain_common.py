@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from datainf.demos import main_generation_demo, run_generation_demo
 from datainf.errors import ConfigError, DatasetError
 from datainf.explain import ExplanationResult, class_indices, format_generation_table, score_and_evaluate
-from datainf.demos import main_generation_demo, run_generation_demo
 from datainf.report import write_generation_report
 from datainf.scores import Scores
 from datainf.store import GradientStore
@@ -19,7 +19,9 @@ from datainf.store import GradientStore
 N_CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS, DIM = 3, 6, 2, 12
 
 
-def _planted_gradients(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], np.ndarray, np.ndarray]:
+def _planted_gradients(
+    seed: int = 0,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], np.ndarray, np.ndarray]:
     """Class ``c`` lives on its own coordinates (4c..4c+3): same-class train/test gradients align,
     others are orthogonal, so ``-I`` separates same-class examples perfectly."""
     gen = torch.Generator().manual_seed(seed)
@@ -40,8 +42,12 @@ def _planted_gradients(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str
 def test_planted_separation_gives_auc_and_recall_one():
     train, test, train_c, test_c = _planted_gradients()
     scores, metrics = score_and_evaluate(
-        GradientStore.from_tensors(train), GradientStore.from_tensors(test), train_c, test_c,
-        methods=("datainf", "hessian_free", "exact"), progress=False,
+        GradientStore.from_tensors(train),
+        GradientStore.from_tensors(test),
+        train_c,
+        test_c,
+        methods=("datainf", "hessian_free", "exact"),
+        progress=False,
     )
     assert set(scores) == {"datainf", "hessian_free", "exact"}
     for row in metrics:
@@ -61,7 +67,12 @@ def test_reversed_classes_give_auc_zero():
     train, test, train_c, test_c = _planted_gradients()
     wrong = (train_c + 1) % N_CLASSES
     _, metrics = score_and_evaluate(
-        GradientStore.from_tensors(train), GradientStore.from_tensors(test), wrong, test_c, methods=("datainf",), progress=False
+        GradientStore.from_tensors(train),
+        GradientStore.from_tensors(test),
+        wrong,
+        test_c,
+        methods=("datainf",),
+        progress=False,
     )
     assert metrics[0]["recall_mean"] == pytest.approx(0.0)
     assert metrics[0]["auc_mean"] < 0.5
@@ -73,7 +84,9 @@ def test_class_field_missing_and_length_mismatch_are_refused():
     assert class_indices([{"class": 2}, {"class": 0}]).tolist() == [2, 0]
     train, test, train_c, test_c = _planted_gradients()
     with pytest.raises(DatasetError, match="must match"):
-        score_and_evaluate(GradientStore.from_tensors(train), GradientStore.from_tensors(test), train_c[:-1], test_c, progress=False)
+        score_and_evaluate(
+            GradientStore.from_tensors(train), GradientStore.from_tensors(test), train_c[:-1], test_c, progress=False
+        )
 
 
 def _result(task: str) -> ExplanationResult:
@@ -81,7 +94,10 @@ def _result(task: str) -> ExplanationResult:
     scores, metrics = score_and_evaluate(
         GradientStore.from_tensors(train_g, ids=[f"tr{i}" for i in range(len(train_c))]),
         GradientStore.from_tensors(test_g, ids=[f"te{i}" for i in range(len(test_c))]),
-        train_c, test_c, methods=("datainf", "hessian_free"), progress=False,
+        train_c,
+        test_c,
+        methods=("datainf", "hessian_free"),
+        progress=False,
     )
     names = ["alpha", "beta", "gamma"]
 
@@ -95,9 +111,20 @@ def _result(task: str) -> ExplanationResult:
 
     train = [record("tr", i, c) for i, c in enumerate(train_c)]
     test = [record("te", i, c) for i, c in enumerate(test_c)]
-    generations = {r["id"]: (torch.zeros(1, 8, 8) if task == "text-to-image" else f"generated for {r['id']}") for r in test}
-    return ExplanationResult(task=task, dataset="toy", class_names=names, train=train, test=test, scores=scores, metrics=metrics,
-                             quality={"exact_match_after": 0.5}, generations=generations)
+    generations = {
+        r["id"]: (torch.zeros(1, 8, 8) if task == "text-to-image" else f"generated for {r['id']}") for r in test
+    }
+    return ExplanationResult(
+        task=task,
+        dataset="toy",
+        class_names=names,
+        train=train,
+        test=test,
+        scores=scores,
+        metrics=metrics,
+        quality={"exact_match_after": 0.5},
+        generations=generations,
+    )
 
 
 def test_text_generation_report_lists_helpful_examples_of_the_same_class(tmp_path):
@@ -120,7 +147,9 @@ def test_text_to_image_report_writes_thumbnails(tmp_path):
     result = _result("text-to-image")
     path = write_generation_report(tmp_path / "r", result, n_examples=2, k=3)
     pngs = sorted(p.name for p in path.parent.glob("*.png"))
-    assert "test0-ref.png" in pngs and "test0-gen.png" in pngs and "test1-help3.png" in pngs and "test1-harm1.png" in pngs
+    assert (
+        "test0-ref.png" in pngs and "test0-gen.png" in pngs and "test1-help3.png" in pngs and "test1-harm1.png" in pngs
+    )
     assert (path.parent / "test0-ref.png").read_bytes()[:4] == b"\x89PNG"
     assert "<img class='thumb' src='test0-gen.png'" in path.read_text()
 
@@ -130,7 +159,11 @@ def test_generation_report_refuses_average_scores_and_unknown_method(tmp_path):
     with pytest.raises(ConfigError, match="No scores for method 'exact'"):
         write_generation_report(tmp_path / "r", result, method="exact")
     s = result.scores["datainf"]
-    result.scores = {"datainf": Scores(values=s.values.mean(dim=0), train_ids=s.train_ids, test_ids=["mean"], method="datainf", mode="average")}
+    result.scores = {
+        "datainf": Scores(
+            values=s.values.mean(dim=0), train_ids=s.train_ids, test_ids=["mean"], method="datainf", mode="average"
+        )
+    }
     with pytest.raises(ConfigError, match="pairwise"):
         write_generation_report(tmp_path / "r", result)
     assert not (tmp_path / "r").exists()
@@ -146,7 +179,9 @@ def test_generation_demo_wiring_and_dataset_check(tmp_path, monkeypatch, capsys)
             self.dataset, self.seed = dataset, seed
 
     def fake_run(config, *, out_dir, recompute, progress):
-        calls.update(dataset=config.dataset, seed=config.seed, out=Path(out_dir), recompute=recompute, progress=progress)
+        calls.update(
+            dataset=config.dataset, seed=config.seed, out=Path(out_dir), recompute=recompute, progress=progress
+        )
         return _result("text-generation")
 
     fake = type("M", (), {"TextGenerationConfig": FakeConfig, "run_text_generation": staticmethod(fake_run)})
@@ -159,7 +194,11 @@ def test_generation_demo_wiring_and_dataset_check(tmp_path, monkeypatch, capsys)
 
     import argparse
 
-    code = main_generation_demo(argparse.Namespace(task="text-generation", dataset=None, out=str(tmp_path / "o"), seed=4, recompute=True, quiet=True))
+    code = main_generation_demo(
+        argparse.Namespace(
+            task="text-generation", dataset=None, out=str(tmp_path / "o"), seed=4, recompute=True, quiet=True
+        )
+    )
     assert code == 0
     assert calls == {"dataset": "sentence", "seed": 4, "out": tmp_path / "o", "recompute": True, "progress": False}
     out = capsys.readouterr().out

@@ -42,8 +42,13 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
     tok = _tokenizer()
     torch.manual_seed(0)
     cfg = BertConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, is_decoder=True,
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        is_decoder=True,
     )
     BertLMHeadModel(cfg).save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
@@ -68,7 +73,9 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_pipeline_end_to_end_and_cached_rerun(tiny_bert: str, tmp_path) -> None:
-    config = TextGenerationConfig(dataset="sentence", base_model=tiny_bert, modules_to_save=("transform.dense",), **TINY)
+    config = TextGenerationConfig(
+        dataset="sentence", base_model=tiny_bert, modules_to_save=("transform.dense",), **TINY
+    )
     result = run_text_generation(config, out_dir=tmp_path, progress=False)
     n, m = 10 * 3, 10 * 1
     assert result.task == "text-generation" and result.dataset == "sentence"
@@ -145,7 +152,9 @@ def test_cached_quality_is_reused_and_an_unusable_file_recomputed(tiny_bert: str
     first = _cached_exact_match(run, "quality.json", model, tok, records, max_new_tokens=3)
     assert set(first) == {"exact_match", "generations"} and set(first["generations"]) == {"a"}
     run.write_json("quality.json", {"exact_match": 0.25, "generations": {"a": "from the file"}})
-    assert _cached_exact_match(run, "quality.json", model, tok, records, max_new_tokens=3)["generations"] == {"a": "from the file"}
+    assert _cached_exact_match(run, "quality.json", model, tok, records, max_new_tokens=3)["generations"] == {
+        "a": "from the file"
+    }
     (run.path / "quality.json").write_text("{not json")
     assert _cached_exact_match(run, "quality.json", model, tok, records, max_new_tokens=3) == first
     assert run.read_json("quality.json") == first
@@ -173,7 +182,7 @@ class _Echo(torch.nn.Module):
         self.plan, self.vocab = plan, vocab
         self.seen_masks: list[torch.Tensor] = []
 
-    def forward(self, input_ids, attention_mask=None, **kwargs):  # noqa: ANN001, ANN003 - returns no cache
+    def forward(self, input_ids, attention_mask=None, **kwargs):
         self.seen_masks.append(attention_mask)
         b, s = input_ids.shape
         logits = torch.zeros(b, s, self.vocab)
@@ -193,9 +202,7 @@ def test_greedy_generate_stops_at_eos_and_groups_by_length() -> None:
     enc = [tok(p)["input_ids"] for p in prompts]
     word = {p: tok.convert_tokens_to_ids(w) for p, w in zip(prompts, ["apple", "green", "tree"])}
     out_tokens = {"apple ->": ["red", "sun"], "green river stone ->": ["blue"], "tree ->": ["cold", "rain", "snow"]}
-    plan = {
-        word[p]: [len(e)] + tok.convert_tokens_to_ids(out_tokens[p]) + [eos, eos] for p, e in zip(prompts, enc)
-    }
+    plan = {word[p]: [len(e)] + tok.convert_tokens_to_ids(out_tokens[p]) + [eos, eos] for p, e in zip(prompts, enc)}
     model = _Echo(plan, len(tok))
     texts = greedy_generate(model, tok, prompts, max_new_tokens=10)
     assert texts == ["red sun", "blue", "cold rain snow"]
@@ -277,7 +284,7 @@ def test_model_without_sequence_logits_is_refused() -> None:
     from datainf.explain.text_generation import _check_logits
 
     class Pooled(torch.nn.Module):
-        def forward(self, input_ids, attention_mask=None):  # noqa: ANN001
+        def forward(self, input_ids, attention_mask=None):
             return type("Out", (), {"logits": torch.zeros(input_ids.shape[0], 5)})()
 
     with pytest.raises(ModelLoadError, match=r"\(batch, tokens, vocabulary\)"):
@@ -333,7 +340,9 @@ def test_config_round_trip() -> None:
 # ---------------------------------------------------------------------------------------------- response-only logits
 
 
-@pytest.mark.parametrize("which,targets", [("tiny_bert", ("query", "value", "transform.dense")), ("tiny_gpt2", ("c_attn",))])
+@pytest.mark.parametrize(
+    "which,targets", [("tiny_bert", ("query", "value", "transform.dense")), ("tiny_gpt2", ("c_attn",))]
+)
 def test_response_only_logits_match_full_logits(which: str, targets: tuple, request: pytest.FixtureRequest) -> None:
     """CausalLMTask projects only the scored positions onto the vocabulary; losses and per-example
     gradients must equal those of the full (b, s, V) logits."""
@@ -371,4 +380,6 @@ def test_modules_to_save_that_match_nothing_are_refused(tiny_gpt2: str) -> None:
 
     model, _ = load_model(tiny_gpt2, kind="causal-lm")
     with pytest.raises(ConfigError, match=r"modules_to_save \['transform.dense'\] match no layer"):
-        _wrap_with_lora(model, FinetuneConfig(kind="causal-lm", target_modules=("c_attn",), modules_to_save=("transform.dense",)))
+        _wrap_with_lora(
+            model, FinetuneConfig(kind="causal-lm", target_modules=("c_attn",), modules_to_save=("transform.dense",))
+        )

@@ -38,8 +38,14 @@ def encoder() -> PromptEncoder:
 
     tokenizer = AutoTokenizer.from_pretrained(str(gt_minilm.get_model_path()))
     torch.manual_seed(3)
-    cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=32)
+    cfg = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=HIDDEN,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     return PromptEncoder(BertModel(cfg), tokenizer, length=12, name="tiny-bert")
 
 
@@ -48,9 +54,16 @@ def tiny_unet(seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     kwargs = dict(
-        sample_size=32, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=HIDDEN, attention_head_dim=4, norm_num_groups=4,
+        sample_size=32,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=HIDDEN,
+        attention_head_dim=4,
+        norm_num_groups=4,
     )
     kwargs.update(overrides)
     return UNet2DConditionModel(**kwargs)
@@ -65,8 +78,17 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_config(**kw) -> TextToImageConfig:
     base = dict(
-        dataset="style", n_train_per_class=3, n_test_per_class=2, epochs=1, batch_size=4, timesteps=(100, 700),
-        eval_timesteps=(500,), n_samples=2, sampling_steps=2, prompt_length=12, methods=("datainf", "hessian_free", "exact"),
+        dataset="style",
+        n_train_per_class=3,
+        n_test_per_class=2,
+        epochs=1,
+        batch_size=4,
+        timesteps=(100, 700),
+        eval_timesteps=(500,),
+        n_samples=2,
+        sampling_steps=2,
+        prompt_length=12,
+        methods=("datainf", "hessian_free", "exact"),
     )
     base.update(kw)
     return TextToImageConfig(**base)
@@ -97,7 +119,14 @@ def test_style_end_to_end_and_cached_rerun(tmp_path, base_dir, encoder, monkeypa
         assert image.shape == (1, 32, 32) and image.min() >= -1 and image.max() <= 1
     assert {"denoising_loss_before", "denoising_loss_after"} <= set(result.quality)
     assert all(np.isfinite(v) for v in result.quality.values())
-    for name in ("adapter.safetensors", "quality.json", "samples.safetensors", "summary.json", "grads-train-100.700-blocks", "grads-test-100.700-blocks"):
+    for name in (
+        "adapter.safetensors",
+        "quality.json",
+        "samples.safetensors",
+        "summary.json",
+        "grads-train-100.700-blocks",
+        "grads-test-100.700-blocks",
+    ):
         assert (result.cache / name).exists(), name
     stored = GradientStore.open(result.cache / "grads-train-100.700-blocks")
     assert stored.block_dims and all(name.endswith(("@t100", "@t700")) for name in stored.block_dims)
@@ -115,7 +144,10 @@ def test_style_end_to_end_and_cached_rerun(tmp_path, base_dir, encoder, monkeypa
     monkeypatch.setattr(collect, "batch_gradients", boom)
     again = run_text_to_image(config, out_dir=tmp_path, progress=False, base_unet_path=base_dir, encoder=encoder)
     assert again.cache == result.cache
-    assert json.loads((result.cache / "config.json").read_text()) == {"config": config.to_dict(), "base_unet": str(base_dir)}
+    assert json.loads((result.cache / "config.json").read_text()) == {
+        "config": config.to_dict(),
+        "base_unet": str(base_dir),
+    }
     for method in result.scores:
         torch.testing.assert_close(again.scores[method].values, result.scores[method].values)
     for key in result.generations:
@@ -127,8 +159,11 @@ def test_style_end_to_end_and_cached_rerun(tmp_path, base_dir, encoder, monkeypa
     monkeypatch.setattr(t2i, "_finetune", boom)
     monkeypatch.setattr(t2i, "sample_images", boom)
     mean = run_text_to_image(
-        tiny_config(timestep_blocks=False, methods=("datainf",), damping=0.5), out_dir=tmp_path, progress=False,
-        base_unet_path=base_dir, encoder=encoder,
+        tiny_config(timestep_blocks=False, methods=("datainf",), damping=0.5),
+        out_dir=tmp_path,
+        progress=False,
+        base_unet_path=base_dir,
+        encoder=encoder,
     )
     assert mean.cache == result.cache
     plain = GradientStore.open(result.cache / "grads-train-100.700-mean")
@@ -136,13 +171,18 @@ def test_style_end_to_end_and_cached_rerun(tmp_path, base_dir, encoder, monkeypa
     # the mean recipe's gradient is the sum of the per-timestep blocks
     split_grads, mean_grads = stored.to_dict(), plain.to_dict()
     for name, tensor in mean_grads.items():
-        torch.testing.assert_close(tensor, split_grads[f"{name}@t100"] + split_grads[f"{name}@t700"], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            tensor, split_grads[f"{name}@t100"] + split_grads[f"{name}@t700"], rtol=1e-4, atol=1e-7
+        )
 
     # a setting of the fine-tune gets its own cache folder
     monkeypatch.undo()
     other = run_text_to_image(
-        tiny_config(r=2, methods=("datainf",), n_samples=0), out_dir=tmp_path, progress=False,
-        base_unet_path=base_dir, encoder=encoder,
+        tiny_config(r=2, methods=("datainf",), n_samples=0),
+        out_dir=tmp_path,
+        progress=False,
+        base_unet_path=base_dir,
+        encoder=encoder,
     )
     assert other.cache != result.cache and other.generations == {}
     assert tuple(other.scores["datainf"].values.shape) == (6, 9)
@@ -163,7 +203,9 @@ def test_fine_tune_changes_the_model_and_lowers_training_loss(tmp_path, base_dir
 
 
 def test_subject_end_to_end(tmp_path, base_dir, encoder):
-    config = tiny_config(dataset="subject", n_subjects=3, n_train_per_class=2, n_test_per_class=1, methods=("datainf",), n_samples=3)
+    config = tiny_config(
+        dataset="subject", n_subjects=3, n_train_per_class=2, n_test_per_class=1, methods=("datainf",), n_samples=3
+    )
     result = run_text_to_image(config, out_dir=tmp_path, progress=False, base_unet_path=base_dir, encoder=encoder)
     assert len(result.class_names) == 3 and len(result.train) == 6 and len(result.test) == 3
     assert all(r["class_name"] == result.class_names[r["class"]] for r in result.train)
@@ -176,10 +218,14 @@ def test_mixed_image_sizes_are_refused_before_training(tmp_path, base_dir, encod
     data = make_style_dataset(n_train_per_style=2, n_test_per_style=1)
     odd = dict(data.train[1], pixel_values=torch.zeros(1, 28, 28))
     rgb = dict(data.test[0], pixel_values=torch.zeros(3, 32, 32))
-    bad = ImageDataset(train=[data.train[0], odd, *data.train[2:]], test=[rgb, *data.test[1:]], class_names=data.class_names)
+    bad = ImageDataset(
+        train=[data.train[0], odd, *data.train[2:]], test=[rgb, *data.test[1:]], class_names=data.class_names
+    )
     monkeypatch.setattr(t2i, "_finetune", lambda *a, **k: pytest.fail("trained on bad data"))
     with pytest.raises(DatasetError, match=r"differ in channel count or size.*style-inverted-0001 \(1, 28, 28\)"):
-        run_text_to_image(tiny_config(), out_dir=tmp_path, progress=False, base_unet_path=base_dir, encoder=encoder, dataset=bad)
+        run_text_to_image(
+            tiny_config(), out_dir=tmp_path, progress=False, base_unet_path=base_dir, encoder=encoder, dataset=bad
+        )
     assert not list(Path(tmp_path).glob("cache-*"))
 
 
@@ -188,7 +234,11 @@ def test_records_without_class_are_refused(tmp_path, base_dir, encoder):
     stripped = [{k: v for k, v in r.items() if k != "style"} for r in data.train]
     with pytest.raises(DatasetError, match="lack an 'id', a 'prompt' or a class"):
         run_text_to_image(
-            tiny_config(), out_dir=tmp_path, progress=False, base_unet_path=base_dir, encoder=encoder,
+            tiny_config(),
+            out_dir=tmp_path,
+            progress=False,
+            base_unet_path=base_dir,
+            encoder=encoder,
             dataset=ImageDataset(train=stripped, test=data.test, class_names=data.class_names),
         )
 
@@ -205,7 +255,9 @@ def test_base_unet_that_does_not_fit_is_refused(tmp_path, encoder, overrides, me
     folder = tmp_path / "base"
     tiny_unet(**overrides).save_pretrained(str(folder), safe_serialization=True)
     with pytest.raises(ConfigError, match=message):
-        run_text_to_image(tiny_config(), out_dir=tmp_path / "out", progress=False, base_unet_path=folder, encoder=encoder)
+        run_text_to_image(
+            tiny_config(), out_dir=tmp_path / "out", progress=False, base_unet_path=folder, encoder=encoder
+        )
 
 
 def test_missing_base_unet_folder_is_a_clear_error(tmp_path):
@@ -247,11 +299,15 @@ def test_recompute_retrains_and_reproduces_the_numbers(tmp_path, base_dir, encod
     adapter = first.cache / "adapter.safetensors"
     mtime = adapter.stat().st_mtime_ns
     (first.cache / "leftover").write_text("x")
-    again = run_text_to_image(config, out_dir=tmp_path, progress=False, base_unet_path=base_dir, encoder=encoder, recompute=True)
+    again = run_text_to_image(
+        config, out_dir=tmp_path, progress=False, base_unet_path=base_dir, encoder=encoder, recompute=True
+    )
     assert again.cache == first.cache and not (first.cache / "leftover").exists()
     assert adapter.stat().st_mtime_ns != mtime  # trained again, from the same seeds
     torch.testing.assert_close(again.scores["datainf"].values, first.scores["datainf"].values, rtol=0, atol=0)
-    torch.testing.assert_close(next(iter(again.generations.values())), next(iter(first.generations.values())), rtol=0, atol=0)
+    torch.testing.assert_close(
+        next(iter(again.generations.values())), next(iter(first.generations.values())), rtol=0, atol=0
+    )
     assert again.quality == first.quality
 
 
@@ -266,7 +322,9 @@ def test_cache_folder_keeps_its_name(tmp_path):
     for dataset, key in RECORDED_KEYS.items():
         config = TextToImageConfig(dataset=dataset)
         assert config.key("a" * 16, "b" * 16, "c" * 16, "minilm", "16") == key
-        run = text_to_image_cache(config, tmp_path, key=config.key("a" * 16, "b" * 16, "c" * 16, "minilm", "16"), base_unet="/u")
+        run = text_to_image_cache(
+            config, tmp_path, key=config.key("a" * 16, "b" * 16, "c" * 16, "minilm", "16"), base_unet="/u"
+        )
         assert run.path == (tmp_path / f"cache-{key}").absolute()
         assert json.loads((run.path / "config.json").read_text()) == {"config": config.to_dict(), "base_unet": "/u"}
 
@@ -297,8 +355,14 @@ def test_sampling_is_seeded_and_batch_independent(encoder):
 def test_train_base_unet_tiny(tmp_path, encoder):
     seen = []
     unet, result = train_base_unet(
-        encoder=encoder, epochs=2, batch_size=8, n_images=16, unet=tiny_unet(), out_dir=tmp_path / "base",
-        progress=False, on_epoch=lambda e, loss, m: seen.append((e, loss)),
+        encoder=encoder,
+        epochs=2,
+        batch_size=8,
+        n_images=16,
+        unet=tiny_unet(),
+        out_dir=tmp_path / "base",
+        progress=False,
+        on_epoch=lambda e, loss, m: seen.append((e, loss)),
     )
     assert [e for e, _ in seen] == [1, 2] and len(result.epoch_losses) == 2
     assert all(np.isfinite(result.epoch_losses)) and result.images_seen == 32
@@ -320,7 +384,6 @@ def test_shipped_base_unet_fits_minilm():
     assert training["epoch_losses"] and training["epoch_losses"][-1] < 0.2
     size = sum(p.stat().st_size for p in DEFAULT_BASE_UNET.iterdir())
     assert size < 8_000_000
-
 
 
 def test_toy_stack_names_stay_importable_from_the_pipeline_module():

@@ -40,7 +40,10 @@ def sentiment_records(n: int, seed: int = 0) -> list[dict]:
 
 def lm_records(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    return [{"id": f"l{i}", "prompt": " ".join(rng.sample(WORDS, 3)), "response": " ".join(rng.sample(WORDS, 2))} for i in range(n)]
+    return [
+        {"id": f"l{i}", "prompt": " ".join(rng.sample(WORDS, 3)), "response": " ".join(rng.sample(WORDS, 2))}
+        for i in range(n)
+    ]
 
 
 FAST = dict(epochs=2, batch_size=8, lr=5e-3, max_length=16)
@@ -84,7 +87,14 @@ def foreign_copy(adapter: Path, dest: Path, recorded_base: str = "some-org/some-
 
 def test_config_defaults_follow_the_paper():
     cfg = FinetuneConfig()
-    assert (cfg.r, cfg.alpha, cfg.lr, cfg.batch_size, cfg.warmup_ratio, cfg.max_length) == (8, 16.0, 3e-4, 32, 0.06, 128)
+    assert (cfg.r, cfg.alpha, cfg.lr, cfg.batch_size, cfg.warmup_ratio, cfg.max_length) == (
+        8,
+        16.0,
+        3e-4,
+        32,
+        0.06,
+        128,
+    )
     assert cfg.target_modules == ("query", "value") and cfg.dropout == 0.1
 
 
@@ -120,7 +130,9 @@ def test_config_round_trip_and_unknown_keys():
 
 def test_finetune_writes_adapter_metadata_and_log(adapter, models):
     names = sorted(p.name for p in adapter.iterdir())
-    assert {"adapter_config.json", "adapter_model.safetensors", "datainf_adapter.json", "training_log.json"} <= set(names)
+    assert {"adapter_config.json", "adapter_model.safetensors", "datainf_adapter.json", "training_log.json"} <= set(
+        names
+    )
     meta = read_adapter_metadata(adapter)
     assert meta["kind"] == "classification" and meta["label_names"] == ["neg", "pos"] and meta["num_labels"] == 2
     assert meta["base_model"] == str(models["tiny"].resolve())
@@ -137,7 +149,9 @@ def test_finetune_writes_adapter_metadata_and_log(adapter, models):
 def test_finetune_is_deterministic_and_seeded(models, adapter, tmp_path):
     def run(seed: int, out: Path) -> dict[str, torch.Tensor]:
         model, tok = load_model(models["tiny"], kind="classification", num_labels=2)
-        finetune_lora(model, tok, sentiment_records(24), FinetuneConfig(**FAST, seed=seed), output_dir=out, progress=False)
+        finetune_lora(
+            model, tok, sentiment_records(24), FinetuneConfig(**FAST, seed=seed), output_dir=out, progress=False
+        )
         return load_file(str(out / "adapter_model.safetensors"))
 
     reference = load_file(str(adapter / "adapter_model.safetensors"))
@@ -151,7 +165,11 @@ def test_finetune_is_deterministic_and_seeded(models, adapter, tmp_path):
 def test_finetune_learns_a_separable_task(models, tmp_path):
     rng = random.Random(0)
     records = [
-        {"id": str(i), "text": " ".join(rng.sample(WORDS[:5], 2) + ["good" if i % 2 else "bad"]), "label": "pos" if i % 2 else "neg"}
+        {
+            "id": str(i),
+            "text": " ".join(rng.sample(WORDS[:5], 2) + ["good" if i % 2 else "bad"]),
+            "label": "pos" if i % 2 else "neg",
+        }
         for i in range(32)
     ]
     model, tok = load_model(models["tiny"], kind="classification", num_labels=2)
@@ -169,7 +187,9 @@ def test_finetune_learns_a_separable_task(models, tmp_path):
 
 def test_loaded_adapter_reproduces_the_trained_model(models, tmp_path):
     model, tok = load_model(models["tiny"], kind="classification", num_labels=2)
-    out = finetune_lora(model, tok, sentiment_records(16), FinetuneConfig(**FAST), output_dir=tmp_path / "a", progress=False)
+    out = finetune_lora(
+        model, tok, sentiment_records(16), FinetuneConfig(**FAST), output_dir=tmp_path / "a", progress=False
+    )
     model.eval()  # finetune_lora injected the trained LoRA layers into this very model
     loaded, _ = load_model(models["tiny"], kind="classification", adapter=out)
     batch = tok(["the cat is good", "a dog was awful"], return_tensors="pt", padding=True)
@@ -204,28 +224,47 @@ def test_finetune_interrupted_leaves_nothing(models, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     with pytest.raises(KeyboardInterrupt):
-        finetune_lora(model, tok, sentiment_records(24), FinetuneConfig(**FAST), output_dir=tmp_path / "out", progress=False)
+        finetune_lora(
+            model, tok, sentiment_records(24), FinetuneConfig(**FAST), output_dir=tmp_path / "out", progress=False
+        )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_finetune_bad_inputs(models, tmp_path, adapter):
     model, tok = load_model(models["tiny"], kind="classification", num_labels=3)
     with pytest.raises(ConfigError, match="head has 3 outputs but the data has 2 classes"):
-        finetune_lora(model, tok, sentiment_records(8), FinetuneConfig(**FAST), output_dir=tmp_path / "a", progress=False)
+        finetune_lora(
+            model, tok, sentiment_records(8), FinetuneConfig(**FAST), output_dir=tmp_path / "a", progress=False
+        )
     model, tok = load_model(models["tiny"], kind="classification", num_labels=2)
     with pytest.raises(EmptyInputError):
         finetune_lora(model, tok, [], FinetuneConfig(**FAST), output_dir=tmp_path / "a", progress=False)
     with pytest.raises(ConfigError, match="already exists"):
         finetune_lora(model, tok, sentiment_records(8), FinetuneConfig(**FAST), output_dir=adapter, progress=False)
     with pytest.raises(DatasetError, match="'text'"):
-        finetune_lora(model, tok, [{"id": "1", "label": "a"}], FinetuneConfig(**FAST), output_dir=tmp_path / "b", progress=False)
+        finetune_lora(
+            model, tok, [{"id": "1", "label": "a"}], FinetuneConfig(**FAST), output_dir=tmp_path / "b", progress=False
+        )
     with pytest.raises(DatasetError, match="not among the label names"):
         finetune_lora(
-            model, tok, sentiment_records(4), FinetuneConfig(**FAST), output_dir=tmp_path / "c", label_names=["neg", "x"], progress=False
+            model,
+            tok,
+            sentiment_records(4),
+            FinetuneConfig(**FAST),
+            output_dir=tmp_path / "c",
+            label_names=["neg", "x"],
+            progress=False,
         )
     gpt2, tok2 = load_model(models["gpt2"], kind="causal-lm")
     with pytest.raises(ConfigError, match=r"target_modules=\['query', 'value'\].*'c_attn'"):
-        finetune_lora(gpt2, tok2, lm_records(4), FinetuneConfig(kind="causal-lm", **FAST), output_dir=tmp_path / "d", progress=False)
+        finetune_lora(
+            gpt2,
+            tok2,
+            lm_records(4),
+            FinetuneConfig(kind="causal-lm", **FAST),
+            output_dir=tmp_path / "d",
+            progress=False,
+        )
     assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
 
 

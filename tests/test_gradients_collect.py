@@ -93,8 +93,13 @@ def test_store_from_another_model_is_refused(tmp_path) -> None:
 def test_given_store_with_other_blocks_is_refused() -> None:
     store = GradientStore.create(None, block_dims={"w": 3})
     with pytest.raises(BlockMismatchError, match="find_lora_blocks"):
-        collect_gradients(bert_classifier(), SequenceClassificationTask(word_tokenizer()), classification_data(2),
-                          store=store, progress=False)
+        collect_gradients(
+            bert_classifier(),
+            SequenceClassificationTask(word_tokenizer()),
+            classification_data(2),
+            store=store,
+            progress=False,
+        )
 
 
 @pytest.fixture(scope="module")

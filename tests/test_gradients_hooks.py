@@ -143,7 +143,9 @@ def test_labelled_rows_keep_their_own_blocks() -> None:
     for j in range(b):
         for m, label in enumerate(labels):
             row = j * k + m
-            ref = torch.autograd.grad(row_losses(x[row : row + 1], weights[row : row + 1])[0], [model.lin.weight, model.lin.bias])
+            ref = torch.autograd.grad(
+                row_losses(x[row : row + 1], weights[row : row + 1])[0], [model.lin.weight, model.lin.bias]
+            )
             for name, r in zip(["lin.weight", "lin.bias"], ref):
                 torch.testing.assert_close(grads[f"{name}@{label}"][j], r.reshape(-1), rtol=1e-10, atol=1e-12)
 
@@ -162,10 +164,9 @@ def test_labelled_rows_bad_setups() -> None:
 
 def test_hooks_removed_on_exception() -> None:
     model = _Shared()
-    with pytest.raises(RuntimeError, match="inside"):
-        with PerExampleGradients(_blocks(model)):
-            assert len(model.lin._forward_hooks) == 1
-            raise RuntimeError("inside")
+    with pytest.raises(RuntimeError, match="inside"), PerExampleGradients(_blocks(model)):
+        assert len(model.lin._forward_hooks) == 1
+        raise RuntimeError("inside")
     assert not model.lin._forward_hooks
 
 
@@ -195,7 +196,9 @@ def test_collect_leaves_nothing_on_the_model() -> None:
     assert model.training
 
     with pytest.raises(RuntimeError, match="task failed"):
-        collect_gradients(model, _FailingTask(word_tokenizer(), fail_on=2), classification_data(5), batch_size=2, progress=False)
+        collect_gradients(
+            model, _FailingTask(word_tokenizer(), fail_on=2), classification_data(5), batch_size=2, progress=False
+        )
     assert hook_state(model) == hooks_before
     assert attribute_state(model) == attrs_before
     assert model.training

@@ -43,7 +43,9 @@ def test_inference_mode_adapter_is_differentiated_and_flags_restored() -> None:
     model.requires_grad_(False)  # as after PeftModel.from_pretrained(..., is_trainable=False)
     blocks = find_lora_blocks(model)
     assert len(blocks) == 10
-    store = collect_gradients(model, SequenceClassificationTask(word_tokenizer()), classification_data(3), progress=False)
+    store = collect_gradients(
+        model, SequenceClassificationTask(word_tokenizer()), classification_data(3), progress=False
+    )
     assert all(not p.requires_grad for p in model.parameters())
     assert any(store.to_dict()[n].abs().sum() > 0 for n in blocks.names)
 
@@ -51,8 +53,9 @@ def test_inference_mode_adapter_is_differentiated_and_flags_restored() -> None:
 def test_no_lora_module() -> None:
     from transformers import BertConfig, BertForSequenceClassification
 
-    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                                                     num_attention_heads=2, intermediate_size=32))
+    model = BertForSequenceClassification(
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )
     with pytest.raises(LoRAValidationError, match="No LoRA layer found"):
         find_lora_blocks(model)
 
@@ -120,11 +123,13 @@ def test_gradient_mode_turns_dropout_off_logs_and_restores(caplog: pytest.LogCap
     model.base_model.model.classifier.eval()  # a mixed state must come back exactly
     before = {n: m.training for n, m in model.named_modules()}
     blocks = find_lora_blocks(model)
-    with caplog.at_level(logging.INFO, logger="datainf"):
-        with pytest.raises(RuntimeError, match="boom"):
-            with gradient_mode(model, blocks):
-                assert not any(m.training for m in model.modules())
-                raise RuntimeError("boom")
+    with (
+        caplog.at_level(logging.INFO, logger="datainf"),
+        pytest.raises(RuntimeError, match="boom"),
+        gradient_mode(model, blocks),
+    ):
+        assert not any(m.training for m in model.modules())
+        raise RuntimeError("boom")
     assert {n: m.training for n, m in model.named_modules()} == before
     assert any("eval mode" in r.getMessage() and "restored afterwards" in r.getMessage() for r in caplog.records)
 

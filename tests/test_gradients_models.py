@@ -62,7 +62,9 @@ def test_lora_bias_and_trained_base_biases_are_blocks() -> None:
     assert roles["base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.default.bias"] == "lora_B"
     assert roles["base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.bias"] == "other"
     assert all(b.hooked for b in blocks)
-    report = check_per_example_gradients(model, SequenceClassificationTask(word_tokenizer("cls")), classification_data(4, seed=9))
+    report = check_per_example_gradients(
+        model, SequenceClassificationTask(word_tokenizer("cls")), classification_data(4, seed=9)
+    )
     _assert_meaningful(report, len(blocks))
 
 
@@ -212,4 +214,6 @@ def test_gradient_checkpointing_is_switched_off_and_restored() -> None:
     for name, g in plain.items():
         assert g.abs().sum() > 0
         torch.testing.assert_close(checkpointed[name], g, rtol=1e-5, atol=1e-7)
-    assert flags == {n: m.gradient_checkpointing for n, m in model.named_modules() if hasattr(m, "gradient_checkpointing")}
+    assert flags == {
+        n: m.gradient_checkpointing for n, m in model.named_modules() if hasattr(m, "gradient_checkpointing")
+    }

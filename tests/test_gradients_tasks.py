@@ -98,9 +98,18 @@ def test_diffusion_timestep_blocks_are_each_timesteps_share_of_the_gradient() ->
     ex = dict(diffusion_class_data(1, seed=9)[0], id="img-1")
     ex["pixel_values"] = ex["pixel_values"].double()
     timesteps = (25, 525, 925)
-    split = collect_gradients(model, DiffusionTask(sched, DiffusionTaskConfig(timesteps=timesteps, seed=7)), [ex], dtype="float64", progress=False)
+    split = collect_gradients(
+        model,
+        DiffusionTask(sched, DiffusionTaskConfig(timesteps=timesteps, seed=7)),
+        [ex],
+        dtype="float64",
+        progress=False,
+    )
     mean = collect_gradients(
-        model, DiffusionTask(sched, DiffusionTaskConfig(timesteps=timesteps, seed=7, timestep_blocks=False)), [ex], dtype="float64",
+        model,
+        DiffusionTask(sched, DiffusionTaskConfig(timesteps=timesteps, seed=7, timestep_blocks=False)),
+        [ex],
+        dtype="float64",
         progress=False,
     ).to_dict()
     got = split.to_dict()
@@ -302,7 +311,9 @@ class SquaredErrorTask(GradientTask):
 
 def test_user_written_task() -> None:
     torch.manual_seed(0)
-    model = get_peft_model(_Regressor(), LoraConfig(r=2, target_modules=["hidden"], modules_to_save=["head"], init_lora_weights=False))
+    model = get_peft_model(
+        _Regressor(), LoraConfig(r=2, target_modules=["hidden"], modules_to_save=["head"], init_lora_weights=False)
+    )
     gen = torch.Generator().manual_seed(0)
     data = [{"x": torch.randn(3, generator=gen).tolist(), "y": float(i)} for i in range(9)]
     report = check_per_example_gradients(model, SquaredErrorTask(), data)
@@ -436,4 +447,6 @@ def test_the_old_import_paths_still_work() -> None:
     for name in ("GradientTask", "TaskBatch", "SequenceClassificationTask", "CausalLMTask", "DiffusionTask"):
         assert getattr(gradients, name) is getattr(tasks, name), name
     assert SequenceClassificationTask.__module__ == "datainf.tasks.classification"
-    assert CausalLMTask.__module__ == "datainf.tasks.causal_lm" and DiffusionTask.__module__ == "datainf.tasks.diffusion"
+    assert (
+        CausalLMTask.__module__ == "datainf.tasks.causal_lm" and DiffusionTask.__module__ == "datainf.tasks.diffusion"
+    )

@@ -75,7 +75,12 @@ def test_lissa_matches_recursion_reference_and_converges_to_exact_with_scale():
 
     exact = reference.reference_exact(train, test, lambdas)
     converged = datainf.influence(
-        train, test, method="lissa", mode="pairwise", method_options={"iterations": 400, "scale": "trace"}, progress=False
+        train,
+        test,
+        method="lissa",
+        mode="pairwise",
+        method_options={"iterations": 400, "scale": "trace"},
+        progress=False,
     )
     assert not converged.diagnostics["lissa_diverged"]
     assert torch.allclose(converged.values, exact, rtol=1e-4, atol=1e-6 * exact.abs().max())

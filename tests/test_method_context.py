@@ -11,12 +11,11 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import importlib
 
 import pytest
 import torch
@@ -24,7 +23,14 @@ from safetensors.torch import load_file
 
 import datainf
 from datainf.distributed import DistributedContext
-from datainf.methods import InfluenceMethod, MethodContext, Preconditioned, available_methods, register_method, unregister_method
+from datainf.methods import (
+    InfluenceMethod,
+    MethodContext,
+    Preconditioned,
+    available_methods,
+    register_method,
+    unregister_method,
+)
 
 engine = importlib.import_module("datainf.influence")  # the module (the package attribute is the function)
 
@@ -62,7 +68,9 @@ def test_scores_equal_those_recorded_before_the_helpers():
     assert set(recorded) == set(RECORDED_CASES)
     for key, (dtype, method, options, mode, batch) in RECORDED_CASES.items():
         train, test = recorded_inputs(dtype)
-        values = datainf.influence(train, test, method=method, mode=mode, method_options=options, batch_size=batch, progress=False).values
+        values = datainf.influence(
+            train, test, method=method, mode=mode, method_options=options, batch_size=batch, progress=False
+        ).values
         expected = recorded[key]
         # bit-identical on the machine that recorded them; elsewhere BLAS may round differently
         tolerance = 1e-12 if dtype == "float64" else 1e-5
@@ -97,14 +105,24 @@ def doubled(grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {b: torch.cat([t, t]) for b, t in grads.items()}
 
 
-def _run_all(train: Mapping[str, torch.Tensor], test: Mapping[str, torch.Tensor], methods: list[str]) -> dict[str, torch.Tensor]:
+def _run_all(
+    train: Mapping[str, torch.Tensor], test: Mapping[str, torch.Tensor], methods: list[str]
+) -> dict[str, torch.Tensor]:
     out = {}
     for method in methods:
         options = {"iterations": 4, "scale": "trace"} if method == "lissa" else {}
         for mode in ("average", "pairwise", "self"):
             for normalize in (False, True):
-                scores = datainf.influence(train, None if mode == "self" else test, method=method, mode=mode,
-                                           method_options=options, batch_size=4, normalize=normalize, progress=False)
+                scores = datainf.influence(
+                    train,
+                    None if mode == "self" else test,
+                    method=method,
+                    mode=mode,
+                    method_options=options,
+                    batch_size=4,
+                    normalize=normalize,
+                    progress=False,
+                )
                 out[f"{method}-{mode}-{normalize}"] = scores.values
     return out
 
@@ -158,8 +176,15 @@ def test_context_reads_norms_by_block_name_in_any_store_order():
     forward = datainf.GradientStore.from_tensors(train)
     backward = datainf.GradientStore.from_tensors({b: train[b] for b in reversed(list(train))})
     for store in (forward, backward):
-        ctx = MethodContext(train=store, lambdas={}, blocks=sorted(train), batch_size=4, compute_dtype=torch.float64,
-                            device=torch.device("cpu"), total_examples=13)
+        ctx = MethodContext(
+            train=store,
+            lambdas={},
+            blocks=sorted(train),
+            batch_size=4,
+            compute_dtype=torch.float64,
+            device=torch.device("cpu"),
+            total_examples=13,
+        )
         for b, t in train.items():
             assert torch.allclose(ctx.squared_norms(b), t.square().sum(dim=1), rtol=1e-12)
             assert ctx.squared_norm_total(b) == pytest.approx(float(t.square().sum()), rel=1e-12)
@@ -168,15 +193,27 @@ def test_context_reads_norms_by_block_name_in_any_store_order():
 def test_streamed_pass_sums_and_rows_in_store_order():
     train, _ = recorded_inputs("float64")
     store = datainf.GradientStore.from_tensors(train)
-    ctx = MethodContext(train=store, lambdas={}, blocks=sorted(train), batch_size=4, compute_dtype=torch.float64,
-                        device=torch.device("cpu"), total_examples=13, processes=TwinContext(), rows=range(0, 13))
+    ctx = MethodContext(
+        train=store,
+        lambdas={},
+        blocks=sorted(train),
+        batch_size=4,
+        compute_dtype=torch.float64,
+        device=torch.device("cpu"),
+        total_examples=13,
+        processes=TwinContext(),
+        rows=range(0, 13),
+    )
 
     def add(acc: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
         acc["sum"] += batch["head.weight"].sum(dim=0)
 
     totals, rows = ctx.streamed_pass(
-        "test", sums={"sum": torch.zeros(4, dtype=torch.float64)}, add=add,
-        rows_of=lambda batch: {"first": batch["head.weight"][:, 0]}, blocks=["head.weight"],
+        "test",
+        sums={"sum": torch.zeros(4, dtype=torch.float64)},
+        add=add,
+        rows_of=lambda batch: {"first": batch["head.weight"][:, 0]},
+        blocks=["head.weight"],
     )
     head = train["head.weight"]
     assert torch.allclose(totals["sum"], 2 * head.sum(dim=0))

@@ -58,7 +58,9 @@ def gradients(n: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 def test_registry_lists_and_unregisters(toy):
-    assert toy in available_methods() and {"datainf", "exact", "lissa", "hessian_free", "diagonal"} <= set(available_methods())
+    assert toy in available_methods() and {"datainf", "exact", "lissa", "hessian_free", "diagonal"} <= set(
+        available_methods()
+    )
     assert unknown_methods(["toy-scaled", "Exact", "magic"]) == ["magic"]
     assert check_method_names(["toy-scaled", "datainf"]) == ("toy_scaled", "datainf")
     with pytest.raises(ValueError, match="already registered"):
@@ -108,15 +110,39 @@ def test_toy_method_through_the_cli(toy, tmp_path, capsys):
         store = GradientStore.create(tmp_path / name, block_dims=DIMS, dtype="float64", fingerprint={"model": "toy"})
         store.append([f"{name}{i}" for i in range(n)], gradients(n, seed))
         store.finalize()
-    code = main(["score", "--train-grads", str(tmp_path / "train"), "--test-grads", str(tmp_path / "test"),
-                 "--method", "toy-scaled,hessian_free", "--out", str(tmp_path / "s"), "-q"])
+    code = main(
+        [
+            "score",
+            "--train-grads",
+            str(tmp_path / "train"),
+            "--test-grads",
+            str(tmp_path / "test"),
+            "--method",
+            "toy-scaled,hessian_free",
+            "--out",
+            str(tmp_path / "s"),
+            "-q",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     toy_scores = Scores.load(tmp_path / "s" / "scores-toy_scaled.safetensors")
     plain = Scores.load(tmp_path / "s" / "scores-hessian_free.safetensors")
     assert toy_scores.method == toy and toy_scores.train_ids == [f"train{i}" for i in range(8)]
     torch.testing.assert_close(toy_scores.values, 2.0 * plain.values, rtol=1e-12, atol=1e-12)
-    code = main(["score", "--train-grads", str(tmp_path / "train"), "--test-grads", str(tmp_path / "test"),
-                 "--method", "magic", "--out", str(tmp_path / "s2"), "-q"])
+    code = main(
+        [
+            "score",
+            "--train-grads",
+            str(tmp_path / "train"),
+            "--test-grads",
+            str(tmp_path / "test"),
+            "--method",
+            "magic",
+            "--out",
+            str(tmp_path / "s2"),
+            "-q",
+        ]
+    )
     assert code == 2 and "toy_scaled" in capsys.readouterr().err  # the refusal lists the registered toy
 
 

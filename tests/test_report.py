@@ -23,7 +23,13 @@ def mislabel_setup(n: int = 20, flipped: tuple[int, ...] = (2, 7, 11, 16)):
         true = i % 3
         given = (true + 1) % 3 if i in flipped else true
         records.append(
-            {"id": f"x{i}", "text": f"article {i} " + "word " * 80, "label": given, "true_label": true, "is_flipped": i in flipped}
+            {
+                "id": f"x{i}",
+                "text": f"article {i} " + "word " * 80,
+                "label": given,
+                "true_label": true,
+                "is_flipped": i in flipped,
+            }
         )
     ids = [r["id"] for r in records]
     generator = torch.Generator().manual_seed(0)
@@ -31,10 +37,19 @@ def mislabel_setup(n: int = 20, flipped: tuple[int, ...] = (2, 7, 11, 16)):
     noisy = torch.randn(n, generator=generator, dtype=torch.float64)
     scores = {
         "datainf": Scores(values=perfect, train_ids=ids, test_ids=["v0", "v1"], method="datainf", mode="average"),
-        "hessian_free": Scores(values=noisy, train_ids=ids, test_ids=["v0", "v1"], method="hessian_free", mode="average"),
+        "hessian_free": Scores(
+            values=noisy, train_ids=ids, test_ids=["v0", "v1"], method="hessian_free", mode="average"
+        ),
     }
     table = [
-        {"method": "datainf", "auc": 1.0, "found_at_10": 0.5, "found_at_20": 1.0, "seconds": 0.012, "notes": "paper eq. 5"},
+        {
+            "method": "datainf",
+            "auc": 1.0,
+            "found_at_10": 0.5,
+            "found_at_20": 1.0,
+            "seconds": 0.012,
+            "notes": "paper eq. 5",
+        },
         {"method": "hessian_free", "auc": 0.43, "found_at_10": 0.0, "found_at_20": 0.25, "seconds": 0.004, "notes": ""},
     ]
     return records, scores, table, label_names
@@ -105,18 +120,34 @@ def test_mislabel_report_bad_inputs(tmp_path):
     with pytest.raises(EmptyInputError):
         write_mislabel_report(tmp_path / "a", table=table, scores=scores, records=[])
     with pytest.raises(DatasetError, match="is_flipped"):
-        write_mislabel_report(tmp_path / "a", table=table, scores=scores, records=[{k: v for k, v in r.items() if k != "is_flipped"} for r in records])
+        write_mislabel_report(
+            tmp_path / "a",
+            table=table,
+            scores=scores,
+            records=[{k: v for k, v in r.items() if k != "is_flipped"} for r in records],
+        )
     with pytest.raises(DatasetError, match="no value for 1 training record"):
-        write_mislabel_report(tmp_path / "a", table=table, scores=scores, records=records + [{**records[0], "id": "new"}])
+        write_mislabel_report(
+            tmp_path / "a", table=table, scores=scores, records=records + [{**records[0], "id": "new"}]
+        )
     with pytest.raises(DatasetError, match="flipped"):
-        write_mislabel_report(tmp_path / "a", table=table, scores=scores, records=[{**r, "is_flipped": False} for r in records])
+        write_mislabel_report(
+            tmp_path / "a", table=table, scores=scores, records=[{**r, "is_flipped": False} for r in records]
+        )
     assert not (tmp_path / "a").exists()
 
 
 def test_scores_report_average_ranks_by_sign(tmp_path):
     records = [{"id": f"t{i}", "text": f"text of t{i}", "label": "a" if i % 2 else "b"} for i in range(6)]
     values = torch.tensor([0.5, -3.0, 2.0, 0.0, 7.0, -1.0], dtype=torch.float64)
-    scores = Scores(values=values, train_ids=[r["id"] for r in records], test_ids=["q"], method="datainf", mode="average", settings={"damping": 0.1})
+    scores = Scores(
+        values=values,
+        train_ids=[r["id"] for r in records],
+        test_ids=["q"],
+        method="datainf",
+        mode="average",
+        settings={"damping": 0.1},
+    )
     path = write_scores_report(tmp_path / "r", scores, records, k=3)
     html = path.read_text()
     assert SIGN_NOTE in html
@@ -130,11 +161,22 @@ def test_scores_report_average_ranks_by_sign(tmp_path):
 
 def test_scores_report_pairwise_and_lm_records(tmp_path):
     train = [{"id": f"t{i}", "prompt": f"p{i} <b>", "response": f"r{i}"} for i in range(4)]
-    test = [{"id": "q0", "prompt": "question zero", "response": "answer"}, {"id": "q1", "prompt": "question one", "response": "x"}]
+    test = [
+        {"id": "q0", "prompt": "question zero", "response": "answer"},
+        {"id": "q1", "prompt": "question one", "response": "x"},
+    ]
     values = torch.tensor([[1.0, -2.0, 0.5, 3.0], [-1.0, 4.0, 0.0, -5.0]], dtype=torch.float64)
     scores = {
-        "datainf": Scores(values=values, train_ids=[r["id"] for r in train], test_ids=["q0", "q1"], method="datainf", mode="pairwise"),
-        "hessian_free": Scores(values=-values, train_ids=[r["id"] for r in train], test_ids=["q0", "q1"], method="hessian_free", mode="pairwise"),
+        "datainf": Scores(
+            values=values, train_ids=[r["id"] for r in train], test_ids=["q0", "q1"], method="datainf", mode="pairwise"
+        ),
+        "hessian_free": Scores(
+            values=-values,
+            train_ids=[r["id"] for r in train],
+            test_ids=["q0", "q1"],
+            method="hessian_free",
+            mode="pairwise",
+        ),
     }
     html = write_scores_report(tmp_path / "r", scores, train, test_records=test, k=2, max_test_examples=1).read_text()
     first = section(html, "<h2>datainf</h2>", "<h2>hessian_free</h2>")
@@ -147,7 +189,13 @@ def test_scores_report_pairwise_and_lm_records(tmp_path):
 
 
 def test_scores_report_bad_inputs(tmp_path):
-    scores = Scores(values=torch.zeros(2, dtype=torch.float64), train_ids=["a", "b"], test_ids=["q"], method="datainf", mode="average")
+    scores = Scores(
+        values=torch.zeros(2, dtype=torch.float64),
+        train_ids=["a", "b"],
+        test_ids=["q"],
+        method="datainf",
+        mode="average",
+    )
     with pytest.raises(EmptyInputError):
         write_scores_report(tmp_path / "r", scores, [])
     with pytest.raises(EmptyInputError):

@@ -23,8 +23,13 @@ def test_claim_new_folder_writes_config(tmp_path: Path) -> None:
     assert run.path == tmp_path / "a" / "b" and run.path.is_dir() and not run.is_resumed and run.kind == "score"
     stored = json.loads((run.path / CONFIG_FILE).read_text())
     assert stored == {
-        "format": RUN_CONFIG_FORMAT, "command": "score", "datainf_version": __version__,
-        "out": "ignored", "damping": 0.1, "method": ["datainf"], "shape": [2, 3],
+        "format": RUN_CONFIG_FORMAT,
+        "command": "score",
+        "datainf_version": __version__,
+        "out": "ignored",
+        "damping": 0.1,
+        "method": ["datainf"],
+        "shape": [2, 3],
     }
     assert list(stored)[:3] == ["format", "command", "datainf_version"]
 
@@ -39,8 +44,16 @@ def test_claim_same_configuration_resumes_and_keeps_files(tmp_path: Path) -> Non
 
 def test_claim_accepts_config_written_by_the_previous_command_line(tmp_path: Path) -> None:
     """A run folder made before RunDir existed (cli._saved's layout, another version) is the same configuration."""
-    old = {"format": "datainf-cli-config", "command": "grads", "datainf_version": "0.0.9", "out": str(tmp_path),
-           "model": "/m", "kind": "classification", "max_length": 16, "target_modules": ["query", "value"]}
+    old = {
+        "format": "datainf-cli-config",
+        "command": "grads",
+        "datainf_version": "0.0.9",
+        "out": str(tmp_path),
+        "model": "/m",
+        "kind": "classification",
+        "max_length": 16,
+        "target_modules": ["query", "value"],
+    }
     (tmp_path / CONFIG_FILE).write_text(json.dumps(old, indent=2))
     settings = {k: v for k, v in old.items() if k not in ("format", "command", "datainf_version")}
     run = RunDir.claim(tmp_path, kind="grads", settings=settings)
@@ -83,7 +96,9 @@ def test_foreign_non_empty_folder_is_refused_even_with_overwrite(tmp_path: Path)
             RunDir.claim(tmp_path, kind="score", settings=SETTINGS, overwrite=overwrite)
     assert (tmp_path / "thesis.tex").read_text() == "precious" and not (tmp_path / CONFIG_FILE).exists()
     # a folder the caller recognises (e.g. a bare gradient store) is accepted, and cleared by overwrite
-    accepted = RunDir.claim(tmp_path, kind="score", settings=SETTINGS, allow_foreign=lambda p: (p / "thesis.tex").is_file())
+    accepted = RunDir.claim(
+        tmp_path, kind="score", settings=SETTINGS, allow_foreign=lambda p: (p / "thesis.tex").is_file()
+    )
     assert not accepted.is_resumed and (tmp_path / "thesis.tex").is_file()
     (tmp_path / CONFIG_FILE).unlink()
     RunDir.claim(tmp_path, kind="score", settings=SETTINGS, allow_foreign=lambda p: True, overwrite=True)
@@ -171,7 +186,10 @@ def test_cached_computes_then_reuses_then_recomputes_unaccepted(tmp_path: Path) 
 
 def test_stage_names_stay_inside_the_run(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
-    assert run.stage("grads-train") == tmp_path / "grads-train" and run.stage("report/index.html") == tmp_path / "report" / "index.html"
+    assert (
+        run.stage("grads-train") == tmp_path / "grads-train"
+        and run.stage("report/index.html") == tmp_path / "report" / "index.html"
+    )
     for bad in ("", "../x", "/etc/passwd", "a/../../b"):
         with pytest.raises(ConfigError, match="relative path"):
             run.stage(bad)
@@ -206,7 +224,11 @@ def test_for_settings_names_the_folder_by_the_key(tmp_path: Path) -> None:
     assert settings_key(settings) == expected
     run = RunDir.for_settings(tmp_path, settings)
     assert run.path == tmp_path / f"cache-{expected}" and not run.is_resumed
-    assert json.loads((run.path / CONFIG_FILE).read_text()) == {"n_train": 400, "target_modules": ["query", "value"], "seed": 0}
+    assert json.loads((run.path / CONFIG_FILE).read_text()) == {
+        "n_train": 400,
+        "target_modules": ["query", "value"],
+        "seed": 0,
+    }
     # a caller-supplied key keeps an existing cache folder's name; a rerun finds its stages
     keyed = RunDir.for_settings(tmp_path, {"config": settings, "base_unet": "/b"}, key="0123abcdef", prefix="cache")
     assert keyed.path == tmp_path / "cache-0123abcdef"

@@ -13,7 +13,9 @@ from datainf.scores import Scores
 def sample(mode: str = "pairwise") -> Scores:
     values = torch.tensor([[0.5, -2.0, 1.5], [-1.0, 3.0, 0.0]], dtype=torch.float64)
     if mode == "average":
-        return Scores(values=values.mean(0), train_ids=["a", "b", "c"], test_ids=["t0", "t1"], method="datainf", mode="average")
+        return Scores(
+            values=values.mean(0), train_ids=["a", "b", "c"], test_ids=["t0", "t1"], method="datainf", mode="average"
+        )
     return Scores(values=values, train_ids=["a", "b", "c"], test_ids=["t0", "t1"], method="datainf", mode="pairwise")
 
 

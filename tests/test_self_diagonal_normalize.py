@@ -58,10 +58,13 @@ def test_datainf_self_closed_form_by_hand():
     train, _ = random_gradients(7, 1, seed=2, dims={"only": 5})
     x = train["only"]
     lam = reference.reference_lambdas(train)["only"]
-    expected = torch.tensor([
-        (float(x[k] @ x[k]) - sum(float(x[i] @ x[k]) ** 2 / (lam + float(x[i] @ x[i])) for i in range(7)) / 7) / lam
-        for k in range(7)
-    ], dtype=torch.float64)
+    expected = torch.tensor(
+        [
+            (float(x[k] @ x[k]) - sum(float(x[i] @ x[k]) ** 2 / (lam + float(x[i] @ x[i])) for i in range(7)) / 7) / lam
+            for k in range(7)
+        ],
+        dtype=torch.float64,
+    )
     assert close(datainf.influence(train, mode="self", progress=False).values, expected)
 
 
@@ -82,12 +85,26 @@ def test_self_is_invariant_to_batches_shards_and_block_order(tmp_path, method):
     baseline = datainf.influence(train, method=method, mode="self", method_options=options, progress=False)
     store = GradientStore.create(tmp_path / "s", block_dims=DIMS, dtype="float64", shard_size=5)
     for start in range(0, 23, 3):
-        store.append([f"e{i}" for i in range(start, min(23, start + 3))], {b: t[start : start + 3] for b, t in train.items()})
+        store.append(
+            [f"e{i}" for i in range(start, min(23, start + 3))], {b: t[start : start + 3] for b, t in train.items()}
+        )
     store.finalize()
-    on_disk = datainf.influence(GradientStore.open(tmp_path / "s"), method=method, mode="self", method_options=options,
-                                batch_size=2, progress=False)
-    reordered = datainf.influence({b: train[b] for b in reversed(list(train))}, method=method, mode="self",
-                                  method_options=options, batch_size=7, progress=False)
+    on_disk = datainf.influence(
+        GradientStore.open(tmp_path / "s"),
+        method=method,
+        mode="self",
+        method_options=options,
+        batch_size=2,
+        progress=False,
+    )
+    reordered = datainf.influence(
+        {b: train[b] for b in reversed(list(train))},
+        method=method,
+        mode="self",
+        method_options=options,
+        batch_size=7,
+        progress=False,
+    )
     for other in (on_disk, reordered):
         assert close(other.values, baseline.values, rtol=1e-10)
     assert on_disk.train_ids == [f"e{i}" for i in range(23)]
@@ -107,7 +124,9 @@ def test_lissa_self_divergence_is_flagged():
     train, _ = random_gradients(10, 1, seed=5, scale=3.0)
     with pytest.warns(LissaDivergenceWarning):
         scores = datainf.influence(train, method="lissa", mode="self", batch_size=4, progress=False)
-    assert scores.diagnostics["lissa_diverged"] is True and set(scores.diagnostics["lissa_diverged_blocks"]) == set(DIMS)
+    assert scores.diagnostics["lissa_diverged"] is True and set(scores.diagnostics["lissa_diverged_blocks"]) == set(
+        DIMS
+    )
     assert scores.diagnostics["passes"] == 1 + 3 * 10  # the chunk read + 10 iterations for each of 3 chunks
 
 
@@ -118,7 +137,11 @@ def test_self_scores_round_trip_and_rank(tmp_path):
     scores = datainf.influence(train, mode="self", progress=False)
     assert scores.top_harmful(1)[0][0] == "3"
     again = Scores.load(scores.save(tmp_path / "self.safetensors"))
-    assert again.mode == "self" and torch.equal(again.values, scores.values) and again.sign_convention == SELF_SIGN_CONVENTION
+    assert (
+        again.mode == "self"
+        and torch.equal(again.values, scores.values)
+        and again.sign_convention == SELF_SIGN_CONVENTION
+    )
     assert list(again.to_pandas().columns) == ["train_id", "influence", "rank"]
 
 
@@ -154,8 +177,13 @@ def test_normalized_hessian_free_is_minus_cosine_similarity():
     scores = datainf.influence(train, test, method="hessian_free", mode="pairwise", normalize=True, progress=False)
     flat_train = torch.cat([train[b] for b in DIMS], dim=1)  # (n, D)
     flat_test = torch.cat([test[b] for b in DIMS], dim=1)  # (m, D)
-    cosine = torch.tensor([[float(torch.nn.functional.cosine_similarity(flat_test[j], flat_train[k], dim=0))
-                            for k in range(12)] for j in range(3)], dtype=torch.float64)
+    cosine = torch.tensor(
+        [
+            [float(torch.nn.functional.cosine_similarity(flat_test[j], flat_train[k], dim=0)) for k in range(12)]
+            for j in range(3)
+        ],
+        dtype=torch.float64,
+    )
     assert close(scores.values, -cosine)
     assert scores.values.abs().max() <= 1.0 + 1e-12 and scores.settings["normalize"] is True
 
@@ -167,10 +195,18 @@ def test_normalize_equals_scoring_unit_gradients(method, mode):
     options = {"iterations": 5, "scale": "trace"} if method == "lissa" else {}
     given = None if mode == "self" else test
     unit_test = None if mode == "self" else reference.reference_normalize(test)
-    normalized = datainf.influence(train, given, method=method, mode=mode, method_options=options, normalize=True,
-                                   batch_size=4, progress=False)
-    on_unit = datainf.influence(reference.reference_normalize(train), unit_test, method=method, mode=mode,
-                                method_options=options, batch_size=4, progress=False)
+    normalized = datainf.influence(
+        train, given, method=method, mode=mode, method_options=options, normalize=True, batch_size=4, progress=False
+    )
+    on_unit = datainf.influence(
+        reference.reference_normalize(train),
+        unit_test,
+        method=method,
+        mode=mode,
+        method_options=options,
+        batch_size=4,
+        progress=False,
+    )
     assert close(normalized.values, on_unit.values, rtol=1e-9)
     assert normalized.settings["lambdas"] == pytest.approx(on_unit.settings["lambdas"], rel=1e-12)
 

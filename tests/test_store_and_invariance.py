@@ -123,11 +123,18 @@ def test_scores_invariant_to_backend_shards_batches_and_block_order(tmp_path, me
     fill(disk, train, batch=3)
     disk.finalize()
     on_disk = datainf.influence(
-        GradientStore.open(tmp_path / "disk"), test, method=method, mode="pairwise", method_options=options,
-        batch_size=2, progress=False,
+        GradientStore.open(tmp_path / "disk"),
+        test,
+        method=method,
+        mode="pairwise",
+        method_options=options,
+        batch_size=2,
+        progress=False,
     )
     reversed_order = {k: train[k] for k in reversed(list(train))}
-    reordered = datainf.influence(reversed_order, test, method=method, mode="pairwise", method_options=options, progress=False)
+    reordered = datainf.influence(
+        reversed_order, test, method=method, mode="pairwise", method_options=options, progress=False
+    )
     for other in (on_disk, reordered):
         assert torch.allclose(other.values, baseline.values, rtol=1e-5, atol=1e-6 * baseline.values.abs().max())
     assert on_disk.train_ids == [f"ex{i}" for i in range(31)]

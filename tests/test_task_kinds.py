@@ -100,8 +100,12 @@ def test_task_kind_validation(registry: None) -> None:
         fields: tuple[str, ...] = "text"  # type: ignore[assignment]
         TaskKind(name="x", task_class=CausalLMTask, config_class=SequenceClassificationConfig, required_fields=fields)
     with pytest.raises(ConfigError, match="'causal-lm' is already registered"):
-        register_task_kind(TaskKind(name="causal-lm", task_class=CausalLMTask, config_class=SequenceClassificationConfig))
-    assert register_task_kind(get_task_kind("causal-lm")) is get_task_kind("causal-lm"), "re-registering the same kind is a no-op"
+        register_task_kind(
+            TaskKind(name="causal-lm", task_class=CausalLMTask, config_class=SequenceClassificationConfig)
+        )
+    assert register_task_kind(get_task_kind("causal-lm")) is get_task_kind("causal-lm"), (
+        "re-registering the same kind is a no-op"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- a new kind
@@ -146,11 +150,17 @@ def test_a_registered_kind_is_seen_everywhere(registry: None) -> None:
 
     trainable = register_task_kind(
         TaskKind(
-            name="text-length-ft", task_class=LengthTask, config_class=LengthConfig, required_fields=("text",),
-            auto_model="AutoModelForSequenceClassification", peft_task_type="FEATURE_EXTRACTION",
+            name="text-length-ft",
+            task_class=LengthTask,
+            config_class=LengthConfig,
+            required_fields=("text",),
+            auto_model="AutoModelForSequenceClassification",
+            peft_task_type="FEATURE_EXTRACTION",
         )
     )
-    assert "text-length-ft" in available_task_kinds(trainable=True) and "text-length-ft" in available_task_kinds(loadable=True)
+    assert "text-length-ft" in available_task_kinds(trainable=True) and "text-length-ft" in available_task_kinds(
+        loadable=True
+    )
     assert FinetuneConfig(kind="text-length-ft").kind == "text-length-ft"
     assert trainable.prepare_records([{"text": "a b"}, {"id": 7, "text": "c"}]) == [
         {"text": "a b", "id": "0"},
@@ -169,8 +179,12 @@ def test_a_registered_kind_loads_fine_tunes_and_reloads(registry: None, tmp_path
     """One registration, and load_model, FinetuneConfig and finetune_lora all take the new kind."""
     register_task_kind(
         TaskKind(
-            name="half-classification", task_class=SmoothedClassificationTask, config_class=SequenceClassificationConfig,
-            required_fields=("text", "label"), encodes_labels=True, auto_model="AutoModelForSequenceClassification",
+            name="half-classification",
+            task_class=SmoothedClassificationTask,
+            config_class=SequenceClassificationConfig,
+            required_fields=("text", "label"),
+            encodes_labels=True,
+            auto_model="AutoModelForSequenceClassification",
             peft_task_type="SEQ_CLS",
         )
     )

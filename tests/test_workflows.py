@@ -32,7 +32,9 @@ DIMS = {"layer.lora_A": 6, "layer.lora_B": 4}
 def _store(path: Path, n: int, seed: int, prefix: str) -> Path:
     generator = torch.Generator().manual_seed(seed)
     store = GradientStore.create(path, block_dims=DIMS, fingerprint={"model": "m"})
-    store.append([f"{prefix}{i}" for i in range(n)], {k: torch.randn(n, d, generator=generator) for k, d in DIMS.items()})
+    store.append(
+        [f"{prefix}{i}" for i in range(n)], {k: torch.randn(n, d, generator=generator) for k, d in DIMS.items()}
+    )
     store.finalize()
     return path
 
@@ -45,7 +47,12 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize(
     ("command", "cls"),
-    [("finetune", FinetuneSettings), ("grads", GradientsSettings), ("score", ScoreSettings), ("report", ReportSettings)],
+    [
+        ("finetune", FinetuneSettings),
+        ("grads", GradientsSettings),
+        ("score", ScoreSettings),
+        ("report", ReportSettings),
+    ],
 )
 def test_settings_fields_and_defaults_are_the_command_line_options(command: str, cls: type) -> None:
     """config.json written from Python and from the CLI must be interchangeable: same keys, same defaults."""
@@ -56,7 +63,9 @@ def test_settings_fields_and_defaults_are_the_command_line_options(command: str,
         assert json.loads(json.dumps(defaults[opt.dest])) == opt.default, opt.dest
 
 
-def test_score_run_refuses_a_different_configuration_unless_overwrite(stores: tuple[Path, Path], tmp_path: Path) -> None:
+def test_score_run_refuses_a_different_configuration_unless_overwrite(
+    stores: tuple[Path, Path], tmp_path: Path
+) -> None:
     train, test = stores
     out = tmp_path / "s"
     settings = ScoreSettings(out=str(out), train_grads=str(train), test_grads=str(test), method=("datainf", "exact"))
@@ -102,7 +111,10 @@ def test_score_run_checks_its_inputs_before_claiming(stores: tuple[Path, Path], 
         (ScoreSettings(out=str(out)), "Nothing to score"),
         (ScoreSettings(out=str(out), train_grads=str(train)), "Pass both --train-grads and --test-grads"),
         (ScoreSettings(out=str(out), train_grads=str(train), test_grads=str(test), train_data="x.jsonl"), "not both"),
-        (ScoreSettings(out=str(out), train_grads=str(train), test_grads=str(test), method=("magic",)), r"Unknown method\(s\) \['magic'\]"),
+        (
+            ScoreSettings(out=str(out), train_grads=str(train), test_grads=str(test), method=("magic",)),
+            r"Unknown method\(s\) \['magic'\]",
+        ),
         (ScoreSettings(out=str(out), train_grads=str(train), test_grads=str(tmp_path / "nope")), "does not exist"),
     ):
         with pytest.raises(ConfigError, match=message):
@@ -117,7 +129,9 @@ def test_report_run_refuses_a_folder_of_another_command(stores: tuple[Path, Path
     score_run(ScoreSettings(out=str(tmp_path / "s"), train_grads=str(train), test_grads=str(test)), progress=False)
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"id": f"tr{i}", "text": f"text {i}", "label": "a"}) + "\n" for i in range(12)))
-    settings = ReportSettings(out=str(tmp_path / "s"), scores=(str(tmp_path / "s" / "scores-datainf.safetensors"),), data=str(data))
+    settings = ReportSettings(
+        out=str(tmp_path / "s"), scores=(str(tmp_path / "s" / "scores-datainf.safetensors"),), data=str(data)
+    )
     with pytest.raises(ConfigError, match="command"):
         report_run(settings)
     result = report_run(dataclasses.replace(settings, out=str(tmp_path / "r")))
@@ -134,7 +148,11 @@ def test_finetune_run_refuses_a_foreign_folder_before_training(tmp_path: Path) -
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not empty and was not written by `datainf finetune`"):
-        finetune_run(FinetuneSettings(out=str(foreign), model=str(model), data=str(data), epochs=1), overwrite=True, progress=False)
+        finetune_run(
+            FinetuneSettings(out=str(foreign), model=str(model), data=str(data), epochs=1),
+            overwrite=True,
+            progress=False,
+        )
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
 
 

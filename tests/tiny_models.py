@@ -6,7 +6,26 @@ from pathlib import Path
 
 import torch
 
-WORDS = "the a cat dog sat on mat movie is was very not good great fine bad awful poor".split()
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "movie",
+    "is",
+    "was",
+    "very",
+    "not",
+    "good",
+    "great",
+    "fine",
+    "bad",
+    "awful",
+    "poor",
+]
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 INIT_RANGE = 0.2
 
@@ -25,12 +44,26 @@ def save_tiny_model(
     torch.manual_seed(seed)
     if kind == "bert":
         config = BertConfig(
-            vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-            intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels, initializer_range=INIT_RANGE,
+            vocab_size=len(vocab),
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=64,
+            num_labels=num_labels,
+            initializer_range=INIT_RANGE,
         )
         model = BertForSequenceClassification(config)
     else:
-        config = GPT2Config(vocab_size=len(vocab), n_embd=hidden, n_layer=layers, n_head=2, n_positions=64, bos_token_id=2, eos_token_id=3)
+        config = GPT2Config(
+            vocab_size=len(vocab),
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=2,
+            n_positions=64,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
         model = GPT2LMHeadModel(config)
     model.save_pretrained(str(path))
     BertTokenizer(vocab=vocab).save_pretrained(str(path))

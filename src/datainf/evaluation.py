@@ -87,9 +87,7 @@ def _binary(x: Any, name: str, length: int, scores_name: str) -> np.ndarray:
     if arr.dtype != bool:
         values = set(np.unique(arr).tolist())
         if not values <= {0, 1}:
-            raise DatasetError(
-                f"{name} must hold booleans or 0/1, found values {sorted(values)[:5]}."
-            )
+            raise DatasetError(f"{name} must hold booleans or 0/1, found values {sorted(values)[:5]}.")
     return arr.astype(bool)
 
 
@@ -98,8 +96,7 @@ def _auc(labels: np.ndarray, scores: np.ndarray, what: str) -> float:
     if n_pos == 0 or n_pos == len(labels):
         present = "positive" if n_pos else "negative"
         raise DatasetError(
-            f"ROC AUC for {what} is undefined: every example is {present}. It needs both classes "
-            "present."
+            f"ROC AUC for {what} is undefined: every example is {present}. It needs both classes present."
         )
     return float(roc_auc_score(labels, scores))
 
@@ -141,9 +138,7 @@ def detection_curve(scores: Any, is_flipped: Any) -> tuple[np.ndarray, np.ndarra
     y = _binary(is_flipped, "is_flipped", len(s), "scores")
     n_flipped = int(y.sum())
     if n_flipped == 0:
-        raise DatasetError(
-            "is_flipped marks no example as flipped; the detection curve is undefined."
-        )
+        raise DatasetError("is_flipped marks no example as flipped; the detection curve is undefined.")
     order = np.argsort(-s, kind="stable")
     found = np.concatenate([[0.0], np.cumsum(y[order], dtype=np.float64)]) / n_flipped
     inspected = np.arange(len(s) + 1, dtype=np.float64) / len(s)
@@ -232,13 +227,10 @@ def per_test_metrics(
     train_c = _to_numpy(train_classes)
     m, n = scores.shape
     if test_c.ndim != 1 or len(test_c) != m:
-        raise DatasetError(
-            f"score_matrix has {m} rows (test examples) but test_classes has shape {test_c.shape}."
-        )
+        raise DatasetError(f"score_matrix has {m} rows (test examples) but test_classes has shape {test_c.shape}.")
     if train_c.ndim != 1 or len(train_c) != n:
         raise DatasetError(
-            f"score_matrix has {n} columns (training examples) but train_classes has shape "
-            f"{train_c.shape}."
+            f"score_matrix has {n} columns (training examples) but train_classes has shape {train_c.shape}."
         )
     test_names = test_c.tolist()
     aucs = np.empty(m)

@@ -231,7 +231,9 @@ def _move_into_place(tmp: Path, final: Path, overwrite: bool) -> None:
     """Rename the finished temporary folder to ``final`` (replacing an old one when allowed)."""
     if final.exists():
         if not overwrite:
-            raise ConfigError(f"{final} already exists; pass overwrite=True (CLI: --overwrite) or choose another folder.")
+            raise ConfigError(
+                f"{final} already exists; pass overwrite=True (CLI: --overwrite) or choose another folder."
+            )
         trash = final.parent / f".{final.name}.old-{os.getpid()}"
         os.replace(final, trash)
         os.replace(tmp, final)
@@ -285,7 +287,9 @@ def finetune_lora(
         raise EmptyInputError("No training records: fine-tuning needs at least one example.")
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
-        raise ConfigError(f"{output_dir} already exists; pass overwrite=True (CLI: --overwrite) or choose another folder.")
+        raise ConfigError(
+            f"{output_dir} already exists; pass overwrite=True (CLI: --overwrite) or choose another folder."
+        )
 
     kind = get_task_kind(config.kind)
     data, labels = _training_data(kind, records, label_names)
@@ -319,7 +323,9 @@ def finetune_lora(
         task.validate(data, [r["id"] for r in data])
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in trainable)
-        logger.info("Fine-tuning %d trainable parameters (LoRA r=%d on %s).", n_trainable, config.r, list(config.target_modules))
+        logger.info(
+            "Fine-tuning %d trainable parameters (LoRA r=%d on %s).", n_trainable, config.r, list(config.target_modules)
+        )
 
         steps_per_epoch = math.ceil(len(data) / config.batch_size)
         total_steps = steps_per_epoch * config.epochs

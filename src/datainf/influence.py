@@ -40,15 +40,28 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from datainf.distributed import describe_ids, dist_context
-from datainf.errors import BlockMismatchError, ConfigError, EmptyInputError, FingerprintMismatchError, NonFiniteGradientError, StoreError
+from datainf.errors import (
+    BlockMismatchError,
+    ConfigError,
+    EmptyInputError,
+    FingerprintMismatchError,
+    NonFiniteGradientError,
+    StoreError,
+)
 from datainf.methods import MethodContext, get_method
 from datainf.scores import Scores
 from datainf.store import GradientStore
 
-__all__ = ["InfluenceConfig", "influence", "influence_from_config", "block_lambdas", "GradientsLike", "SELF_SIGN_CONVENTION"]
+__all__ = [
+    "InfluenceConfig",
+    "influence",
+    "influence_from_config",
+    "block_lambdas",
+    "GradientsLike",
+    "SELF_SIGN_CONVENTION",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +148,9 @@ def _as_store(gradients: GradientsLike, role: str) -> GradientStore:
         return gradients
     if isinstance(gradients, Mapping):
         if not gradients:
-            raise EmptyInputError(f"The {role} gradients are empty: pass a mapping block name -> tensor ({role} size, d_l).")
+            raise EmptyInputError(
+                f"The {role} gradients are empty: pass a mapping block name -> tensor ({role} size, d_l)."
+            )
         try:
             return GradientStore.from_tensors(gradients)
         except NonFiniteGradientError as err:
@@ -232,7 +247,10 @@ def _zero_gradient_ids(store: GradientStore, role: str) -> list[str]:
         ids = store.ids
         logger.warning(
             "normalize: %d %s example(s) have an all-zero gradient and stay zero (score 0): %s%s",
-            len(zero), role, [ids[i] for i in zero[:5]], "..." if len(zero) > 5 else "",
+            len(zero),
+            role,
+            [ids[i] for i in zero[:5]],
+            "..." if len(zero) > 5 else "",
         )
     return [store.ids[i] for i in zero]
 
@@ -304,18 +322,26 @@ def influence_from_config(
     rows = ctx.shard(train_store.num_examples)
 
     lambdas = block_lambdas(
-        train_store, damping=config.damping, fixed_lambda=config.fixed_lambda, sum_over_processes=ctx.all_reduce_sum, rows=rows,
+        train_store,
+        damping=config.damping,
+        fixed_lambda=config.fixed_lambda,
+        sum_over_processes=ctx.all_reduce_sum,
+        rows=rows,
         normalize=config.normalize,
     )
     zero_blocks = sorted(b for b, lam in lambdas.items() if lam == 0.0)
     if zero_blocks:
         logger.warning(
             "%d block(s) have all-zero training gradients and contribute nothing to any score: %s%s",
-            len(zero_blocks), zero_blocks[:3], "..." if len(zero_blocks) > 3 else "",
+            len(zero_blocks),
+            zero_blocks[:3],
+            "..." if len(zero_blocks) > 3 else "",
         )
     blocks = sorted(b for b in train_store.block_dims if lambdas[b] > 0)
     if not blocks:
-        raise EmptyInputError("Every training gradient is zero: there is nothing to attribute. Check that the adapter is trainable.")
+        raise EmptyInputError(
+            "Every training gradient is zero: there is nothing to attribute. Check that the adapter is trainable."
+        )
 
     zero_examples: dict[str, list[str]] = {}
     if config.normalize:

@@ -127,7 +127,9 @@ def resolve_model_dir(base: str | os.PathLike[str]) -> Path:
     if not path.exists():
         raise ModelLoadError(_offline_hint(name, "Model"))
     if not path.is_dir():
-        raise ModelLoadError(f"Model {name!r} is a file; pass the folder written by save_pretrained (it holds config.json).")
+        raise ModelLoadError(
+            f"Model {name!r} is a file; pass the folder written by save_pretrained (it holds config.json)."
+        )
     if not (path / "config.json").is_file():
         if (path / "adapter_config.json").is_file():
             raise ModelLoadError(
@@ -223,7 +225,9 @@ def _loadable_kind(kind: str) -> TaskKind:
     try:
         spec = get_task_kind(kind)
     except ConfigError:
-        raise ModelLoadError(f"Unknown model kind {kind!r}; use one of {available_task_kinds(loadable=True)}.") from None
+        raise ModelLoadError(
+            f"Unknown model kind {kind!r}; use one of {available_task_kinds(loadable=True)}."
+        ) from None
     if not spec.loadable:
         raise ModelLoadError(
             f"Task kind {kind!r} names no transformers model class, so load_model cannot load it (kinds it loads: "
@@ -254,7 +258,9 @@ def load_tokenizer(base: str | os.PathLike[str], *, kind: ModelKind = "classific
             token = getattr(tokenizer, candidate, None)
             if token is not None:
                 tokenizer.pad_token = token
-                logger.info("Tokenizer of %s has no pad token; using its %s %r (padding is masked).", path, candidate, token)
+                logger.info(
+                    "Tokenizer of %s has no pad token; using its %s %r (padding is masked).", path, candidate, token
+                )
                 break
     return tokenizer
 
@@ -320,7 +326,9 @@ def _adapter_file_keys(adapter_dir: Path) -> list[str] | None:
         with safe_open(str(file), framework="pt") as handle:
             return list(handle.keys())
     except Exception as err:  # safetensors raises several error types on damaged files
-        raise ModelLoadError(f"{file} cannot be read ({type(err).__name__}: {err}); retrain or re-copy the adapter.") from err
+        raise ModelLoadError(
+            f"{file} cannot be read ({type(err).__name__}: {err}); retrain or re-copy the adapter."
+        ) from err
 
 
 def _mismatch_error(adapter_dir: Path, base_dir: Path, peft_cfg: dict[str, Any], detail: str) -> AdapterMismatchError:
@@ -332,7 +340,9 @@ def _mismatch_error(adapter_dir: Path, base_dir: Path, peft_cfg: dict[str, Any],
     )
 
 
-def _attach_adapter(model: nn.Module, base_dir: Path, adapter_dir: Path, peft_cfg: dict[str, Any], *, trainable: bool) -> nn.Module:
+def _attach_adapter(
+    model: nn.Module, base_dir: Path, adapter_dir: Path, peft_cfg: dict[str, Any], *, trainable: bool
+) -> nn.Module:
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
 
@@ -351,7 +361,10 @@ def _attach_adapter(model: nn.Module, base_dir: Path, adapter_dir: Path, peft_cf
     except ValueError as err:  # peft: target modules not found in the base model
         targets = peft_cfg.get("target_modules")
         raise _mismatch_error(
-            adapter_dir, base_dir, peft_cfg, f"its target modules {targets!r} do not exist in this model ({str(err)[:200]})."
+            adapter_dir,
+            base_dir,
+            peft_cfg,
+            f"its target modules {targets!r} do not exist in this model ({str(err)[:200]}).",
         ) from err
     stored = _adapter_file_keys(adapter_dir)
     if stored is not None:
@@ -409,7 +422,12 @@ def load_model(
     from transformers import AutoConfig
 
     spec = _loadable_kind(kind)
-    torch_dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    torch_dtype = {
+        "float32": torch.float32,
+        "float64": torch.float64,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }.get(dtype)
     if torch_dtype is None:
         raise ModelLoadError(f"Unknown dtype {dtype!r}; use float32, float64, bfloat16 or float16.")
     base_dir = resolve_model_dir(base)
@@ -427,7 +445,9 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"{base_dir / 'config.json'} cannot be read as a model config ({str(err)[:300]}).") from err
+        raise ModelLoadError(
+            f"{base_dir / 'config.json'} cannot be read as a model config ({str(err)[:300]})."
+        ) from err
 
     label_names = meta.get("label_names")
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": torch_dtype}
@@ -466,7 +486,9 @@ def load_model(
                 f"({str(err)[:300]})."
             ) from err
         except (OSError, RuntimeError) as err:
-            raise ModelLoadError(f"Loading the model in {base_dir} failed ({type(err).__name__}: {str(err)[:300]}).") from err
+            raise ModelLoadError(
+                f"Loading the model in {base_dir} failed ({type(err).__name__}: {str(err)[:300]})."
+            ) from err
 
     tokenizer = load_tokenizer(base_dir, kind=kind)
     if spec.decoder and getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:

@@ -187,7 +187,9 @@ def reference_preconditioners(
     return out
 
 
-def reference_self_influence(train: Mapping[str, torch.Tensor], preconditioners: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def reference_self_influence(
+    train: Mapping[str, torch.Tensor], preconditioners: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
     """``s_k = sum_l g_kl^T P_l g_kl`` by a plain loop over examples: float64 ``(n,)``."""
     names = list(train)
     n = train[names[0]].shape[0]

@@ -103,9 +103,9 @@ def _record_text(record: Mapping[str, Any] | None, text_field: str) -> str:
 def _label_name(value: Any, label_names: Sequence[str] | None) -> str:
     if value is None:
         return "-"
-    if label_names is not None and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        if 0 <= int(value) < len(label_names):
-            return str(label_names[int(value)])
+    is_index = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if label_names is not None and is_index and 0 <= int(value) < len(label_names):
+        return str(label_names[int(value)])
     return str(value)
 
 
@@ -350,7 +350,11 @@ def _ranked_table(
     label_field: str | None,
 ) -> str:
     has_label = label_field is not None and any(label_field in by_id.get(tid, {}) for tid, _ in entries)
-    head = "<tr><th>rank</th><th>id</th>" + ("<th>label</th>" if has_label else "") + "<th>influence</th><th>text</th></tr>"
+    head = (
+        "<tr><th>rank</th><th>id</th>"
+        + ("<th>label</th>" if has_label else "")
+        + "<th>influence</th><th>text</th></tr>"
+    )
     rows = []
     for rank, (tid, value) in enumerate(entries, start=1):
         rec = by_id.get(tid)
@@ -426,7 +430,9 @@ def write_scores_report(
         if unknown:
             logger.warning(
                 "%d training id(s) of the %s scores are not in the records (e.g. %s); their text is not shown.",
-                len(unknown), name, unknown[:3],
+                len(unknown),
+                name,
+                unknown[:3],
             )
 
     def build(tmp: Path) -> None:
@@ -459,7 +465,9 @@ def write_scores_report(
                         + "<p>Most harmful (largest influence):</p>"
                         + _ranked_table(s.top_harmful(k, test_index=j), by_id, text_field, label_field)
                     )
-        parts.append("<h2>Distribution of the scores</h2><img src='score_histogram.png' alt='histogram of influence scores'>")
+        parts.append(
+            "<h2>Distribution of the scores</h2><img src='score_histogram.png' alt='histogram of influence scores'>"
+        )
         (tmp / "index.html").write_text(_page(title, "\n".join(parts)), encoding="utf-8")
 
     path = _publish(Path(out_dir), build)
@@ -589,7 +597,9 @@ def write_generation_report(
         if result.quality:
             parts.append(
                 "<h2>The fine-tuned model</h2><table>"
-                + "".join(f"<tr><th>{_esc(key)}</th><td class='num'>{_fmt(v)}</td></tr>" for key, v in result.quality.items())
+                + "".join(
+                    f"<tr><th>{_esc(key)}</th><td class='num'>{_fmt(v)}</td></tr>" for key, v in result.quality.items()
+                )
                 + "</table>"
             )
         test_classes = [r.get("class") for r in result.test]
@@ -606,12 +616,19 @@ def write_generation_report(
                 cells = ["<th>reference</th>", example_cell(record, tid, tmp, f"test{shown}-ref")]
                 if generated is not None:
                     _save_thumbnail(tmp / f"test{shown}-gen.png", generated)
-                    cells += ["<th>generated</th>", f"<td><img class='thumb' src='test{shown}-gen.png' alt='generated'></td>"]
+                    cells += [
+                        "<th>generated</th>",
+                        f"<td><img class='thumb' src='test{shown}-gen.png' alt='generated'></td>",
+                    ]
                 parts.append("<table><tr>" + "".join(cells) + "</tr></table>")
             else:
-                parts.append(f"<p><b>Reference response:</b> <span class='text'>{_esc(record.get('response', ''))}</span></p>")
+                parts.append(
+                    f"<p><b>Reference response:</b> <span class='text'>{_esc(record.get('response', ''))}</span></p>"
+                )
                 if generated is not None:
-                    parts.append(f"<p><b>Generated after fine-tuning:</b> <span class='text'>{_esc(generated)}</span></p>")
+                    parts.append(
+                        f"<p><b>Generated after fine-tuning:</b> <span class='text'>{_esc(generated)}</span></p>"
+                    )
             for label, entries in (
                 ("most helpful (most negative influence)", scores.top_helpful(k, test_index=row)),
                 ("most harmful (most positive influence)", scores.top_harmful(k, test_index=row)),
@@ -623,7 +640,9 @@ def write_generation_report(
                     body.append(
                         f"<tr{' class=same' if same else ''}><td class='num'>{rank}</td><td>{_esc(train_id)}</td>"
                         f"<td>{_esc(class_name(rec))}{' (same class)' if same else ''}</td><td class='num'>{_esc(_fmt(value, 4))}</td>"
-                        + example_cell(rec, train_id, tmp, f"test{shown}-{'help' if 'helpful' in label else 'harm'}{rank}")
+                        + example_cell(
+                            rec, train_id, tmp, f"test{shown}-{'help' if 'helpful' in label else 'harm'}{rank}"
+                        )
                         + "</tr>"
                     )
                 parts.append(
@@ -634,7 +653,10 @@ def write_generation_report(
             f"<style>img.thumb {{ width: {_THUMB_PX}px; height: {_THUMB_PX}px; image-rendering: pixelated; }} "
             "tr.same td { background: #f0fff4; }</style>\n"
         )
-        heading = title or f"DataInf: which training examples drove each {('image' if is_image else 'answer')} ({result.dataset})"
+        heading = (
+            title
+            or f"DataInf: which training examples drove each {('image' if is_image else 'answer')} ({result.dataset})"
+        )
         subtitle = f"{len(result.train)} training and {len(result.test)} test examples, {len(names)} classes; task {result.task}"
         (tmp / "index.html").write_text(_page(heading, style + "\n".join(parts), subtitle=subtitle), encoding="utf-8")
 

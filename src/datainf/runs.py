@@ -107,9 +107,8 @@ def removed_on_error(path: str | os.PathLike[str] | None) -> Iterator[None]:
     try:
         yield
     except DataInfError:
-        if fresh and folder.is_dir() and not has_progress(folder):
-            if is_main_process():
-                shutil.rmtree(folder, ignore_errors=True)
+        if fresh and folder.is_dir() and not has_progress(folder) and is_main_process():
+            shutil.rmtree(folder, ignore_errors=True)
         raise
 
 

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Scores", "SIGN_CONVENTION"]
 
-SIGN_CONVENTION = "positive influence = harmful (up-weighting the training example raises the test loss); negative = helpful"
+SIGN_CONVENTION = (
+    "positive influence = harmful (up-weighting the training example raises the test loss); negative = helpful"
+)
 _FORMAT = "datainf-scores"
 
 
@@ -56,15 +58,21 @@ class Scores:
     sign_convention: str = SIGN_CONVENTION
 
     def __post_init__(self) -> None:
-        expected = (len(self.train_ids),) if self.mode in ("average", "self") else (len(self.test_ids), len(self.train_ids))
+        expected = (
+            (len(self.train_ids),) if self.mode in ("average", "self") else (len(self.test_ids), len(self.train_ids))
+        )
         if tuple(self.values.shape) != expected:
-            raise ConfigError(f"Scores of mode {self.mode!r} need values of shape {expected}, got {tuple(self.values.shape)}.")
+            raise ConfigError(
+                f"Scores of mode {self.mode!r} need values of shape {expected}, got {tuple(self.values.shape)}."
+            )
 
     # ------------------------------------------------------------------ rankings
     def _row(self, test_index: int | None) -> torch.Tensor:
         if self.mode in ("average", "self"):
             if test_index is not None:
-                raise ConfigError("These scores are averaged over the test set; test_index applies to pairwise scores only.")
+                raise ConfigError(
+                    "These scores are averaged over the test set; test_index applies to pairwise scores only."
+                )
             return self.values
         if test_index is None:
             return self.values.mean(dim=0)
@@ -106,7 +114,9 @@ class Scores:
                 "influence": self.values.reshape(-1).numpy(),
             }
         )
-        frame["rank"] = frame.groupby("test_id", sort=False)["influence"].rank(ascending=False, method="first").astype(int)
+        frame["rank"] = (
+            frame.groupby("test_id", sort=False)["influence"].rank(ascending=False, method="first").astype(int)
+        )
         return frame
 
     def write_table(self, path_stem: str | os.PathLike[str], fmt: Literal["csv", "parquet"] = "csv") -> Path:
@@ -160,7 +170,9 @@ class Scores:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write one safetensors file (values + JSON metadata in its header), atomically."""
         path = Path(path)
-        payload = save({"values": self.values.to(torch.float64).contiguous()}, metadata={"datainf": json.dumps(self._metadata())})
+        payload = save(
+            {"values": self.values.to(torch.float64).contiguous()}, metadata={"datainf": json.dumps(self._metadata())}
+        )
         atomic_write_bytes(path, payload)
         return path
 
@@ -178,7 +190,9 @@ class Scores:
             if meta.get("format") != _FORMAT:
                 raise ValueError("not a datainf scores file")
         except (SafetensorError, ValueError, KeyError, json.JSONDecodeError) as err:
-            raise StoreCorruptedError(f"{path} is not a readable datainf scores file ({err}); recompute it with datainf score.") from err
+            raise StoreCorruptedError(
+                f"{path} is not a readable datainf scores file ({err}); recompute it with datainf score."
+            ) from err
         return cls(
             values=values,
             train_ids=list(meta["train_ids"]),

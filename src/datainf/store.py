@@ -51,7 +51,14 @@ from datainf.errors import (
     StoreMismatchError,
 )
 
-__all__ = ["GradientStore", "RamGradientStore", "DiskGradientStore", "STORAGE_DTYPES", "atomic_write_bytes", "atomic_write_json"]
+__all__ = [
+    "GradientStore",
+    "RamGradientStore",
+    "DiskGradientStore",
+    "STORAGE_DTYPES",
+    "atomic_write_bytes",
+    "atomic_write_json",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +151,9 @@ def _validate_block_dims(block_dims: Mapping[str, int]) -> dict[str, int]:
     out: dict[str, int] = {}
     for name, dim in block_dims.items():
         if not isinstance(name, str) or not name or name.startswith("__"):
-            raise ConfigError(f"Block name {name!r} is not usable: names must be non-empty strings not starting with '__'.")
+            raise ConfigError(
+                f"Block name {name!r} is not usable: names must be non-empty strings not starting with '__'."
+            )
         if int(dim) <= 0:
             raise ConfigError(f"Block {name!r} has size {dim}; every block needs at least one parameter.")
         out[name] = int(dim)
@@ -193,7 +202,12 @@ class GradientStore(ABC):
         if path is None:
             return RamGradientStore(block_dims=block_dims, dtype=dtype, fingerprint=fingerprint)
         return DiskGradientStore._create(
-            Path(path), block_dims=block_dims, dtype=dtype, fingerprint=fingerprint, shard_size=shard_size, overwrite=overwrite
+            Path(path),
+            block_dims=block_dims,
+            dtype=dtype,
+            fingerprint=fingerprint,
+            shard_size=shard_size,
+            overwrite=overwrite,
         )
 
     @staticmethod
@@ -290,7 +304,9 @@ class GradientStore(ABC):
             StoreError: an id is already stored, or the store is finalized.
         """
         if self._complete:
-            raise StoreError("This gradient store is finalized; create a new one (or pass overwrite=True) to add examples.")
+            raise StoreError(
+                "This gradient store is finalized; create a new one (or pass overwrite=True) to add examples."
+            )
         ids = [str(i) for i in ids]
         b = len(ids)
         if b == 0:
@@ -335,7 +351,7 @@ class GradientStore(ABC):
         self._ids.extend(ids)
         self._id_set.update(ids)
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # noqa: B027 - a hook: the disk backend overrides it, the RAM backend has nothing to do
         """Write buffered examples out (disk backend); a no-op for the RAM backend."""
 
     def finalize(self) -> None:
@@ -383,7 +399,9 @@ class GradientStore(ABC):
 class RamGradientStore(GradientStore):
     """Gradients kept in memory as a list of appended chunks."""
 
-    def __init__(self, *, block_dims: Mapping[str, int], dtype: str = "float32", fingerprint: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, *, block_dims: Mapping[str, int], dtype: str = "float32", fingerprint: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(block_dims, dtype, fingerprint)
         self._chunks: list[tuple[list[str], dict[str, torch.Tensor]]] = []
         self._norm_chunks: list[torch.Tensor] = []
@@ -474,7 +492,9 @@ class DiskGradientStore(GradientStore):
             if manifest_path.exists() or not any(path.iterdir()):
                 shutil.rmtree(path)
             else:
-                raise StoreError(f"{path} exists and is not a gradient store; refusing to delete it. Choose another folder.")
+                raise StoreError(
+                    f"{path} exists and is not a gradient store; refusing to delete it. Choose another folder."
+                )
         if manifest_path.exists():
             existing = cls._open(path)
             differences = store._same_config(existing._manifest())
@@ -489,7 +509,9 @@ class DiskGradientStore(GradientStore):
             existing._complete = False
             return existing
         if path.exists() and any(path.iterdir()):
-            raise StoreError(f"{path} exists, is not empty and holds no gradient store manifest; choose another folder.")
+            raise StoreError(
+                f"{path} exists, is not empty and holds no gradient store manifest; choose another folder."
+            )
         path.mkdir(parents=True, exist_ok=True)
         store._write_manifest()
         return store
@@ -539,12 +561,16 @@ class DiskGradientStore(GradientStore):
                     "truncated or was replaced. Delete the store folder and recompute the gradients."
                 )
             if len(shard["ids"]) != shard["num_examples"]:
-                raise StoreCorruptedError(f"Shard {file}: the manifest lists {len(shard['ids'])} ids for {shard['num_examples']} examples.")
+                raise StoreCorruptedError(
+                    f"Shard {file}: the manifest lists {len(shard['ids'])} ids for {shard['num_examples']} examples."
+                )
             store._ids.extend(shard["ids"])
         store._shards = shards
         store._id_set = set(store._ids)
         if len(store._id_set) != len(store._ids):
-            raise StoreCorruptedError(f"The gradient store at {path} lists some example ids twice; delete it and recompute.")
+            raise StoreCorruptedError(
+                f"The gradient store at {path} lists some example ids twice; delete it and recompute."
+            )
         store._complete = bool(manifest.get("complete", False))
         return store
 
@@ -651,7 +677,9 @@ class DiskGradientStore(GradientStore):
             self.flush()
         if self._norms_cache is None:
             parts = [self._read_shard(shard, [_NORMS_KEY])[_NORMS_KEY] for shard in self._shards]
-            self._norms_cache = torch.cat(parts) if parts else torch.empty(0, len(self._block_dims), dtype=torch.float64)
+            self._norms_cache = (
+                torch.cat(parts) if parts else torch.empty(0, len(self._block_dims), dtype=torch.float64)
+            )
         return self._norms_cache
 
     # ------------------------------------------------------------------ parts (multi-process writing)

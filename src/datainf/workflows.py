@@ -66,7 +66,6 @@ logger = logging.getLogger(__name__)
 S = TypeVar("S")
 
 
-
 def _trainable_kinds() -> tuple[str, ...]:
     """Task kinds ``finetune_run`` can train (from the task-kind registry, :mod:`datainf.tasks.kinds`)."""
     from datainf.tasks import available_task_kinds
@@ -79,6 +78,7 @@ def _loadable_kinds() -> tuple[str, ...]:
     from datainf.tasks import available_task_kinds
 
     return tuple(available_task_kinds(loadable=True))
+
 
 _DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -259,7 +259,12 @@ class ScoreSettings:
         _normalise(
             self,
             ("train_grads", "test_grads", "model", "adapter", "train_data", "test_data"),
-            {"kind": _loadable_kinds(), "dtype": _DTYPES, "mode": ("average", "pairwise"), "table_format": ("csv", "parquet")},
+            {
+                "kind": _loadable_kinds(),
+                "dtype": _DTYPES,
+                "mode": ("average", "pairwise"),
+                "table_format": ("csv", "parquet"),
+            },
         )
         if isinstance(self.method, str):
             object.__setattr__(self, "method", (self.method,))
@@ -380,8 +385,8 @@ def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progres
     """
     from datainf.data.labels import LabelEncoder
     from datainf.finetune import FinetuneConfig, finetune_lora
-    from datainf.tasks import get_task_kind
     from datainf.models import load_model, resolve_model_dir
+    from datainf.tasks import get_task_kind
 
     with removed_on_error(settings.out):
         settings = replace(
@@ -395,8 +400,21 @@ def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progres
         ft = FinetuneConfig.from_dict(
             {
                 name: getattr(settings, name)
-                for name in ("kind", "r", "alpha", "target_modules", "dropout", "epochs", "lr", "batch_size",
-                             "warmup_ratio", "max_length", "weight_decay", "max_grad_norm", "seed")
+                for name in (
+                    "kind",
+                    "r",
+                    "alpha",
+                    "target_modules",
+                    "dropout",
+                    "epochs",
+                    "lr",
+                    "batch_size",
+                    "warmup_ratio",
+                    "max_length",
+                    "weight_decay",
+                    "max_grad_norm",
+                    "seed",
+                )
             }
         )
         records = _load_data(settings.data, settings, ft.kind, "--data")
@@ -405,19 +423,36 @@ def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progres
         def train(adapter_dir: Path) -> Path:
             names = list(LabelEncoder.fit(records).names) if get_task_kind(ft.kind).encodes_labels else None
             model, tokenizer = load_model(
-                str(settings.model), kind=ft.kind, num_labels=len(names) if names else None, device=settings.device, seed=ft.seed
+                str(settings.model),
+                kind=ft.kind,
+                num_labels=len(names) if names else None,
+                device=settings.device,
+                seed=ft.seed,
             )
             return finetune_lora(
-                model, tokenizer, records, ft, output_dir=adapter_dir, label_names=names, overwrite=True, progress=progress
+                model,
+                tokenizer,
+                records,
+                ft,
+                output_dir=adapter_dir,
+                label_names=names,
+                overwrite=True,
+                progress=progress,
             )
 
         with run.timed("finetune"):
-            adapter = run.cached("adapter", train, load=lambda path: path, is_done=lambda path: (path / "adapter_config.json").is_file())
+            adapter = run.cached(
+                "adapter", train, load=lambda path: path, is_done=lambda path: (path / "adapter_config.json").is_file()
+            )
         log = _read_log(adapter / "training_log.json")
         losses = [float(e["loss"]) for e in log.get("epochs", [])]
         return FinetuneRunResult(
-            out=run.path, adapter=adapter, reused="adapter" in run.reused, epoch_losses=losses,
-            settings=settings, stage_seconds=run.stage_seconds,
+            out=run.path,
+            adapter=adapter,
+            reused="adapter" in run.reused,
+            epoch_losses=losses,
+            settings=settings,
+            stage_seconds=run.stage_seconds,
         )
 
 
@@ -457,14 +492,25 @@ def gradients_run(settings: GradientsSettings, *, overwrite: bool = False, progr
             ctx,
             "Checking the output folder",
             lambda: RunDir.claim(
-                settings.out, kind="grads", settings=_saved(settings), overwrite=overwrite, write_config=False,
+                settings.out,
+                kind="grads",
+                settings=_saved(settings),
+                overwrite=overwrite,
+                write_config=False,
                 allow_foreign=lambda path: (path / "manifest.json").is_file(),  # a bare gradient store
             ),
         )
         model, task, encoded = _model_and_task(settings, {"data": records})
         with run.timed("gradients"):
             store = _compute_store(
-                model, task, encoded["data"], run.path, settings, ctx, progress=progress, before_compute=run.write_config
+                model,
+                task,
+                encoded["data"],
+                run.path,
+                settings,
+                ctx,
+                progress=progress,
+                before_compute=run.write_config,
             )
         return GradientsRunResult(
             out=run.path, store=store, world_size=ctx.world_size, settings=settings, stage_seconds=run.stage_seconds
@@ -502,7 +548,9 @@ def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: boo
                 "Give either --train-grads/--test-grads (stores) or --train-data/--test-data (with --model/--adapter), not both."
             )
         if not from_stores and not from_data:
-            raise ConfigError("Nothing to score: pass --train-grads and --test-grads, or --model, --adapter, --train-data and --test-data.")
+            raise ConfigError(
+                "Nothing to score: pass --train-grads and --test-grads, or --model, --adapter, --train-data and --test-data."
+            )
         influence_configs = {  # built (and so validated) before any work
             name: InfluenceConfig(
                 method=name,
@@ -525,7 +573,9 @@ def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: boo
             stage = f"scores-{name}.safetensors"
 
             def finished(stage: str = stage) -> Scores | None:
-                return run.load_finished(stage, load=Scores.load, accept=lambda s: _same_gradients(s, train_store, test_store))
+                return run.load_finished(
+                    stage, load=Scores.load, accept=lambda s: _same_gradients(s, train_store, test_store)
+                )
 
             # rank 0 decides (every rank must then take the same branch: influence runs collectives)
             scores = on_main(ctx, "Reading finished scores", finished)
@@ -553,7 +603,9 @@ def _score_inputs_from_stores(
     _check_same_run(ctx, "score", settings, {})  # the gradients themselves are compared by influence
     train_grads, test_grads = settings.train_grads, settings.test_grads
     train_store, test_store = on_every_rank(
-        ctx, "Opening the gradient stores", lambda: (_open_store(train_grads, "--train-grads"), _open_store(test_grads, "--test-grads"))
+        ctx,
+        "Opening the gradient stores",
+        lambda: (_open_store(train_grads, "--train-grads"), _open_store(test_grads, "--test-grads")),
     )
     run = on_main(ctx, "Checking the output folder", lambda: _claim_score_run(settings, overwrite))
     return settings, run, train_store, test_store
@@ -582,8 +634,12 @@ def _score_inputs_from_data(
     run = on_main(ctx, "Checking the output folder", lambda: _claim_score_run(settings, overwrite))
     model, task, encoded = _model_and_task(settings, {"training": train, "test": test})
     with run.timed("gradients"):
-        train_store = _compute_store(model, task, encoded["training"], run.stage("grads-train"), settings, ctx, progress=progress)
-        test_store = _compute_store(model, task, encoded["test"], run.stage("grads-test"), settings, ctx, progress=progress)
+        train_store = _compute_store(
+            model, task, encoded["training"], run.stage("grads-train"), settings, ctx, progress=progress
+        )
+        test_store = _compute_store(
+            model, task, encoded["test"], run.stage("grads-test"), settings, ctx, progress=progress
+        )
     return settings, run, train_store, test_store
 
 
@@ -658,14 +714,18 @@ def report_run(settings: ReportSettings, *, overwrite: bool = False) -> ReportRu
                     "pass the training data the scores were computed on (and the same --id-column)."
                 )
         run = RunDir.claim(settings.out, kind="report", settings=_saved(settings), overwrite=overwrite)
-        path = write_scores_report(run.path, loaded, records, k=settings.k, test_records=test_records, max_test_examples=settings.max_test)
+        path = write_scores_report(
+            run.path, loaded, records, k=settings.k, test_records=test_records, max_test_examples=settings.max_test
+        )
         return ReportRunResult(out=run.path, path=path)
 
 
 # ---------------------------------------------------------------------------------------------- shared steps
 
 
-def _check_same_run(ctx: DistributedContext, command: str, settings: Any, data: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+def _check_same_run(
+    ctx: DistributedContext, command: str, settings: Any, data: Mapping[str, Sequence[Mapping[str, Any]]]
+) -> None:
     """Under torchrun: stop every rank unless all were given the same settings and data (fingerprints)."""
     if not ctx.is_distributed:
         return
@@ -688,7 +748,9 @@ def _adapter_meta(settings: GradientsSettings | ScoreSettings) -> dict[str, Any]
     from datainf.models import read_adapter_metadata
 
     if not settings.adapter:
-        raise ConfigError("Gradients need a trained LoRA adapter: pass --adapter DIR (e.g. the --out of `datainf finetune`).")
+        raise ConfigError(
+            "Gradients need a trained LoRA adapter: pass --adapter DIR (e.g. the --out of `datainf finetune`)."
+        )
     return read_adapter_metadata(settings.adapter)
 
 
@@ -731,7 +793,11 @@ def _model_and_task(
     task_kind = get_task_kind(kind)
     device = dist_context().resolve_device(settings.device)  # "cuda" -> this rank's GPU under torchrun
     model, tokenizer = load_model(
-        str(settings.model), kind=kind, num_labels=settings.num_labels, adapter=settings.adapter, device=str(device)  # type: ignore[arg-type]
+        str(settings.model),
+        kind=kind,
+        num_labels=settings.num_labels,
+        adapter=settings.adapter,
+        device=str(device),  # type: ignore[arg-type]
     )
     if task_kind.encodes_labels:
         encoder = LabelEncoder.from_model(model, meta)

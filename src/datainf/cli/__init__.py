@@ -129,7 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         explicit = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
         config = resolve_config(command, explicit, getattr(args, "config", None))
         started = time.perf_counter()
-        with _logging_setup(bool(config.get("verbose")), bool(config.get("quiet"))), removed_on_error(config.get("out")):
+        with (
+            _logging_setup(bool(config.get("verbose")), bool(config.get("quiet"))),
+            removed_on_error(config.get("out")),
+        ):
             code = cmd_demo(config, args) if command == "demo" else HANDLERS[command](config)
         logger.info("datainf %s finished in %.1f s", command, time.perf_counter() - started)
         return code

@@ -4,13 +4,10 @@ and prints what it did. Everything that computes or writes lives in the library.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 from collections.abc import Callable
 from typing import Any
 
 from datainf.distributed import is_main_process
-from datainf.errors import ConfigError
 from datainf.scores import SIGN_CONVENTION
 from datainf.workflows import (
     FinetuneSettings,

@@ -137,7 +137,15 @@ class Option:
 def _common() -> list[Option]:
     return [
         Option("out", ("--out", "-o"), _to_out_path, None, "output folder (required)", metavar="DIR"),
-        Option("overwrite", ("--overwrite",), _to_bool, False, "replace results of a different configuration in --out", action="flag", saved=False),
+        Option(
+            "overwrite",
+            ("--overwrite",),
+            _to_bool,
+            False,
+            "replace results of a different configuration in --out",
+            action="flag",
+            saved=False,
+        ),
         Option("quiet", ("--quiet", "-q"), _to_bool, False, "no progress bars", action="flag", saved=False),
         Option("verbose", ("--verbose", "-v"), _to_bool, False, "log at INFO level", action="flag", saved=False),
     ]
@@ -145,11 +153,37 @@ def _common() -> list[Option]:
 
 def _columns() -> list[Option]:
     return [
-        Option("text_column", ("--text-column",), _optional(_to_str), None, "data column holding the text (default: text)"),
-        Option("label_column", ("--label-column",), _optional(_to_str), None, "data column holding the label (default: label)"),
-        Option("prompt_column", ("--prompt-column",), _optional(_to_str), None, "data column holding the prompt (causal LM; default: prompt)"),
-        Option("response_column", ("--response-column",), _optional(_to_str), None, "data column holding the response (causal LM; default: response)"),
-        Option("id_column", ("--id-column",), _optional(_to_str), None, "data column holding unique example ids (default: id, else the row number)"),
+        Option(
+            "text_column", ("--text-column",), _optional(_to_str), None, "data column holding the text (default: text)"
+        ),
+        Option(
+            "label_column",
+            ("--label-column",),
+            _optional(_to_str),
+            None,
+            "data column holding the label (default: label)",
+        ),
+        Option(
+            "prompt_column",
+            ("--prompt-column",),
+            _optional(_to_str),
+            None,
+            "data column holding the prompt (causal LM; default: prompt)",
+        ),
+        Option(
+            "response_column",
+            ("--response-column",),
+            _optional(_to_str),
+            None,
+            "data column holding the response (causal LM; default: response)",
+        ),
+        Option(
+            "id_column",
+            ("--id-column",),
+            _optional(_to_str),
+            None,
+            "data column holding unique example ids (default: id, else the row number)",
+        ),
     ]
 
 
@@ -163,16 +197,64 @@ def _task_kinds(adapter_required: bool) -> tuple[str, ...]:
 def _model_options(adapter_required: bool) -> list[Option]:
     kind_help = "task kind" + ("" if not adapter_required else " (default: the adapter's, else classification)")
     opts = [
-        Option("model", ("--model",), _optional(_to_path), None, "local folder of the base model (save_pretrained)", metavar="DIR"),
+        Option(
+            "model",
+            ("--model",),
+            _optional(_to_path),
+            None,
+            "local folder of the base model (save_pretrained)",
+            metavar="DIR",
+        ),
         Option("kind", ("--kind",), _optional(_to_str), None, kind_help, choices=_task_kinds(adapter_required)),
-        Option("max_length", ("--max-length",), _optional(_to_int), None, "longest token sequence (default: the adapter's training value, else the model's limit)"),
+        Option(
+            "max_length",
+            ("--max-length",),
+            _optional(_to_int),
+            None,
+            "longest token sequence (default: the adapter's training value, else the model's limit)",
+        ),
         Option("device", ("--device",), _to_str, "cpu", "cpu, cuda, cuda:1, ..."),
     ]
     if adapter_required:
-        opts.insert(1, Option("adapter", ("--adapter",), _optional(_to_path), None, "folder of the trained LoRA adapter (or a `datainf finetune` output folder)", metavar="DIR"))
-        opts.append(Option("num_labels", ("--num-labels",), _optional(_to_int), None, "classes of the classifier (default: the adapter's)"))
-        opts.append(Option("grad_batch_size", ("--grad-batch-size",), _to_int, 16, "examples per forward/backward pass when computing gradients"))
-        opts.append(Option("dtype", ("--dtype",), _to_str, "float32", "storage dtype of gradients", choices=("float32", "float64", "bfloat16", "float16")))
+        opts.insert(
+            1,
+            Option(
+                "adapter",
+                ("--adapter",),
+                _optional(_to_path),
+                None,
+                "folder of the trained LoRA adapter (or a `datainf finetune` output folder)",
+                metavar="DIR",
+            ),
+        )
+        opts.append(
+            Option(
+                "num_labels",
+                ("--num-labels",),
+                _optional(_to_int),
+                None,
+                "classes of the classifier (default: the adapter's)",
+            )
+        )
+        opts.append(
+            Option(
+                "grad_batch_size",
+                ("--grad-batch-size",),
+                _to_int,
+                16,
+                "examples per forward/backward pass when computing gradients",
+            )
+        )
+        opts.append(
+            Option(
+                "dtype",
+                ("--dtype",),
+                _to_str,
+                "float32",
+                "storage dtype of gradients",
+                choices=("float32", "float64", "bfloat16", "float16"),
+            )
+        )
         opts.append(Option("shard_size", ("--shard-size",), _to_int, 1024, "examples per gradient shard file"))
     return opts
 
@@ -180,11 +262,24 @@ def _model_options(adapter_required: bool) -> list[Option]:
 def _finetune_options() -> list[Option]:
     return [
         *_model_options(adapter_required=False),
-        Option("data", ("--data",), _optional(_to_path), None, "training data: .jsonl/.json/.csv/.tsv/.parquet or a saved HF dataset folder", metavar="PATH"),
+        Option(
+            "data",
+            ("--data",),
+            _optional(_to_path),
+            None,
+            "training data: .jsonl/.json/.csv/.tsv/.parquet or a saved HF dataset folder",
+            metavar="PATH",
+        ),
         *_columns(),
         Option("r", ("--r", "--rank"), _to_int, 8, "LoRA rank"),
         Option("alpha", ("--alpha",), _to_float, 16.0, "LoRA alpha"),
-        Option("target_modules", ("--target-modules",), _to_list, ["query", "value"], "comma-separated layer names to adapt"),
+        Option(
+            "target_modules",
+            ("--target-modules",),
+            _to_list,
+            ["query", "value"],
+            "comma-separated layer names to adapt",
+        ),
         Option("dropout", ("--dropout",), _to_float, 0.1, "LoRA dropout"),
         Option("epochs", ("--epochs",), _to_int, 10, "training epochs (paper: 10)"),
         Option("lr", ("--lr",), _to_float, 3e-4, "AdamW learning rate (paper: 3e-4)"),
@@ -206,27 +301,112 @@ def _grads_options() -> list[Option]:
 
 def _score_options() -> list[Option]:
     return [
-        Option("train_grads", ("--train-grads",), _optional(_to_path), None, "gradient store of the training examples", metavar="DIR"),
-        Option("test_grads", ("--test-grads",), _optional(_to_path), None, "gradient store of the test examples", metavar="DIR"),
+        Option(
+            "train_grads",
+            ("--train-grads",),
+            _optional(_to_path),
+            None,
+            "gradient store of the training examples",
+            metavar="DIR",
+        ),
+        Option(
+            "test_grads",
+            ("--test-grads",),
+            _optional(_to_path),
+            None,
+            "gradient store of the test examples",
+            metavar="DIR",
+        ),
         *_model_options(adapter_required=True),
-        Option("train_data", ("--train-data",), _optional(_to_path), None, "training data (gradients computed into <out>/grads-train)", metavar="PATH"),
-        Option("test_data", ("--test-data",), _optional(_to_path), None, "test data (gradients computed into <out>/grads-test)", metavar="PATH"),
+        Option(
+            "train_data",
+            ("--train-data",),
+            _optional(_to_path),
+            None,
+            "training data (gradients computed into <out>/grads-train)",
+            metavar="PATH",
+        ),
+        Option(
+            "test_data",
+            ("--test-data",),
+            _optional(_to_path),
+            None,
+            "test data (gradients computed into <out>/grads-test)",
+            metavar="PATH",
+        ),
         *_columns(),
-        Option("method", ("--method",), _to_list, ["datainf"], "influence method(s), any of `datainf.methods.available_methods()` (built in: datainf, exact, lissa, hessian_free, diagonal; repeat or comma list)", action="append"),
-        Option("mode", ("--mode",), _to_str, "average", "average: one score per training example; pairwise: one per (test, train) pair", choices=("average", "pairwise")),
+        Option(
+            "method",
+            ("--method",),
+            _to_list,
+            ["datainf"],
+            "influence method(s), any of `datainf.methods.available_methods()` (built in: datainf, exact, lissa, hessian_free, diagonal; repeat or comma list)",
+            action="append",
+        ),
+        Option(
+            "mode",
+            ("--mode",),
+            _to_str,
+            "average",
+            "average: one score per training example; pairwise: one per (test, train) pair",
+            choices=("average", "pairwise"),
+        ),
         Option("damping", ("--damping",), _to_float, 0.1, "lambda_l = damping * mean ||g_il||^2 / d_l (paper: 0.1)"),
-        Option("fixed_lambda", ("--fixed-lambda",), _optional(_to_float), None, "one lambda for every block instead of --damping"),
-        Option("method_options", ("--method-options",), _to_json_mapping, {}, "JSON object method -> options, e.g. '{\"lissa\": {\"scale\": \"trace\"}}'", metavar="JSON"),
-        Option("score_batch_size", ("--score-batch-size",), _to_int, 1024, "training gradients read per batch while scoring"),
-        Option("table_format", ("--table-format",), _to_str, "csv", "format of the per-method score table", choices=("csv", "parquet")),
+        Option(
+            "fixed_lambda",
+            ("--fixed-lambda",),
+            _optional(_to_float),
+            None,
+            "one lambda for every block instead of --damping",
+        ),
+        Option(
+            "method_options",
+            ("--method-options",),
+            _to_json_mapping,
+            {},
+            'JSON object method -> options, e.g. \'{"lissa": {"scale": "trace"}}\'',
+            metavar="JSON",
+        ),
+        Option(
+            "score_batch_size",
+            ("--score-batch-size",),
+            _to_int,
+            1024,
+            "training gradients read per batch while scoring",
+        ),
+        Option(
+            "table_format",
+            ("--table-format",),
+            _to_str,
+            "csv",
+            "format of the per-method score table",
+            choices=("csv", "parquet"),
+        ),
     ]
 
 
 def _report_options() -> list[Option]:
     return [
-        Option("scores", ("--scores",), _to_paths, None, "scores file(s) written by `datainf score` (repeat or comma list)", action="append", metavar="FILE"),
-        Option("data", ("--data",), _optional(_to_path), None, "the training data the scores are about", metavar="PATH"),
-        Option("test_data", ("--test-data",), _optional(_to_path), None, "the test data (shows test texts for pairwise scores)", metavar="PATH"),
+        Option(
+            "scores",
+            ("--scores",),
+            _to_paths,
+            None,
+            "scores file(s) written by `datainf score` (repeat or comma list)",
+            action="append",
+            metavar="FILE",
+        ),
+        Option(
+            "data", ("--data",), _optional(_to_path), None, "the training data the scores are about", metavar="PATH"
+        ),
+        Option(
+            "test_data",
+            ("--test-data",),
+            _optional(_to_path),
+            None,
+            "the test data (shows test texts for pairwise scores)",
+            metavar="PATH",
+        ),
         *_columns(),
         Option("k", ("--k", "--top"), _to_int, 10, "examples per list"),
         Option("max_test", ("--max-test",), _to_int, 5, "pairwise: test examples that get their own lists"),
@@ -235,8 +415,22 @@ def _report_options() -> list[Option]:
 
 def _demo_options() -> list[Option]:
     return [
-        Option("task", ("--task",), _to_str, "mislabel", "which demo to run: mislabel (BBC News, flipped labels), text-generation or text-to-image", choices=("mislabel", "text-generation", "text-to-image")),
-        Option("dataset", ("--dataset",), _optional(_to_str), None, "text-generation: sentence|math|math-reason (default sentence); text-to-image: style|subject (default style)", metavar="NAME"),
+        Option(
+            "task",
+            ("--task",),
+            _to_str,
+            "mislabel",
+            "which demo to run: mislabel (BBC News, flipped labels), text-generation or text-to-image",
+            choices=("mislabel", "text-generation", "text-to-image"),
+        ),
+        Option(
+            "dataset",
+            ("--dataset",),
+            _optional(_to_str),
+            None,
+            "text-generation: sentence|math|math-reason (default sentence); text-to-image: style|subject (default style)",
+            metavar="NAME",
+        ),
         Option("seed", ("--seed",), _to_int, 0, "random seed"),
         Option("recompute", ("--recompute",), _to_bool, False, "ignore cached intermediate results", action="flag"),
     ]
@@ -278,10 +472,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"datainf {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (help_text, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text + ("" if "positive = harmful" in help_text else ". Positive influence = harmful."), argument_default=argparse.SUPPRESS)
-        p.add_argument("--config", type=str, metavar="FILE", help="settings file (.yaml/.yml/.json), e.g. a previous run's config.json")
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text + ("" if "positive = harmful" in help_text else ". Positive influence = harmful."),
+            argument_default=argparse.SUPPRESS,
+        )
+        p.add_argument(
+            "--config",
+            type=str,
+            metavar="FILE",
+            help="settings file (.yaml/.yml/.json), e.g. a previous run's config.json",
+        )
         for opt in options(name):
-            shown = "" if opt.default in (None, False, [], {}) else f" [default: {','.join(map(str, opt.default)) if isinstance(opt.default, list) else opt.default}]"
+            shown = (
+                ""
+                if opt.default in (None, False, [], {})
+                else f" [default: {','.join(map(str, opt.default)) if isinstance(opt.default, list) else opt.default}]"
+            )
             kwargs: dict[str, Any] = {"dest": opt.dest, "help": opt.help + shown}
             if opt.action == "flag":
                 kwargs["action"] = "store_true"
@@ -336,7 +544,9 @@ def resolve_config(command: str, explicit: Mapping[str, Any], config_file: str |
         data = _read_config_file(config_file)
         stored_command = data.pop("command", None)
         if stored_command is not None and stored_command != command:
-            raise ConfigError(f"The config file {config_file} is for `datainf {stored_command}`, not `datainf {command}`.")
+            raise ConfigError(
+                f"The config file {config_file} is for `datainf {stored_command}`, not `datainf {command}`."
+            )
         for key in ("format", "datainf_version"):
             data.pop(key, None)
         unknown = sorted(k for k in data if k not in known or k in ("config",))
@@ -364,4 +574,3 @@ def _convert(opt: Option, value: Any, where: str) -> Any:
     if opt.choices and out is not None and out not in opt.choices:
         raise ConfigError(f"Bad value {out!r} for {where}: choose one of {list(opt.choices)}.")
     return out
-

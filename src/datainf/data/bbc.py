@@ -41,8 +41,7 @@ def bbc_news_dir() -> Path:
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise DatasetError(
-            f"The BBC News corpus comes from the package {_PACKAGE!r}, which is not installed. "
-            + _INSTALL_HINT
+            f"The BBC News corpus comes from the package {_PACKAGE!r}, which is not installed. " + _INSTALL_HINT
         )
     root = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
     if not root.is_dir():
@@ -82,22 +81,17 @@ def load_bbc_news(*, data_dir: str | Path | None = None) -> list[dict[str, Any]]
     root = bbc_news_dir() if data_dir is None else Path(data_dir)
     if not root.is_dir():
         raise DatasetError(
-            f"BBC News folder {root} does not exist. Pass a folder with one sub-folder of .txt "
-            "files per topic."
+            f"BBC News folder {root} does not exist. Pass a folder with one sub-folder of .txt files per topic."
         )
     records: list[dict[str, Any]] = []
-    topic_dirs = sorted(
-        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))
-    )
+    topic_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
     for topic_dir in topic_dirs:
         topic = topic_dir.name
         for path in sorted(topic_dir.glob("*.txt")):
             record = {"id": f"bbc-{topic}-{path.stem}", "text": _read_article(path), "label": topic}
             records.append(record)
     if not records:
-        raise DatasetError(
-            f"No articles found under {root}: expected <topic>/<name>.txt files. " + _INSTALL_HINT
-        )
+        raise DatasetError(f"No articles found under {root}: expected <topic>/<name>.txt files. " + _INSTALL_HINT)
     logger.info("Loaded %d BBC News articles from %s", len(records), root)
     return records
 
@@ -194,22 +188,16 @@ def make_noisy_split(
     if not records:
         raise EmptyInputError("make_noisy_split got no records; load a dataset first.")
     if n_train < 1 or n_val < 0:
-        raise ConfigError(
-            f"n_train must be >= 1 and n_val >= 0 (got n_train={n_train}, n_val={n_val})."
-        )
+        raise ConfigError(f"n_train must be >= 1 and n_val >= 0 (got n_train={n_train}, n_val={n_val}).")
     if n_train + n_val > len(records):
         raise ConfigError(
-            f"n_train + n_val = {n_train + n_val} exceeds the {len(records)} records available. "
-            "Ask for fewer examples."
+            f"n_train + n_val = {n_train + n_val} exceeds the {len(records)} records available. Ask for fewer examples."
         )
     if not 0.0 <= flip_fraction <= 1.0 or math.isnan(flip_fraction):
         raise ConfigError(f"flip_fraction must lie in [0, 1] (got {flip_fraction}).")
     bad = [i for i, r in enumerate(records) if "id" not in r or "label" not in r]
     if bad:
-        raise DatasetError(
-            f"Records at positions {bad[:10]} lack an 'id' or 'label' field; every record needs "
-            "both."
-        )
+        raise DatasetError(f"Records at positions {bad[:10]} lack an 'id' or 'label' field; every record needs both.")
 
     label_values = _sorted_labels({r["label"] for r in records})
     label_names = [str(v) for v in label_values]
@@ -225,9 +213,7 @@ def make_noisy_split(
     train_counts = _allocate(n_train, [len(p) for p in pools])
     val_counts = _allocate(n_val, [len(p) - t for p, t in zip(pools, train_counts, strict=True)])
     train_idx = [i for p, t in zip(pools, train_counts, strict=True) for i in p[:t]]
-    val_idx = [
-        i for p, t, v in zip(pools, train_counts, val_counts, strict=True) for i in p[t : t + v]
-    ]
+    val_idx = [i for p, t, v in zip(pools, train_counts, val_counts, strict=True) for i in p[t : t + v]]
     train_idx = [train_idx[j] for j in rng.permutation(len(train_idx))]
     val_idx = [val_idx[j] for j in rng.permutation(len(val_idx))]
 
@@ -244,6 +230,4 @@ def make_noisy_split(
         train.append(rec)
     val = [dict(records[i]) for i in val_idx]
     logger.info("Noisy split: %d train (%d flipped), %d val, seed %d", n_train, n_flip, n_val, seed)
-    return NoisySplit(
-        train=train, val=val, label_names=label_names, flip_fraction=flip_fraction, seed=seed
-    )
+    return NoisySplit(train=train, val=val, label_names=label_names, flip_fraction=flip_fraction, seed=seed)

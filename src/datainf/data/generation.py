@@ -51,11 +51,56 @@ _VOWELS = frozenset("aeiouAEIOU")
 #: Words the phrases are drawn from: lower case, 3-6 letters, each with a vowel and a consonant
 #: (so no rule turns a word into an empty string).
 PHRASE_WORDS: tuple[str, ...] = (
-    "green", "apple", "tree", "river", "stone", "cloud", "quiet", "bright", "small", "house",
-    "garden", "happy", "silver", "moon", "forest", "candle", "window", "paper", "yellow", "tiger",
-    "ocean", "winter", "summer", "little", "gold", "lamp", "road", "bird", "cold", "warm",
-    "fast", "slow", "red", "blue", "horse", "music", "bread", "water", "field", "sweet",
-    "dark", "light", "city", "night", "morning", "sun", "rain", "snow", "wind", "flower",
+    "green",
+    "apple",
+    "tree",
+    "river",
+    "stone",
+    "cloud",
+    "quiet",
+    "bright",
+    "small",
+    "house",
+    "garden",
+    "happy",
+    "silver",
+    "moon",
+    "forest",
+    "candle",
+    "window",
+    "paper",
+    "yellow",
+    "tiger",
+    "ocean",
+    "winter",
+    "summer",
+    "little",
+    "gold",
+    "lamp",
+    "road",
+    "bird",
+    "cold",
+    "warm",
+    "fast",
+    "slow",
+    "red",
+    "blue",
+    "horse",
+    "music",
+    "bread",
+    "water",
+    "field",
+    "sweet",
+    "dark",
+    "light",
+    "city",
+    "night",
+    "morning",
+    "sun",
+    "rain",
+    "snow",
+    "wind",
+    "flower",
 )
 
 
@@ -144,9 +189,7 @@ def _rule(rule_name: str) -> SentenceRule:
     try:
         return SENTENCE_RULES[rule_name]
     except KeyError:
-        raise ConfigError(
-            f"Unknown sentence rule {rule_name!r}. Known rules: {list(SENTENCE_RULES)}."
-        ) from None
+        raise ConfigError(f"Unknown sentence rule {rule_name!r}. Known rules: {list(SENTENCE_RULES)}.") from None
 
 
 def apply_rule(rule_name: str, phrase: str) -> str:
@@ -257,8 +300,7 @@ MATH_TEMPLATES: dict[str, MathTemplate] = {
         ),
         MathTemplate(
             "chaperones",
-            "A trip has {a} students and needs one chaperone per {b} students. "
-            "How many chaperones are needed?",
+            "A trip has {a} students and needs one chaperone per {b} students. How many chaperones are needed?",
             2,
             _chaperones,
         ),
@@ -276,15 +318,13 @@ MATH_TEMPLATES: dict[str, MathTemplate] = {
         ),
         MathTemplate(
             "savings",
-            "Mia has {a} dollars and saves {b} dollars a week. How much does she have after "
-            "{c} weeks?",
+            "Mia has {a} dollars and saves {b} dollars a week. How much does she have after {c} weeks?",
             3,
             _savings,
         ),
         MathTemplate(
             "simple_interest",
-            "You deposit {a} dollars at {b}% simple interest a year. How much interest is earned "
-            "in {c} years?",
+            "You deposit {a} dollars at {b}% simple interest a year. How much interest is earned in {c} years?",
             3,
             _interest,
         ),
@@ -333,14 +373,10 @@ def render_math(template: str, numbers: Sequence[int], reasoning: bool) -> tuple
     try:
         spec = MATH_TEMPLATES[template]
     except KeyError:
-        raise ConfigError(
-            f"Unknown math template {template!r}. Known templates: {list(MATH_TEMPLATES)}."
-        ) from None
+        raise ConfigError(f"Unknown math template {template!r}. Known templates: {list(MATH_TEMPLATES)}.") from None
     nums = [int(x) for x in numbers]
     if len(nums) != spec.n_numbers or any(not 1 <= x <= 99 for x in nums):
-        raise ConfigError(
-            f"Template {template!r} takes {spec.n_numbers} integers in 1..99, got {list(numbers)}."
-        )
+        raise ConfigError(f"Template {template!r} takes {spec.n_numbers} integers in 1..99, got {list(numbers)}.")
     prompt = spec.question.format(**dict(zip("abc", nums, strict=False)))
     calc, answer = spec.solve(nums)
     response = f" {calc}. The answer is {answer}." if reasoning else f" {answer}"
@@ -369,9 +405,7 @@ def _sentence_example(rule_name: str, rng: np.random.Generator) -> tuple[str, st
     return sentence_prompt(rule_name, phrase), " " + apply_rule(rule_name, phrase)
 
 
-def _math_example(
-    template: str, rng: np.random.Generator, reasoning: bool
-) -> tuple[str, str]:
+def _math_example(template: str, rng: np.random.Generator, reasoning: bool) -> tuple[str, str]:
     numbers = rng.integers(1, 100, size=MATH_TEMPLATES[template].n_numbers).tolist()
     return render_math(template, numbers, reasoning)
 
@@ -404,9 +438,7 @@ def make_generation_dataset(
         ConfigError: unknown task name or inconsistent sizes.
     """
     if name not in GENERATION_TASKS:
-        raise ConfigError(
-            f"Unknown generation task {name!r}; choose one of {list(GENERATION_TASKS)}."
-        )
+        raise ConfigError(f"Unknown generation task {name!r}; choose one of {list(GENERATION_TASKS)}.")
     if not 1 <= n_test_per_class < n_per_class:
         raise ConfigError(
             f"Need 1 <= n_test_per_class < n_per_class (got n_test_per_class={n_test_per_class}, "

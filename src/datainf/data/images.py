@@ -49,7 +49,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DIGIT_WORDS: tuple[str, ...] = (
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
 )
 STYLE_NAMES: tuple[str, ...] = ("inverted", "outline", "blocky")
 
@@ -127,9 +136,7 @@ def _as_batch(images: torch.Tensor) -> tuple[torch.Tensor, bool]:
         return images.unsqueeze(0), True
     if images.dim() == 4 and images.shape[1] == 1:
         return images, False
-    raise ConfigError(
-        f"Styles take a (1, H, W) image or an (N, 1, H, W) batch, got shape {tuple(images.shape)}."
-    )
+    raise ConfigError(f"Styles take a (1, H, W) image or an (N, 1, H, W) batch, got shape {tuple(images.shape)}.")
 
 
 def _outline(batch: torch.Tensor) -> torch.Tensor:
@@ -146,10 +153,7 @@ def _blocky(batch: torch.Tensor) -> torch.Tensor:
     """Brightest value of each 4x4 pixel block, upsampled back (bold pixelation)."""
     height, width = batch.shape[-2:]
     if height % _BLOCK or width % _BLOCK:
-        raise ConfigError(
-            f"The 'blocky' style needs height and width divisible by {_BLOCK}, got "
-            f"{height}x{width}."
-        )
+        raise ConfigError(f"The 'blocky' style needs height and width divisible by {_BLOCK}, got {height}x{width}.")
     return F.interpolate(F.max_pool2d(batch, _BLOCK), scale_factor=_BLOCK, mode="nearest")
 
 
@@ -198,9 +202,7 @@ class ImageDataset:
     class_names: list[str]
 
 
-def make_style_dataset(
-    *, n_train_per_style: int = 200, n_test_per_style: int = 50, seed: int = 0
-) -> ImageDataset:
+def make_style_dataset(*, n_train_per_style: int = 200, n_test_per_style: int = 50, seed: int = 0) -> ImageDataset:
     """Style-generation task: MNIST digits rendered in three styles.
 
     Each style gets its own MNIST digits (no image is shared across styles or between train and
@@ -217,8 +219,7 @@ def make_style_dataset(
         raise ConfigError("n_train_per_style and n_test_per_style must both be >= 1.")
     if n_per * len(STYLE_NAMES) > _N_MNIST:
         raise ConfigError(
-            f"{len(STYLE_NAMES)} styles x {n_per} images exceed the {_N_MNIST} MNIST digits; "
-            "ask for fewer."
+            f"{len(STYLE_NAMES)} styles x {n_per} images exceed the {_N_MNIST} MNIST digits; ask for fewer."
         )
     digits = load_mnist_digits(n=n_per * len(STYLE_NAMES), seed=seed)
     base = pad_to_32(digits.images)
@@ -250,9 +251,7 @@ def subject_tokens(n: int, seed: int = 0) -> list[str]:
     return [pool[int(i)] for i in pick]
 
 
-def _affine(
-    images: torch.Tensor, angles_deg: Sequence[float], shifts: Sequence[tuple[int, int]]
-) -> torch.Tensor:
+def _affine(images: torch.Tensor, angles_deg: Sequence[float], shifts: Sequence[tuple[int, int]]) -> torch.Tensor:
     """Rotate about the centre and shift by whole pixels; the background stays -1."""
     n, _, height, width = images.shape
     theta = torch.zeros(n, 2, 3, dtype=images.dtype)
@@ -260,13 +259,9 @@ def _affine(
         rad = math.radians(angle)
         cos, sin = math.cos(rad), math.sin(rad)
         # affine_grid maps output coordinates to input coordinates in [-1, 1] units.
-        theta[i] = torch.tensor(
-            [[cos, -sin, -2.0 * dx / width], [sin, cos, -2.0 * dy / height]], dtype=images.dtype
-        )
+        theta[i] = torch.tensor([[cos, -sin, -2.0 * dx / width], [sin, cos, -2.0 * dy / height]], dtype=images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    moved = F.grid_sample(
-        images + 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )
+    moved = F.grid_sample(images + 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return moved - 1.0
 
 
@@ -306,8 +301,7 @@ def make_subject_dataset(
         base = pad_to_32(digits.images[idx : idx + 1]).expand(n_views, -1, -1, -1)
         angles = [0.0] + rng.uniform(-_MAX_ANGLE, _MAX_ANGLE, size=n_views - 1).tolist()
         offsets = [(0, 0)] + [
-            (int(dx), int(dy))
-            for dx, dy in rng.integers(-_MAX_SHIFT, _MAX_SHIFT + 1, size=(n_views - 1, 2))
+            (int(dx), int(dy)) for dx, dy in rng.integers(-_MAX_SHIFT, _MAX_SHIFT + 1, size=(n_views - 1, 2))
         ]
         views = _affine(base, angles, offsets)
         digit = int(digits.labels[idx])
@@ -321,15 +315,11 @@ def make_subject_dataset(
                 "digit": digit,
             }
             (train if k < n_train_per_subject else test).append(record)
-    logger.info(
-        "Subject dataset: %d subjects, %d train, %d test images", n_subjects, len(train), len(test)
-    )
+    logger.info("Subject dataset: %d subjects, %d train, %d test images", n_subjects, len(train), len(test))
     return ImageDataset(train=train, test=test, class_names=tokens)
 
 
-def stack_pixel_values(
-    records: Sequence[Mapping[str, Any]], field: str = "pixel_values"
-) -> torch.Tensor:
+def stack_pixel_values(records: Sequence[Mapping[str, Any]], field: str = "pixel_values") -> torch.Tensor:
     """Stack the records' images into one (N, C, H, W) tensor, checking they agree.
 
     Raises:
@@ -347,17 +337,11 @@ def stack_pixel_values(
     ids = [str(r.get("id", i)) for i, r in enumerate(records)]
     not_3d = [i for i, img in zip(ids, images, strict=True) if img.dim() != 3]
     if not_3d:
-        raise DatasetError(
-            f"Images must be (channels, height, width) tensors; records {not_3d[:10]} are not."
-        )
+        raise DatasetError(f"Images must be (channels, height, width) tensors; records {not_3d[:10]} are not.")
     shapes = Counter(tuple(img.shape) for img in images)
     if len(shapes) > 1:
         common = shapes.most_common(1)[0][0]
-        odd = [
-            f"{i} {tuple(img.shape)}"
-            for i, img in zip(ids, images, strict=True)
-            if tuple(img.shape) != common
-        ]
+        odd = [f"{i} {tuple(img.shape)}" for i, img in zip(ids, images, strict=True) if tuple(img.shape) != common]
         more = " ..." if len(odd) > 10 else ""
         raise DatasetError(
             f"Images differ in channel count or size: most are (C, H, W) = {common}, but "
@@ -366,8 +350,6 @@ def stack_pixel_values(
         )
     batch = torch.stack([img.float() for img in images])
     if not torch.isfinite(batch).all():
-        bad = [
-            i for i, img in zip(ids, images, strict=True) if not torch.isfinite(img.float()).all()
-        ]
+        bad = [i for i, img in zip(ids, images, strict=True) if not torch.isfinite(img.float()).all()]
         raise DatasetError(f"Images of records {bad[:10]} hold NaN or infinite values.")
     return batch

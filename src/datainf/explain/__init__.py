@@ -7,6 +7,12 @@
   UNet build/train, sampling).
 """
 
-from datainf.explain.common import GENERATION_METHODS, ExplanationResult, class_indices, format_generation_table, score_and_evaluate
+from datainf.explain.common import (
+    GENERATION_METHODS,
+    ExplanationResult,
+    class_indices,
+    format_generation_table,
+    score_and_evaluate,
+)
 
 __all__ = ["ExplanationResult", "score_and_evaluate", "class_indices", "format_generation_table", "GENERATION_METHODS"]

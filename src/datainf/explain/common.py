@@ -146,10 +146,19 @@ def score_and_evaluate(
         if np.isfinite(values).all():
             row.update(per_test_metrics(values, test_classes, train_classes))
         else:
-            row.update({"auc_mean": float("nan"), "auc_std": float("nan"), "recall_mean": float("nan"),
-                        "recall_std": float("nan"), "n_test": values.shape[0]})
+            row.update(
+                {
+                    "auc_mean": float("nan"),
+                    "auc_std": float("nan"),
+                    "recall_mean": float("nan"),
+                    "recall_std": float("nan"),
+                    "n_test": values.shape[0],
+                }
+            )
             row["notes"] = (row["notes"] + ", non-finite scores").strip(", ")
-        logger.info("%s: class-detection AUC %.3f, recall %.3f (%.1f s)", method, row["auc_mean"], row["recall_mean"], seconds)
+        logger.info(
+            "%s: class-detection AUC %.3f, recall %.3f (%.1f s)", method, row["auc_mean"], row["recall_mean"], seconds
+        )
         scores[method] = result
         metrics.append(row)
     return scores, metrics

@@ -429,7 +429,9 @@ def greedy_generate(
                     for _ in range(steps):
                         if use_cache:
                             result = model(
-                                input_ids=step_input, attention_mask=torch.ones_like(seq), past_key_values=past,
+                                input_ids=step_input,
+                                attention_mask=torch.ones_like(seq),
+                                past_key_values=past,
                                 use_cache=True,
                             )
                             past = getattr(result, "past_key_values", None)
@@ -481,7 +483,9 @@ def _load(base: str, *, adapter: Path | None, seed: int) -> tuple[nn.Module, Any
     level = hf_logging.get_verbosity()
     if quiet:  # its missing LM head is expected (module docstring); transformers' load report would only alarm
         hf_logging.set_verbosity_error()
-        logger.info("Loading the packaged MiniLM as a decoder: its LM head transform starts untrained (trained in full).")
+        logger.info(
+            "Loading the packaged MiniLM as a decoder: its LM head transform starts untrained (trained in full)."
+        )
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*newly initialized.*")
@@ -492,7 +496,9 @@ def _load(base: str, *, adapter: Path | None, seed: int) -> tuple[nn.Module, Any
     return model, tokenizer
 
 
-def text_generation_cache(config: TextGenerationConfig, out_dir: str | os.PathLike[str], *, recompute: bool = False) -> RunDir:
+def text_generation_cache(
+    config: TextGenerationConfig, out_dir: str | os.PathLike[str], *, recompute: bool = False
+) -> RunDir:
     """The cache folder of ``config`` under ``out_dir``: ``<out_dir>/cache-<config.key()>``.
 
     Created if missing, its ``config.json`` (:meth:`TextGenerationConfig.to_dict`) written;
@@ -504,7 +510,13 @@ def text_generation_cache(config: TextGenerationConfig, out_dir: str | os.PathLi
 
 
 def _cached_exact_match(
-    run: RunDir, name: str, model: nn.Module, tokenizer: Any, records: Sequence[Mapping[str, Any]], *, max_new_tokens: int
+    run: RunDir,
+    name: str,
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    max_new_tokens: int,
 ) -> dict[str, Any]:
     """``{"exact_match", "generations"}`` of :func:`exact_match`: the stage ``name`` (a JSON file) of ``run``
     when a previous run wrote it, else computed and written."""
@@ -584,7 +596,9 @@ def run_text_generation(
             train + test, tokenizer, max_length=config.max_length, model_limit=_model_limit(model, tokenizer)
         )
         logger.info("Longest example: %d tokens (max_length %d).", longest, config.max_length)
-        before = _cached_exact_match(run, "quality_before.json", model, tokenizer, test, max_new_tokens=config.max_new_tokens)
+        before = _cached_exact_match(
+            run, "quality_before.json", model, tokenizer, test, max_new_tokens=config.max_new_tokens
+        )
 
     def finetune(path: Path) -> Path:
         if path.exists():  # an unusable leftover (finetune_lora writes atomically, so only a foreign one)
@@ -594,9 +608,15 @@ def run_text_generation(
             tokenizer,
             train,
             FinetuneConfig(
-                kind="causal-lm", r=config.r, alpha=config.alpha, target_modules=config.target_modules,
+                kind="causal-lm",
+                r=config.r,
+                alpha=config.alpha,
+                target_modules=config.target_modules,
                 modules_to_save=tuple(config.modules_to_save or ()),
-                epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, max_length=config.max_length,
+                epochs=config.epochs,
+                lr=config.lr,
+                batch_size=config.batch_size,
+                max_length=config.max_length,
                 seed=config.seed,
             ),
             output_dir=path,
@@ -610,7 +630,9 @@ def run_text_generation(
 
     with run.timed("quality_after"):
         model, tokenizer = _load(base, adapter=adapter, seed=config.seed)
-        after = _cached_exact_match(run, "quality_after.json", model, tokenizer, test, max_new_tokens=config.max_new_tokens)
+        after = _cached_exact_match(
+            run, "quality_after.json", model, tokenizer, test, max_new_tokens=config.max_new_tokens
+        )
 
     suffix = "" if config.loss_on == "response" else f"-{config.loss_on}"
     with run.timed("gradients"):
@@ -619,12 +641,19 @@ def run_text_generation(
         train_store = collect_gradients(
             model, task, train, store=run.stage(f"grads-train{suffix}"), batch_size=32, progress=progress
         )
-        test_store = collect_gradients(model, task, test, store=run.stage(f"grads-test{suffix}"), batch_size=32, progress=progress)
+        test_store = collect_gradients(
+            model, task, test, store=run.stage(f"grads-test{suffix}"), batch_size=32, progress=progress
+        )
 
     with run.timed("influence"):
         scores, metrics = score_and_evaluate(
-            train_store, test_store, train_classes, test_classes,
-            methods=config.methods, damping=config.damping, progress=progress,
+            train_store,
+            test_store,
+            train_classes,
+            test_classes,
+            methods=config.methods,
+            damping=config.damping,
+            progress=progress,
         )
 
     stage = dict(run.stage_seconds)
@@ -653,4 +682,3 @@ def run_text_generation(
         cache=run.path,
         stage_seconds=stage,
     )
-

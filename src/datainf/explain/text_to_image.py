@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -216,7 +215,9 @@ class TextToImageConfig(DictSettings):
         The gradient and influence settings (``timesteps``, ``timestep_blocks``, ``damping``,
         ``methods``) are left out: they do not change the adapter or the samples, and the gradient
         stores in the folder are named by :meth:`gradient_recipe`."""
-        settings = {k: v for k, v in self.to_dict().items() if k not in ("timesteps", "timestep_blocks", "damping", "methods")}
+        settings = {
+            k: v for k, v in self.to_dict().items() if k not in ("timesteps", "timestep_blocks", "damping", "methods")
+        }
         effective = {
             **settings,
             "n_train_per_class": self.train_per_class,
@@ -237,16 +238,25 @@ class TextToImageConfig(DictSettings):
 
 
 def _cache_key(
-    config: TextToImageConfig, base_folder: Path, train: Sequence[Mapping[str, Any]], test: Sequence[Mapping[str, Any]],
+    config: TextToImageConfig,
+    base_folder: Path,
+    train: Sequence[Mapping[str, Any]],
+    test: Sequence[Mapping[str, Any]],
     encoder: PromptEncoder,
 ) -> str:
     """The cache key of a run: :meth:`TextToImageConfig.key` of the base UNet's files, the training and
     test records (ids, prompts, classes, pixels) and the prompt encoder's name and length."""
-    return config.key(_file_digest(base_folder), _data_digest(train), _data_digest(test), encoder.name, str(encoder.length))
+    return config.key(
+        _file_digest(base_folder), _data_digest(train), _data_digest(test), encoder.name, str(encoder.length)
+    )
 
 
 def text_to_image_cache(
-    config: TextToImageConfig, out_dir: str | os.PathLike[str], *, key: str, base_unet: str | os.PathLike[str],
+    config: TextToImageConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    key: str,
+    base_unet: str | os.PathLike[str],
     recompute: bool = False,
 ) -> RunDir:
     """The cache folder ``<out_dir>/cache-<key>`` of one run (``key``: see :func:`run_text_to_image`).
@@ -274,7 +284,9 @@ def _data_digest(records: Sequence[Mapping[str, Any]]) -> str:
     return h.hexdigest()[:16]
 
 
-def _class_records(records: Sequence[Mapping[str, Any]], dataset: str, class_names: Sequence[str], split: str) -> list[dict[str, Any]]:
+def _class_records(
+    records: Sequence[Mapping[str, Any]], dataset: str, class_names: Sequence[str], split: str
+) -> list[dict[str, Any]]:
     """Copies of the records with ``"class"`` / ``"class_name"`` from the style or subject fields."""
     index_field, name_field = _CLASS_FIELDS[dataset]
     out = []
@@ -286,7 +298,13 @@ def _class_records(records: Sequence[Mapping[str, Any]], dataset: str, class_nam
                 bad.append(str(rec.get("id", len(out))))
                 continue
             rec["class"] = int(rec[index_field])
-        rec.setdefault("class_name", rec.get(name_field, class_names[int(rec["class"])] if int(rec["class"]) < len(class_names) else str(rec["class"])))
+        rec.setdefault(
+            "class_name",
+            rec.get(
+                name_field,
+                class_names[int(rec["class"])] if int(rec["class"]) < len(class_names) else str(rec["class"]),
+            ),
+        )
         if "prompt" not in rec or "id" not in rec:
             bad.append(str(rec.get("id", len(out))))
             continue
@@ -307,8 +325,10 @@ def _load_data(config: TextToImageConfig) -> Any:
             n_train_per_style=config.train_per_class, n_test_per_style=config.test_per_class, seed=config.seed
         )
     return make_subject_dataset(
-        n_subjects=config.n_subjects, n_train_per_subject=config.train_per_class,
-        n_test_per_subject=config.test_per_class, seed=config.seed,
+        n_subjects=config.n_subjects,
+        n_train_per_subject=config.train_per_class,
+        n_test_per_subject=config.test_per_class,
+        seed=config.seed,
     )
 
 
@@ -339,7 +359,9 @@ def _load_lora_state(unet: nn.Module, state: Mapping[str, torch.Tensor], where: 
     unet.load_state_dict(dict(state), strict=False)
 
 
-def _denoising_losses(unet: nn.Module, records: Sequence[Mapping[str, Any]], timesteps: Sequence[int], seed: int) -> torch.Tensor:
+def _denoising_losses(
+    unet: nn.Module, records: Sequence[Mapping[str, Any]], timesteps: Sequence[int], seed: int
+) -> torch.Tensor:
     """``(N,)`` denoising MSE of each record at ``timesteps`` with per-example seeded noise (no grad)."""
     from datainf.gradients import DiffusionTask, DiffusionTaskConfig
 
@@ -358,7 +380,9 @@ def _denoising_losses(unet: nn.Module, records: Sequence[Mapping[str, Any]], tim
     return torch.cat(losses)
 
 
-def _finetune(unet: nn.Module, records: Sequence[Mapping[str, Any]], config: TextToImageConfig, progress: bool) -> list[float]:
+def _finetune(
+    unet: nn.Module, records: Sequence[Mapping[str, Any]], config: TextToImageConfig, progress: bool
+) -> list[float]:
     """Train the LoRA tensors on the denoising loss (random t, seeded noise); returns per-epoch losses."""
     params = [p for name, p in unet.named_parameters() if "lora_" in name]
     for p in params:
@@ -374,7 +398,9 @@ def _finetune(unet: nn.Module, records: Sequence[Mapping[str, Any]], config: Tex
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.train_epochs * math.ceil(n / config.train_batch_size), unit="step", desc="LoRA fine-tune")
+        bar = tqdm(
+            total=config.train_epochs * math.ceil(n / config.train_batch_size), unit="step", desc="LoRA fine-tune"
+        )
     unet.train()
     try:
         for _ in range(config.train_epochs):
@@ -483,7 +509,9 @@ def run_text_to_image(
             if len(set(ids)) != len(ids):
                 raise DatasetError(f"The {split} records have duplicate ids; give every image a unique 'id'.")
         if len({int(r["class"]) for r in train}) < 2:
-            raise DatasetError("The training images cover fewer than two classes; class-detection metrics need two or more.")
+            raise DatasetError(
+                "The training images cover fewer than two classes; class-detection metrics need two or more."
+            )
 
     with early.timed("encode"):
         encoder = encoder or load_prompt_encoder(length=config.prompt_length)
@@ -492,7 +520,9 @@ def run_text_to_image(
         _check_base(base, pixels[:1], encoder)
         too_long = encoder.truncated(sorted({r["prompt"] for r in train + test}))
         if too_long:
-            logger.warning("%d prompt(s) exceed %d tokens and are truncated, e.g. %r", len(too_long), encoder.length, too_long[0])
+            logger.warning(
+                "%d prompt(s) exceed %d tokens and are truncated, e.g. %r", len(too_long), encoder.length, too_long[0]
+            )
         for recs in (train, test):
             states = encoder.encode([r["prompt"] for r in recs])
             for r, s in zip(recs, states, strict=True):
@@ -506,7 +536,9 @@ def run_text_to_image(
     quality: dict[str, float] = run.read_json("quality.json") or {}
     with run.timed("quality"):
         if "denoising_loss_before" not in quality:
-            quality["denoising_loss_before"] = float(_denoising_losses(base, test, config.eval_timesteps, config.seed + 2).mean())
+            quality["denoising_loss_before"] = float(
+                _denoising_losses(base, test, config.eval_timesteps, config.seed + 2).mean()
+            )
 
     with run.timed("finetune"):
         started = time.perf_counter()
@@ -530,7 +562,9 @@ def run_text_to_image(
 
     with run.timed("quality"):
         if "denoising_loss_after" not in quality:
-            quality["denoising_loss_after"] = float(_denoising_losses(unet, test, config.eval_timesteps, config.seed + 2).mean())
+            quality["denoising_loss_after"] = float(
+                _denoising_losses(unet, test, config.eval_timesteps, config.seed + 2).mean()
+            )
             run.write_json("quality.json", quality)
 
     with run.timed("samples"):
@@ -542,8 +576,12 @@ def run_text_to_image(
                 by_id = {str(r["id"]): r for r in test}
                 context = torch.stack([by_id[i]["encoder_hidden_states"] for i in wanted])
                 images = sample_images(
-                    unet, context, uncond=encoder.encode([""])[0], guidance_scale=config.guidance_scale,
-                    steps=config.sampling_steps, seed=config.seed,
+                    unet,
+                    context,
+                    uncond=encoder.encode([""])[0],
+                    guidance_scale=config.guidance_scale,
+                    steps=config.sampling_steps,
+                    seed=config.seed,
                 )
                 return {i: img.contiguous() for i, img in zip(wanted, images, strict=True)}
 
@@ -563,23 +601,42 @@ def run_text_to_image(
             DiffusionTaskConfig(timesteps=config.timesteps, seed=config.seed, timestep_blocks=config.timestep_blocks),
         )
         grad_records = {
-            split: [{"id": str(r["id"]), "pixel_values": r["pixel_values"], "encoder_hidden_states": r["encoder_hidden_states"]} for r in recs]
+            split: [
+                {
+                    "id": str(r["id"]),
+                    "pixel_values": r["pixel_values"],
+                    "encoder_hidden_states": r["encoder_hidden_states"],
+                }
+                for r in recs
+            ]
             for split, recs in (("train", train), ("test", test))
         }
         stores = {
             split: collect_gradients(
-                unet, task, recs, store=run.stage(f"grads-{split}-{config.gradient_recipe()}"), batch_size=16, progress=progress
+                unet,
+                task,
+                recs,
+                store=run.stage(f"grads-{split}-{config.gradient_recipe()}"),
+                batch_size=16,
+                progress=progress,
             )
             for split, recs in grad_records.items()
         }
         for split, recs in grad_records.items():
             if stores[split].ids != [r["id"] for r in recs]:
-                raise DatasetError(f"The cached {split} gradients do not follow the records' order; rerun with recompute=True.")
+                raise DatasetError(
+                    f"The cached {split} gradients do not follow the records' order; rerun with recompute=True."
+                )
 
     with run.timed("influence"):
         scores, metrics = score_and_evaluate(
-            stores["train"], stores["test"], class_indices(train), class_indices(test),
-            methods=config.methods, damping=config.damping, progress=progress,
+            stores["train"],
+            stores["test"],
+            class_indices(train),
+            class_indices(test),
+            methods=config.methods,
+            damping=config.damping,
+            progress=progress,
         )
 
     for recs in (train, test):

@@ -136,11 +136,15 @@ class PromptEncoder:
         """``(N, length, hidden)`` float32 token states of ``prompts``."""
         todo = sorted({p for p in prompts if p not in self._cache})
         if todo:
-            enc = self.tokenizer(todo, padding="max_length", truncation=True, max_length=self.length, return_tensors="pt")
+            enc = self.tokenizer(
+                todo, padding="max_length", truncation=True, max_length=self.length, return_tensors="pt"
+            )
             states = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])[0].float()
             for p, s in zip(todo, states, strict=True):
                 self._cache[p] = s.clone()
-        return torch.stack([self._cache[p] for p in prompts]) if prompts else torch.empty(0, self.length, self.hidden_size)
+        return (
+            torch.stack([self._cache[p] for p in prompts]) if prompts else torch.empty(0, self.length, self.hidden_size)
+        )
 
 
 def load_prompt_encoder(path: str | os.PathLike[str] | None = None, *, length: int = 16) -> PromptEncoder:
@@ -150,7 +154,9 @@ def load_prompt_encoder(path: str | os.PathLike[str] | None = None, *, length: i
     folder = str(path) if path is not None else _minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder)
-    return PromptEncoder(model, tokenizer, length=length, name=Path(folder).name if path is not None else "all-MiniLM-L6-v2")
+    return PromptEncoder(
+        model, tokenizer, length=length, name=Path(folder).name if path is not None else "all-MiniLM-L6-v2"
+    )
 
 
 def make_base_unet(seed: int = 0, **overrides: Any) -> nn.Module:
@@ -311,7 +317,12 @@ def train_base_unet(
                     bar.update(1)
                     bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.4f}")
             epoch_losses.append(total / count)
-            logger.info("base UNet epoch %d: mean loss %.4f (%.0f s)", epoch + 1, epoch_losses[-1], time.perf_counter() - started)
+            logger.info(
+                "base UNet epoch %d: mean loss %.4f (%.0f s)",
+                epoch + 1,
+                epoch_losses[-1],
+                time.perf_counter() - started,
+            )
             if out_dir is not None:
                 _save_unet(unet, Path(out_dir))
             if on_epoch is not None:
@@ -325,8 +336,14 @@ def train_base_unet(
         images_seen=epochs * n,
         seconds=time.perf_counter() - started,
         config={
-            "epochs": epochs, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps,
-            "uncond_prob": uncond_prob, "n_images": n, "seed": seed, "prompt_length": encoder.length,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "warmup_steps": warmup_steps,
+            "uncond_prob": uncond_prob,
+            "n_images": n,
+            "seed": seed,
+            "prompt_length": encoder.length,
             "text_encoder": encoder.name,
         },
     )
@@ -351,7 +368,9 @@ def check_base_unet(unet: nn.Module, pixels: torch.Tensor, encoder: PromptEncode
     problems = []
     channels, height, width = (int(s) for s in pixels.shape[-3:])
     if int(cfg.in_channels) != channels or int(cfg.out_channels) != channels:
-        problems.append(f"the UNet takes {cfg.in_channels} channel(s) in and {cfg.out_channels} out, the images have {channels}")
+        problems.append(
+            f"the UNet takes {cfg.in_channels} channel(s) in and {cfg.out_channels} out, the images have {channels}"
+        )
     size = cfg.sample_size
     sizes = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
     if sizes != (height, width):
@@ -361,10 +380,13 @@ def check_base_unet(unet: nn.Module, pixels: torch.Tensor, encoder: PromptEncode
         problems.append(f"image size {height}x{width} is not divisible by the UNet's downsampling factor {factor}")
     cross = cfg.cross_attention_dim
     if int(cross if not isinstance(cross, (list, tuple)) else cross[0]) != encoder.hidden_size:
-        problems.append(f"the UNet's cross_attention_dim is {cross}, the text encoder's hidden size is {encoder.hidden_size}")
+        problems.append(
+            f"the UNet's cross_attention_dim is {cross}, the text encoder's hidden size is {encoder.hidden_size}"
+        )
     if problems:
         raise ConfigError(
-            "The base UNet does not fit the data / text encoder: " + "; ".join(problems)
+            "The base UNet does not fit the data / text encoder: "
+            + "; ".join(problems)
             + ". Use a base UNet made for these images and this text encoder (see examples/train_base_unet.py)."
         )
 
@@ -411,7 +433,10 @@ def sample_images(
             ddim = diffusers.DDIMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, clip_sample=True)
             ddim.set_timesteps(steps)
             x = torch.stack(
-                [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + i)) for i in range(b)]
+                [
+                    torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + i))
+                    for i in range(b)
+                ]
             ).to(first)
             if guided:
                 assert uncond is not None

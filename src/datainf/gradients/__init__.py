@@ -10,7 +10,13 @@
 Check the fast path on your own model with :func:`datainf.testing.check_per_example_gradients`.
 """
 
-from datainf.gradients.collect import batch_gradients, collect_gradients, dataset_fingerprint, example_ids, gradient_fingerprint
+from datainf.gradients.collect import (
+    batch_gradients,
+    collect_gradients,
+    dataset_fingerprint,
+    example_ids,
+    gradient_fingerprint,
+)
 from datainf.gradients.hooks import PerExampleGradients, row_block_name, split_block_dims
 from datainf.gradients.lora import GradientBlock, LoRABlocks, find_lora_blocks, gradient_mode, model_fingerprint
 from datainf.tasks import (

@@ -32,8 +32,8 @@ from datainf.errors import (
 )
 from datainf.gradients.hooks import PerExampleGradients, split_block_dims
 from datainf.gradients.lora import LoRABlocks, find_lora_blocks, gradient_mode, model_fingerprint
-from datainf.tasks import GradientTask, TaskBatch
 from datainf.store import DiskGradientStore, GradientStore
+from datainf.tasks import GradientTask, TaskBatch
 
 __all__ = ["collect_gradients", "example_ids", "batch_gradients", "gradient_fingerprint", "dataset_fingerprint"]
 
@@ -225,9 +225,20 @@ def collect_gradients(
 
     if ctx.is_distributed:
         return _collect_distributed(
-            ctx, model, task, dataset, ids, blocks, fingerprint,
-            store=store, batch_size=batch_size, device=ctx.resolve_device(device), dtype=dtype,
-            shard_size=shard_size, overwrite=overwrite, progress=progress,
+            ctx,
+            model,
+            task,
+            dataset,
+            ids,
+            blocks,
+            fingerprint,
+            store=store,
+            batch_size=batch_size,
+            device=ctx.resolve_device(device),
+            dtype=dtype,
+            shard_size=shard_size,
+            overwrite=overwrite,
+            progress=progress,
         )
 
     if store is None or isinstance(store, (str, os.PathLike)):
@@ -261,9 +272,13 @@ def collect_gradients(
     done = set(out.ids)
     pending = [i for i in range(n) if ids[i] not in done]
     if done:
-        logger.info("%d of %d examples are already in the store; computing the other %d.", n - len(pending), n, len(pending))
+        logger.info(
+            "%d of %d examples are already in the store; computing the other %d.", n - len(pending), n, len(pending)
+        )
     if pending:
-        _compute_into(out, model, task, dataset, ids, pending, blocks, batch_size=batch_size, device=device, progress=progress)
+        _compute_into(
+            out, model, task, dataset, ids, pending, blocks, batch_size=batch_size, device=device, progress=progress
+        )
     if isinstance(out, DiskGradientStore):
         out.sort_shards(ids)
     out.finalize()
@@ -415,7 +430,12 @@ def _collect_distributed(
     if ctx.is_main:
         try:
             main = GradientStore.create(
-                path, block_dims=block_dims, dtype=dtype, fingerprint=fingerprint, shard_size=shard_size, overwrite=overwrite
+                path,
+                block_dims=block_dims,
+                dtype=dtype,
+                fingerprint=fingerprint,
+                shard_size=shard_size,
+                overwrite=overwrite,
             )
             assert isinstance(main, DiskGradientStore)
             main.adopt_parts(order=ids)
@@ -431,15 +451,27 @@ def _collect_distributed(
     if ctx.is_main:
         logger.info(
             "%d of %d examples are already in the store; %d processes compute the other %d (about %d each).",
-            len(done), len(ids), ctx.world_size, len(pending), -(-len(pending) // ctx.world_size),
+            len(done),
+            len(ids),
+            ctx.world_size,
+            len(pending),
+            -(-len(pending) // ctx.world_size),
         )
     error = None
     if mine:
         try:
             part = view.create_part(f"{run_token}-r{ctx.rank:05d}")
             _compute_into(
-                part, model, task, dataset, ids, mine, blocks,
-                batch_size=batch_size, device=device, progress=progress and ctx.is_main,
+                part,
+                model,
+                task,
+                dataset,
+                ids,
+                mine,
+                blocks,
+                batch_size=batch_size,
+                device=device,
+                progress=progress and ctx.is_main,
             )
             part.finalize()
         except Exception as err:
@@ -450,13 +482,20 @@ def _collect_distributed(
     if ctx.is_main:
         try:
             merged = GradientStore.create(
-                path, block_dims=block_dims, dtype=dtype, fingerprint=fingerprint, shard_size=shard_size, overwrite=False
+                path,
+                block_dims=block_dims,
+                dtype=dtype,
+                fingerprint=fingerprint,
+                shard_size=shard_size,
+                overwrite=False,
             )
             assert isinstance(merged, DiskGradientStore)
             merged.adopt_parts(order=ids)
             missing = len(ids) - len(done.union(merged.ids))
             if missing:
-                raise StoreCorruptedError(f"After merging, {missing} examples are missing from {path}; rerun the same command.")
+                raise StoreCorruptedError(
+                    f"After merging, {missing} examples are missing from {path}; rerun the same command."
+                )
             merged.finalize()
         except Exception as err:
             error = err

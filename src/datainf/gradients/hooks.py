@@ -50,7 +50,13 @@ from datainf.gradients.modules import (
     supported_modules,
 )
 
-__all__ = ["PerExampleGradients", "per_example_linear_grads", "per_example_conv2d_grads", "row_block_name", "split_block_dims"]
+__all__ = [
+    "PerExampleGradients",
+    "per_example_linear_grads",
+    "per_example_conv2d_grads",
+    "row_block_name",
+    "split_block_dims",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -240,9 +246,7 @@ class PerExampleGradients:
         finally:
             self._records.clear()
 
-    def _accumulate(
-        self, result: dict[str, torch.Tensor], key: int, x: torch.Tensor, go: torch.Tensor, b: int
-    ) -> None:
+    def _accumulate(self, result: dict[str, torch.Tensor], key: int, x: torch.Tensor, go: torch.Tensor, b: int) -> None:
         module_name, module = self._modules[key]
         blocks = self._module_blocks[key]
         want_w = any(bl.attr == "weight" for bl in blocks)

@@ -193,8 +193,7 @@ def _discover_peft_modules(model: nn.Module, classes: _PeftClasses) -> _PeftModu
         raise LoRAValidationError(
             "No LoRA layer found in the model. Wrap it with peft.get_peft_model(model, LoraConfig(...)), load a "
             "trained adapter with PeftModel.from_pretrained(...), or inject one with peft.inject_adapter_in_model "
-            "(diffusers: unet.add_adapter(LoraConfig(...)))."
-            + ("".join(f"\n  - {p}" for p in found.problems))
+            "(diffusers: unet.add_adapter(LoraConfig(...)))." + ("".join(f"\n  - {p}" for p in found.problems))
         )
     return found
 
@@ -387,9 +386,7 @@ def _build_blocks(model: nn.Module, selection: _Selection, adapter_owned: set[in
             hooked = module
         if hooked is not None and attr not in HOOKED_PARAMETERS:
             hooked = None
-        blocks.append(
-            GradientBlock(name=name, parameter=p, module_name=mod_name, module=hooked, attr=attr, role=role)
-        )
+        blocks.append(GradientBlock(name=name, parameter=p, module_name=mod_name, module=hooked, attr=attr, role=role))
     return blocks
 
 

@@ -55,7 +55,9 @@ class Exact(InfluenceMethod):
     """
 
     name = "exact"
-    passes_description = "1 pass per group of blocks that fits max_memory_gb (self mode: 1 more per group with direct blocks)"
+    passes_description = (
+        "1 pass per group of blocks that fits max_memory_gb (self mode: 1 more per group with direct blocks)"
+    )
 
     @dataclass(frozen=True)
     class Options:
@@ -159,12 +161,16 @@ class Exact(InfluenceMethod):
             if hessians:
                 quadratic = {b: _spd_quadratic_form(hessians.pop(b)) for b in list(hessians)}
 
-                def own(batch: Batch, forms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = quadratic) -> dict[str, torch.Tensor]:
+                def own(
+                    batch: Batch, forms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = quadratic
+                ) -> dict[str, torch.Tensor]:
                     total = torch.zeros(next(iter(batch.values())).shape[0], dtype=torch.float64, device=ctx.device)
                     for b, form in forms.items():
                         total += form(batch[b].to(torch.float64))
                     return {"self": total}
 
-                values += ctx.streamed_rows(f"Exact self {index + 1}/{len(groups)}", own, blocks=list(quadratic))["self"].cpu()
+                values += ctx.streamed_rows(f"Exact self {index + 1}/{len(groups)}", own, blocks=list(quadratic))[
+                    "self"
+                ].cpu()
                 branches["direct"] += len(quadratic)
         return SelfInfluence(values, {"exact_branches": branches, "exact_groups": len(groups)})

@@ -72,7 +72,9 @@ class Lissa(InfluenceMethod):
         for step in range(int(self.options.iterations)):
             current = {b: r[b].to(ctx.compute_dtype) for b in ctx.blocks}
 
-            def add(products: dict[str, torch.Tensor], batch: Batch, current: dict[str, torch.Tensor] = current) -> None:
+            def add(
+                products: dict[str, torch.Tensor], batch: Batch, current: dict[str, torch.Tensor] = current
+            ) -> None:
                 for b in ctx.blocks:
                     x = batch[b]
                     products[b].addmm_((x @ current[b].T).T, x)  # (m, d): += r X_b^T X_b

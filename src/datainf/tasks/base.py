@@ -126,7 +126,9 @@ class GradientTask(ABC):
     def describe(self) -> str:
         """A string identifying the task and its configuration (stored in the gradient store's fingerprint)."""
         cfg = self.config
-        cfg_json = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str) if dataclasses.is_dataclass(cfg) else "{}"
+        cfg_json = (
+            json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str) if dataclasses.is_dataclass(cfg) else "{}"
+        )
         return f"{type(self).__name__}{cfg_json}"
 
 
@@ -205,4 +207,3 @@ class _TextTask(GradientTask):
         if self._max_length is not None:
             return self._max_length
         return _min_limit(self.config.max_length, _tokenizer_limit(self.tokenizer))
-

@@ -93,9 +93,7 @@ class CausalLMTask(_TextTask):
             response_text = example.get(cfg.response_field)
             prompt = list(self.tokenizer(str(prompt_text or ""), add_special_tokens=True)["input_ids"])
             response = (
-                list(self.tokenizer(str(response_text), add_special_tokens=False)["input_ids"])
-                if response_text
-                else []
+                list(self.tokenizer(str(response_text), add_special_tokens=False)["input_ids"]) if response_text else []
             )
             eos = getattr(self.tokenizer, "eos_token_id", None)
             if cfg.append_eos and eos is not None and response:
@@ -191,7 +189,9 @@ class CausalLMTask(_TextTask):
         total = torch.zeros(len(batch), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
         return total / counts.to(total.dtype)
 
-    def _scored_logits(self, model: nn.Module, batch: TaskBatch, select: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _scored_logits(
+        self, model: nn.Module, batch: TaskBatch, select: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
         """``(M, V)`` logits of the scored positions, in the row-major order of ``select`` ``(b, s-1)``.
 
         Models that accept Hugging Face's ``logits_to_keep`` (BERT, GPT-2, Llama, ... in transformers
@@ -235,7 +235,6 @@ class CausalLMTask(_TextTask):
                 "Use an AutoModelForCausalLM model."
             )
         return logits[:, :-1][select]  # (M, V): only the scored positions
-
 
 
 def training_records(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

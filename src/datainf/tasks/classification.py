@@ -12,7 +12,16 @@ from torch import nn
 
 from datainf.data.labels import LabelEncoder
 from datainf.errors import ConfigError, DatasetError, TaskInputError
-from datainf.tasks.base import _MAX_LISTED, TaskBatch, _as_token_list, _list_ids, _model_config, _pad, _TextTask, _upcast
+from datainf.tasks.base import (
+    _MAX_LISTED,
+    TaskBatch,
+    _as_token_list,
+    _list_ids,
+    _model_config,
+    _pad,
+    _TextTask,
+    _upcast,
+)
 
 __all__ = ["SequenceClassificationConfig", "SequenceClassificationTask", "training_records"]
 
@@ -124,7 +133,9 @@ class SequenceClassificationTask(_TextTask):
                 + "\nFix or drop these examples (labels must be integers in [0, num_labels))."
             )
 
-    def _tokenize(self, examples: Sequence[Mapping[str, Any]], ids: Sequence[str]) -> tuple[list[dict[str, list[int]]], list[str]]:
+    def _tokenize(
+        self, examples: Sequence[Mapping[str, Any]], ids: Sequence[str]
+    ) -> tuple[list[dict[str, list[int]]], list[str]]:
         limit = self.max_length
         encoded: list[dict[str, list[int]] | None] = [None] * len(examples)
         truncated: list[str] = []
@@ -219,7 +230,6 @@ class SequenceClassificationTask(_TextTask):
                 "Fix the labels or load the model with the right num_labels."
             )
         return F.cross_entropy(_upcast(logits), labels, reduction="none")
-
 
 
 def training_records(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ __all__ = ["DiffusionTaskConfig", "DiffusionTask", "DEFAULT_DIFFUSION_TIMESTEPS"
 DEFAULT_DIFFUSION_TIMESTEPS: tuple[int, ...] = (25, 225, 425, 525, 725, 925)
 """The six timesteps (of 1000) of the DataInf authors' diffusion notebook."""
 
+
 @dataclass
 class DiffusionTaskConfig:
     """Knobs of :class:`DiffusionTask`.
@@ -51,7 +52,9 @@ class DiffusionTaskConfig:
     def __post_init__(self) -> None:
         self.timesteps = tuple(int(t) for t in self.timesteps)
         if not self.timesteps:
-            raise ConfigError("timesteps is empty; give at least one diffusion timestep (e.g. (25, 225, 425, 525, 725, 925)).")
+            raise ConfigError(
+                "timesteps is empty; give at least one diffusion timestep (e.g. (25, 225, 425, 525, 725, 925))."
+            )
         if any(t < 0 for t in self.timesteps) or len(set(self.timesteps)) != len(self.timesteps):
             raise ConfigError(f"timesteps={self.timesteps} must be distinct non-negative integers.")
         if self.prompt_max_length is not None and self.prompt_max_length < 1:
@@ -152,7 +155,9 @@ class DiffusionTask(GradientTask):
         self._num_train_timesteps = int(_cfg_get(sched_cfg, "num_train_timesteps", 1000))
         self._prediction_type = str(_cfg_get(sched_cfg, "prediction_type", "epsilon"))
         if self._prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ConfigError(f"Unsupported prediction_type {self._prediction_type!r}; use epsilon, v_prediction or sample.")
+            raise ConfigError(
+                f"Unsupported prediction_type {self._prediction_type!r}; use epsilon, v_prediction or sample."
+            )
         too_big = [t for t in self.config.timesteps if t >= self._num_train_timesteps]
         if too_big:
             raise ConfigError(
@@ -165,7 +170,10 @@ class DiffusionTask(GradientTask):
         sched = json.dumps({k: _cfg_get(sched_cfg, k, None) for k in keys}, sort_keys=True, default=str)
         encoder = None
         if self.text_encoder is not None:
-            encoder = getattr(getattr(self.text_encoder, "config", None), "_name_or_path", None) or type(self.text_encoder).__name__
+            encoder = (
+                getattr(getattr(self.text_encoder, "config", None), "_name_or_path", None)
+                or type(self.text_encoder).__name__
+            )
         return (
             f"{super().describe()}|scheduler={type(self.noise_scheduler).__name__}{sched}"
             f"|vae={self.vae is not None}|text_encoder={encoder}"
@@ -205,8 +213,10 @@ class DiffusionTask(GradientTask):
             problem = None
             if not any(k in ex for k in ("latents", self.config.image_field, "pixel_values", "image")):
                 problem = f"{ex_id!r}: no image"
-            elif self._prompt(ex) is not None and "encoder_hidden_states" not in ex and (
-                self.text_encoder is None or self.tokenizer is None
+            elif (
+                self._prompt(ex) is not None
+                and "encoder_hidden_states" not in ex
+                and (self.text_encoder is None or self.tokenizer is None)
             ):
                 problem = f"{ex_id!r}: has a prompt but the task has no text_encoder/tokenizer"
             elif self.config.class_field in ex:
@@ -272,7 +282,9 @@ class DiffusionTask(GradientTask):
                 inputs["prompt_ids"] = enc["input_ids"]
         if any(self.config.class_field in ex for ex in examples):
             try:
-                inputs["class_labels"] = torch.tensor([int(ex[self.config.class_field]) for ex in examples], dtype=torch.long)
+                inputs["class_labels"] = torch.tensor(
+                    [int(ex[self.config.class_field]) for ex in examples], dtype=torch.long
+                )
             except (KeyError, TypeError, ValueError) as err:
                 raise TaskInputError(
                     f"Examples {_list_ids(ids)}: every example of a class-conditional batch needs an integer "
@@ -328,7 +340,9 @@ class DiffusionTask(GradientTask):
         if "class_labels" in batch.inputs:
             labels = batch.inputs["class_labels"]
             if self._num_classes is not None:
-                bad = [batch.ids[i] for i in torch.nonzero((labels < 0) | (labels >= self._num_classes)).flatten().tolist()]
+                bad = [
+                    batch.ids[i] for i in torch.nonzero((labels < 0) | (labels >= self._num_classes)).flatten().tolist()
+                ]
                 if bad:
                     raise TaskInputError(
                         f"Examples {_list_ids(bad)} have class labels outside [0, {self._num_classes}); fix the labels."

@@ -115,7 +115,9 @@ class TaskKind:
         """Whether :func:`datainf.models.load_model` can load this kind's model."""
         return self.auto_model is not None
 
-    def make_task(self, tokenizer: Any, *, max_length: int | None = None, num_labels: int | None = None) -> GradientTask:
+    def make_task(
+        self, tokenizer: Any, *, max_length: int | None = None, num_labels: int | None = None
+    ) -> GradientTask:
         """The kind's task with its default config.
 
         Args:
@@ -185,9 +187,7 @@ def available_task_kinds(*, trainable: bool = False, loadable: bool = False) -> 
         loadable: only kinds :func:`datainf.models.load_model` can load.
     """
     return [
-        name
-        for name, kind in _KINDS.items()
-        if (kind.trainable or not trainable) and (kind.loadable or not loadable)
+        name for name, kind in _KINDS.items() if (kind.trainable or not trainable) and (kind.loadable or not loadable)
     ]
 
 
