@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: demo test install-dev install-demo bench clean
+.PHONY: demo test lint format install-dev install-demo bench clean
 
 $(VENV)/.installed-dev: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,16 @@ install-demo: $(VENV)/.installed-demo
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
+
+# ruff (lint + format check) and mypy over the package; the layer contract is a test (tests/test_layers.py).
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 demo: $(VENV)/.installed-demo
 	$(VENV)/bin/datainf demo
