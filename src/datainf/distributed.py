@@ -135,7 +135,7 @@ class DistributedContext:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum of ``tensor`` over all ranks (same shape, dtype and device as given).
 
-        Used as :attr:`datainf.methods.MethodContext.sum_over_processes`; the identity in one process.
+        Used by the streaming helpers of :class:`datainf.methods.MethodContext`; the identity in one process.
         """
         if not self.is_distributed:
             return tensor
