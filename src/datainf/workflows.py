@@ -797,7 +797,7 @@ def _model_and_task(
         kind=kind,
         num_labels=settings.num_labels,
         adapter=settings.adapter,
-        device=str(device),  # type: ignore[arg-type]
+        device=str(device),
     )
     if task_kind.encodes_labels:
         encoder = LabelEncoder.from_model(model, meta)
