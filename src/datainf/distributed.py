@@ -327,7 +327,7 @@ def on_main(ctx: DistributedContext, what: str, work: Callable[[], T]) -> T:
         except Exception as err:
             error = err
     ctx.raise_if_any(error, what)
-    return ctx.broadcast_object(result)  # type: ignore[no-any-return]
+    return ctx.broadcast_object(result)
 
 
 def on_every_rank(ctx: DistributedContext, what: str, work: Callable[[], T]) -> T:

@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -41,6 +41,9 @@ from datainf.errors import ConfigError, EmptyInputError
 from datainf.models import ADAPTER_METADATA, ModelLoadError, base_model_digest
 from datainf.settings import DictSettings, name_tuple
 from datainf.tasks.kinds import TaskKind, available_task_kinds, get_task_kind
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 __all__ = ["FinetuneConfig", "finetune_lora", "TRAINING_LOG"]
 
@@ -166,7 +169,7 @@ def _linear_module_names(model: nn.Module) -> list[str]:
     )
 
 
-def _wrap_with_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
+def _wrap_with_lora(model: nn.Module, config: FinetuneConfig) -> PeftModel:
     from peft import LoraConfig, TaskType, get_peft_model
     from peft.tuners.lora import LoraLayer
 
@@ -184,7 +187,7 @@ def _wrap_with_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     lora_config = LoraConfig(
         task_type=TaskType[peft_type],
         r=config.r,
-        lora_alpha=config.alpha,
+        lora_alpha=config.alpha,  # type: ignore[arg-type]  # peft annotates it int; a float works (scale alpha / r)
         target_modules=list(config.target_modules),
         lora_dropout=config.dropout,
         bias="none",

@@ -97,7 +97,7 @@ def loop_gradients(
         batch = task.collate([ex], [ex_id]).to(device)
         if labels:
             row_losses = task.per_row_loss(model, batch).reshape(-1)  # (k,)
-            parts = [(label, row_losses[m]) for m, label in enumerate(labels)]
+            parts: list[tuple[str | None, torch.Tensor]] = [(label, row_losses[m]) for m, label in enumerate(labels)]
             loss = row_losses.sum()
         else:
             loss = task.per_example_loss(model, batch).reshape(-1)[0]
@@ -148,7 +148,7 @@ def check_per_example_gradients(
     with _on_device(model, device) as dev, gradient_mode(model, blocks):
         task.setup(model)
         task.validate(examples, ids)
-        with PerExampleGradients(blocks, row_labels=task.row_labels()) as capture:
+        with PerExampleGradients(blocks.blocks, row_labels=task.row_labels()) as capture:
             collated = task.collate(examples, ids).to(dev)
             fast_losses, fast = batch_gradients(model, task, collated, capture)
         ref_losses, ref = loop_gradients(model, task, examples, ids, {b.name: b.parameter for b in blocks}, dev)

@@ -21,11 +21,15 @@ import logging
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from datainf.errors import ConfigError
 from datainf.explain.common import ExplanationResult, format_generation_table
 from datainf.runs import RunDir
+
+if TYPE_CHECKING:
+    from datainf.explain.text_generation import TextGenerationConfig
+    from datainf.explain.text_to_image import TextToImageConfig
 
 __all__ = ["DATASETS", "run_generation_demo", "main_generation_demo"]
 
@@ -69,7 +73,7 @@ def run_generation_demo(
 
     dataset = _resolve(task, dataset)
     out_path = Path(out_dir) if out_dir is not None else Path("datainf-out") / f"demo-{task}-{dataset}"
-    config: Any
+    config: TextGenerationConfig | TextToImageConfig
     if task == "text-generation":
         from datainf.explain.text_generation import TextGenerationConfig, run_text_generation
 

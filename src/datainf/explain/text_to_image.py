@@ -289,8 +289,8 @@ def _class_records(
 ) -> list[dict[str, Any]]:
     """Copies of the records with ``"class"`` / ``"class_name"`` from the style or subject fields."""
     index_field, name_field = _CLASS_FIELDS[dataset]
-    out = []
-    bad = []
+    out: list[dict[str, Any]] = []
+    bad: list[str] = []
     for r in records:
         rec = dict(r)
         if "class" not in rec:

@@ -30,12 +30,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from datainf.errors import ConfigError
+
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
 
 __all__ = [
     "BASE_UNET_CONFIG",
@@ -124,7 +127,8 @@ class PromptEncoder:
     @property
     def hidden_size(self) -> int:
         """The size of one token state (the UNet's ``cross_attention_dim`` must equal it)."""
-        return int(self.model.config.hidden_size)
+        config: Any = self.model.config  # a transformers config (its fields are not declared on the type)
+        return int(config.hidden_size)
 
     def truncated(self, prompts: Sequence[str]) -> list[str]:
         """Prompts longer than :attr:`length` tokens (they are cut)."""
@@ -204,7 +208,7 @@ def _save_unet(unet: nn.Module, folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        unet.save_pretrained(str(tmp), safe_serialization=True)
+        cast("ModelMixin", unet).save_pretrained(str(tmp), safe_serialization=True)  # a diffusers UNet
         tmp.chmod(0o755)  # mkdtemp makes it private; the folder may ship as package data
         for path in tmp.iterdir():
             path.chmod(0o644)
@@ -418,7 +422,7 @@ def sample_images(
         ``(N, C, H, W)`` float32 images clamped to [-1, 1].
     """
     diffusers = _diffusers()
-    cfg = unet.config
+    cfg: Any = unet.config  # the diffusers UNet's config (its fields are not declared on the type)
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     shape = (int(cfg.in_channels), int(size), int(size))
     first = next(unet.parameters())

@@ -55,7 +55,8 @@ def example_ids(dataset: Sequence[Mapping[str, Any]]) -> list[str]:
     """
     columns = getattr(dataset, "column_names", None)  # a datasets.Dataset: read one column, decode nothing
     if isinstance(columns, list):
-        raw = list(dataset["id"]) if "id" in columns else [None] * len(dataset)
+        table: Any = dataset  # a datasets.Dataset: indexing by a column name gives the whole column
+        raw = list(table["id"]) if "id" in columns else [None] * len(dataset)
         ids = [str(i) if value is None else str(value) for i, value in enumerate(raw)]
     else:
         ids = []
@@ -321,7 +322,7 @@ def _compute_into(
         with _on_device(model, device) as dev, gradient_mode(model, blocks):
             task.setup(model)
             _validate_all(task, dataset, ids, list(indices))
-            with PerExampleGradients(blocks, row_labels=task.row_labels()) as capture:
+            with PerExampleGradients(blocks.blocks, row_labels=task.row_labels()) as capture:
                 bar = _progress(len(indices), progress)
                 try:
                     for run in _contiguous_runs(indices):

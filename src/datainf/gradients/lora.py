@@ -22,13 +22,16 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
 from datainf.errors import LoRAValidationError
 from datainf.gradients.modules import HOOKED_PARAMETERS, describe_module, is_hookable, supported_modules
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
 
 __all__ = [
     "GradientBlock",
@@ -147,7 +150,7 @@ def _peft_classes() -> _PeftClasses:
     return _PeftClasses(BaseTunerLayer, lora_layer.LoraLayer, AuxiliaryTrainingWrapper, unhookable)
 
 
-def _active_adapters(module: nn.Module) -> list[str]:
+def _active_adapters(module: object) -> list[str]:
     active = getattr(module, "active_adapters", None)
     if callable(active):  # diffusers' ModelMixin.active_adapters() is a method
         return []
@@ -167,7 +170,7 @@ class _PeftModules:
         problems: one line per non-LoRA peft tuner layer.
     """
 
-    lora_layers: list[tuple[str, nn.Module]] = field(default_factory=list)
+    lora_layers: list[tuple[str, LoraLayer]] = field(default_factory=list)
     aux_wrappers: list[tuple[str, nn.Module]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -199,7 +202,7 @@ def _discover_peft_modules(model: nn.Module, classes: _PeftClasses) -> _PeftModu
 
 
 def _choose_adapter(
-    lora_layers: Sequence[tuple[str, nn.Module]], adapter_name: str | None, problems: list[str]
+    lora_layers: Sequence[tuple[str, LoraLayer]], adapter_name: str | None, problems: list[str]
 ) -> str | None:
     """Phase 2: the adapter to differentiate: ``adapter_name``, or the single active one.
 
@@ -238,12 +241,12 @@ def _choose_adapter(
     return chosen
 
 
-def _has_adapter(layer: nn.Module, adapter: str | None) -> bool:
+def _has_adapter(layer: LoraLayer, adapter: str | None) -> bool:
     """Whether the LoRA ``layer`` holds ``adapter`` (as a lora_A/lora_B pair or as embedding LoRA)."""
     return adapter is not None and (adapter in layer.lora_A or adapter in layer.lora_embedding_A)
 
 
-def _layer_problems(mod_name: str, layer: nn.Module, adapter: str, unhookable: tuple[type[Any], ...]) -> list[str]:
+def _layer_problems(mod_name: str, layer: LoraLayer, adapter: str, unhookable: tuple[type[Any], ...]) -> list[str]:
     """What makes one LoRA layer's ``adapter`` unusable, in this order: merged into the base weights,
     adapters disabled, a LoRA variant (DoRA, ...), a layer type without lora_A/lora_B modules
     (embedding LoRA, ``nn.MultiheadAttention``, raw parameters; then nothing more is checked), and a
@@ -283,7 +286,7 @@ def _layer_problems(mod_name: str, layer: nn.Module, adapter: str, unhookable: t
 
 
 def _refuse_unsupported(
-    lora_layers: Sequence[tuple[str, nn.Module]], adapter: str | None, classes: _PeftClasses
+    lora_layers: Sequence[tuple[str, LoraLayer]], adapter: str | None, classes: _PeftClasses
 ) -> list[str]:
     """Phase 3: the problems of every LoRA layer that holds ``adapter`` (:func:`_layer_problems`),
     layer by layer in model order."""
@@ -312,7 +315,7 @@ class _Selection:
     hook_owner: dict[int, nn.Module] = field(default_factory=dict)
 
 
-def _select_lora_tensors(lora_layers: Sequence[tuple[str, nn.Module]], adapter: str, selection: _Selection) -> None:
+def _select_lora_tensors(lora_layers: Sequence[tuple[str, LoraLayer]], adapter: str, selection: _Selection) -> None:
     """Phase 4: every tensor of ``adapter``'s ``lora_A`` / ``lora_B`` modules (weight, and bias with
     ``lora_bias=True``), hooked on that module. Runs after :func:`_refuse_unsupported` found nothing, so
     every such module is hookable."""
@@ -322,7 +325,7 @@ def _select_lora_tensors(lora_layers: Sequence[tuple[str, nn.Module]], adapter: 
         for part in ("lora_A", "lora_B"):
             sub = getattr(layer, part)[adapter]
             for p in sub.parameters(recurse=False):
-                selection.roles[id(p)] = part  # type: ignore[assignment]
+                selection.roles[id(p)] = part
                 selection.hook_owner[id(p)] = sub
 
 
@@ -492,11 +495,12 @@ def gradient_mode(model: nn.Module, blocks: LoRABlocks | Sequence[GradientBlock]
         for p in turned_on:
             p.requires_grad_(True)
         for m in checkpointed:
-            m.gradient_checkpointing = False
+            # torch types nn.Module.__setattr__ for tensors and modules only; a plain flag is fine at runtime
+            m.gradient_checkpointing = False  # type: ignore[assignment]
         yield
     finally:
         for m in checkpointed:
-            m.gradient_checkpointing = True
+            m.gradient_checkpointing = True  # type: ignore[assignment]  # see above: Module.__setattr__ stub
         for m, was_training in modes:
             m.training = was_training
         for p, flag in grads:

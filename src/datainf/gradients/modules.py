@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -117,8 +118,9 @@ def per_example_conv2d_grads(
         if module.kernel_size == (1, 1) and module.stride == (1, 1) and tuple(module.padding) == (0, 0):
             cols = x.reshape(b, k, c, -1)  # spatial positions as sequence positions: (b, k, C, H*W)
         else:
+            padding = cast("tuple[int, ...]", module.padding)  # numeric: is_hookable refuses "same" / "valid"
             unfolded = F.unfold(
-                x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
+                x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
             )  # (N, C*kh*kw, L), channel-major like the weight's (C, kh, kw) layout
             cols = unfolded.reshape(b, k, unfolded.shape[1], -1)
         gw = torch.einsum("bkil,bkol->boi", cols.to(dtype), gcols).reshape(b, *module.weight.shape)

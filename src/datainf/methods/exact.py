@@ -60,7 +60,7 @@ class Exact(InfluenceMethod):
     )
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(InfluenceMethod.Options):
         """max_memory_gb: float64 working memory for the blocks solved together (one pass per group)."""
 
         max_memory_gb: float = 4.0
@@ -68,6 +68,8 @@ class Exact(InfluenceMethod):
         def __post_init__(self) -> None:
             if not self.max_memory_gb > 0:
                 raise ConfigError(f"exact: max_memory_gb must be positive, got {self.max_memory_gb}.")
+
+    options: Options  # set by InfluenceMethod.__init__ from the method_options
 
     def _groups(self, ctx: MethodContext) -> list[list[str]]:
         """``ctx.blocks`` cut into consecutive groups whose float64 working memory fits ``max_memory_gb``."""

@@ -44,7 +44,7 @@ class Lissa(InfluenceMethod):
     passes_description = "`iterations` passes (10 by default); self mode: `iterations` per chunk of training rows"
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(InfluenceMethod.Options):
         """iterations: recursion steps (passes); scale: float ``s`` (1 = paper) or ``"trace"``."""
 
         iterations: int = 10
@@ -58,6 +58,8 @@ class Lissa(InfluenceMethod):
                     raise ConfigError(f"lissa: scale must be a positive number or 'trace', got {self.scale!r}.")
             elif not (math.isfinite(float(self.scale)) and float(self.scale) > 0):
                 raise ConfigError(f"lissa: scale must be a positive number or 'trace', got {self.scale!r}.")
+
+    options: Options  # set by InfluenceMethod.__init__ from the method_options
 
     def precondition(self, test: Mapping[str, torch.Tensor], ctx: MethodContext) -> Preconditioned:
         n = ctx.total_examples

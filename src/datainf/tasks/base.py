@@ -127,7 +127,9 @@ class GradientTask(ABC):
         """A string identifying the task and its configuration (stored in the gradient store's fingerprint)."""
         cfg = self.config
         cfg_json = (
-            json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str) if dataclasses.is_dataclass(cfg) else "{}"
+            json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+            if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)
+            else "{}"
         )
         return f"{type(self).__name__}{cfg_json}"
 

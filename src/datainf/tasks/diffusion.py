@@ -305,9 +305,10 @@ class DiffusionTask(GradientTask):
             if "latents" in batch.inputs:
                 x0 = batch.inputs["latents"]
             elif self.vae is not None:
-                px = batch.inputs["pixel_values"].to(device=device, dtype=next(self.vae.parameters()).dtype)
-                x0 = self.vae.encode(px).latent_dist.mean
-                vcfg = self.vae.config
+                vae: Any = self.vae  # a diffusers AutoencoderKL: encode() and config are not on nn.Module's type
+                px = batch.inputs["pixel_values"].to(device=device, dtype=next(vae.parameters()).dtype)
+                x0 = vae.encode(px).latent_dist.mean
+                vcfg = vae.config
                 x0 = (x0 - (_cfg_get(vcfg, "shift_factor", None) or 0.0)) * _cfg_get(vcfg, "scaling_factor", 1.0)
             else:
                 x0 = batch.inputs["pixel_values"]
