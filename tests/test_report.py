@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -252,7 +253,7 @@ def test_mislabel_report_draws_the_loss_baseline_on_the_detection_curve(tmp_path
         method="loss",
         mode="self",
     )
-    drawn: dict[str, object] = {}
+    drawn: dict[str, tuple[Any, Any]] = {}
     monkeypatch.setattr(report_module, "_detection_curve_png", lambda path, curves, share: drawn.update(curves))
     html = write_mislabel_report(
         tmp_path / "rep",
