@@ -36,13 +36,16 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from datainf.distributed import DistributedContext, check_same_settings, dist_context, on_every_rank, on_main
 from datainf.errors import ConfigError, DatasetError
 from datainf.runs import RunDir, removed_on_error
 from datainf.scores import Scores
 from datainf.store import GradientStore
+
+if TYPE_CHECKING:
+    from datainf.influence import InfluenceConfig
 
 __all__ = [
     "FinetuneSettings",
@@ -761,9 +764,11 @@ def _methods(settings: ScoreSettings) -> list[str]:
     return methods
 
 
-def _same_scores(scores: Scores, config: Any, train_store: GradientStore, test_store: GradientStore | None) -> bool:
+def _same_scores(
+    scores: Scores, config: InfluenceConfig, train_store: GradientStore, test_store: GradientStore | None
+) -> bool:
     """Whether finished scores were computed from these very gradients, in this mode, with this
-    normalisation (logs when not). ``config`` is the method's :class:`~datainf.influence.InfluenceConfig`."""
+    normalisation (``config``: the method's settings; logs when not)."""
     same = scores.matches(train_store, test_store)
     if not same:
         logger.info("The %s scores in the output folder came from other gradients; recomputing them.", scores.method)
