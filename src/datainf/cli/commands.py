@@ -61,6 +61,11 @@ def cmd_score(config: dict[str, Any]) -> int:
     if not is_main_process():
         return 0
     print(f"# {SIGN_CONVENTION}")
+    others: dict[str, list[str]] = {}  # self-influence, the loss baseline: what their values mean
+    for row in (r for r in result.methods if r.scores.sign_convention != SIGN_CONVENTION):
+        others.setdefault(row.scores.sign_convention, []).append(row.method)
+    for meaning, names in others.items():
+        print(f"# {', '.join(names)}: {meaning}")
     print(f"{'method':<14} {'seconds':>8}  most harmful training examples")
     for row in result.methods:
         top = ", ".join(f"{tid} ({value:+.3g})" for tid, value in row.scores.top_harmful(3))
