@@ -18,18 +18,9 @@ from typing import Any
 import torch
 
 from datainf.errors import EmptyInputError
-from datainf.scores import Scores
+from datainf.scores import LOSS_METHOD, LOSS_SIGN_CONVENTION, Scores
 
 __all__ = ["LOSS_METHOD", "LOSS_SIGN_CONVENTION", "training_losses", "loss_scores"]
-
-#: The ``method`` name of the training-loss baseline's scores (``scores-loss.safetensors``).
-LOSS_METHOD = "loss"
-
-#: What the values of the training-loss baseline mean (recorded as their ``sign_convention``).
-LOSS_SIGN_CONVENTION = (
-    "training loss of each example under the fine-tuned model (a baseline, not an influence): high = the model does "
-    "not fit the example's label (mislabel suspects rank first, like harmful examples)"
-)
 
 
 def training_losses(

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from datainf.errors import ConfigError, DatasetError, EmptyInputError
-from datainf.scores import SIGN_CONVENTION, Scores
+from datainf.scores import LOSS_METHOD, SIGN_CONVENTION, Scores
 
 __all__ = ["write_mislabel_report", "write_scores_report", "write_generation_report", "SIGN_NOTE"]
 
@@ -160,8 +160,6 @@ def _values_by_id(scores: Scores) -> dict[str, float]:
 
 
 def _is_loss(scores: Scores) -> bool:
-    from datainf.baselines import LOSS_METHOD
-
     return scores.method == LOSS_METHOD and scores.mode == "self"
 
 

@@ -24,7 +24,17 @@ from datainf.store import atomic_write_bytes
 if TYPE_CHECKING:
     from datainf.store import GradientStore
 
-__all__ = ["Scores", "SIGN_CONVENTION"]
+__all__ = ["Scores", "SIGN_CONVENTION", "LOSS_METHOD", "LOSS_SIGN_CONVENTION"]
+
+#: The ``method`` name of the training-loss baseline's scores (``scores-loss.safetensors``,
+#: computed by :func:`datainf.baselines.loss_scores`).
+LOSS_METHOD = "loss"
+
+#: What the values of the training-loss baseline mean (recorded as their ``sign_convention``).
+LOSS_SIGN_CONVENTION = (
+    "training loss of each example under the fine-tuned model (a baseline, not an influence): high = the model does "
+    "not fit the example's label (mislabel suspects rank first, like harmful examples)"
+)
 
 SIGN_CONVENTION = (
     "positive influence = harmful (up-weighting the training example raises the test loss); negative = helpful"
