@@ -341,7 +341,8 @@ def _locked_by_another(folder: Path) -> bool:
     if not lock.exists():
         return False
     held = _read_lock(lock)
-    return held is None or held.get("token") != _HELD_LOCKS.get(str(folder))
+    mine = _HELD_LOCKS.get(str(folder))
+    return held is None or mine is None or held.get("token") != mine
 
 
 @atexit.register

@@ -819,12 +819,12 @@ class DiskGradientStore(GradientStore):
         check_free_space(self.path, self.expected_bytes(count), f"shard {file_name} of the gradient store")
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{file_name}.", suffix=".tmp", dir=self.path)
-            os.fchmod(fd, file_mode())
             os.close(fd)
         except OSError as err:
             raise (output_error(err, final, "the gradient store shard") or err) from err
         try:
             save_file(tensors, tmp, metadata={"format": _FORMAT})
+            os.chmod(tmp, file_mode())  # safetensors makes its own (private) file
             digest = _sha256(Path(tmp))
             size = os.path.getsize(tmp)
             os.replace(tmp, final)

@@ -382,6 +382,9 @@ def _score_options() -> list[Option]:
             "format of the per-method score table",
             choices=("csv", "parquet"),
         ),
+        Option(
+            "json", ("--json",), _to_bool, False, "print the summary as one JSON object", action="flag", saved=False
+        ),
     ]
 
 
@@ -433,6 +436,9 @@ def _demo_options() -> list[Option]:
         ),
         Option("seed", ("--seed",), _to_int, 0, "random seed"),
         Option("recompute", ("--recompute",), _to_bool, False, "ignore cached intermediate results", action="flag"),
+        Option(
+            "json", ("--json",), _to_bool, False, "print the summary as one JSON object", action="flag", saved=False
+        ),
     ]
 
 
