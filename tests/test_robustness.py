@@ -548,3 +548,14 @@ def test_output_errors_are_datainf_errors():
     assert isinstance(converted, OutputError) and "may not be written by this user" in str(converted)
     assert datainf.store.output_error(OSError(errno.ENOENT, "No such file"), "/x") is None
     assert datainf.store.output_error(ValueError("no errno here"), "/x") is None
+
+
+def test_report_folder_follows_the_umask(tmp_path):
+    from datainf.report import _publish
+
+    previous = os.umask(0o022)
+    try:
+        index = _publish(tmp_path / "report", lambda folder: (folder / "index.html").write_text("<html></html>"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(index.parent.stat().st_mode) == 0o755 and stat.S_IMODE(index.stat().st_mode) == 0o644

@@ -23,7 +23,7 @@ from datainf.runs import CONFIG_FILE
 __all__ = ["Option", "COMMANDS", "CONFIG_FILE", "NOT_SAVED", "build_parser", "resolve_config", "options"]
 
 #: Options that change how a command runs, not what it computes: never written to config.json.
-NOT_SAVED = frozenset({"config", "overwrite", "quiet", "verbose"})
+NOT_SAVED = frozenset({"config", "overwrite", "quiet", "verbose", "json"})
 
 
 class _UsageError(DataInfError):
