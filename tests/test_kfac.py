@@ -299,3 +299,22 @@ def test_refusals(float64_model, tmp_path):
     assert torch.isfinite(ok.values).all()
     with pytest.raises(ConfigError, match="GB"):
         datainf.influence(a, grads, method="kfac", method_options={"max_memory_gb": 1e-9}, progress=False)
+
+
+def test_row_labelled_conv_blocks_get_batch_invariant_factors():
+    """Diffusion: one block per (LoRA tensor, timestep), 1x1 convolutions included; factors per row block."""
+    from gradient_fixtures import diffusion_text_data, scheduler, unet_cond
+
+    from datainf.gradients import DiffusionTask, DiffusionTaskConfig
+
+    model = unet_cond().double()
+    task = DiffusionTask(scheduler(), DiffusionTaskConfig(timesteps=(25, 925)))
+    data = diffusion_text_data(4, seed=4)
+    one = collect_gradients(model, task, data, batch_size=1, dtype="float64", progress=False, collect_factors=True)
+    three = collect_gradients(model, task, data, batch_size=3, dtype="float64", progress=False, collect_factors=True)
+    a, b = load_factors(one), load_factors(three)
+    assert set(a.shapes) == set(one.block_dims) and any("@" in name for name in a.shapes)
+    assert any("proj_in" in name for name in a.shapes)  # a conv block
+    _same_factors(a, b)
+    scores = datainf.influence(one, one, method="ekfac", mode="pairwise", progress=False)
+    assert scores.values.shape == (4, 4) and torch.isfinite(scores.values).all()
