@@ -243,10 +243,6 @@ class FactorFolder:
         assert self.path is not None
         atomic_write_json(self.path / name, {**self._header(), "complete": complete, "pieces": self._indexes[name]})
 
-    @staticmethod
-    def exists(path: Path) -> bool:
-        return (path / _INDEX).is_file() or any(path.glob("index*.json")) if path.is_dir() else False
-
     # ------------------------------------------------------------------ pieces
     def covered_ids(self) -> set[str]:
         """The examples some piece covers."""
@@ -357,6 +353,8 @@ class FactorFolder:
     def consolidate(self) -> KroneckerFactors:
         """Sum every piece into one, listed alone in ``index.json`` and marked complete; returns the total."""
         factors = self.total()
+        if self.is_complete():  # already one piece (a rerun found nothing to add)
+            return factors
         if self.path is None:
             self._memory = [(list(factors.ids), factors.sums)]
             return factors
