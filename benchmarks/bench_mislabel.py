@@ -31,6 +31,7 @@ import torch
 
 from datainf.demos import MislabelDemoConfig, run_mislabel_demo
 from datainf.evaluation import score_correlation
+from datainf.methods import available_methods
 
 HERE = Path(__file__).resolve().parent
 
@@ -133,6 +134,14 @@ def main() -> None:
             f"{fmt(kept, True) if kept else '-'} | {fmt([p['seconds'] for p in parts])} |"
         )
     lines.append("")
+    missing = [m for m in available_methods() if m not in {name.split(" ")[0] for name in rows}]
+    if missing:
+        lines += [
+            f"Registered methods not in the table: {', '.join(missing)} (the demo's rows do not include them; `kfac` / "
+            "`ekfac` need Kronecker factors, an extra collection pass over the data with `collect_factors=True` that "
+            "the demo's gradient stores do not make).",
+            "",
+        ]
     influence_rows = [m for m in rows if m != "training loss"]
     best = max(influence_rows, key=lambda m: statistics.fmean(rows[m]["auc"]))
     best_auc = statistics.fmean(rows[best]["auc"])
