@@ -654,3 +654,12 @@ def test_python_dash_m_entry_point():
         timeout=120,
     )
     assert done.returncode == 2 and done.stderr.startswith("datainf: error: Bad value 'abc' for --damping")
+
+
+def test_demo_help_does_not_call_out_required(capsys):
+    assert main(["demo", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(required)" not in text
+    assert "datainf-out/demo" in text
+    assert main(["score", "--help"]) == 0
+    assert "output folder (required)" in " ".join(capsys.readouterr().out.split())

@@ -340,3 +340,71 @@ def test_foreign_adapter_recording_an_existing_other_folder_is_refused(models, a
         load_model(models["other_seed"], kind="classification", num_labels=2, adapter=foreign)
     model, _ = load_model(models["tiny"], kind="classification", num_labels=2, adapter=foreign)
     assert model is not None
+
+
+# ---------------------------------------------------------------------------------------------- transformers' load report
+
+
+def _load_reports(monkeypatch, load) -> list[str]:
+    """The load-report warnings transformers logs while ``load()`` runs."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    root = logging.getLogger("transformers")
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    root.addHandler(handler)
+    try:
+        load()
+    finally:
+        root.removeHandler(handler)
+        hf_logging.set_verbosity(level)
+    return [m for m in seen if "LOAD REPORT" in m]
+
+
+@pytest.fixture(scope="module")
+def headless_base(tmp_path_factory) -> Path:
+    """A tiny BERT saved without a classification head (as sentence-transformer checkpoints are)."""
+    from tiny_models import SPECIAL_TOKENS
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    path = tmp_path_factory.mktemp("headless") / "base"
+    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + WORDS)}
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    BertModel(cfg).save_pretrained(str(path))
+    BertTokenizer(vocab=vocab).save_pretrained(str(path))
+    return path
+
+
+def test_the_new_head_notice_is_silenced(headless_base, models, monkeypatch):
+    # the head load_model sizes and initialises on purpose: no "newly initialized" report
+    reports = _load_reports(monkeypatch, lambda: load_model(headless_base, kind="classification", num_labels=3))
+    assert reports == []
+    # a head re-sized from the checkpoint's 2 classes to 3: also on purpose
+    reports = _load_reports(monkeypatch, lambda: load_model(models["tiny"], kind="classification", num_labels=3))
+    assert reports == []
+
+
+def test_other_load_reports_still_show(headless_base, monkeypatch):
+    # an encoder loaded as a causal LM lacks its LM head: that notice is not ours to hide
+    reports = _load_reports(monkeypatch, lambda: load_model(headless_base, kind="causal-lm"))
+    assert len(reports) == 1 and "cls.predictions" in reports[0]
+    import logging
+
+    assert logging.getLogger("transformers.modeling_utils").filters == []  # the filter is removed after loading

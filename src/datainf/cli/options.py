@@ -134,9 +134,17 @@ class Option:
     metavar: str | None = None
 
 
-def _common() -> list[Option]:
+#: ``--out`` help of the commands that have a default output folder (the others require ``--out``).
+_OUT_HELP = {
+    "demo": "output folder (default: datainf-out/demo for the mislabel demo, "
+    "datainf-out/demo-<task>-<dataset> for the others)",
+}
+
+
+def _common(command: str = "") -> list[Option]:
+    out_help = _OUT_HELP.get(command, "output folder (required)")
     return [
-        Option("out", ("--out", "-o"), _to_out_path, None, "output folder (required)", metavar="DIR"),
+        Option("out", ("--out", "-o"), _to_out_path, None, out_help, metavar="DIR"),
         Option(
             "overwrite",
             ("--overwrite",),
@@ -475,7 +483,7 @@ COMMANDS: dict[str, tuple[str, Callable[[], list[Option]]]] = {
 
 def options(command: str) -> list[Option]:
     """Every option of ``command``: the common ones (``--out``, ``--overwrite``, ...) first."""
-    return [*_common(), *COMMANDS[command][1]()]
+    return [*_common(command), *COMMANDS[command][1]()]
 
 
 # ---------------------------------------------------------------------------------------------- parser
