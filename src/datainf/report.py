@@ -141,6 +141,9 @@ def _publish(out_dir: Path, build: Callable[[Path], None]) -> Path:
         raise ConfigError(f"{out_dir} is a file; the report needs a folder.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    from datainf.store import file_mode
+
+    tmp.chmod(file_mode(folder=True))  # mkdtemp makes it private; the folder it becomes follows the umask
     try:
         build(tmp)
         if not out_dir.exists():

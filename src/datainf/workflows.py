@@ -951,6 +951,7 @@ def _compute_store(
             fingerprint=gradient_fingerprint(model, task, blocks),
             shard_size=int(settings.shard_size),
             overwrite=False,
+            expected_examples=len(records),
         )
         foreign = sorted(set(store.ids) - {str(r["id"]) for r in records})
         if foreign:

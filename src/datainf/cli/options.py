@@ -23,7 +23,7 @@ from datainf.runs import CONFIG_FILE
 __all__ = ["Option", "COMMANDS", "CONFIG_FILE", "NOT_SAVED", "build_parser", "resolve_config", "options"]
 
 #: Options that change how a command runs, not what it computes: never written to config.json.
-NOT_SAVED = frozenset({"config", "overwrite", "quiet", "verbose"})
+NOT_SAVED = frozenset({"config", "overwrite", "quiet", "verbose", "json"})
 
 
 class _UsageError(DataInfError):
@@ -418,6 +418,9 @@ def _score_options() -> list[Option]:
             "format of the per-method score table",
             choices=("csv", "parquet"),
         ),
+        Option(
+            "json", ("--json",), _to_bool, False, "print the summary as one JSON object", action="flag", saved=False
+        ),
     ]
 
 
@@ -469,6 +472,9 @@ def _demo_options() -> list[Option]:
         ),
         Option("seed", ("--seed",), _to_int, 0, "random seed"),
         Option("recompute", ("--recompute",), _to_bool, False, "ignore cached intermediate results", action="flag"),
+        Option(
+            "json", ("--json",), _to_bool, False, "print the summary as one JSON object", action="flag", saved=False
+        ),
     ]
 
 
