@@ -124,6 +124,31 @@ def test_finetune_writes_adapter_and_replayable_config(env, capsys, tmp_path):
     assert code == 0 and "already trained" in out
 
 
+def test_finetune_eval_data_prints_the_epoch_table(env, capsys, tmp_path):
+    common = ["finetune", "--model", env["model"], "--data", env["train"], *COLUMNS, "--epochs", "3"]
+    common += ["--batch-size", "8", "--lr", "0.01", "--max-length", "16", "--eval-data", env["test"], "-q"]
+    code, out, err = run(capsys, *common, "--out", tmp_path / "last")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["epoch", "train", "loss", "val", "loss", "val", "acc"]
+    assert [line.split()[0] for line in lines[1:4]] == ["1", "2", "3"]
+    assert sum(line.endswith("best") for line in lines[1:4]) == 1
+    assert "adapter kept: epoch 3, the last" in out
+    log = json.loads((tmp_path / "last" / "adapter" / "training_log.json").read_text())
+    assert [round(e["eval_loss"], 4) for e in log["epochs"]] == [float(line.split()[2]) for line in lines[1:4]]
+    saved = json.loads((tmp_path / "last" / "config.json").read_text())
+    assert saved["eval_data"] == str(env["test"]) and "checkpoint_every" not in saved and "keep_best" not in saved
+
+    code, out, err = run(capsys, *common, "--keep-best", "--out", tmp_path / "best")
+    assert code == 0, err
+    best = log["best_epoch"]
+    assert f"adapter kept: epoch {best}, the best (--keep-best)" in out
+    assert json.loads((tmp_path / "best" / "config.json").read_text())["keep_best"] is True
+
+    code, _, err = run(capsys, *common[:-3], "-q", "--keep-best", "--out", tmp_path / "no-eval")
+    assert code == 2 and "--eval-data" in err and not (tmp_path / "no-eval").exists()
+
+
 def test_config_file_yaml_with_flag_override(env, capsys, tmp_path):
     cfg = tmp_path / "ft.yaml"
     cfg.write_text(

@@ -141,6 +141,13 @@ class FinetuneSettings:
         r, alpha, target_modules, dropout: LoRA rank, alpha, adapted layer names, dropout.
         epochs, lr, batch_size, warmup_ratio, weight_decay, max_grad_norm, seed: training (AdamW,
             linear schedule; ``max_grad_norm=None`` turns clipping off).
+        eval_data: validation data (same columns as ``data``): loss, and accuracy for
+            classification, after every epoch, and the best epoch (:func:`datainf.finetune.finetune_lora`).
+        keep_best: keep the best epoch's adapter (lowest validation loss; needs ``eval_data``)
+            instead of the last one (default: the last, so the scores explain the model the recipe trained).
+        checkpoint_every: optimiser steps between checkpoints (``<out>/finetune-checkpoint.pt``, also
+            written at every epoch end; ``0``: epoch ends only). An interrupted run resumes from the last
+            one when rerun with the same settings. Not part of the configuration (not in ``config.json``).
     """
 
     out: str | None = None
@@ -165,9 +172,19 @@ class FinetuneSettings:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     seed: int = 0
+    eval_data: str | None = None
+    keep_best: bool = False
+    checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
-        _normalise(self, ("model", "data"), {"kind": _trainable_kinds()})
+        _normalise(self, ("model", "data", "eval_data"), {"kind": _trainable_kinds()})
+        if not isinstance(self.keep_best, bool):
+            raise ConfigError(f"keep_best must be True or False, got {self.keep_best!r}.")
+        if self.keep_best and not self.eval_data:
+            raise ConfigError("--keep-best picks the epoch with the lowest validation loss: pass --eval-data PATH too.")
+        every = self.checkpoint_every
+        if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+            raise ConfigError(f"checkpoint_every must be an integer >= 0 (0: at epoch ends only), got {every!r}.")
 
 
 @dataclass(frozen=True)
@@ -334,7 +351,15 @@ def _saved(settings: Any) -> dict[str, Any]:
 
 @dataclass
 class FinetuneRunResult:
-    """What :func:`finetune_run` did: the adapter folder, whether it was already there, the losses."""
+    """What :func:`finetune_run` did: the adapter folder, whether it was already there, the losses.
+
+    Attributes:
+        epochs: one row per epoch from ``training_log.json``: ``epoch``, ``loss`` (mean training
+            loss), ``seconds``, and with ``eval_data`` ``eval_loss`` (plus ``eval_accuracy`` for
+            classification).
+        best_epoch: the epoch with the lowest validation loss (``None`` without ``eval_data``).
+        kept_epoch: the epoch whose adapter was saved (the last unless ``keep_best``).
+    """
 
     out: Path
     adapter: Path
@@ -342,6 +367,9 @@ class FinetuneRunResult:
     epoch_losses: list[float]
     settings: FinetuneSettings
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int | None = None
+    kept_epoch: int | None = None
 
 
 @dataclass
@@ -436,7 +464,8 @@ def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progres
             }
         )
         records = _load_data(settings.data, settings, ft.kind, "--data")
-        run = RunDir.claim(settings.out, kind="finetune", settings=_saved(settings), overwrite=overwrite)
+        eval_records = _load_data(settings.eval_data, settings, ft.kind, "--eval-data") if settings.eval_data else None
+        run = RunDir.claim(settings.out, kind="finetune", settings=_saved_finetune(settings), overwrite=overwrite)
 
         def train(adapter_dir: Path) -> Path:
             names = list(LabelEncoder.fit(records).names) if get_task_kind(ft.kind).encodes_labels else None
@@ -456,6 +485,10 @@ def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progres
                 label_names=names,
                 overwrite=True,
                 progress=progress,
+                eval_records=eval_records,
+                keep_best=settings.keep_best,
+                checkpoint_dir=run.path,
+                checkpoint_every=settings.checkpoint_every,
             )
 
         with run.timed("finetune"):
@@ -463,15 +496,32 @@ def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progres
                 "adapter", train, load=lambda path: path, is_done=lambda path: (path / "adapter_config.json").is_file()
             )
         log = _read_log(adapter / "training_log.json")
-        losses = [float(e["loss"]) for e in log.get("epochs", [])]
+        epochs = [dict(e) for e in log.get("epochs", []) if isinstance(e, dict)]
+        kept = log.get("kept_epoch", len(epochs) or None)
         return FinetuneRunResult(
             out=run.path,
             adapter=adapter,
             reused="adapter" in run.reused,
-            epoch_losses=losses,
+            epoch_losses=[float(e["loss"]) for e in epochs],
             settings=settings,
             stage_seconds=run.stage_seconds,
+            epochs=epochs,
+            best_epoch=log.get("best_epoch"),
+            kept_epoch=int(kept) if kept is not None else None,
         )
+
+
+def _saved_finetune(settings: FinetuneSettings) -> dict[str, Any]:
+    """:class:`FinetuneSettings` as ``config.json`` holds them: without ``checkpoint_every`` (how often
+    to checkpoint changes no result), and the options added later (``eval_data``, ``keep_best``) only
+    when set, so folders written before they existed still resume (a missing key reads as unset)."""
+    saved = _saved(settings)
+    del saved["checkpoint_every"]
+    if saved.get("eval_data") is None:
+        del saved["eval_data"]
+    if saved.get("keep_best") is False:
+        del saved["keep_best"]
+    return saved
 
 
 def _read_log(path: Path) -> dict[str, Any]:

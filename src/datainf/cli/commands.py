@@ -71,9 +71,39 @@ def cmd_finetune(config: dict[str, Any]) -> int:
     if result.reused:
         print(f"adapter (already trained with these settings): {result.adapter}")
         return 0
-    print(f"training loss per epoch: {', '.join(f'{loss:.4f}' for loss in result.epoch_losses)}")
+    for line in _epoch_table(result.epochs, result.best_epoch, result.kept_epoch, keep_best=result.settings.keep_best):
+        print(line)
     print(f"adapter: {result.adapter}")
     return 0
+
+
+def _epoch_table(epochs: Sequence[dict[str, Any]], best: int | None, kept: int | None, *, keep_best: bool) -> list[str]:
+    """``datainf finetune``'s per-epoch table: training loss, and with ``--eval-data`` validation loss
+    and accuracy, the best epoch marked; then which epoch's adapter was kept."""
+    with_eval = any("eval_loss" in e for e in epochs)
+    with_acc = any("eval_accuracy" in e for e in epochs)
+    header = f"{'epoch':>5}  {'train loss':>10}"
+    if with_eval:
+        header += f"  {'val loss':>9}"
+    if with_acc:
+        header += f"  {'val acc':>7}"
+    lines = [header]
+    for e in epochs:
+        row = f"{e['epoch']:>5}  {e['loss']:>10.4f}"
+        if with_eval:
+            row += f"  {e['eval_loss']:>9.4f}" if "eval_loss" in e else f"  {'-':>9}"
+        if with_acc:
+            row += f"  {e['eval_accuracy']:>7.3f}" if "eval_accuracy" in e else f"  {'-':>7}"
+        if best is not None and e["epoch"] == best:
+            row += "  best"
+        lines.append(row)
+    if best is not None:
+        if keep_best:
+            which = "the best (--keep-best)"
+        else:
+            which = "the last" + (" (--keep-best keeps the best)" if kept != best else "")
+        lines.append(f"best epoch (lowest validation loss): {best}; adapter kept: epoch {kept}, {which}")
+    return lines
 
 
 def cmd_grads(config: dict[str, Any]) -> int:

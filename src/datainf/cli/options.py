@@ -296,6 +296,32 @@ def _finetune_options() -> list[Option]:
         Option("weight_decay", ("--weight-decay",), _to_float, 0.0, "AdamW weight decay"),
         Option("max_grad_norm", ("--max-grad-norm",), _optional(_to_float), 1.0, "gradient clipping norm (none: off)"),
         Option("seed", ("--seed",), _to_int, 0, "random seed"),
+        Option(
+            "eval_data",
+            ("--eval-data",),
+            _optional(_to_path),
+            None,
+            "validation data (same columns as --data): loss and accuracy per epoch, and the best epoch",
+            metavar="PATH",
+        ),
+        Option(
+            "keep_best",
+            ("--keep-best",),
+            _to_bool,
+            False,
+            "keep the adapter of the epoch with the lowest validation loss (needs --eval-data); "
+            "default: the last epoch's, the model the recipe trains",
+            action="flag",
+        ),
+        Option(
+            "checkpoint_every",
+            ("--checkpoint-every",),
+            _to_int,
+            50,
+            "optimiser steps between checkpoints (also at every epoch end; 0: epoch ends only); a rerun resumes",
+            saved=False,
+            metavar="N",
+        ),
     ]
 
 
