@@ -688,3 +688,38 @@ def test_demo_help_does_not_call_out_required(capsys):
     assert "datainf-out/demo" in text
     assert main(["score", "--help"]) == 0
     assert "output folder (required)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_grads_with_a_plain_peft_adapter_needs_label_names(env, stores, capsys, tmp_path):
+    import shutil
+
+    plain = Path(shutil.copytree(env["ft"] / "adapter", tmp_path / "plain-adapter"))
+    (plain / "datainf_adapter.json").unlink()  # as peft's save_pretrained leaves it: no label names
+    common = ["grads", "--model", env["model"], "--adapter", plain, "--data", env["train"], *COLUMNS, "-q"]
+    code, _, err = run(capsys, *common, "--max-length", "16", "--out", tmp_path / "g")
+    assert code == 2 and "--label-names" in err and "LABEL_0" in err
+    code, _, err = run(capsys, *common, "--max-length", "16", "--label-names", "neg,pos", "--out", tmp_path / "g")
+    assert code == 0, err
+    ours, theirs = GradientStore.open(stores["train"]), GradientStore.open(tmp_path / "g")
+    assert ours.ids == theirs.ids
+    a, b = ours.to_dict(), theirs.to_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["label_names"] == ["neg", "pos"]
+
+
+def test_grads_with_a_plain_peft_adapter_reads_real_id2label_names(env, stores, capsys, tmp_path):
+    import shutil
+
+    plain = Path(shutil.copytree(env["ft"] / "adapter", tmp_path / "plain-adapter"))
+    (plain / "datainf_adapter.json").unlink()
+    base = Path(shutil.copytree(env["model"], tmp_path / "named-base"))
+    config = json.loads((base / "config.json").read_text())
+    config["id2label"], config["label2id"] = {"0": "neg", "1": "pos"}, {"neg": 0, "pos": 1}
+    (base / "config.json").write_text(json.dumps(config))
+    code, _, err = run(
+        capsys, "grads", "--model", base, "--adapter", plain, "--data", env["train"], *COLUMNS, "--max-length", "16",
+        "-q", "--out", tmp_path / "g",
+    )  # fmt: skip
+    assert code == 0, err
+    a, b = GradientStore.open(stores["train"]).to_dict(), GradientStore.open(tmp_path / "g").to_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

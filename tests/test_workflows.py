@@ -303,3 +303,28 @@ def test_an_interrupted_finetune_run_resumes_from_its_checkpoint(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert result.epoch_losses == reference.epoch_losses and result.kept_epoch == 3 and result.best_epoch is None
     assert not (tmp_path / "run" / "finetune-checkpoint.pt").exists()
+
+
+def test_finetune_run_names_classes_after_a_classlabel_column(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records from a datasets ClassLabel column carry class ids; the adapter records the column's names."""
+    from tiny_models import save_tiny_model
+
+    import datainf.data.labels as labels
+
+    model = save_tiny_model(tmp_path / "tiny", num_labels=3)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"good {i}", "label": i % 2}) + "\n" for i in range(8)))
+    seen: list[tuple[str, str]] = []
+
+    def fake_class_label_names(source: object, field: str = "label") -> tuple[str, ...] | None:
+        seen.append((str(source), field))
+        return ("world", "sports", "business")  # three classes, one absent from the training data
+
+    monkeypatch.setattr(labels, "class_label_names", fake_class_label_names)
+    result = finetune_run(
+        FinetuneSettings(out=str(tmp_path / "run"), model=str(model), data=str(data), epochs=1, batch_size=4),
+        progress=False,
+    )
+    meta = json.loads((result.adapter / "datainf_adapter.json").read_text())
+    assert meta["label_names"] == ["world", "sports", "business"] and meta["num_labels"] == 3
+    assert seen == [(str(data), "label")]

@@ -198,7 +198,10 @@ class GradientsSettings:
         kind: task kind (default: the adapter's, else ``classification``).
         max_length: longest token sequence (default: the adapter's training value, else the model's limit).
         device: ``cpu``, ``cuda`` (this rank's GPU under torchrun), ``cuda:1``, ...
-        num_labels: classes of the classifier (default: the adapter's).
+        num_labels: classes of the classifier (default: the adapter's, else the number of ``label_names``).
+        label_names: the classifier's class names in class-id order (``"a,b,c"`` or a sequence), for
+            adapters that do not record them (trained without datainf); default: the adapter's, else
+            the model config's ``id2label`` when it holds real names (not ``LABEL_0``, ...).
         grad_batch_size: examples per forward/backward pass.
         dtype: storage dtype of the gradients.
         shard_size: examples per gradient shard file.
@@ -213,6 +216,7 @@ class GradientsSettings:
     max_length: int | None = None
     device: str = "cpu"
     num_labels: int | None = None
+    label_names: tuple[str, ...] | None = None
     grad_batch_size: int = 16
     dtype: str = "float32"
     shard_size: int = 1024
@@ -225,6 +229,7 @@ class GradientsSettings:
 
     def __post_init__(self) -> None:
         _normalise(self, ("model", "adapter", "data"), {"kind": _loadable_kinds(), "dtype": _DTYPES})
+        _normalise_label_names(self)
 
 
 @dataclass(frozen=True)
@@ -235,8 +240,8 @@ class ScoreSettings:
     Attributes:
         out: the run folder.
         train_grads, test_grads: gradient stores of the training and test examples.
-        model, adapter, kind, max_length, device, num_labels, grad_batch_size, dtype, shard_size:
-            as in :class:`GradientsSettings` (used with ``train_data`` / ``test_data``).
+        model, adapter, kind, max_length, device, num_labels, label_names, grad_batch_size, dtype,
+            shard_size: as in :class:`GradientsSettings` (used with ``train_data`` / ``test_data``).
         train_data, test_data: training and test data.
         text_column, label_column, prompt_column, response_column, id_column: as in :class:`FinetuneSettings`.
         method: influence method names (see :func:`datainf.methods.available_methods`).
@@ -266,6 +271,7 @@ class ScoreSettings:
     max_length: int | None = None
     device: str = "cpu"
     num_labels: int | None = None
+    label_names: tuple[str, ...] | None = None
     grad_batch_size: int = 16
     dtype: str = "float32"
     shard_size: int = 1024
@@ -297,6 +303,7 @@ class ScoreSettings:
                 "table_format": ("csv", "parquet"),
             },
         )
+        _normalise_label_names(self)
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"normalize must be True or False, got {self.normalize!r}.")
         if self.loss_baseline is not None and not isinstance(self.loss_baseline, bool):
@@ -339,6 +346,13 @@ class ReportSettings:
         if self.scores is not None:
             files = (self.scores,) if isinstance(self.scores, (str, os.PathLike)) else self.scores
             object.__setattr__(self, "scores", tuple(str(_input_path(f)) for f in files))
+
+
+def _normalise_label_names(settings: Any) -> None:
+    """``label_names`` as a tuple of names (from ``"a,b,c"`` or a sequence), or ``None``."""
+    from datainf.data.labels import parse_label_names
+
+    object.__setattr__(settings, "label_names", parse_label_names(settings.label_names))
 
 
 def _saved(settings: Any) -> dict[str, Any]:
@@ -467,8 +481,18 @@ def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progres
         eval_records = _load_data(settings.eval_data, settings, ft.kind, "--eval-data") if settings.eval_data else None
         run = RunDir.claim(settings.out, kind="finetune", settings=_saved_finetune(settings), overwrite=overwrite)
 
+        class_names = _class_label_names(settings) if get_task_kind(ft.kind).encodes_labels else None
+        if class_names is not None:  # a datasets ClassLabel column: its values are class ids, its names the classes
+            records = _labels_as_names(records, class_names, "--data")
+            if eval_records is not None:
+                eval_records = _labels_as_names(eval_records, class_names, "--eval-data")
+
         def train(adapter_dir: Path) -> Path:
-            names = list(LabelEncoder.fit(records).names) if get_task_kind(ft.kind).encodes_labels else None
+            names: list[str] | None = None
+            if class_names is not None:
+                names = list(class_names)
+            elif get_task_kind(ft.kind).encodes_labels:
+                names = list(LabelEncoder.fit(records).names)
             model, tokenizer = load_model(
                 str(settings.model),
                 kind=ft.kind,
@@ -509,6 +533,32 @@ def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progres
             best_epoch=log.get("best_epoch"),
             kept_epoch=int(kept) if kept is not None else None,
         )
+
+
+def _class_label_names(settings: FinetuneSettings) -> tuple[str, ...] | None:
+    """The class names of the training data's label column when it is a ``datasets`` ``ClassLabel``."""
+    from datainf.data.labels import class_label_names
+
+    return class_label_names(settings.data, settings.label_column or "label") if settings.data else None
+
+
+def _labels_as_names(records: list[dict[str, Any]], names: Sequence[str], flag: str) -> list[dict[str, Any]]:
+    """``records`` with ``ClassLabel`` class ids replaced by the class names (names are kept as they are)."""
+    from datainf.data.labels import LabelEncoder
+
+    encoder = LabelEncoder.from_names(names)
+    out = []
+    for record in records:
+        label = record.get("label")
+        if isinstance(label, int) and not isinstance(label, bool):
+            if not 0 <= label < len(names):
+                raise DatasetError(
+                    f"{flag}: record {record.get('id')!r} has label {label}, outside the ClassLabel's {len(names)} "
+                    f"classes {list(names)[:10]}."
+                )
+            record = {**record, "label": encoder.names[label]}
+        out.append(record)
+    return out
 
 
 def _saved_finetune(settings: FinetuneSettings) -> dict[str, Any]:
@@ -790,6 +840,8 @@ def _saved_score(settings: ScoreSettings) -> dict[str, Any]:
         del saved["normalize"]
     if saved.get("loss_baseline") is None:
         del saved["loss_baseline"]
+    if saved.get("label_names") is None:
+        del saved["label_names"]
     return saved
 
 
@@ -958,18 +1010,21 @@ def _model_and_task(
     kind = str(settings.kind)
     task_kind = get_task_kind(kind)
     device = dist_context().resolve_device(settings.device)  # "cuda" -> this rank's GPU under torchrun
+    num_labels = settings.num_labels
+    if num_labels is None and settings.label_names and task_kind.encodes_labels and not meta.get("num_labels"):
+        num_labels = len(settings.label_names)
     model, tokenizer = load_model(
         str(settings.model),
         kind=kind,
-        num_labels=settings.num_labels,
+        num_labels=num_labels,
         adapter=settings.adapter,
         device=str(device),
     )
     if task_kind.encodes_labels:
-        encoder = LabelEncoder.from_model(model, meta)
+        encoder = LabelEncoder.from_model(model, meta, label_names=settings.label_names)
         records = {role: encoder.encode(recs, role) for role, recs in records.items()}
-    num_labels = getattr(model.config, "num_labels", None)
-    task = task_kind.make_task(tokenizer, max_length=settings.max_length, num_labels=num_labels)
+    head = getattr(model.config, "num_labels", None)
+    task = task_kind.make_task(tokenizer, max_length=settings.max_length, num_labels=head)
     return model, task, dict(records)
 
 

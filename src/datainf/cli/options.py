@@ -246,6 +246,17 @@ def _model_options(adapter_required: bool) -> list[Option]:
         )
         opts.append(
             Option(
+                "label_names",
+                ("--label-names",),
+                _optional(_to_list),
+                None,
+                "the classifier's class names in class-id order, e.g. neg,pos (for adapters trained without "
+                "datainf; default: the adapter's, else the model config's id2label)",
+                metavar="A,B,...",
+            )
+        )
+        opts.append(
+            Option(
                 "grad_batch_size",
                 ("--grad-batch-size",),
                 _to_int,
