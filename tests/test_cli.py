@@ -723,3 +723,32 @@ def test_grads_with_a_plain_peft_adapter_reads_real_id2label_names(env, stores, 
     assert code == 0, err
     a, b = GradientStore.open(stores["train"]).to_dict(), GradientStore.open(tmp_path / "g").to_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lissa_divergence_is_said_once_in_the_cli_words(capsys, tmp_path):
+    dims = {"layer.lora_A": 6, "layer.lora_B": 4}
+    generator = torch.Generator().manual_seed(0)
+    for name, n in (("train", 12), ("test", 3)):
+        store = GradientStore.create(tmp_path / name, block_dims=dims, fingerprint={"model": "m"})
+        grads = {k: 10 * torch.randn(n, d, generator=generator) for k, d in dims.items()}  # spectrum far above 2
+        store.append([f"{name}{i}" for i in range(n)], grads)
+        store.finalize()
+    common = ["score", "--train-grads", tmp_path / "train", "--test-grads", tmp_path / "test", "-q"]
+    code, out, err = run(capsys, *common, "--method", "lissa,datainf", "--out", tmp_path / "s")
+    assert code == 0, err
+    assert err.count("LiSSA diverged") == 1
+    assert """--method-options '{"lissa": {"scale": "trace"}}'""" in err
+    assert "LissaDivergenceWarning" not in err and "warnings.warn" not in err  # no raw Python warning
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("lissa", "datainf"))}
+    assert "(diverged)" in rows["lissa"] and "(diverged)" not in rows["datainf"]
+    code, out, err = run(
+        capsys,
+        *common,
+        "--method",
+        "lissa",
+        "--method-options",
+        '{"lissa": {"scale": "trace"}}',
+        "--out",
+        tmp_path / "t",
+    )
+    assert code == 0 and "diverged" not in err + out
