@@ -286,13 +286,18 @@ class LabelEncoder:
         names = (adapter_meta or {}).get("label_names")
         if names:
             return cls(tuple(str(n) for n in names))
-        id2label = getattr(config, "id2label", None) or {}
-        if id2label:
-            ordered = sorted(((int(k), str(v)) for k, v in id2label.items()), key=lambda kv: kv[0])
-            return cls(tuple(name for _, name in ordered), class_ids=True)
         label2id = getattr(config, "label2id", None) or {}
-        ordered_names = sorted(((str(k), int(v)) for k, v in label2id.items()), key=lambda kv: kv[1])
-        return cls(tuple(name for name, _ in ordered_names), class_ids=True)
+        by_label2id = tuple(n for n, _ in sorted(((str(k), int(v)) for k, v in label2id.items()), key=lambda kv: kv[1]))
+        id2label = getattr(config, "id2label", None) or {}
+        by_id2label = tuple(str(v) for _, v in sorted(((int(k), v) for k, v in id2label.items()), key=lambda kv: kv[0]))
+        # real names win over transformers' LABEL_i placeholders, from whichever map holds them
+        if (
+            (not by_label2id or is_placeholder_names(by_label2id))
+            and by_id2label
+            and not is_placeholder_names(by_id2label)
+        ):
+            return cls(by_id2label, class_ids=True)
+        return cls(by_label2id or by_id2label, class_ids=True)
 
     # ------------------------------------------------------------------------------------ mapping
 
