@@ -124,6 +124,31 @@ def test_finetune_writes_adapter_and_replayable_config(env, capsys, tmp_path):
     assert code == 0 and "already trained" in out
 
 
+def test_finetune_eval_data_prints_the_epoch_table(env, capsys, tmp_path):
+    common = ["finetune", "--model", env["model"], "--data", env["train"], *COLUMNS, "--epochs", "3"]
+    common += ["--batch-size", "8", "--lr", "0.01", "--max-length", "16", "--eval-data", env["test"], "-q"]
+    code, out, err = run(capsys, *common, "--out", tmp_path / "last")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["epoch", "train", "loss", "val", "loss", "val", "acc"]
+    assert [line.split()[0] for line in lines[1:4]] == ["1", "2", "3"]
+    assert sum(line.endswith("best") for line in lines[1:4]) == 1
+    assert "adapter kept: epoch 3, the last" in out
+    log = json.loads((tmp_path / "last" / "adapter" / "training_log.json").read_text())
+    assert [round(e["eval_loss"], 4) for e in log["epochs"]] == [float(line.split()[2]) for line in lines[1:4]]
+    saved = json.loads((tmp_path / "last" / "config.json").read_text())
+    assert saved["eval_data"] == str(env["test"]) and "checkpoint_every" not in saved and "keep_best" not in saved
+
+    code, out, err = run(capsys, *common, "--keep-best", "--out", tmp_path / "best")
+    assert code == 0, err
+    best = log["best_epoch"]
+    assert f"adapter kept: epoch {best}, the best (--keep-best)" in out
+    assert json.loads((tmp_path / "best" / "config.json").read_text())["keep_best"] is True
+
+    code, _, err = run(capsys, *common[:-3], "-q", "--keep-best", "--out", tmp_path / "no-eval")
+    assert code == 2 and "--eval-data" in err and not (tmp_path / "no-eval").exists()
+
+
 def test_config_file_yaml_with_flag_override(env, capsys, tmp_path):
     cfg = tmp_path / "ft.yaml"
     cfg.write_text(
@@ -654,3 +679,76 @@ def test_python_dash_m_entry_point():
         timeout=120,
     )
     assert done.returncode == 2 and done.stderr.startswith("datainf: error: Bad value 'abc' for --damping")
+
+
+def test_demo_help_does_not_call_out_required(capsys):
+    assert main(["demo", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(required)" not in text
+    assert "datainf-out/demo" in text
+    assert main(["score", "--help"]) == 0
+    assert "output folder (required)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_grads_with_a_plain_peft_adapter_needs_label_names(env, stores, capsys, tmp_path):
+    import shutil
+
+    plain = Path(shutil.copytree(env["ft"] / "adapter", tmp_path / "plain-adapter"))
+    (plain / "datainf_adapter.json").unlink()  # as peft's save_pretrained leaves it: no label names
+    common = ["grads", "--model", env["model"], "--adapter", plain, "--data", env["train"], *COLUMNS, "-q"]
+    code, _, err = run(capsys, *common, "--max-length", "16", "--out", tmp_path / "g")
+    assert code == 2 and "--label-names" in err and "LABEL_0" in err
+    code, _, err = run(capsys, *common, "--max-length", "16", "--label-names", "neg,pos", "--out", tmp_path / "g")
+    assert code == 0, err
+    ours, theirs = GradientStore.open(stores["train"]), GradientStore.open(tmp_path / "g")
+    assert ours.ids == theirs.ids
+    a, b = ours.to_dict(), theirs.to_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["label_names"] == ["neg", "pos"]
+
+
+def test_grads_with_a_plain_peft_adapter_reads_real_id2label_names(env, stores, capsys, tmp_path):
+    import shutil
+
+    plain = Path(shutil.copytree(env["ft"] / "adapter", tmp_path / "plain-adapter"))
+    (plain / "datainf_adapter.json").unlink()
+    base = Path(shutil.copytree(env["model"], tmp_path / "named-base"))
+    config = json.loads((base / "config.json").read_text())
+    config["id2label"], config["label2id"] = {"0": "neg", "1": "pos"}, {"neg": 0, "pos": 1}
+    (base / "config.json").write_text(json.dumps(config))
+    code, _, err = run(
+        capsys, "grads", "--model", base, "--adapter", plain, "--data", env["train"], *COLUMNS, "--max-length", "16",
+        "-q", "--out", tmp_path / "g",
+    )  # fmt: skip
+    assert code == 0, err
+    a, b = GradientStore.open(stores["train"]).to_dict(), GradientStore.open(tmp_path / "g").to_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lissa_divergence_is_said_once_in_the_cli_words(capsys, tmp_path):
+    dims = {"layer.lora_A": 6, "layer.lora_B": 4}
+    generator = torch.Generator().manual_seed(0)
+    for name, n in (("train", 12), ("test", 3)):
+        store = GradientStore.create(tmp_path / name, block_dims=dims, fingerprint={"model": "m"})
+        grads = {k: 10 * torch.randn(n, d, generator=generator) for k, d in dims.items()}  # spectrum far above 2
+        store.append([f"{name}{i}" for i in range(n)], grads)
+        store.finalize()
+    common = ["score", "--train-grads", tmp_path / "train", "--test-grads", tmp_path / "test", "-q"]
+    code, out, err = run(capsys, *common, "--method", "lissa,datainf", "--out", tmp_path / "s")
+    assert code == 0, err
+    assert err.count("LiSSA diverged") == 1
+    assert """--method-options '{"lissa": {"scale": "trace"}}'""" in err
+    assert "LissaDivergenceWarning" not in err and "warnings.warn" not in err  # no raw Python warning
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("lissa", "datainf"))}
+    assert "(diverged)" in rows["lissa"] and "(diverged)" not in rows["datainf"]
+    code, out, err = run(
+        capsys,
+        *common,
+        "--method",
+        "lissa",
+        "--method-options",
+        '{"lissa": {"scale": "trace"}}',
+        "--out",
+        tmp_path / "t",
+    )
+    assert code == 0 and "diverged" not in err + out

@@ -141,6 +141,13 @@ class FinetuneSettings:
         r, alpha, target_modules, dropout: LoRA rank, alpha, adapted layer names, dropout.
         epochs, lr, batch_size, warmup_ratio, weight_decay, max_grad_norm, seed: training (AdamW,
             linear schedule; ``max_grad_norm=None`` turns clipping off).
+        eval_data: validation data (same columns as ``data``): loss, and accuracy for
+            classification, after every epoch, and the best epoch (:func:`datainf.finetune.finetune_lora`).
+        keep_best: keep the best epoch's adapter (lowest validation loss; needs ``eval_data``)
+            instead of the last one (default: the last, so the scores explain the model the recipe trained).
+        checkpoint_every: optimiser steps between checkpoints (``<out>/finetune-checkpoint.pt``, also
+            written at every epoch end; ``0``: epoch ends only). An interrupted run resumes from the last
+            one when rerun with the same settings. Not part of the configuration (not in ``config.json``).
     """
 
     out: str | None = None
@@ -165,9 +172,19 @@ class FinetuneSettings:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     seed: int = 0
+    eval_data: str | None = None
+    keep_best: bool = False
+    checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
-        _normalise(self, ("model", "data"), {"kind": _trainable_kinds()})
+        _normalise(self, ("model", "data", "eval_data"), {"kind": _trainable_kinds()})
+        if not isinstance(self.keep_best, bool):
+            raise ConfigError(f"keep_best must be True or False, got {self.keep_best!r}.")
+        if self.keep_best and not self.eval_data:
+            raise ConfigError("--keep-best picks the epoch with the lowest validation loss: pass --eval-data PATH too.")
+        every = self.checkpoint_every
+        if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+            raise ConfigError(f"checkpoint_every must be an integer >= 0 (0: at epoch ends only), got {every!r}.")
 
 
 @dataclass(frozen=True)
@@ -181,7 +198,10 @@ class GradientsSettings:
         kind: task kind (default: the adapter's, else ``classification``).
         max_length: longest token sequence (default: the adapter's training value, else the model's limit).
         device: ``cpu``, ``cuda`` (this rank's GPU under torchrun), ``cuda:1``, ...
-        num_labels: classes of the classifier (default: the adapter's).
+        num_labels: classes of the classifier (default: the adapter's, else the number of ``label_names``).
+        label_names: the classifier's class names in class-id order (``"a,b,c"`` or a sequence), for
+            adapters that do not record them (trained without datainf); default: the adapter's, else
+            the model config's ``id2label`` when it holds real names (not ``LABEL_0``, ...).
         grad_batch_size: examples per forward/backward pass.
         dtype: storage dtype of the gradients.
         shard_size: examples per gradient shard file.
@@ -196,6 +216,7 @@ class GradientsSettings:
     max_length: int | None = None
     device: str = "cpu"
     num_labels: int | None = None
+    label_names: tuple[str, ...] | None = None
     grad_batch_size: int = 16
     dtype: str = "float32"
     shard_size: int = 1024
@@ -208,6 +229,7 @@ class GradientsSettings:
 
     def __post_init__(self) -> None:
         _normalise(self, ("model", "adapter", "data"), {"kind": _loadable_kinds(), "dtype": _DTYPES})
+        _normalise_label_names(self)
 
 
 @dataclass(frozen=True)
@@ -218,8 +240,8 @@ class ScoreSettings:
     Attributes:
         out: the run folder.
         train_grads, test_grads: gradient stores of the training and test examples.
-        model, adapter, kind, max_length, device, num_labels, grad_batch_size, dtype, shard_size:
-            as in :class:`GradientsSettings` (used with ``train_data`` / ``test_data``).
+        model, adapter, kind, max_length, device, num_labels, label_names, grad_batch_size, dtype,
+            shard_size: as in :class:`GradientsSettings` (used with ``train_data`` / ``test_data``).
         train_data, test_data: training and test data.
         text_column, label_column, prompt_column, response_column, id_column: as in :class:`FinetuneSettings`.
         method: influence method names (see :func:`datainf.methods.available_methods`).
@@ -249,6 +271,7 @@ class ScoreSettings:
     max_length: int | None = None
     device: str = "cpu"
     num_labels: int | None = None
+    label_names: tuple[str, ...] | None = None
     grad_batch_size: int = 16
     dtype: str = "float32"
     shard_size: int = 1024
@@ -280,6 +303,7 @@ class ScoreSettings:
                 "table_format": ("csv", "parquet"),
             },
         )
+        _normalise_label_names(self)
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"normalize must be True or False, got {self.normalize!r}.")
         if self.loss_baseline is not None and not isinstance(self.loss_baseline, bool):
@@ -324,6 +348,13 @@ class ReportSettings:
             object.__setattr__(self, "scores", tuple(str(_input_path(f)) for f in files))
 
 
+def _normalise_label_names(settings: Any) -> None:
+    """``label_names`` as a tuple of names (from ``"a,b,c"`` or a sequence), or ``None``."""
+    from datainf.data.labels import parse_label_names
+
+    object.__setattr__(settings, "label_names", parse_label_names(settings.label_names))
+
+
 def _saved(settings: Any) -> dict[str, Any]:
     """The settings as ``config.json`` holds them (tuples as lists, mappings as dicts)."""
     return json.loads(json.dumps(asdict(settings), default=str))
@@ -334,7 +365,15 @@ def _saved(settings: Any) -> dict[str, Any]:
 
 @dataclass
 class FinetuneRunResult:
-    """What :func:`finetune_run` did: the adapter folder, whether it was already there, the losses."""
+    """What :func:`finetune_run` did: the adapter folder, whether it was already there, the losses.
+
+    Attributes:
+        epochs: one row per epoch from ``training_log.json``: ``epoch``, ``loss`` (mean training
+            loss), ``seconds``, and with ``eval_data`` ``eval_loss`` (plus ``eval_accuracy`` for
+            classification).
+        best_epoch: the epoch with the lowest validation loss (``None`` without ``eval_data``).
+        kept_epoch: the epoch whose adapter was saved (the last unless ``keep_best``).
+    """
 
     out: Path
     adapter: Path
@@ -342,6 +381,9 @@ class FinetuneRunResult:
     epoch_losses: list[float]
     settings: FinetuneSettings
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int | None = None
+    kept_epoch: int | None = None
 
 
 @dataclass
@@ -436,10 +478,21 @@ def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progres
             }
         )
         records = _load_data(settings.data, settings, ft.kind, "--data")
-        run = RunDir.claim(settings.out, kind="finetune", settings=_saved(settings), overwrite=overwrite)
+        eval_records = _load_data(settings.eval_data, settings, ft.kind, "--eval-data") if settings.eval_data else None
+        run = RunDir.claim(settings.out, kind="finetune", settings=_saved_finetune(settings), overwrite=overwrite)
+
+        class_names = _class_label_names(settings) if get_task_kind(ft.kind).encodes_labels else None
+        if class_names is not None:  # a datasets ClassLabel column: its values are class ids, its names the classes
+            records = _labels_as_names(records, class_names, "--data")
+            if eval_records is not None:
+                eval_records = _labels_as_names(eval_records, class_names, "--eval-data")
 
         def train(adapter_dir: Path) -> Path:
-            names = list(LabelEncoder.fit(records).names) if get_task_kind(ft.kind).encodes_labels else None
+            names: list[str] | None = None
+            if class_names is not None:
+                names = list(class_names)
+            elif get_task_kind(ft.kind).encodes_labels:
+                names = list(LabelEncoder.fit(records).names)
             model, tokenizer = load_model(
                 str(settings.model),
                 kind=ft.kind,
@@ -456,6 +509,10 @@ def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progres
                 label_names=names,
                 overwrite=True,
                 progress=progress,
+                eval_records=eval_records,
+                keep_best=settings.keep_best,
+                checkpoint_dir=run.path,
+                checkpoint_every=settings.checkpoint_every,
             )
 
         with run.timed("finetune"):
@@ -463,15 +520,58 @@ def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progres
                 "adapter", train, load=lambda path: path, is_done=lambda path: (path / "adapter_config.json").is_file()
             )
         log = _read_log(adapter / "training_log.json")
-        losses = [float(e["loss"]) for e in log.get("epochs", [])]
+        epochs = [dict(e) for e in log.get("epochs", []) if isinstance(e, dict)]
+        kept = log.get("kept_epoch", len(epochs) or None)
         return FinetuneRunResult(
             out=run.path,
             adapter=adapter,
             reused="adapter" in run.reused,
-            epoch_losses=losses,
+            epoch_losses=[float(e["loss"]) for e in epochs],
             settings=settings,
             stage_seconds=run.stage_seconds,
+            epochs=epochs,
+            best_epoch=log.get("best_epoch"),
+            kept_epoch=int(kept) if kept is not None else None,
         )
+
+
+def _class_label_names(settings: FinetuneSettings) -> tuple[str, ...] | None:
+    """The class names of the training data's label column when it is a ``datasets`` ``ClassLabel``."""
+    from datainf.data.labels import class_label_names
+
+    return class_label_names(settings.data, settings.label_column or "label") if settings.data else None
+
+
+def _labels_as_names(records: list[dict[str, Any]], names: Sequence[str], flag: str) -> list[dict[str, Any]]:
+    """``records`` with ``ClassLabel`` class ids replaced by the class names (names are kept as they are)."""
+    from datainf.data.labels import LabelEncoder
+
+    encoder = LabelEncoder.from_names(names)
+    out = []
+    for record in records:
+        label = record.get("label")
+        if isinstance(label, int) and not isinstance(label, bool):
+            if not 0 <= label < len(names):
+                raise DatasetError(
+                    f"{flag}: record {record.get('id')!r} has label {label}, outside the ClassLabel's {len(names)} "
+                    f"classes {list(names)[:10]}."
+                )
+            record = {**record, "label": encoder.names[label]}
+        out.append(record)
+    return out
+
+
+def _saved_finetune(settings: FinetuneSettings) -> dict[str, Any]:
+    """:class:`FinetuneSettings` as ``config.json`` holds them: without ``checkpoint_every`` (how often
+    to checkpoint changes no result), and the options added later (``eval_data``, ``keep_best``) only
+    when set, so folders written before they existed still resume (a missing key reads as unset)."""
+    saved = _saved(settings)
+    del saved["checkpoint_every"]
+    if saved.get("eval_data") is None:
+        del saved["eval_data"]
+    if saved.get("keep_best") is False:
+        del saved["keep_best"]
+    return saved
 
 
 def _read_log(path: Path) -> dict[str, Any]:
@@ -740,6 +840,8 @@ def _saved_score(settings: ScoreSettings) -> dict[str, Any]:
         del saved["normalize"]
     if saved.get("loss_baseline") is None:
         del saved["loss_baseline"]
+    if saved.get("label_names") is None:
+        del saved["label_names"]
     return saved
 
 
@@ -908,18 +1010,21 @@ def _model_and_task(
     kind = str(settings.kind)
     task_kind = get_task_kind(kind)
     device = dist_context().resolve_device(settings.device)  # "cuda" -> this rank's GPU under torchrun
+    num_labels = settings.num_labels
+    if num_labels is None and settings.label_names and task_kind.encodes_labels and not meta.get("num_labels"):
+        num_labels = len(settings.label_names)
     model, tokenizer = load_model(
         str(settings.model),
         kind=kind,
-        num_labels=settings.num_labels,
+        num_labels=num_labels,
         adapter=settings.adapter,
         device=str(device),
     )
     if task_kind.encodes_labels:
-        encoder = LabelEncoder.from_model(model, meta)
+        encoder = LabelEncoder.from_model(model, meta, label_names=settings.label_names)
         records = {role: encoder.encode(recs, role) for role, recs in records.items()}
-    num_labels = getattr(model.config, "num_labels", None)
-    task = task_kind.make_task(tokenizer, max_length=settings.max_length, num_labels=num_labels)
+    head = getattr(model.config, "num_labels", None)
+    task = task_kind.make_task(tokenizer, max_length=settings.max_length, num_labels=head)
     return model, task, dict(records)
 
 
