@@ -14,6 +14,7 @@ PARTS = (
     "results_mislabel.md",
     "results_generation.md",
     "results_distributed.md",
+    "results_redesign.md",
 )
 
 HEADER = """# Benchmarks

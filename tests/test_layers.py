@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("settings", "distributed", "store", "data", "evaluation"),
     ("tasks", "scores", "runs"),
     ("models", "gradients", "methods"),
-    ("finetune", "influence", "testing", "reference", "report"),
+    ("finetune", "influence", "testing", "reference", "report", "baselines"),
     ("explain", "workflows"),
     ("demos",),
     ("cli",),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -203,3 +204,66 @@ def test_scores_report_bad_inputs(tmp_path):
     with pytest.raises(Exception, match="k and max_test_examples"):
         write_scores_report(tmp_path / "r", scores, [{"id": "a"}], k=0)
     assert not Path(tmp_path / "r").exists()
+
+
+def test_scores_report_self_influence_and_loss_baseline(tmp_path):
+    from datainf.baselines import LOSS_SIGN_CONVENTION
+    from datainf.influence import SELF_SIGN_CONVENTION
+
+    records = [{"id": f"t{i}", "text": f"text of t{i}", "label": "a"} for i in range(5)]
+    ids = [r["id"] for r in records]
+    own = Scores(
+        values=torch.tensor([0.2, 5.0, 1.0, 0.0, 3.0], dtype=torch.float64),
+        train_ids=ids,
+        test_ids=[],
+        method="datainf",
+        mode="self",
+        settings={"damping": 0.1, "normalize": True},
+        sign_convention=SELF_SIGN_CONVENTION,
+    )
+    loss = Scores(
+        values=torch.tensor([2.0, 0.1, 0.3, 4.0, 0.2], dtype=torch.float64),
+        train_ids=ids,
+        test_ids=[],
+        method="loss",
+        mode="self",
+        sign_convention=LOSS_SIGN_CONVENTION,
+    )
+    html = write_scores_report(tmp_path / "r", {"datainf (self)": own, "loss": loss}, records, k=2).read_text()
+    first = section(html, "<h2>datainf (self)</h2>", "<h2>loss</h2>")
+    assert "no test set (self-influence" in first and "unit-normalised gradients" in first
+    assert "on the mean test loss" not in html and "0 test examples" not in html
+    assert row_ids(section(first, "Highest self-influence", "Lowest self-influence")) == ["t1", "t4"]
+    assert row_ids(section(first, "Lowest self-influence")) == ["t3", "t0"]
+    assert "<th>self-influence</th>" in first
+    second = section(html, "<h2>loss</h2>", "Distribution")
+    assert "training-loss baseline" in second and "damping" not in second
+    assert row_ids(section(second, "Highest training loss", "Lowest training loss")) == ["t3", "t0"]
+    assert "<th>training loss</th>" in second
+    assert "One panel per method" in html
+
+
+def test_mislabel_report_draws_the_loss_baseline_on_the_detection_curve(tmp_path, monkeypatch):
+    records, scores, table, names = mislabel_setup()
+    ids = [r["id"] for r in records]
+    loss = Scores(
+        values=torch.tensor([float(r["is_flipped"]) + 0.01 * i for i, r in enumerate(records)], dtype=torch.float64),
+        train_ids=ids,
+        test_ids=[],
+        method="loss",
+        mode="self",
+    )
+    drawn: dict[str, tuple[Any, Any]] = {}
+    monkeypatch.setattr(report_module, "_detection_curve_png", lambda path, curves, share: drawn.update(curves))
+    html = write_mislabel_report(
+        tmp_path / "rep",
+        table=table + [{"method": "training loss", "auc": 1.0, "found_at_10": 0.5, "found_at_20": 1.0, "seconds": 0.1}],
+        scores={**scores, "training loss": loss},
+        records=records,
+        label_names=names,
+    ).read_text()
+    assert list(drawn) == ["datainf", "hessian_free", "training loss"]
+    x, y = drawn["training loss"]  # the loss ranks the four flipped examples first: all found after 4 of 20
+    assert float(y[list(x).index(0.2)]) == 1.0
+    top = row_ids(section(html, "<h3>training loss"))
+    assert top[:4] == ["x16", "x11", "x7", "x2"] and "<th>training loss</th>" in section(html, "<h3>training loss")

@@ -101,7 +101,7 @@ def test_foreign_non_empty_folder_is_refused_even_with_overwrite(tmp_path: Path)
     )
     assert not accepted.is_resumed and (tmp_path / "thesis.tex").is_file()
     (tmp_path / CONFIG_FILE).unlink()
-    RunDir.claim(tmp_path, kind="score", settings=SETTINGS, allow_foreign=lambda p: True, overwrite=True)
+    RunDir.claim(tmp_path, kind="score", settings=SETTINGS, allow_foreign=lambda p: True, overwrite=True).release()
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_FILE]
 
 
@@ -134,6 +134,7 @@ def test_config_is_written_atomically(tmp_path: Path, monkeypatch: pytest.Monkey
         RunDir.claim(tmp_path, kind="score", settings=SETTINGS)  # resumes, rewriting config.json
     monkeypatch.undo()
     assert (tmp_path / CONFIG_FILE).read_bytes() == before  # never half-written
+    RunDir(tmp_path).release()  # the first claim's lock (the interrupted claim released its own)
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_FILE]  # no temporary file left
     run = RunDir.claim(tmp_path / "w", kind="score", settings=SETTINGS, write_config=False)
     assert not (run.path / CONFIG_FILE).exists()

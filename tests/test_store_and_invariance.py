@@ -95,8 +95,12 @@ def test_corrupted_store_is_refused(tmp_path):
     with pytest.raises(StoreCorruptedError, match="checksum"):
         GradientStore.open(path).verify()
     shard.write_bytes(b"\xff" * len(data))  # same size, unreadable header
+    with pytest.raises(StoreCorruptedError, match="shard-00001.safetensors of the gradient store .* SHA-256"):
+        list(GradientStore.open(path).iter_batches())  # refused by its checksum before it is parsed
+    unchecked = GradientStore.open(path)
+    unchecked.verify_checksums = False
     with pytest.raises(StoreCorruptedError, match="cannot be read"):
-        list(GradientStore.open(path).iter_batches())
+        list(unchecked.iter_batches())
     (path / "manifest.json").write_text("{not json")
     with pytest.raises(StoreCorruptedError, match="unreadable"):
         GradientStore.open(path)

@@ -178,3 +178,90 @@ def test_scores_write_table(tmp_path: Path) -> None:
     assert parquet.suffix == ".parquet" and pd.read_parquet(parquet)["rank"].tolist() == [2, 3, 1]
     with pytest.raises(ConfigError, match="Unknown table format"):
         scores.write_table(tmp_path / "x", "xlsx")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- self mode, normalize
+
+
+def test_score_run_self_mode_from_one_store(stores: tuple[Path, Path], tmp_path: Path) -> None:
+    train, test = stores
+    out = tmp_path / "self"
+    settings = ScoreSettings(out=str(out), train_grads=str(train), mode="self", method=("datainf", "diagonal"))
+    result = score_run(settings, progress=False)
+    train_store = GradientStore.open(train)
+    for name in ("datainf", "diagonal"):
+        scores = result.scores[name]
+        expected = influence(train_store, mode="self", method=name, progress=False)
+        assert scores.mode == "self" and scores.test_ids == [] and scores.values.shape == (12,)
+        assert torch.equal(scores.values, expected.values)
+        assert scores.matches(train_store, None) and not scores.matches(train_store, GradientStore.open(test))
+    assert json.loads((out / CONFIG_FILE).read_text())["mode"] == "self"
+    assert [m.method for m in result.methods] == ["datainf", "diagonal"]  # no loss baseline from stores
+    assert all(m.reused for m in score_run(settings, progress=False).methods)
+
+
+def test_score_run_self_mode_refuses_a_test_set_and_loss_baseline_from_stores(
+    stores: tuple[Path, Path], tmp_path: Path
+) -> None:
+    train, test = stores
+    out = tmp_path / "s"
+    for bad, message in (
+        (
+            ScoreSettings(out=str(out), train_grads=str(train), test_grads=str(test), mode="self"),
+            "--mode self scores each training example on its own loss and uses no test set, but --test-grads",
+        ),
+        (
+            ScoreSettings(out=str(out), train_data="a.jsonl", test_data="b.jsonl", mode="self"),
+            "drop --test-data",
+        ),
+        (
+            ScoreSettings(out=str(out), train_grads=str(train), test_grads=str(test), loss_baseline=True),
+            "--loss-baseline needs the fine-tuned model and the training data",
+        ),
+        (ScoreSettings(out=str(out), train_grads=str(train)), r"or --mode self, which needs --train-grads only"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            score_run(bad, progress=False)
+        assert not out.exists()
+    with pytest.raises(ConfigError, match="normalize must be True or False"):
+        ScoreSettings(normalize="yes")  # type: ignore[arg-type]
+
+
+def test_score_run_normalize_is_saved_and_never_mixed_with_raw_scores(
+    stores: tuple[Path, Path], tmp_path: Path
+) -> None:
+    train, test = stores
+    out = tmp_path / "s"
+    raw = ScoreSettings(out=str(out), train_grads=str(train), test_grads=str(test), method=("hessian_free",))
+    first = score_run(raw, progress=False)
+    stored = json.loads((out / CONFIG_FILE).read_text())
+    # options added later are written only when not at their default: older folders keep resuming
+    assert "normalize" not in stored and "loss_baseline" not in stored
+    unit = dataclasses.replace(raw, normalize=True)
+    with pytest.raises(ConfigError, match=r"different configuration: normalize \(stored None, now True\)"):
+        score_run(unit, progress=False)
+    second = score_run(unit, overwrite=True, progress=False)
+    assert json.loads((out / CONFIG_FILE).read_text())["normalize"] is True
+    assert not second.methods[0].reused and second.scores["hessian_free"].settings["normalize"] is True
+    train_store, test_store = GradientStore.open(train), GradientStore.open(test)
+    expected = influence(train_store, test_store, method="hessian_free", normalize=True, progress=False)
+    assert torch.equal(second.scores["hessian_free"].values, expected.values)
+    assert not torch.allclose(second.scores["hessian_free"].values, first.scores["hessian_free"].values)
+    # a raw scores file left in a normalize folder (same gradients, same ids) is not taken for normalised ones
+    first.scores["hessian_free"].save(out / "scores-hessian_free.safetensors")
+    again = score_run(unit, progress=False)
+    assert not again.methods[0].reused
+    assert torch.equal(again.scores["hessian_free"].values, expected.values)
+
+
+def test_config_json_of_an_older_score_run_still_resumes(stores: tuple[Path, Path], tmp_path: Path) -> None:
+    """A folder whose config.json predates mode self / normalize / loss_baseline is the same configuration."""
+    train, test = stores
+    out = tmp_path / "s"
+    settings = ScoreSettings(out=str(out), train_grads=str(train), test_grads=str(test))
+    score_run(settings, progress=False)
+    stored = json.loads((out / CONFIG_FILE).read_text())
+    stored.pop("normalize", None)
+    stored.pop("loss_baseline", None)
+    (out / CONFIG_FILE).write_text(json.dumps(stored))
+    assert all(m.reused for m in score_run(settings, progress=False).methods)

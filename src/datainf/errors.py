@@ -24,6 +24,10 @@ __all__ = [
     "DistributedError",
     "DistributedMismatchError",
     "DistributedRankError",
+    "OutputError",
+    "DiskFullError",
+    "OutputLockedError",
+    "DeviceError",
 ]
 
 
@@ -77,6 +81,22 @@ class DatasetError(DataInfError, ValueError):
 
 class TaskInputError(DataInfError, ValueError):
     """An example cannot be turned into a loss (label out of range, no response tokens, ...)."""
+
+
+class OutputError(DataInfError):
+    """An output folder or file cannot be written (read-only folder, no permission, disk full, locked)."""
+
+
+class DiskFullError(OutputError):
+    """Not enough free space for an output (checked before writing, or the disk filled up while writing)."""
+
+
+class OutputLockedError(OutputError):
+    """Another run holds the lock on the output folder (or a lock that may be stale cannot be cleared)."""
+
+
+class DeviceError(ConfigError):
+    """The requested torch device (``cuda``, ``cuda:N``, ``mps``, ...) is not available in this torch build or machine."""
 
 
 class DistributedError(DataInfError):

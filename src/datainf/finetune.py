@@ -393,6 +393,9 @@ def finetune_lora(
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    from datainf.store import file_mode
+
+    tmp.chmod(file_mode(folder=True))  # mkdtemp makes it private; the folder it becomes follows the umask
     try:
         peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
         (tmp / ADAPTER_METADATA).write_bytes(_json_bytes(metadata))

@@ -8,7 +8,9 @@ Three reports:
   clean examples, and the 10 most harmful training examples per method.
 * :func:`write_scores_report`: any scores file (``datainf report``): the most harmful and most
   helpful training examples with their text, overall and, for pairwise scores, for the first few
-  test examples.
+  test examples. Self-influence scores (``mode="self"``) and the training-loss baseline
+  (:mod:`datainf.baselines`) are shown like averaged scores, ranked by their own meaning (highest
+  self-influence / highest loss first: the mislabel suspects).
 * :func:`write_generation_report`: an explain-a-generation experiment (docs/method.md sections 13.4-13.5): the
   class-detection metrics, and for sampled test prompts the generated text or image beside the
   most helpful and most harmful training examples.
@@ -35,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from datainf.errors import ConfigError, DatasetError, EmptyInputError
-from datainf.scores import SIGN_CONVENTION, Scores
+from datainf.scores import LOSS_METHOD, SIGN_CONVENTION, Scores
 
 __all__ = ["write_mislabel_report", "write_scores_report", "write_generation_report", "SIGN_NOTE"]
 
@@ -139,6 +141,9 @@ def _publish(out_dir: Path, build: Callable[[Path], None]) -> Path:
         raise ConfigError(f"{out_dir} is a file; the report needs a folder.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    from datainf.store import file_mode
+
+    tmp.chmod(file_mode(folder=True))  # mkdtemp makes it private; the folder it becomes follows the umask
     try:
         build(tmp)
         if not out_dir.exists():
@@ -153,8 +158,27 @@ def _publish(out_dir: Path, build: Callable[[Path], None]) -> Path:
 
 
 def _values_by_id(scores: Scores) -> dict[str, float]:
-    row = scores.values if scores.mode == "average" else scores.values.mean(dim=0)
+    row = scores.values if scores.mode in ("average", "self") else scores.values.mean(dim=0)
     return {tid: float(v) for tid, v in zip(scores.train_ids, row.tolist())}
+
+
+def _is_loss(scores: Scores) -> bool:
+    return scores.method == LOSS_METHOD and scores.mode == "self"
+
+
+def _value_name(scores: Scores) -> str:
+    """What a score of ``scores`` is, for an axis or a column: influence, self-influence or training loss."""
+    if _is_loss(scores):
+        return "training loss"
+    return "self-influence" if scores.mode == "self" else "influence"
+
+
+def _axis_label(scores: Scores) -> str:
+    if _is_loss(scores):
+        return "training loss (high = suspicious)"
+    if scores.mode == "self":
+        return "self-influence (large = suspicious)"
+    return "influence (positive = harmful)"
 
 
 def _check_scores(scores: Mapping[str, Scores]) -> None:
@@ -222,7 +246,9 @@ def _detection_curve_png(path: Path, curves: Mapping[str, tuple[np.ndarray, np.n
     plt.close(fig)
 
 
-def _histograms_png(path: Path, data: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+def _histograms_png(
+    path: Path, data: Mapping[str, tuple[np.ndarray, np.ndarray]], axis_labels: Mapping[str, str] | None = None
+) -> None:
     plt = _plt()
     n = len(data)
     cols = min(n, 2)
@@ -238,7 +264,7 @@ def _histograms_png(path: Path, data: Mapping[str, tuple[np.ndarray, np.ndarray]
         ax.hist(np.clip(clean, lo, hi), bins=bins, alpha=0.6, label=f"clean ({len(clean)})", color="tab:blue")
         ax.hist(np.clip(flipped, lo, hi), bins=bins, alpha=0.6, label=f"flipped ({len(flipped)})", color="tab:red")
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("influence (positive = harmful)", fontsize=8)
+        ax.set_xlabel((axis_labels or {}).get(name, "influence (positive = harmful)"), fontsize=8)
         ax.set_ylabel("training examples", fontsize=8)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
@@ -265,7 +291,10 @@ def write_mislabel_report(
         out_dir: the report folder (created; other files in it are kept, the report's are replaced).
         table: one dict per method with ``method``, ``auc``, ``found_at_10``, ``found_at_20``
             (shares in [0, 1]), ``seconds``, ``notes``; further keys become extra columns.
-        scores: method name -> averaged :class:`~datainf.scores.Scores` over the training set.
+        scores: method name -> averaged :class:`~datainf.scores.Scores` over the training set;
+            self-influence scores (``mode="self"``) and the training-loss baseline
+            (:func:`datainf.baselines.loss_scores`) are welcome too: each one is drawn on the
+            detection curve, gets a histogram and a top-``k`` list, ranked largest first.
         records: the training records: ``id``, ``text``, ``label`` (the given, possibly flipped,
             label), ``true_label``, ``is_flipped``. Labels may be class indices into
             ``label_names`` or names.
@@ -294,13 +323,15 @@ def write_mislabel_report(
     aligned = {name: _aligned(s, ids, name) for name, s in scores.items()}
     curves = {name: detection_curve(values, flipped) for name, values in aligned.items()}
     hists = {name: (values[~flipped], values[flipped]) for name, values in aligned.items()}
+    axis_labels = {name: _axis_label(s) for name, s in scores.items()}
 
     def build(tmp: Path) -> None:
         _detection_curve_png(tmp / "detection_curve.png", curves, float(flipped.mean()))
-        _histograms_png(tmp / "score_histograms.png", hists)
+        _histograms_png(tmp / "score_histograms.png", hists, axis_labels)
         parts = [
             f"<p>{len(records)} training examples, {int(flipped.sum())} with a flipped label "
-            f"({100 * flipped.mean():.1f} %). Methods rank training examples by influence on the validation loss; "
+            f"({100 * flipped.mean():.1f} %). Methods rank training examples by influence on the validation loss "
+            "(self-influence variants: on the example's own loss; the training-loss baseline: by the loss itself); "
             "a good method puts the flipped examples first (largest, most harmful influence).</p>",
             "<h2>Metrics</h2>",
             _metric_table(table),
@@ -310,7 +341,7 @@ def write_mislabel_report(
             "<img src='detection_curve.png' alt='share of flipped labels found against share inspected'>",
             "<h2>Score distributions: flipped vs clean</h2>",
             "<img src='score_histograms.png' alt='histograms of influence scores'>",
-            f"<h2>The {k} most harmful training examples</h2>",
+            f"<h2>The {k} most harmful training examples (highest score first)</h2>",
         ]
         for name, s in scores.items():
             top = s.top_harmful(k)
@@ -329,9 +360,8 @@ def write_mislabel_report(
             found = sum(1 for tid, _ in top if by_id.get(tid, {}).get("is_flipped"))
             parts.append(
                 f"<h3>{_esc(name)} ({found} of {len(top)} flipped)</h3>\n<table>\n<tr><th>rank</th><th>id</th>"
-                "<th>given label</th><th>true label</th><th>flipped</th><th>influence</th><th>text (first 200 characters)</th></tr>\n"
-                + "\n".join(rows)
-                + "\n</table>"
+                f"<th>given label</th><th>true label</th><th>flipped</th><th>{_esc(_value_name(s))}</th>"
+                "<th>text (first 200 characters)</th></tr>\n" + "\n".join(rows) + "\n</table>"
             )
         (tmp / "index.html").write_text(_page(title, "\n".join(parts)), encoding="utf-8")
 
@@ -348,12 +378,13 @@ def _ranked_table(
     by_id: Mapping[str, Mapping[str, Any]],
     text_field: str,
     label_field: str | None,
+    value_name: str = "influence",
 ) -> str:
     has_label = label_field is not None and any(label_field in by_id.get(tid, {}) for tid, _ in entries)
     head = (
         "<tr><th>rank</th><th>id</th>"
         + ("<th>label</th>" if has_label else "")
-        + "<th>influence</th><th>text</th></tr>"
+        + f"<th>{_esc(value_name)}</th><th>text</th></tr>"
     )
     rows = []
     for rank, (tid, value) in enumerate(entries, start=1):
@@ -367,20 +398,52 @@ def _ranked_table(
 
 
 def _score_histogram_png(path: Path, scores: Mapping[str, Scores]) -> None:
+    """One histogram panel per method (their scales differ by orders of magnitude), each clipped to
+    its 0.5-99.5 percentile range (clipped values land in the edge bins)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.0, 3.6), dpi=100)
-    for name, s in scores.items():
+    n = len(scores)
+    cols = min(n, 2)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.2 * rows), dpi=100, squeeze=False)
+    for ax, (name, s) in zip(axes.flat, scores.items()):
         values = np.asarray(s.values.reshape(-1).tolist(), dtype=np.float64)
         lo, hi = float(np.percentile(values, 0.5)), float(np.percentile(values, 99.5))
         hi = hi if hi > lo else lo + 1.0
-        ax.hist(np.clip(values, lo, hi), bins=np.linspace(lo, hi, 41), alpha=0.55, label=name)
-    ax.axvline(0.0, color="black", linewidth=0.8)
-    ax.set_xlabel("influence (positive = harmful, negative = helpful)")
-    ax.set_ylabel("count")
-    ax.legend(fontsize=8)
+        ax.hist(np.clip(values, lo, hi), bins=np.linspace(lo, hi, 41), alpha=0.7)
+        if s.mode != "self" and lo < 0.0 < hi:
+            ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(
+            _axis_label(s) if s.mode == "self" else "influence (positive = harmful, negative = helpful)", fontsize=8
+        )
+        ax.set_ylabel("count", fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _overall_headings(scores: Scores) -> tuple[str, str, str]:
+    """The meta line's test-set part and the headings of the two overall lists of ``scores``."""
+    if _is_loss(scores):
+        return (
+            "no test set (the training-loss baseline: each example's own loss under the fine-tuned model)",
+            "Highest training loss (the model does not fit the label: mislabel suspects first)",
+            "Lowest training loss",
+        )
+    if scores.mode == "self":
+        return (
+            "no test set (self-influence: each example's influence on its own loss)",
+            "Highest self-influence (least explained by the rest of the data: mislabel suspects first)",
+            "Lowest self-influence (best explained by the rest of the data)",
+        )
+    overall = "on the mean test loss" if scores.mode == "average" else "averaged over all test examples"
+    return (
+        f"{len(scores.test_ids)} test examples",
+        f"Most harmful training examples {overall} (largest influence)",
+        f"Most helpful training examples {overall} (smallest influence)",
+    )
 
 
 def write_scores_report(
@@ -400,7 +463,8 @@ def write_scores_report(
 
     Args:
         out_dir: the report folder (created; other files in it are kept).
-        scores: one :class:`~datainf.scores.Scores`, or method name -> Scores.
+        scores: one :class:`~datainf.scores.Scores`, or method name -> Scores: ``average`` or
+            ``pairwise`` influence, ``self`` influence, or the training-loss baseline.
         records: the training records (``id`` plus ``text_field``, or ``prompt``/``response``).
         text_field: record field shown as the example's text (first 200 characters, HTML-escaped).
         k: examples per list.
@@ -440,17 +504,19 @@ def write_scores_report(
         parts: list[str] = []
         for name, s in scores.items():
             opts = s.settings.get("method_options")
+            test_part, harmful, helpful = _overall_headings(s)
+            details = "" if _is_loss(s) else f", damping {_esc(s.settings.get('damping'))}"
+            if s.settings.get("normalize"):
+                details += ", unit-normalised gradients (ranks by gradient direction)"
             parts.append(
-                f"<h2>{_esc(name)}</h2>\n<p class='meta'>mode {_esc(s.mode)}, {len(s.train_ids)} training and "
-                f"{len(s.test_ids)} test examples, damping {_esc(s.settings.get('damping'))}"
-                + (f", options {_esc(opts)}" if opts else "")
-                + "</p>"
+                f"<h2>{_esc(name)}</h2>\n<p class='meta'>mode {_esc(s.mode)}, {len(s.train_ids)} training examples, "
+                f"{_esc(test_part)}{details}" + (f", options {_esc(opts)}" if opts else "") + "</p>"
             )
-            overall = "on the mean test loss" if s.mode == "average" else "averaged over all test examples"
-            parts.append(f"<h3>Most harmful training examples {overall} (largest influence)</h3>")
-            parts.append(_ranked_table(s.top_harmful(k), by_id, text_field, label_field))
-            parts.append(f"<h3>Most helpful training examples {overall} (smallest influence)</h3>")
-            parts.append(_ranked_table(s.top_helpful(k), by_id, text_field, label_field))
+            value_name = _value_name(s)
+            parts.append(f"<h3>{_esc(harmful)}</h3>")
+            parts.append(_ranked_table(s.top_harmful(k), by_id, text_field, label_field, value_name))
+            parts.append(f"<h3>{_esc(helpful)}</h3>")
+            parts.append(_ranked_table(s.top_helpful(k), by_id, text_field, label_field, value_name))
             if s.mode == "pairwise":
                 shown = min(max_test_examples, len(s.test_ids))
                 parts.append(f"<h3>Per test example (first {shown} of {len(s.test_ids)})</h3>")
@@ -467,6 +533,8 @@ def write_scores_report(
                     )
         parts.append(
             "<h2>Distribution of the scores</h2><img src='score_histogram.png' alt='histogram of influence scores'>"
+            "<p class='meta'>One panel per method; each axis is clipped to that method's 0.5-99.5 percentile range "
+            "(values beyond it are counted in the edge bins).</p>"
         )
         (tmp / "index.html").write_text(_page(title, "\n".join(parts)), encoding="utf-8")
 

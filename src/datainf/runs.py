@@ -18,7 +18,22 @@ demos and the explain pipelines) writes results to disk:
   wall time of a stage into :attr:`RunDir.stage_seconds`.
 
 Every file is written atomically (:func:`~datainf.store.atomic_write_json`), so an interrupted run
-leaves either the old file or the new one, and rerunning the same configuration resumes.
+leaves either the old file or the new one, and rerunning the same configuration resumes. Files get
+the mode :func:`open` gives under the current umask (e.g. 0o644 under 022), so a team can share runs.
+
+**One writer per folder.** :meth:`RunDir.claim` takes a lock on the folder, the file
+``<dir>/.datainf.lock`` (created atomically; it names the owner's pid, host, command and start time),
+and refuses a folder another live run holds (:class:`~datainf.errors.OutputLockedError`, saying who
+holds it and how to clear it). The lock is released when the run ends (:meth:`RunDir.release`, the
+end of a :func:`removed_on_error` block, or the end of the process). A lock left by a process that no
+longer runs on this host (killed, machine crash) is stale: it is taken over, with a warning. A lock of
+another host cannot be checked and is refused with how to clear it.
+
+**What counts as the same configuration.** Settings are compared as they read back from JSON; paths
+compare as the files they name (``/data/../data/val.jsonl`` is ``/data/val.jsonl``, symbolic links
+resolved), and the data files (settings ``data``, ``train_data``, ``test_data``) also by their
+content: their SHA-256 goes to ``<dir>/inputs.json``, and a file whose bytes changed is a different
+configuration. Folders written before ``inputs.json`` existed are compared by path alone.
 
 ``config.json`` of a claimed run::
 
@@ -38,22 +53,36 @@ writes files; hand the claimed :class:`RunDir` (it pickles) to every rank, e.g. 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
+import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from datainf.distributed import is_main_process
-from datainf.errors import ConfigError, DataInfError
-from datainf.store import atomic_write_json
+from datainf.errors import ConfigError, DataInfError, DeviceError, OutputLockedError
+from datainf.store import RUN_LOCK_FILE, _sha256, atomic_write_json, file_mode, output_error
 
-__all__ = ["RunDir", "CONFIG_FILE", "RUN_CONFIG_FORMAT", "settings_key", "has_progress", "removed_on_error"]
+__all__ = [
+    "RunDir",
+    "CONFIG_FILE",
+    "INPUTS_FILE",
+    "LOCK_FILE",
+    "RUN_CONFIG_FORMAT",
+    "settings_key",
+    "has_progress",
+    "removed_on_error",
+    "check_device",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +90,12 @@ T = TypeVar("T")
 
 #: Name of the resolved-settings file in every run folder.
 CONFIG_FILE = "config.json"
+#: Name of the file that records the SHA-256 of a claimed run's data files (see the module doc).
+INPUTS_FILE = "inputs.json"
+#: Name of the lock file of a claimed run folder while a run writes it.
+LOCK_FILE = RUN_LOCK_FILE
+#: Settings naming data files, compared by content as well as by path.
+_DATA_FILE_KEYS = ("data", "train_data", "test_data")
 #: ``format`` tag of a claimed run's ``config.json`` (first written by the command line; kept for compatibility).
 RUN_CONFIG_FORMAT = "datainf-cli-config"
 #: Keys :meth:`RunDir.claim` adds in front of the settings; never compared as settings.
@@ -87,29 +122,267 @@ def has_progress(path: str | os.PathLike[str]) -> bool:
 
 
 def _is_empty_or_missing(path: Path) -> bool:
-    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+    """Missing, or a folder holding nothing but a lock file."""
+    return not path.exists() or (path.is_dir() and not _has_content(path))
+
+
+def _has_content(path: Path) -> bool:
+    return any(entry.name != LOCK_FILE for entry in path.iterdir())
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a torch device this process cannot use, before any work or output folder.
+
+    ``cpu`` always works; ``cuda`` needs a CUDA build of torch that sees a GPU, ``cuda:N`` at least
+    ``N + 1`` visible GPUs, ``mps`` Apple's Metal backend; other device types are asked through
+    ``torch.<type>.is_available()`` where torch has it. ``None`` is accepted (the caller's default).
+
+    Raises:
+        DeviceError: the device string is not a torch device, or that device is not available here.
+    """
+    if device is None:
+        return
+    import torch
+
+    text = str(device).strip()
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise DeviceError(f"--device {text!r} is not a torch device ({err}); use cpu, cuda, cuda:N or mps.") from err
+    if parsed.type == "cpu":
+        return
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                "this torch build has no CUDA support"
+                if torch.version.cuda is None
+                else "torch sees no CUDA GPU (check the driver and CUDA_VISIBLE_DEVICES)"
+            )
+            raise DeviceError(
+                f"--device {text}: {why} (torch {torch.__version__}). Use --device cpu, or run on a machine with a "
+                "GPU and a CUDA build of torch."
+            )
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise DeviceError(
+                f"--device {text}: only {count} CUDA device(s) are visible; use one of "
+                f"{', '.join(f'cuda:{i}' for i in range(count))} (or plain cuda)."
+            )
+        return
+    if parsed.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+        if backend is None or not backend.is_available():
+            raise DeviceError(
+                f"--device {text}: the Apple MPS backend is not available in this torch build or machine "
+                f"(torch {torch.__version__}). Use --device cpu."
+            )
+        return
+    available = getattr(getattr(torch, parsed.type, None), "is_available", None)
+    if callable(available) and not available():
+        raise DeviceError(f"--device {text}: torch reports no {parsed.type} device here. Use --device cpu.")
+
+
+# ---------------------------------------------------------------------------------------------- the lock
+
+#: Locks this process holds: folder (absolute path) -> the token written into its lock file.
+_HELD_LOCKS: dict[str, str] = {}
+
+
+def _read_lock(lock: Path) -> dict[str, Any] | None:
+    data = _read_json(lock)
+    return data if isinstance(data, dict) else None
+
+
+def _write_lock_exclusively(lock: Path, record: Mapping[str, Any]) -> None:
+    """Create ``lock`` holding ``record`` (JSON) atomically: it appears complete, or not at all.
+
+    Written to a temporary file that is hard-linked to ``lock`` (which fails if ``lock`` exists); where
+    the file system has no hard links, ``lock`` is created with ``O_EXCL`` instead.
+
+    Raises:
+        FileExistsError: ``lock`` exists.
+    """
+    payload = (json.dumps(record, indent=1) + "\n").encode()
+    fd, tmp = tempfile.mkstemp(prefix=f"{lock.name}.", suffix=".tmp", dir=lock.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), file_mode())
+            handle.write(payload)
+        try:
+            os.link(tmp, lock)
+            return
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here (some network / FUSE file systems)
+            pass
+        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, file_mode())
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(payload)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _process_runs(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (one of another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return True  # cannot tell: assume it runs
+    return True
+
+
+def _is_stale(held: Mapping[str, Any]) -> bool:
+    """A lock whose process clearly no longer runs: written on this host by a pid that is gone (or by this
+    process's pid, but not by this process: a previous process that had the same pid)."""
+    if held.get("host") != socket.gethostname():
+        return False
+    try:
+        pid = int(held.get("pid"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    if pid == os.getpid():
+        return held.get("token") not in _HELD_LOCKS.values()
+    return not _process_runs(pid)
+
+
+def _locked_message(folder: Path, lock: Path, held: Mapping[str, Any] | None) -> str:
+    clear = f"If no datainf run is using {folder}, delete {lock} and rerun."
+    if held is None:
+        return f"{folder} holds an unreadable lock file {lock} (another datainf run may be writing it). {clear}"
+    who = f"`datainf {held.get('command', '?')}` (pid {held.get('pid', '?')} on host {held.get('host', '?')}"
+    who += f", since {held['started']})" if held.get("started") else ")"
+    if held.get("host") != socket.gethostname():
+        return (
+            f"{folder} is locked by {who}; this is host {socket.gethostname()}, so datainf cannot tell whether that "
+            f"run is still going. Wait for it or choose another --out. {clear}"
+        )
+    return f"{folder} is in use by another run: {who}. Wait for it to finish or choose another --out. {clear}"
+
+
+def _take_over(lock: Path, held: Mapping[str, Any]) -> None:
+    """Move the stale lock ``held`` out of the way (if another process replaced it meanwhile, put that back)."""
+    grave = lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(lock, grave)
+    except FileNotFoundError:
+        return  # another process took it over first
+    try:
+        if _read_lock(grave) != dict(held):  # we moved a fresh lock taken since we read the stale one
+            with contextlib.suppress(OSError):
+                os.link(grave, lock)
+    finally:
+        grave.unlink(missing_ok=True)
+
+
+def _acquire_lock(folder: Path, command: str) -> bool:
+    """Take the lock on ``folder`` for this process; ``True`` if taken now, ``False`` if already held.
+
+    Raises:
+        OutputLockedError: another live run holds it, or a lock that cannot be checked (another host,
+            unreadable) is there.
+        OutputError: the folder cannot be written (read-only, no permission, disk full).
+    """
+    key = str(folder)
+    lock = folder / LOCK_FILE
+    if key in _HELD_LOCKS:
+        held = _read_lock(lock)
+        if held is not None and held.get("token") == _HELD_LOCKS[key]:
+            return False
+        del _HELD_LOCKS[key]  # our lock file was removed (e.g. the folder was cleared): take it again
+    token = uuid.uuid4().hex
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "token": token,
+    }
+    for _ in range(5):
+        try:
+            _write_lock_exclusively(lock, record)
+        except FileExistsError:
+            held = _read_lock(lock)
+            if held is None or not _is_stale(held):
+                raise OutputLockedError(_locked_message(folder, lock, held)) from None
+            logger.warning(
+                "Taking over the stale lock %s of `datainf %s` (pid %s on this host no longer runs; it was probably "
+                "killed).",
+                lock,
+                held.get("command", "?"),
+                held.get("pid"),
+            )
+            _take_over(lock, held)
+            continue
+        except OSError as err:
+            raise (output_error(err, folder, "the output folder") or err) from err
+        _HELD_LOCKS[key] = token
+        return True
+    raise OutputLockedError(_locked_message(folder, lock, _read_lock(lock)))
+
+
+def _release_lock(folder: Path) -> None:
+    """Remove this process's lock on ``folder`` (nothing when it holds none, or the file is another's)."""
+    token = _HELD_LOCKS.pop(str(folder), None)
+    if token is None:
+        return
+    lock = folder / LOCK_FILE
+    held = _read_lock(lock)
+    if held is not None and held.get("token") == token:
+        lock.unlink(missing_ok=True)
+
+
+def _locked_by_another(folder: Path) -> bool:
+    """Whether ``folder`` holds a lock file that is not this process's."""
+    lock = folder / LOCK_FILE
+    if not lock.exists():
+        return False
+    held = _read_lock(lock)
+    mine = _HELD_LOCKS.get(str(folder))
+    return held is None or mine is None or held.get("token") != mine
+
+
+@atexit.register
+def _release_all_locks() -> None:
+    for key in list(_HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            _release_lock(Path(key))
 
 
 @contextlib.contextmanager
 def removed_on_error(path: str | os.PathLike[str] | None) -> Iterator[None]:
-    """Leave no claimed-but-empty output folder behind when the block fails on bad input.
+    """Leave no claimed-but-empty output folder, and no lock, behind when the block ends.
 
     If ``path`` is missing or empty on entry and the block raises a :class:`~datainf.errors.DataInfError`,
-    the folder is removed again unless it now holds finished work (:func:`has_progress`). Other
-    exceptions (Ctrl-C, crashes) keep everything, so rerunning resumes. Under ``torchrun`` only rank 0
-    removes anything. ``path=None`` does nothing.
+    the folder is removed again unless it now holds finished work (:func:`has_progress`) or another
+    run's lock. Other exceptions (Ctrl-C, crashes) keep everything, so rerunning resumes. However the
+    block ends, a lock this process took on ``path`` inside it (:meth:`RunDir.claim`) is released.
+    Under ``torchrun`` only rank 0 removes anything. ``path=None`` does nothing.
     """
     if path is None:
         yield
         return
-    folder = Path(path)
+    folder = Path(path).expanduser().absolute()
     fresh = _is_empty_or_missing(folder)
+    held_before = str(folder) in _HELD_LOCKS
     try:
         yield
     except DataInfError:
-        if fresh and folder.is_dir() and not has_progress(folder) and is_main_process():
+        if (
+            fresh
+            and folder.is_dir()
+            and not has_progress(folder)
+            and not _locked_by_another(folder)
+            and is_main_process()
+        ):
             shutil.rmtree(folder, ignore_errors=True)
         raise
+    finally:
+        if not held_before:
+            _release_lock(folder)
 
 
 def _json_normal(data: Any) -> Any:
@@ -208,6 +481,42 @@ class RunDir:
         record = {"format": RUN_CONFIG_FORMAT, "command": kind, "datainf_version": __version__, **settings}
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} is a file; pass a folder.")
+        device = settings.get("device")
+        if isinstance(device, str):
+            check_device(device)  # before any folder is made
+        created = _topmost_missing(out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            _remove_if_empty(created, out)
+            raise (output_error(err, out, "the output folder") or err) from err
+        try:
+            taken = _acquire_lock(out, kind)
+        except BaseException:
+            _remove_if_empty(created, out)
+            raise
+        try:
+            run = cls._claim_locked(out, kind, record, overwrite, compare_ignore, allow_foreign)
+            if write_config:
+                run.write_config()
+        except BaseException:
+            if taken:
+                _release_lock(out)
+            _remove_if_empty(created, out)
+            raise
+        return run
+
+    @classmethod
+    def _claim_locked(
+        cls,
+        out: Path,
+        kind: str,
+        record: dict[str, Any],
+        overwrite: bool,
+        compare_ignore: Iterable[str],
+        allow_foreign: Callable[[Path], bool] | None,
+    ) -> RunDir:
+        """The checks of :meth:`claim` on the existing, locked folder ``out``."""
         same = False
         marker = out / CONFIG_FILE
         if marker.is_file():
@@ -215,11 +524,11 @@ class RunDir:
             diffs = _differences(stored, _json_normal(record), {*compare_ignore, *_HEADER_KEYS})
             stored_kind = stored.get("command") if isinstance(stored, dict) else None
             if stored_kind not in (None, kind):
-                diffs = ["command", *diffs]
+                diffs = [("command", f"command (stored {stored_kind!r}, now {kind!r})"), *diffs]
+            if not diffs:
+                diffs = _changed_inputs(_read_json(out / INPUTS_FILE), record)
             if diffs and not overwrite:
-                shown = ", ".join(
-                    f"{k} (stored {_get(stored, k)!r}, now {record.get(k)!r})" for k in diffs[:_SHOWN_DIFFERENCES]
-                )
+                shown = ", ".join(text for _, text in diffs[:_SHOWN_DIFFERENCES])
                 raise ConfigError(
                     f"{out} holds results of a different configuration: {shown}"
                     f"{' ...' if len(diffs) > _SHOWN_DIFFERENCES else ''}. Pass --overwrite (overwrite=True in Python) "
@@ -227,10 +536,10 @@ class RunDir:
                 )
             if overwrite:
                 logger.info("Clearing %s (--overwrite).", out)
-                shutil.rmtree(out)
+                _clear_folder(out)
             else:
                 same = True
-        elif out.is_dir() and any(out.iterdir()):
+        elif _has_content(out):
             if allow_foreign is None or not allow_foreign(out):
                 raise ConfigError(
                     f"{out} is not empty and was not written by `datainf {kind}` (no {CONFIG_FILE}); choose a new or "
@@ -238,12 +547,8 @@ class RunDir:
                 )
             if overwrite:
                 logger.info("Clearing %s (--overwrite).", out)
-                shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        run = cls(out, kind=kind, settings=record, is_resumed=same)
-        if write_config:
-            run.write_config()
-        return run
+                _clear_folder(out)
+        return cls(out, kind=kind, settings=record, is_resumed=same)
 
     @classmethod
     def for_settings(
@@ -286,8 +591,28 @@ class RunDir:
         return cls(folder, kind=kind, settings=settings, is_resumed=resumed)
 
     def write_config(self) -> Path:
-        """Write :attr:`settings` to ``<dir>/config.json`` (atomically); returns its path."""
+        """Write :attr:`settings` to ``<dir>/config.json`` (atomically), and the SHA-256 of the data files they
+        name to ``<dir>/inputs.json`` (see the module doc); returns the path of ``config.json``."""
+        digests = _input_digests(self.settings)
+        if digests:
+            self.write_json(INPUTS_FILE, {"format": "datainf-run-inputs", "files": digests})
+        else:
+            self.stage(INPUTS_FILE).unlink(missing_ok=True)
         return self.write_json(CONFIG_FILE, self.settings)
+
+    def release(self) -> None:
+        """Release this process's lock on the folder (taken by :meth:`claim`); a no-op when it holds none.
+
+        Done for you at the end of a :func:`removed_on_error` block (every :mod:`datainf.workflows`
+        function) and when the process exits.
+        """
+        _release_lock(self.path)
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.release()
 
     # ------------------------------------------------------------------ stages
     def stage(self, name: str) -> Path:
@@ -393,13 +718,91 @@ def _is_done(path: Path, is_done: Callable[[Path], bool] | None) -> bool:
     return path.is_file() or (path.is_dir() and any(path.iterdir()))
 
 
-def _get(stored: Any, key: str) -> Any:
-    return stored.get(key) if isinstance(stored, dict) else None
-
-
-def _differences(stored: Any, new: Mapping[str, Any], ignore: set[str]) -> list[str]:
-    """Sorted keys whose values differ between a stored ``config.json`` and the new settings."""
+def _differences(stored: Any, new: Mapping[str, Any], ignore: set[str]) -> list[tuple[str, str]]:
+    """``(key, description)`` of each setting whose value differs between a stored ``config.json`` and the
+    new settings, sorted by key; paths that name the same file are the same (:func:`_same_value`)."""
     if not isinstance(stored, dict):
-        return [f"(unreadable {CONFIG_FILE})"]
+        return [(CONFIG_FILE, f"(unreadable {CONFIG_FILE})")]
     keys = sorted((set(stored) | set(new)) - ignore)
-    return [k for k in keys if stored.get(k) != new.get(k)]
+    return [
+        (k, f"{k} (stored {stored.get(k)!r}, now {new.get(k)!r})")
+        for k in keys
+        if not _same_value(stored.get(k), new.get(k))
+    ]
+
+
+def _same_value(stored: Any, new: Any) -> bool:
+    """Equal settings; absolute paths are equal when they resolve to the same file (``..``, symbolic links)."""
+    if stored == new:
+        return True
+    if isinstance(stored, str) and isinstance(new, str):
+        return os.path.isabs(stored) and os.path.isabs(new) and os.path.realpath(stored) == os.path.realpath(new)
+    if isinstance(stored, list) and isinstance(new, list) and len(stored) == len(new):
+        return all(_same_value(a, b) for a, b in zip(stored, new))
+    return False
+
+
+def _input_digests(settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Setting -> ``{"path", "bytes", "sha256"}`` of each data file the settings name (folders are left out)."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in _DATA_FILE_KEYS:
+        value = settings.get(key)
+        if isinstance(value, str) and os.path.isfile(value):
+            file = Path(value)
+            out[key] = {"path": os.path.realpath(file), "bytes": file.stat().st_size, "sha256": _sha256(file)}
+    return out
+
+
+def _changed_inputs(stored: Any, record: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Data files whose content differs from the digests in a stored ``inputs.json`` (none recorded: none)."""
+    files = stored.get("files") if isinstance(stored, dict) else None
+    if not isinstance(files, dict):
+        return []  # a folder written before inputs.json existed: compared by path alone
+    changed = []
+    for key, now in _input_digests(record).items():
+        before = files.get(key)
+        if isinstance(before, dict) and before.get("sha256") not in (None, now["sha256"]):
+            changed.append(
+                (
+                    key,
+                    f"{key} (the file {record.get(key)} changed since the stored run: sha256 "
+                    f"{str(before['sha256'])[:12]}... then, {now['sha256'][:12]}... now)",
+                )
+            )
+    return changed
+
+
+def _topmost_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what ``mkdir(parents=True)`` creates first)."""
+    missing = None
+    current = path
+    while not current.exists():
+        missing = current
+        if current.parent == current:
+            break
+        current = current.parent
+    return missing
+
+
+def _remove_if_empty(created: Path | None, out: Path) -> None:
+    """Remove the folders a failed claim created (``created`` down to ``out``) when they hold nothing."""
+    if created is None:
+        return
+    current = out
+    while True:
+        with contextlib.suppress(OSError):
+            current.rmdir()  # only empty folders
+        if current == created or current.parent == current:
+            break
+        current = current.parent
+
+
+def _clear_folder(path: Path) -> None:
+    """Delete everything in ``path`` but the lock file (the run clearing it holds the lock)."""
+    for entry in path.iterdir():
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()

@@ -24,7 +24,17 @@ from datainf.store import atomic_write_bytes
 if TYPE_CHECKING:
     from datainf.store import GradientStore
 
-__all__ = ["Scores", "SIGN_CONVENTION"]
+__all__ = ["Scores", "SIGN_CONVENTION", "LOSS_METHOD", "LOSS_SIGN_CONVENTION"]
+
+#: The ``method`` name of the training-loss baseline's scores (``scores-loss.safetensors``,
+#: computed by :func:`datainf.baselines.loss_scores`).
+LOSS_METHOD = "loss"
+
+#: What the values of the training-loss baseline mean (recorded as their ``sign_convention``).
+LOSS_SIGN_CONVENTION = (
+    "training loss of each example under the fine-tuned model (a baseline, not an influence): high = the model does "
+    "not fit the example's label (mislabel suspects rank first, like harmful examples)"
+)
 
 SIGN_CONVENTION = (
     "positive influence = harmful (up-weighting the training example raises the test loss); negative = helpful"
@@ -41,9 +51,11 @@ class Scores:
             ``pairwise`` mode (row ``j`` = influence on test example ``j``'s loss), ``(n,)`` in
             ``self`` mode (self-influence, ``test_ids`` empty; see :attr:`sign_convention`). float64.
         train_ids: the ``n`` training example ids, in column order.
-        test_ids: the ``m`` test example ids (in ``average`` mode, those averaged over).
-        method: ``datainf``, ``exact``, ``lissa``, ``hessian_free`` or a registered method.
-        mode: ``average`` or ``pairwise``.
+        test_ids: the ``m`` test example ids (in ``average`` mode, those averaged over; empty in
+            ``self`` mode).
+        method: ``datainf``, ``exact``, ``lissa``, ``hessian_free``, ``diagonal``, a registered
+            method, or ``loss`` (the training-loss baseline, :mod:`datainf.baselines`; ``self`` mode).
+        mode: ``average``, ``pairwise`` or ``self``.
         settings: damping, ``lambda_l`` per block, method options (JSON-able).
         diagnostics: timings, passes, method-specific flags such as LiSSA divergence (JSON-able).
     """
@@ -141,15 +153,18 @@ class Scores:
         atomic_write_bytes(path, frame.to_csv(index=False).encode())
         return path
 
-    def matches(self, train_store: GradientStore, test_store: GradientStore) -> bool:
+    def matches(self, train_store: GradientStore, test_store: GradientStore | None) -> bool:
         """Whether these scores were computed from these very gradients: the same training and test
         ids, in order, and the training store's fingerprint (recorded in :attr:`settings`).
 
-        A finished scores file is reused only when this holds (e.g. by ``datainf score``).
+        ``test_store=None`` stands for "no test set" (``self`` mode, the training-loss baseline):
+        the scores must then have no test ids. A finished scores file is reused only when this
+        holds (e.g. by ``datainf score``).
         """
+        test_ids = [] if test_store is None else test_store.ids
         return bool(
             self.train_ids == train_store.ids
-            and self.test_ids == test_store.ids
+            and self.test_ids == test_ids
             and self.settings.get("fingerprint") == train_store.fingerprint
         )
 

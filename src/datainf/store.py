@@ -26,10 +26,12 @@ examples already stored are in :attr:`GradientStore.ids`). Nothing is ever unpic
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
@@ -44,8 +46,11 @@ from safetensors.torch import save_file
 from datainf.errors import (
     BlockMismatchError,
     ConfigError,
+    DataInfError,
+    DiskFullError,
     EmptyInputError,
     NonFiniteGradientError,
+    OutputError,
     StoreCorruptedError,
     StoreError,
     StoreMismatchError,
@@ -60,6 +65,10 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "row_squared_norms",
+    "RUN_LOCK_FILE",
+    "check_free_space",
+    "file_mode",
+    "output_error",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,19 +86,143 @@ _MANIFEST = "manifest.json"
 _PARTS = "parts"
 
 
+#: Name of the lock file a claimed run folder holds while a run writes it (see :mod:`datainf.runs`);
+#: never counts as content of a folder.
+RUN_LOCK_FILE = ".datainf.lock"
+
+#: errno values of a full disk / exceeded quota, and of a folder that may not be written.
+_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+_DENIED_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+#: Free space kept in reserve beyond an output's estimated size (manifests, headers, file-system slack).
+_SPACE_RESERVE = 1 << 20
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (the POSIX way to read it)
+    os.umask(mask)
+    return mask
+
+
+def file_mode(*, folder: bool = False) -> int:
+    """The permission bits :func:`open` (``folder=False``) or :func:`os.mkdir` (``folder=True``) would give a
+    new file under the current umask: ``0o666 & ~umask`` or ``0o777 & ~umask`` (e.g. 0o644 / 0o755 under 022).
+
+    Temporary files (:func:`tempfile.mkstemp`, ``mkdtemp``) are private (0o600 / 0o700); datainf sets this
+    mode on them before they are renamed into place, so that a team can share its stores and scores.
+    """
+    return (0o777 if folder else 0o666) & ~_umask()
+
+
+def _errno_of(err: BaseException) -> int | None:
+    """The OS error number behind ``err``: an :class:`OSError`'s ``errno``, or the ``os error N`` /
+    ``code: N`` that safetensors (a Rust library) puts in its messages."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return int(err.errno)
+    match = re.search(r"(?:os error|code:)\s*(\d+)", str(err))
+    return int(match.group(1)) if match else None
+
+
+def _format_bytes(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"  # pragma: no cover - unreachable
+
+
+def output_error(err: BaseException, path: str | os.PathLike[str], what: str = "") -> DataInfError | None:
+    """The datainf error for a failed write of ``path``, or ``None`` when ``err`` is no known write failure.
+
+    A full disk (``ENOSPC``, ``EDQUOT``) gives a :class:`~datainf.errors.DiskFullError`; a read-only folder
+    or missing permission (``EROFS``, ``EACCES``, ``EPERM``) an :class:`~datainf.errors.OutputError`. Both
+    say what to do. ``what`` names the output (e.g. ``"the gradient store"``).
+    """
+    if isinstance(err, DataInfError):
+        return err
+    code = _errno_of(err)
+    target = Path(path)
+    name = f"{what} {target}" if what else str(target)
+    if code in _FULL_ERRNOS:
+        try:
+            free = f" ({_format_bytes(shutil.disk_usage(_existing_parent(target)).free)} free now)"
+        except OSError:
+            free = ""
+        return DiskFullError(
+            f"The disk is full: writing {name} failed{free}. Free some space or choose an --out folder on a larger "
+            "disk, then rerun the same command: finished parts are kept and it resumes."
+        )
+    if code in _DENIED_ERRNOS:
+        reason = "is on a read-only file system" if code == errno.EROFS else "may not be written by this user"
+        return OutputError(
+            f"{name} {reason} ({os.strerror(code)}). Choose an --out folder you can write to, or fix its permissions."
+        )
+    return None
+
+
+def _existing_parent(path: Path) -> Path:
+    """``path`` itself or its nearest existing ancestor (where a new file or folder would go)."""
+    current = path.absolute()
+    while not current.exists() and current.parent != current:
+        current = current.parent
+    return current
+
+
+def check_free_space(folder: str | os.PathLike[str], needed: int, what: str) -> None:
+    """Refuse to start writing ``needed`` bytes of ``what`` into ``folder`` when the disk has less free space.
+
+    ``folder`` need not exist yet (its nearest existing ancestor is asked). A small reserve (1 MiB) is
+    added for manifests and file headers.
+
+    Raises:
+        DiskFullError: the free space is below ``needed`` plus the reserve; the message says how much is
+            needed and how much is free.
+    """
+    if needed <= 0:
+        return
+    try:
+        free = shutil.disk_usage(_existing_parent(Path(folder))).free
+    except OSError:  # no answer (e.g. an unusual file system): let the write itself tell
+        return
+    if free < needed + _SPACE_RESERVE:
+        raise DiskFullError(
+            f"Not enough free space for {what} in {folder}: it needs about {_format_bytes(needed)}, "
+            f"{_format_bytes(free)} is free. Free {_format_bytes(needed + _SPACE_RESERVE - free)} or more, choose an "
+            "--out folder on a larger disk, or store fewer bytes per number (--dtype bfloat16)."
+        )
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
+
+    The file gets the mode :func:`open` would give it under the current umask (:func:`file_mode`). A full
+    disk or a read-only folder raises the :func:`output_error` for it (the temporary file is removed).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise (output_error(err, path) or err) from err
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), file_mode())
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        converted = output_error(err, path) if isinstance(err, OSError) else None
+        if converted is not None:
+            raise converted from err
         raise
 
 
@@ -107,6 +240,18 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+#: Shards whose SHA-256 this process has checked (or written): ``(real path, bytes, mtime_ns, sha256)``.
+_VERIFIED_SHARDS: set[tuple[str, int, int, str]] = set()
+
+
+def _shard_key(file: Path, sha256: str) -> tuple[str, int, int, str] | None:
+    try:
+        stat = file.stat()
+    except OSError:
+        return None
+    return (os.path.realpath(file), stat.st_size, stat.st_mtime_ns, sha256)
 
 
 def _non_finite_ids(values: torch.Tensor, ids: Sequence[str], limit: int = 10) -> list[str]:
@@ -246,6 +391,7 @@ class GradientStore(ABC):
         fingerprint: Mapping[str, str] | None = None,
         shard_size: int = 1024,
         overwrite: bool = False,
+        expected_examples: int | None = None,
     ) -> GradientStore:
         """Make a new store, or reopen an unfinished disk store with the same configuration.
 
@@ -257,6 +403,13 @@ class GradientStore(ABC):
                 the base model + adapter and must agree between train and test stores.
             shard_size: examples per shard file (disk backend).
             overwrite: delete an existing store at ``path`` instead of resuming it.
+            expected_examples: how many examples the store will hold when finished (disk backend): the
+                free disk space is checked against the size of those not stored yet before anything is
+                written (:meth:`DiskGradientStore.expected_bytes`). ``None`` skips that check; every shard
+                is still checked before it is written.
+
+        Raises:
+            DiskFullError: less free space than ``expected_examples`` need.
         """
         if path is None:
             return RamGradientStore(block_dims=block_dims, dtype=dtype, fingerprint=fingerprint)
@@ -267,11 +420,15 @@ class GradientStore(ABC):
             fingerprint=fingerprint,
             shard_size=shard_size,
             overwrite=overwrite,
+            expected_examples=expected_examples,
         )
 
     @staticmethod
     def open(path: str | os.PathLike[str]) -> DiskGradientStore:
-        """Open an existing disk store for reading (refuses corrupted or unknown folders)."""
+        """Open an existing disk store for reading (refuses corrupted or unknown folders).
+
+        Each shard's SHA-256 is checked against the manifest the first time this process reads it
+        (:attr:`DiskGradientStore.verify_checksums`)."""
         return DiskGradientStore._open(Path(path))
 
     @staticmethod
@@ -491,7 +648,15 @@ class RamGradientStore(GradientStore):
 
 
 class DiskGradientStore(GradientStore):
-    """Gradients in safetensors shards under one folder, described by ``manifest.json``."""
+    """Gradients in safetensors shards under one folder, described by ``manifest.json``.
+
+    Attributes:
+        verify_checksums: check each shard's SHA-256 against the manifest before its first read in this
+            process (default ``True``; a shard changed in place is refused with its name). A shard this
+            process wrote, or already checked, is not hashed again while its size and mtime stay the same.
+    """
+
+    verify_checksums: bool = True
 
     def __init__(
         self,
@@ -534,6 +699,25 @@ class DiskGradientStore(GradientStore):
         mine = self._manifest()
         return [key for key in ("blocks", "dtype", "fingerprint", "shard_size") if mine[key] != other.get(key)]
 
+    def expected_bytes(self, num_examples: int) -> int:
+        """Bytes that ``num_examples`` more examples take on disk: per example, ``sum(d_l)`` numbers in the
+        storage dtype plus ``L`` float64 squared norms; plus a safetensors header per shard (estimated)."""
+        if num_examples <= 0:
+            return 0
+        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
+        per_example = sum(self._block_dims.values()) * itemsize + len(self._block_dims) * 8
+        shards = -(-num_examples // self.shard_size)
+        header = 256 + 128 * (len(self._block_dims) + 1)
+        return num_examples * per_example + shards * header
+
+    def _next_shard_name(self) -> str:
+        """``shard-<k>.safetensors`` for the first ``k >= len(shards)`` that no listed shard uses."""
+        listed = {shard["file"] for shard in self._shards}
+        index = len(self._shards)
+        while f"shard-{index:05d}.safetensors" in listed:
+            index += 1
+        return f"shard-{index:05d}.safetensors"
+
     @classmethod
     def _create(
         cls,
@@ -544,18 +728,19 @@ class DiskGradientStore(GradientStore):
         fingerprint: Mapping[str, str] | None,
         shard_size: int,
         overwrite: bool,
+        expected_examples: int | None = None,
     ) -> DiskGradientStore:
         store = cls(path, block_dims=block_dims, dtype=dtype, fingerprint=fingerprint, shard_size=shard_size)
         manifest_path = path / _MANIFEST
         if path.exists() and overwrite:
-            if manifest_path.exists() or not any(path.iterdir()):
-                shutil.rmtree(path)
+            if manifest_path.exists() or not _has_content(path):
+                _clear_folder(path)
             else:
                 raise StoreError(
                     f"{path} exists and is not a gradient store; refusing to delete it. Choose another folder."
                 )
         if manifest_path.exists():
-            existing = cls._open(path)
+            existing = cls._open(path, drop_missing=True)
             differences = store._same_config(existing._manifest())
             if differences:
                 raise StoreMismatchError(
@@ -565,18 +750,28 @@ class DiskGradientStore(GradientStore):
                 )
             if existing.num_examples:
                 logger.info("Resuming gradient store %s: %d examples already stored.", path, existing.num_examples)
+            if expected_examples is not None:
+                remaining = int(expected_examples) - existing.num_examples
+                check_free_space(path, existing.expected_bytes(remaining), "the gradient store")
             existing._complete = False
             return existing
-        if path.exists() and any(path.iterdir()):
+        if path.exists() and _has_content(path):
             raise StoreError(
                 f"{path} exists, is not empty and holds no gradient store manifest; choose another folder."
             )
-        path.mkdir(parents=True, exist_ok=True)
+        if expected_examples is not None:
+            check_free_space(path, store.expected_bytes(int(expected_examples)), "the gradient store")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise (output_error(err, path, "the gradient store") or err) from err
         store._write_manifest()
         return store
 
     @classmethod
-    def _open(cls, path: Path) -> DiskGradientStore:
+    def _open(cls, path: Path, *, drop_missing: bool = False) -> DiskGradientStore:
+        """Open the store at ``path``; ``drop_missing`` (resuming a store to write it) forgets shards whose file
+        was deleted, so that their examples are computed again, instead of refusing the store."""
         manifest_path = path / _MANIFEST
         if not manifest_path.is_file():
             raise StoreCorruptedError(
@@ -607,24 +802,34 @@ class DiskGradientStore(GradientStore):
             ) from err
         except ConfigError as err:
             raise StoreCorruptedError(f"The gradient store manifest {manifest_path} is invalid: {err}") from err
+        kept = []
         for shard in shards:
             file = path / shard["file"]
+            if not file.is_file() and drop_missing:
+                logger.warning(
+                    "Shard %s of the gradient store %s is missing; its %d examples will be computed again.",
+                    shard["file"],
+                    path,
+                    shard["num_examples"],
+                )
+                continue
+            kept.append(shard)
             if not file.is_file():
                 raise StoreCorruptedError(
-                    f"Shard {file} listed in {manifest_path} is missing. Rerun the same command to recompute it after "
-                    f"deleting the store, or restore the file."
+                    f"Shard {file} listed in {manifest_path} is missing. Rerun the command that wrote the store "
+                    "(datainf grads / score, same settings) to compute its examples again, or restore the file."
                 )
             if file.stat().st_size != shard["bytes"]:
                 raise StoreCorruptedError(
                     f"Shard {file} has {file.stat().st_size} bytes but the manifest records {shard['bytes']}: it is "
-                    "truncated or was replaced. Delete the store folder and recompute the gradients."
+                    f"truncated or was replaced. {_shard_remedy(file, path)}"
                 )
             if len(shard["ids"]) != shard["num_examples"]:
                 raise StoreCorruptedError(
                     f"Shard {file}: the manifest lists {len(shard['ids'])} ids for {shard['num_examples']} examples."
                 )
             store._ids.extend(shard["ids"])
-        store._shards = shards
+        store._shards = kept
         store._id_set = set(store._ids)
         if len(store._id_set) != len(store._ids):
             raise StoreCorruptedError(
@@ -652,32 +857,72 @@ class DiskGradientStore(GradientStore):
         self._write_manifest()
 
     def _write_shard(self, count: int) -> None:
+        """Write the first ``count`` buffered examples as the next shard, then list it in the manifest.
+
+        The buffer is only advanced once the shard is in place, so a failed write (a full disk) loses
+        nothing that a rerun would not recompute, and leaves no temporary file.
+        """
         ids = self._buffer_ids[:count]
         tensors: dict[str, torch.Tensor] = {}
+        rest: dict[str, list[torch.Tensor]] = {}
         for name in self._block_dims:
             joined = torch.cat(self._buffer[name])
             tensors[name] = joined[:count].contiguous()
-            self._buffer[name] = [joined[count:]] if joined.shape[0] > count else []
+            rest[name] = [joined[count:]] if joined.shape[0] > count else []
         norms = torch.cat(self._buffer_norms)
         tensors[_NORMS_KEY] = norms[:count].contiguous()
-        self._buffer_norms = [norms[count:]] if norms.shape[0] > count else []
-        self._buffer_ids = self._buffer_ids[count:]
+        rest_norms = [norms[count:]] if norms.shape[0] > count else []
 
-        file_name = f"shard-{len(self._shards):05d}.safetensors"
+        file_name = self._next_shard_name()
         final = self.path / file_name
-        fd, tmp = tempfile.mkstemp(prefix=f".{file_name}.", suffix=".tmp", dir=self.path)
-        os.close(fd)
+        check_free_space(self.path, self.expected_bytes(count), f"shard {file_name} of the gradient store")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{file_name}.", suffix=".tmp", dir=self.path)
+            os.close(fd)
+        except OSError as err:
+            raise (output_error(err, final, "the gradient store shard") or err) from err
         try:
             save_file(tensors, tmp, metadata={"format": _FORMAT})
+            os.chmod(tmp, file_mode())  # safetensors makes its own (private) file
             digest = _sha256(Path(tmp))
             size = os.path.getsize(tmp)
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as err:
             Path(tmp).unlink(missing_ok=True)
+            converted = None if isinstance(err, (KeyboardInterrupt, SystemExit)) else output_error(err, final)
+            if converted is not None:
+                raise converted from err
             raise
+        self._buffer = rest
+        self._buffer_norms = rest_norms
+        self._buffer_ids = self._buffer_ids[count:]
+        key = _shard_key(final, digest)
+        if key is not None:
+            _VERIFIED_SHARDS.add(key)  # written (and hashed) by this process: no need to hash it again on read
         self._shards.append({"file": file_name, "num_examples": count, "ids": ids, "bytes": size, "sha256": digest})
         self._norms_cache = None
         self._write_manifest()
+
+    def _check_shard(self, shard: dict[str, Any]) -> None:
+        """Compare the shard file's SHA-256 with the manifest's, once per process (see :attr:`verify_checksums`)."""
+        if not self.verify_checksums:
+            return
+        file = self.path / shard["file"]
+        key = _shard_key(file, str(shard["sha256"]))
+        if key is not None and key in _VERIFIED_SHARDS:
+            return
+        try:
+            actual = _sha256(file)
+        except OSError as err:
+            raise StoreCorruptedError(f"Shard {file} cannot be read ({err}). {_shard_remedy(file, self.path)}") from err
+        if actual != shard["sha256"]:
+            raise StoreCorruptedError(
+                f"Shard {shard['file']} of the gradient store {self.path} does not match the SHA-256 recorded in "
+                f"its manifest: its bytes changed after it was written (a disk fault, or the file was edited). "
+                f"{_shard_remedy(file, self.path)}"
+            )
+        if key is not None:
+            _VERIFIED_SHARDS.add(key)
 
     # ------------------------------------------------------------------ reading
     def _read_shard(
@@ -685,6 +930,7 @@ class DiskGradientStore(GradientStore):
     ) -> dict[str, torch.Tensor]:
         """The shard's tensors ``names``; ``part=(a, b)`` reads only rows ``a:b`` of each."""
         file = self.path / shard["file"]
+        self._check_shard(shard)
         try:
             with safe_open(str(file), framework="pt") as handle:
                 if part is None:
@@ -693,7 +939,7 @@ class DiskGradientStore(GradientStore):
                     out = {name: handle.get_slice(name)[part[0] : part[1]] for name in names}
         except Exception as err:  # safetensors raises several error types on damaged files
             raise StoreCorruptedError(
-                f"Shard {file} cannot be read ({type(err).__name__}: {err}). Delete the store folder and recompute the gradients."
+                f"Shard {file} cannot be read ({type(err).__name__}: {err}). {_shard_remedy(file, self.path)}"
             ) from err
         count = shard["num_examples"] if part is None else part[1] - part[0]
         for name, tensor in out.items():
@@ -839,9 +1085,33 @@ class DiskGradientStore(GradientStore):
             if _sha256(file) != shard["sha256"]:
                 raise StoreCorruptedError(
                     f"Shard {file} does not match its recorded checksum: its contents changed after it was written. "
-                    "Delete the store folder and recompute the gradients."
+                    f"{_shard_remedy(file, self.path)}"
                 )
         for shard in self._shards:
             norms = self._read_shard(shard, [_NORMS_KEY])[_NORMS_KEY]
             if not torch.isfinite(norms).all() or (norms < 0).any():
                 raise StoreCorruptedError(f"Shard {self.path / shard['file']} holds invalid squared norms.")
+
+
+def _shard_remedy(file: Path, store: Path) -> str:
+    """What to do about a damaged shard: delete it and rerun the store's command, which recomputes only its examples."""
+    return (
+        f"Delete {file} and rerun the command that wrote {store} (datainf grads / score, same settings): it computes "
+        "that shard's examples again. Or delete the whole store folder to recompute everything."
+    )
+
+
+def _has_content(path: Path) -> bool:
+    """Whether the folder ``path`` holds anything besides a run's lock file (:data:`RUN_LOCK_FILE`)."""
+    return any(entry.name != RUN_LOCK_FILE for entry in path.iterdir())
+
+
+def _clear_folder(path: Path) -> None:
+    """Delete everything in ``path`` but a run's lock file (the run holding it keeps it); the folder stays."""
+    for entry in path.iterdir():
+        if entry.name == RUN_LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()

@@ -36,13 +36,16 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from datainf.distributed import DistributedContext, check_same_settings, dist_context, on_every_rank, on_main
 from datainf.errors import ConfigError, DatasetError
 from datainf.runs import RunDir, removed_on_error
 from datainf.scores import Scores
 from datainf.store import GradientStore
+
+if TYPE_CHECKING:
+    from datainf.influence import InfluenceConfig
 
 __all__ = [
     "FinetuneSettings",
@@ -219,8 +222,17 @@ class ScoreSettings:
             as in :class:`GradientsSettings` (used with ``train_data`` / ``test_data``).
         train_data, test_data: training and test data.
         text_column, label_column, prompt_column, response_column, id_column: as in :class:`FinetuneSettings`.
-        method: influence method names (see :func:`datainf.available_methods`).
-        mode: ``average`` (one score per training example) or ``pairwise`` (one per (test, train) pair).
+        method: influence method names (see :func:`datainf.methods.available_methods`).
+        mode: ``average`` (one score per training example, on the mean test loss), ``pairwise``
+            (one per (test, train) pair) or ``self`` (each training example's self-influence, on its
+            own loss: no test set, so ``test_grads`` / ``test_data`` must not be given).
+        normalize: unit-normalise every gradient (over all blocks) before scoring: cosine-style
+            scores that rank by gradient direction (:class:`datainf.influence.InfluenceConfig`).
+            Recorded in ``config.json`` only when on (folders written before it existed stay valid).
+        loss_baseline: also write the training-loss baseline (each training example's loss under
+            the fine-tuned model, ``scores-loss``; high = suspicious, :mod:`datainf.baselines`).
+            ``None`` (default): on when scoring from ``train_data`` (the model is loaded anyway),
+            off from stores; ``True`` with stores is refused (a store holds no losses).
         damping: ``lambda_l = damping * mean ||g_il||^2 / d_l`` (paper: 0.1).
         fixed_lambda: one lambda for every block instead of ``damping``.
         method_options: method name -> that method's options.
@@ -248,7 +260,9 @@ class ScoreSettings:
     response_column: str | None = None
     id_column: str | None = None
     method: tuple[str, ...] = ("datainf",)
-    mode: Literal["average", "pairwise"] = "average"
+    mode: Literal["average", "pairwise", "self"] = "average"
+    normalize: bool = False
+    loss_baseline: bool | None = None
     damping: float = 0.1
     fixed_lambda: float | None = None
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -262,10 +276,14 @@ class ScoreSettings:
             {
                 "kind": _loadable_kinds(),
                 "dtype": _DTYPES,
-                "mode": ("average", "pairwise"),
+                "mode": ("average", "pairwise", "self"),
                 "table_format": ("csv", "parquet"),
             },
         )
+        if not isinstance(self.normalize, bool):
+            raise ConfigError(f"normalize must be True or False, got {self.normalize!r}.")
+        if self.loss_baseline is not None and not isinstance(self.loss_baseline, bool):
+            raise ConfigError(f"loss_baseline must be True, False or None (automatic), got {self.loss_baseline!r}.")
         if isinstance(self.method, str):
             object.__setattr__(self, "method", (self.method,))
         if isinstance(self.method_options, Mapping):
@@ -521,19 +539,23 @@ def gradients_run(settings: GradientsSettings, *, overwrite: bool = False, progr
 
 
 def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: bool = True) -> ScoreRunResult:
-    """Influence of every training example on the test loss, per method; writes
-    ``<out>/scores-<method>.safetensors`` and ``<out>/scores-<method>.csv`` (or ``.parquet``).
+    """Influence of every training example on the test loss (or, in ``self`` mode, on its own loss),
+    per method; writes ``<out>/scores-<method>.safetensors`` and ``<out>/scores-<method>.csv`` (or
+    ``.parquet``).
 
     From stores (``train_grads`` and ``test_grads``) or from data (``model``, ``adapter``,
     ``train_data`` and ``test_data``; the gradients go to ``<out>/grads-train`` / ``<out>/grads-test``).
+    ``mode="self"`` takes the training side only. From data the training-loss baseline is written
+    too (``scores-loss``, the last row of the result; see :attr:`ScoreSettings.loss_baseline`).
     Scores finished in ``<out>`` with this configuration and these very gradients are reused.
 
     Under ``torchrun`` every rank runs the same call and computes a share of every sum; rank 0 alone
     writes the outputs; every rank returns the same scores.
 
     Raises:
-        ConfigError: unknown methods, both or neither input given, ``<out>`` holds another
-            configuration (without ``overwrite``), bad influence settings.
+        ConfigError: unknown methods, both or neither input given, test inputs in ``self`` mode,
+            ``loss_baseline=True`` from stores, ``<out>`` holds another configuration (without
+            ``overwrite``), bad influence settings.
         DatasetError: unreadable data, test labels never seen in training.
     """
     from datainf.influence import InfluenceConfig, influence_from_config
@@ -549,7 +571,26 @@ def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: boo
             )
         if not from_stores and not from_data:
             raise ConfigError(
-                "Nothing to score: pass --train-grads and --test-grads, or --model, --adapter, --train-data and --test-data."
+                "Nothing to score: pass --train-grads and --test-grads, or --model, --adapter, --train-data and --test-data "
+                "(with --mode self: the training side only)."
+            )
+        self_mode = settings.mode == "self"
+        if self_mode and (settings.test_grads or settings.test_data):
+            given = "--test-grads" if settings.test_grads else "--test-data"
+            raise ConfigError(
+                f"--mode self scores each training example on its own loss and uses no test set, but {given} was given: "
+                f"drop {given}, or use --mode average / pairwise to score against the test set."
+            )
+        if settings.loss_baseline and from_stores:
+            raise ConfigError(
+                "--loss-baseline needs the fine-tuned model and the training data (a gradient store holds no losses): "
+                "score from --model, --adapter and --train-data instead of --train-grads, or drop --loss-baseline."
+            )
+        with_loss = from_data if settings.loss_baseline is None else settings.loss_baseline
+        if with_loss and _LOSS_STAGE in methods:
+            raise ConfigError(
+                f"A registered method is called {_LOSS_STAGE!r}, which is also the training-loss baseline's name: "
+                "pass --no-loss-baseline to run that method."
             )
         influence_configs = {  # built (and so validated) before any work
             name: InfluenceConfig(
@@ -560,21 +601,24 @@ def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: boo
                 method_options=dict((settings.method_options or {}).get(name, {})),
                 batch_size=settings.score_batch_size,
                 device=settings.device,
+                normalize=settings.normalize,
             )
             for name in methods
         }
+        losses: Callable[[GradientStore], Scores] | None = None
         if from_stores:
             settings, run, train_store, test_store = _score_inputs_from_stores(ctx, settings, overwrite)
         else:
-            settings, run, train_store, test_store = _score_inputs_from_data(ctx, settings, overwrite, progress)
+            settings, run, train_store, test_store, losses = _score_inputs_from_data(ctx, settings, overwrite, progress)
 
         rows: list[MethodScores] = []
         for name in methods:
             stage = f"scores-{name}.safetensors"
+            config = influence_configs[name]
 
-            def finished(stage: str = stage) -> Scores | None:
+            def finished(stage: str = stage, config: InfluenceConfig = config) -> Scores | None:
                 return run.load_finished(
-                    stage, load=Scores.load, accept=lambda s: _same_gradients(s, train_store, test_store)
+                    stage, load=Scores.load, accept=lambda s: _same_scores(s, config, train_store, test_store)
                 )
 
             # rank 0 decides (every rank must then take the same branch: influence runs collectives)
@@ -582,69 +626,121 @@ def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: boo
             reused = scores is not None
             if scores is None:
                 with run.timed(f"influence-{name}"):
-                    scores = influence_from_config(train_store, test_store, influence_configs[name], progress=progress)
-            stem = run.stage(f"scores-{name}")
-            if ctx.is_main:
-                table = scores.write_table(stem, settings.table_format)
-                if not reused:
-                    scores.save(run.stage(stage))  # last: its presence marks the method as done
-            else:
-                table = stem.with_suffix(f".{settings.table_format}")
-            rows.append(MethodScores(method=name, scores=scores, path=run.stage(stage), table=table, reused=reused))
+                    scores = influence_from_config(train_store, test_store, config, progress=progress)
+            rows.append(_write_scores(ctx, run, settings, name, scores, reused))
+        if with_loss and losses is not None:
+            compute_losses = losses
+
+            def loss_row() -> tuple[Scores, bool]:
+                done = run.load_finished(
+                    f"scores-{_LOSS_STAGE}.safetensors", load=Scores.load, accept=lambda s: _same_loss(s, train_store)
+                )
+                if done is not None:
+                    return done, True
+                with run.timed("loss-baseline"):
+                    return compute_losses(train_store), False
+
+            scores, reused = on_main(ctx, "Computing the training-loss baseline", loss_row)
+            rows.append(_write_scores(ctx, run, settings, _LOSS_STAGE, scores, reused))
         ctx.barrier()  # no rank returns before rank 0 has written everything
         return ScoreRunResult(out=run.path, methods=rows, settings=settings, stage_seconds=run.stage_seconds)
 
 
+#: The training-loss baseline's name in ``score_run``: ``scores-loss.safetensors``, row ``loss``.
+_LOSS_STAGE = "loss"
+
+
+def _write_scores(
+    ctx: DistributedContext, run: RunDir, settings: ScoreSettings, name: str, scores: Scores, reused: bool
+) -> MethodScores:
+    """Write one method's table (and, unless reused, its scores file) from rank 0; its result row."""
+    stage = f"scores-{name}.safetensors"
+    stem = run.stage(f"scores-{name}")
+    if ctx.is_main:
+        table = scores.write_table(stem, settings.table_format)
+        if not reused:
+            scores.save(run.stage(stage))  # last: its presence marks the method as done
+    else:
+        table = stem.with_suffix(f".{settings.table_format}")
+    return MethodScores(method=name, scores=scores, path=run.stage(stage), table=table, reused=reused)
+
+
 def _score_inputs_from_stores(
     ctx: DistributedContext, settings: ScoreSettings, overwrite: bool
-) -> tuple[ScoreSettings, RunDir, GradientStore, GradientStore]:
-    if not (settings.train_grads and settings.test_grads):
-        raise ConfigError("Pass both --train-grads and --test-grads.")
+) -> tuple[ScoreSettings, RunDir, GradientStore, GradientStore | None]:
+    self_mode = settings.mode == "self"
+    if not settings.train_grads or not (settings.test_grads or self_mode):
+        raise ConfigError("Pass both --train-grads and --test-grads (or --mode self, which needs --train-grads only).")
     _check_same_run(ctx, "score", settings, {})  # the gradients themselves are compared by influence
     train_grads, test_grads = settings.train_grads, settings.test_grads
-    train_store, test_store = on_every_rank(
-        ctx,
-        "Opening the gradient stores",
-        lambda: (_open_store(train_grads, "--train-grads"), _open_store(test_grads, "--test-grads")),
-    )
+
+    def open_stores() -> tuple[GradientStore, GradientStore | None]:
+        train = _open_store(train_grads, "--train-grads")
+        return train, None if test_grads is None else _open_store(test_grads, "--test-grads")
+
+    train_store, test_store = on_every_rank(ctx, "Opening the gradient stores", open_stores)
     run = on_main(ctx, "Checking the output folder", lambda: _claim_score_run(settings, overwrite))
     return settings, run, train_store, test_store
 
 
 def _score_inputs_from_data(
     ctx: DistributedContext, settings: ScoreSettings, overwrite: bool, progress: bool
-) -> tuple[ScoreSettings, RunDir, GradientStore, GradientStore]:
-    if not (settings.train_data and settings.test_data):
-        raise ConfigError("Pass both --train-data and --test-data.")
+) -> tuple[ScoreSettings, RunDir, GradientStore, GradientStore | None, Callable[[GradientStore], Scores]]:
+    """The gradient stores computed from the data, and the training-loss baseline of the same model
+    (a function of the training store, whose fingerprint it records)."""
+    self_mode = settings.mode == "self"
+    if not settings.train_data or not (settings.test_data or self_mode):
+        raise ConfigError("Pass both --train-data and --test-data (or --mode self, which needs --train-data only).")
 
+    from datainf.baselines import loss_scores
     from datainf.data.labels import LabelEncoder
     from datainf.tasks import get_task_kind
 
-    def read() -> tuple[ScoreSettings, list[dict[str, Any]], list[dict[str, Any]]]:
+    def read() -> tuple[ScoreSettings, list[dict[str, Any]], list[dict[str, Any]] | None]:
         resolved = _resolve_model_settings(settings, _adapter_meta(settings))
         kind = str(resolved.kind)
         train = _load_data(resolved.train_data, resolved, kind, "--train-data")
-        test = _load_data(resolved.test_data, resolved, kind, "--test-data")
+        test = None if self_mode else _load_data(resolved.test_data, resolved, kind, "--test-data")
         if get_task_kind(kind).encodes_labels:
-            LabelEncoder.fit(train, held_out=test)  # test labels unseen in the training data -> DatasetError
+            LabelEncoder.fit(train, held_out=test or ())  # test labels unseen in the training data -> DatasetError
         return resolved, train, test
 
     settings, train, test = on_every_rank(ctx, "Reading the data", read)
-    _check_same_run(ctx, "score", settings, {"train": train, "test": test})
+    data = {"training": train} if test is None else {"training": train, "test": test}
+    _check_same_run(ctx, "score", settings, {"train": train} if test is None else {"train": train, "test": test})
     run = on_main(ctx, "Checking the output folder", lambda: _claim_score_run(settings, overwrite))
-    model, task, encoded = _model_and_task(settings, {"training": train, "test": test})
+    model, task, encoded = _model_and_task(settings, data)
     with run.timed("gradients"):
         train_store = _compute_store(
             model, task, encoded["training"], run.stage("grads-train"), settings, ctx, progress=progress
         )
-        test_store = _compute_store(
-            model, task, encoded["test"], run.stage("grads-test"), settings, ctx, progress=progress
+        test_store = (
+            None
+            if test is None
+            else _compute_store(model, task, encoded["test"], run.stage("grads-test"), settings, ctx, progress=progress)
         )
-    return settings, run, train_store, test_store
+    batch_size = int(settings.grad_batch_size)
+
+    def losses(store: GradientStore) -> Scores:
+        return loss_scores(model, task, encoded["training"], batch_size=batch_size, fingerprint=store.fingerprint)
+
+    return settings, run, train_store, test_store, losses
 
 
 def _claim_score_run(settings: ScoreSettings, overwrite: bool) -> RunDir:
-    return RunDir.claim(settings.out, kind="score", settings=_saved(settings), overwrite=overwrite)
+    return RunDir.claim(settings.out, kind="score", settings=_saved_score(settings), overwrite=overwrite)
+
+
+def _saved_score(settings: ScoreSettings) -> dict[str, Any]:
+    """:class:`ScoreSettings` as ``config.json`` holds them: the options added after the first
+    release (``normalize``, ``loss_baseline``) only when they are not at their default, so score
+    folders written before they existed still resume (a missing key reads as the default)."""
+    saved = _saved(settings)
+    if saved.get("normalize") is False:
+        del saved["normalize"]
+    if saved.get("loss_baseline") is None:
+        del saved["loss_baseline"]
+    return saved
 
 
 def _methods(settings: ScoreSettings) -> list[str]:
@@ -668,11 +764,31 @@ def _methods(settings: ScoreSettings) -> list[str]:
     return methods
 
 
-def _same_gradients(scores: Scores, train_store: GradientStore, test_store: GradientStore) -> bool:
-    """Whether finished scores were computed from these very gradients (logs when not)."""
+def _same_scores(
+    scores: Scores, config: InfluenceConfig, train_store: GradientStore, test_store: GradientStore | None
+) -> bool:
+    """Whether finished scores were computed from these very gradients, in this mode, with this
+    normalisation (``config``: the method's settings; logs when not)."""
     same = scores.matches(train_store, test_store)
     if not same:
         logger.info("The %s scores in the output folder came from other gradients; recomputing them.", scores.method)
+        return False
+    if scores.mode != config.mode or bool(scores.settings.get("normalize", False)) != config.normalize:
+        logger.info(
+            "The %s scores in the output folder have another mode or normalisation; recomputing them.", scores.method
+        )
+        return False
+    return True
+
+
+def _same_loss(scores: Scores, train_store: GradientStore) -> bool:
+    """Whether a finished ``scores-loss`` file is the training-loss baseline of these training examples
+    under the model that computed ``train_store`` (logs when not)."""
+    from datainf.baselines import LOSS_METHOD
+
+    same = scores.method == LOSS_METHOD and scores.matches(train_store, None)
+    if not same:
+        logger.info("The training-loss baseline in the output folder is of another model or data; recomputing it.")
     return same
 
 
@@ -835,6 +951,7 @@ def _compute_store(
             fingerprint=gradient_fingerprint(model, task, blocks),
             shard_size=int(settings.shard_size),
             overwrite=False,
+            expected_examples=len(records),
         )
         foreign = sorted(set(store.ids) - {str(r["id"]) for r in records})
         if foreign:

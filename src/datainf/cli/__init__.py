@@ -19,8 +19,9 @@ stopped). See :class:`datainf.runs.RunDir`.
 Layout: :mod:`datainf.cli.options` (the option tables, parser and config resolution),
 :mod:`datainf.cli.commands` (one short function per subcommand), and :func:`main` here.
 
-Exit codes: 0 success; 2 bad input or settings (one line ``datainf: error: <message>`` on stderr);
-130 interrupted (every output is written atomically, so rerunning the same command resumes).
+Exit codes: 0 success; 2 bad input or settings, an unusable ``--device``, an ``--out`` that cannot be
+written (read-only, disk full) or is locked by another run (one line ``datainf: error: <message>`` on
+stderr); 130 interrupted (every output is written atomically, so rerunning the same command resumes).
 
 Sign convention of every score: positive influence = harmful (raises the test loss).
 """
@@ -41,7 +42,8 @@ from datainf.cli.commands import HANDLERS, cmd_demo
 from datainf.cli.options import COMMANDS, CONFIG_FILE, build_parser, resolve_config
 from datainf.distributed import is_main_process
 from datainf.errors import DataInfError
-from datainf.runs import removed_on_error
+from datainf.runs import check_device, removed_on_error
+from datainf.store import output_error
 
 __all__ = ["main", "build_parser", "resolve_config", "CONFIG_FILE", "COMMANDS"]
 
@@ -86,6 +88,25 @@ def _logging_setup(verbose: bool, quiet: bool) -> Iterator[None]:
                 hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def _write_failures_as_errors(out: str | None) -> Iterator[None]:
+    """Turn a write that failed on a full disk or a read-only / forbidden folder into its DataInfError
+    (:func:`datainf.store.output_error`), so that the user sees one line, not a traceback. Other
+    errors pass unchanged."""
+    try:
+        yield
+    except DataInfError:
+        raise
+    except Exception as err:
+        if not isinstance(err, OSError) and type(err).__name__ != "SafetensorError":
+            raise
+        where = getattr(err, "filename", None) or out or "the output"
+        converted = output_error(err, where)
+        if converted is None:
+            raise
+        raise converted from err
+
+
 def _one_line(message: str) -> str:
     """Fold a multi-line error message (e.g. a bullet list of problems) into one line."""
     out = ""
@@ -128,10 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         explicit = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
         config = resolve_config(command, explicit, getattr(args, "config", None))
+        check_device(config.get("device"))  # before any data is read or folder made
         started = time.perf_counter()
         with (
             _logging_setup(bool(config.get("verbose")), bool(config.get("quiet"))),
             removed_on_error(config.get("out")),
+            _write_failures_as_errors(config.get("out")),
         ):
             code = cmd_demo(config, args) if command == "demo" else HANDLERS[command](config)
         logger.info("datainf %s finished in %.1f s", command, time.perf_counter() - started)

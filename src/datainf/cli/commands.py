@@ -1,13 +1,22 @@
 """The ``datainf`` subcommands: each turns the resolved settings into one :mod:`datainf.workflows` call
-and prints what it did. Everything that computes or writes lives in the library."""
+and prints what it did. Everything that computes or writes lives in the library.
+
+``score`` and ``demo`` take ``--json``: their summary is then printed as one JSON object on stdout
+(nothing else goes to stdout; progress bars and logs go to stderr), for scripts.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from datainf.distributed import is_main_process
+from datainf.errors import ConfigError
 from datainf.scores import SIGN_CONVENTION
 from datainf.workflows import (
     FinetuneSettings,
@@ -21,7 +30,38 @@ from datainf.workflows import (
     settings_from_mapping,
 )
 
-__all__ = ["cmd_finetune", "cmd_grads", "cmd_score", "cmd_report", "cmd_demo", "HANDLERS"]
+__all__ = ["cmd_finetune", "cmd_grads", "cmd_score", "cmd_report", "cmd_demo", "HANDLERS", "scores_files"]
+
+logger = logging.getLogger(__name__)
+
+#: Score tables ``datainf score`` writes next to each ``scores-<method>.safetensors``.
+_TABLE_SUFFIXES = (".csv", ".parquet")
+
+
+def _jsonable(value: Any) -> Any:
+    """``json.dumps`` default: numpy / torch scalars as numbers, paths (and anything else) as strings."""
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return item()
+        except (TypeError, ValueError):
+            pass
+    return str(value)
+
+
+def _print_json(summary: dict[str, Any]) -> None:
+    """One JSON object on one line of stdout; non-finite numbers become ``null`` (strict JSON)."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {str(k): finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    print(json.dumps(finite(json.loads(json.dumps(summary, default=_jsonable))), allow_nan=False))
 
 
 def cmd_finetune(config: dict[str, Any]) -> int:
@@ -60,7 +100,35 @@ def cmd_score(config: dict[str, Any]) -> int:
     result = score_run(settings, overwrite=config["overwrite"], progress=not config["quiet"])
     if not is_main_process():
         return 0
+    if config.get("json"):
+        _print_json(
+            {
+                "command": "score",
+                "sign_convention": SIGN_CONVENTION,
+                "out": str(result.out),
+                "mode": result.settings.mode,
+                "methods": [
+                    {
+                        "method": row.method,
+                        "reused": row.reused,
+                        "seconds": row.scores.diagnostics.get("seconds"),
+                        "scores": str(row.path),
+                        "table": str(row.table),
+                        "top_harmful": [{"id": i, "score": v} for i, v in row.scores.top_harmful(10)],
+                        "top_helpful": [{"id": i, "score": v} for i, v in row.scores.top_helpful(10)],
+                    }
+                    for row in result.methods
+                ],
+                "stage_seconds": result.stage_seconds,
+            }
+        )
+        return 0
     print(f"# {SIGN_CONVENTION}")
+    others: dict[str, list[str]] = {}  # self-influence, the loss baseline: what their values mean
+    for row in (r for r in result.methods if r.scores.sign_convention != SIGN_CONVENTION):
+        others.setdefault(row.scores.sign_convention, []).append(row.method)
+    for meaning, names in others.items():
+        print(f"# {', '.join(names)}: {meaning}")
     print(f"{'method':<14} {'seconds':>8}  most harmful training examples")
     for row in result.methods:
         top = ", ".join(f"{tid} ({value:+.3g})" for tid, value in row.scores.top_harmful(3))
@@ -72,19 +140,99 @@ def cmd_score(config: dict[str, Any]) -> int:
     return 0
 
 
+def scores_files(paths: Sequence[str] | None) -> list[str] | None:
+    """The scores files that ``--scores`` names: a file as given; a folder (the ``--out`` of
+    ``datainf score``) -> every ``scores-*.safetensors`` in it; a score table (``.csv`` / ``.parquet``) ->
+    the ``.safetensors`` file ``datainf score`` wrote next to it.
+
+    Raises:
+        ConfigError: a folder without scores files, or a table without its scores file.
+    """
+    if paths is None:
+        return None
+    out: list[str] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            found = sorted(path.glob("scores-*.safetensors"))
+            if not found:
+                raise ConfigError(
+                    f"--scores {path} is a folder without scores-*.safetensors files; pass the --out folder of "
+                    "`datainf score` or one of its scores-<method>.safetensors files."
+                )
+            out.extend(str(file) for file in found)
+        elif path.suffix.lower() in _TABLE_SUFFIXES:
+            scores = path.with_suffix(".safetensors")
+            if not scores.is_file():
+                raise ConfigError(
+                    f"--scores {path} is a score table; the report reads the scores file `datainf score` writes next "
+                    f"to it, {scores.name}, which is not there. Pass that file (or the score run's folder)."
+                )
+            logger.info("--scores %s: reading %s, the scores that table was written from.", path, scores)
+            out.append(str(scores))
+        else:
+            out.append(str(path))
+    return out
+
+
 def cmd_report(config: dict[str, Any]) -> int:
-    """``datainf report``: ``<out>/index.html`` with the top harmful / helpful training examples."""
+    """``datainf report``: ``<out>/index.html`` with the top harmful / helpful training examples.
+
+    ``--scores`` may name scores files, score run folders and score tables (see :func:`scores_files`).
+    """
+    config = {**config, "scores": scores_files(config.get("scores"))}
     result = report_run(settings_from_mapping(ReportSettings, config), overwrite=config["overwrite"])
     print(f"report: {result.path}")
     return 0
 
 
 def cmd_demo(config: dict[str, Any], args: argparse.Namespace) -> int:
-    """``datainf demo``: delegates to :func:`datainf.demos.main_demo` (the mislabel demo or an explain demo)."""
+    """``datainf demo``: delegates to :func:`datainf.demos.main_demo` (the mislabel demo or an explain demo);
+    with ``--json`` runs the demo and prints its summary as one JSON object instead."""
     from datainf import demos
 
+    if config.get("json"):
+        _print_json(_demo_summary(config))
+        return 0
     namespace = argparse.Namespace(**config, config=getattr(args, "config", None))
     return int(demos.main_demo(namespace))
+
+
+def _demo_summary(config: dict[str, Any]) -> dict[str, Any]:
+    """Run the demo of ``config["task"]`` and return what ``datainf demo`` prints, as JSON-able data."""
+    from datainf import demos
+
+    task = config.get("task") or "mislabel"
+    seed = config.get("seed") or 0
+    progress = not config.get("quiet", False)
+    recompute = bool(config.get("recompute", False))
+    if task == "mislabel":
+        result = demos.run_mislabel_demo(
+            demos.MislabelDemoConfig(seed=seed),
+            out_dir=config.get("out") or "datainf-out/demo",
+            recompute=recompute,
+            progress=progress,
+        )
+        return {
+            "command": "demo",
+            "task": task,
+            "table": result.table,
+            "stage_seconds": result.stage_seconds,
+            "report": str(Path(result.report).resolve()),
+            "cache": str(result.cache),
+        }
+    generation, report = demos.run_generation_demo(
+        task, config.get("dataset"), out_dir=config.get("out"), seed=seed, recompute=recompute, progress=progress
+    )
+    return {
+        "command": "demo",
+        "task": task,
+        "dataset": generation.dataset,
+        "metrics": generation.metrics,
+        "quality": generation.quality,
+        "stage_seconds": generation.stage_seconds,
+        "report": str(Path(report).resolve()),
+    }
 
 
 #: The subcommands that take only their resolved settings (``demo`` also gets the parsed arguments).

@@ -23,7 +23,7 @@ from datainf.runs import CONFIG_FILE
 __all__ = ["Option", "COMMANDS", "CONFIG_FILE", "NOT_SAVED", "build_parser", "resolve_config", "options"]
 
 #: Options that change how a command runs, not what it computes: never written to config.json.
-NOT_SAVED = frozenset({"config", "overwrite", "quiet", "verbose"})
+NOT_SAVED = frozenset({"config", "overwrite", "quiet", "verbose", "json"})
 
 
 class _UsageError(DataInfError):
@@ -129,7 +129,7 @@ class Option:
     default: Any = None
     help: str = ""
     choices: tuple[str, ...] | None = None
-    action: str = "value"  # value | flag | append
+    action: str = "value"  # value | flag (--x) | switch (--x / --no-x) | append
     saved: bool = True
     metavar: str | None = None
 
@@ -299,6 +299,13 @@ def _grads_options() -> list[Option]:
     ]
 
 
+def _method_names() -> list[str]:
+    """The registered influence methods (``--method`` choices), from :func:`datainf.methods.available_methods`."""
+    from datainf.methods import available_methods
+
+    return available_methods()
+
+
 def _score_options() -> list[Option]:
     return [
         Option(
@@ -340,7 +347,7 @@ def _score_options() -> list[Option]:
             ("--method",),
             _to_list,
             ["datainf"],
-            "influence method(s), any of `datainf.methods.available_methods()` (built in: datainf, exact, lissa, hessian_free, diagonal; repeat or comma list)",
+            f"influence method(s): {', '.join(_method_names())} (repeat or comma list)",
             action="append",
         ),
         Option(
@@ -348,8 +355,29 @@ def _score_options() -> list[Option]:
             ("--mode",),
             _to_str,
             "average",
-            "average: one score per training example; pairwise: one per (test, train) pair",
-            choices=("average", "pairwise"),
+            "average: one score per training example, on the mean test loss; pairwise: one per (test, train) pair; "
+            "self: each training example's self-influence on its own loss (large = suspect; no test set: give "
+            "--train-grads or --train-data only)",
+            choices=("average", "pairwise", "self"),
+        ),
+        Option(
+            "normalize",
+            ("--normalize",),
+            _to_bool,
+            False,
+            "unit-normalise every gradient first: scores rank by gradient direction (with hessian_free: minus the "
+            "cosine similarity), no longer an influence on the loss",
+            action="flag",
+        ),
+        Option(
+            "loss_baseline",
+            ("--loss-baseline",),
+            _optional(_to_bool),
+            None,
+            "also write the training-loss baseline, scores-loss (each training example's own loss under the "
+            "fine-tuned model; high loss = suspicious, ranked first like harmful). Default: on with --train-data, "
+            "off with stores (--train-grads holds no losses, so it cannot be computed from stores)",
+            action="switch",
         ),
         Option("damping", ("--damping",), _to_float, 0.1, "lambda_l = damping * mean ||g_il||^2 / d_l (paper: 0.1)"),
         Option(
@@ -381,6 +409,9 @@ def _score_options() -> list[Option]:
             "csv",
             "format of the per-method score table",
             choices=("csv", "parquet"),
+        ),
+        Option(
+            "json", ("--json",), _to_bool, False, "print the summary as one JSON object", action="flag", saved=False
         ),
     ]
 
@@ -433,6 +464,9 @@ def _demo_options() -> list[Option]:
         ),
         Option("seed", ("--seed",), _to_int, 0, "random seed"),
         Option("recompute", ("--recompute",), _to_bool, False, "ignore cached intermediate results", action="flag"),
+        Option(
+            "json", ("--json",), _to_bool, False, "print the summary as one JSON object", action="flag", saved=False
+        ),
     ]
 
 
@@ -493,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs: dict[str, Any] = {"dest": opt.dest, "help": opt.help + shown}
             if opt.action == "flag":
                 kwargs["action"] = "store_true"
+            elif opt.action == "switch":
+                kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs["action"] = "append" if opt.action == "append" else "store"
                 if opt.choices:

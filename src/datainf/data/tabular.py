@@ -42,6 +42,8 @@ SUPPORTED_FORMATS: dict[str, str] = {
 }
 
 _MAX_LISTED = 10
+#: Fields holding text: when required, a value that is "" or only whitespace is refused (it gives no tokens).
+_TEXT_FIELDS = frozenset({"text", "prompt", "response"})
 
 
 def _preview(items: Sequence[Any], limit: int = _MAX_LISTED) -> str:
@@ -267,7 +269,8 @@ def load_records(
             ``{"text": "sentence", "label": "y"}``. Mapped columns appear in the records under our
             name only; unmapped columns are kept under their own name. A file column that would be
             shadowed by a mapped field of the same name is dropped (logged at DEBUG).
-        required: our field names every record must have, with a value that is not missing.
+        required: our field names every record must have, with a value that is not missing; a
+            required text field (``text``, ``prompt``, ``response``) must not be ``""`` or only whitespace.
 
     Returns:
         One dict per row, in file order. ``"id"`` comes from the ``"id"`` field (after mapping) if
@@ -277,7 +280,7 @@ def load_records(
         MissingColumnsError: a mapped or required column does not exist (the message lists the
             columns that do; the error carries them as attributes).
         DatasetError: the file is missing, its format is unknown or unreadable, a required value
-            is missing, an id is missing, or ids repeat.
+            is missing (or a required text is blank; the message lists the ids), an id is missing, or ids repeat.
         EmptyInputError: the file holds no rows.
     """
     path = Path(path)
@@ -356,6 +359,13 @@ def load_records(
             raise DatasetError(
                 f"{path}: required field {field!r} is missing in {len(empty)} record(s), ids "
                 f"{_preview(empty)}. Fill them in or remove those rows."
+            )
+    for field in (f for f in required if f in _TEXT_FIELDS):
+        blank = [r["id"] for r in records if isinstance(r.get(field), str) and not r[field].strip()]
+        if blank:
+            raise DatasetError(
+                f"{path}: required text field {field!r} is empty or only whitespace in {len(blank)} record(s), ids "
+                f"{_preview(blank)}. Fill them in or remove those rows."
             )
     logger.info("Loaded %d records from %s (%s)", len(records), path, fmt)
     return records

