@@ -130,7 +130,7 @@ class OnTheFlyGradients:
         _validate_all(task, records, self._ids, list(range(len(self._ids))))
         self._model_key = model_fingerprint(model, self._blocks)
         self._data_key = dataset_fingerprint(records, self._ids)
-        self._fingerprint = {**gradient_fingerprint(model, task, self._blocks), "data": self._data_key}
+        self._fingerprint = gradient_fingerprint(model, task, self._blocks)
         self._norms: torch.Tensor | None = None
         self._session: GradientSession | None = None
         self.passes = 0  # gradient passes made (the norms pass included), counted by :meth:`iter_batches`
@@ -158,7 +158,11 @@ class OnTheFlyGradients:
 
     @property
     def fingerprint(self) -> dict[str, str]:
-        """``{"model", "task", "adapter"}`` as a store collected from the same model has, plus ``"data"``."""
+        """``{"model", "task", "adapter"}``: what a store collected from the same model and task records.
+
+        Like a store's, it does not cover the records (scores are matched by their ids); the records
+        are checked between passes, and :attr:`checkpoint_key` covers them.
+        """
         return dict(self._fingerprint)
 
     @property
@@ -304,6 +308,7 @@ class OnTheFlyGradients:
     def _norms_key(self) -> str:
         payload = {
             "fingerprint": self._fingerprint,
+            "data": self._data_key,
             "blocks": self._block_dims,
             "dtype": self._dtype_name,
             "batch_size": self.batch_size,
