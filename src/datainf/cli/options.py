@@ -336,16 +336,6 @@ def _score_options() -> list[Option]:
             metavar="PATH",
         ),
         Option(
-            "keep_train_store",
-            ("--keep-train-store",),
-            _to_bool,
-            False,
-            "with --train-data: compute the training gradients once into <out>/grads-train and read them from "
-            "there (1 forward/backward pass over the data, but 4 bytes per example per LoRA parameter on disk in "
-            "float32; faster for methods with many passes: lissa, exact in groups, self mode)",
-            action="flag",
-        ),
-        Option(
             "test_data",
             ("--test-data",),
             _optional(_to_path),
@@ -390,6 +380,16 @@ def _score_options() -> list[Option]:
             "fine-tuned model; high loss = suspicious, ranked first like harmful). Default: on with --train-data, "
             "off with stores (--train-grads holds no losses, so it cannot be computed from stores)",
             action="switch",
+        ),
+        Option(
+            "keep_train_store",
+            ("--keep-train-store",),
+            _to_bool,
+            False,
+            "with --train-data: compute the training gradients once into <out>/grads-train and read them from "
+            "there (1 forward/backward pass over the data, but 4 bytes per example per LoRA parameter on disk in "
+            "float32; faster for methods with many passes: lissa, exact in groups, self mode)",
+            action="flag",
         ),
         Option("damping", ("--damping",), _to_float, 0.1, "lambda_l = damping * mean ||g_il||^2 / d_l (paper: 0.1)"),
         Option(
