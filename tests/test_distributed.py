@@ -117,11 +117,11 @@ def _tiny_records(n: int, seed: int) -> list[dict[str, Any]]:
     return classification_data(n, seed=seed)
 
 
-def _collect(data: list[dict[str, Any]], path: Path | None) -> GradientStore:
+def _collect(data: list[dict[str, Any]], path: Path | None, **options: Any) -> GradientStore:
     from datainf.gradients import SequenceClassificationTask, collect_gradients
 
     model, task = bert_classifier(), SequenceClassificationTask(word_tokenizer())
-    return collect_gradients(model, task, data, store=path, batch_size=3, shard_size=2, progress=False)
+    return collect_gradients(model, task, data, store=path, batch_size=3, shard_size=2, progress=False, **options)
 
 
 def _collect_diffusion(path: Path | None) -> GradientStore:
@@ -211,6 +211,10 @@ def _job_equivalence(rank: int, root: Path) -> None:
     train = _collect(_tiny_records(11, 2), root / "train2")
     test = _collect(_tiny_records(3, 3), root / "test2")
     results["store_ids"] = train.ids
+    # Kronecker factors: first for the stored examples only (split over the ranks), then with new gradients
+    _collect(_tiny_records(11, 2), root / "train2", collect_factors=True)
+    with_factors = _collect(_tiny_records(7, 5), root / "factors2", collect_factors=True)
+    results["ekfac"] = datainf.influence(with_factors, test, method="ekfac", progress=False).values
     _collect_diffusion(root / "diffusion2")  # row-labelled blocks (one per timestep) split over the ranks
     results["store_scores"] = {
         m: datainf.influence(
@@ -414,6 +418,28 @@ def test_store_written_by_two_ranks_reads_back_in_one_process(equivalence, tmp_p
         )
         _close(from_written.values, from_single)
         _close(ranks[0]["store_scores"][method], from_single)
+
+
+def test_factors_written_by_two_ranks_equal_one_process(equivalence, tmp_path) -> None:
+    from datainf.factors import load_factors
+
+    root, ranks = equivalence
+    for name, data in (("train2", _tiny_records(11, 2)), ("factors2", _tiny_records(7, 5))):
+        written = load_factors(GradientStore.open(root / name))
+        single = load_factors(_collect(data, None, collect_factors=True))
+        assert sorted(written.ids) == sorted(single.ids) and written.shapes == single.shapes
+        for block in single.shapes:
+            _close(written.input_factor(block), single.input_factor(block))
+            _close(written.output_factor(block), single.output_factor(block))
+        assert [f.name for f in (root / name / "kronecker-factors").glob("index*.json")] == ["index.json"]
+    single_scores = datainf.influence(
+        _collect(_tiny_records(7, 5), None, collect_factors=True),
+        _collect(_tiny_records(3, 3), None),
+        method="ekfac",
+        progress=False,
+    ).values
+    _close(ranks[0]["ekfac"], single_scores)
+    assert torch.equal(ranks[1]["ekfac"], ranks[0]["ekfac"])
 
 
 def test_timestep_blocks_written_by_two_ranks_equal_one_process(equivalence) -> None:

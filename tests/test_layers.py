@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "datainf"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
     ("settings", "distributed", "store", "data", "evaluation"),
-    ("tasks", "scores", "runs"),
+    ("tasks", "scores", "runs", "factors"),
     ("models", "gradients", "methods"),
     ("finetune", "influence", "testing", "reference", "report", "baselines"),
     ("explain", "workflows"),

@@ -30,6 +30,8 @@ from datainf.errors import (
     StoreCorruptedError,
     TaskInputError,
 )
+from datainf.factors import FACTORS_FOLDER, FactorFolder, attach_factors, check_factor_memory
+from datainf.gradients.factors import FactorAccumulator, factor_shapes
 from datainf.gradients.hooks import PerExampleGradients, split_block_dims
 from datainf.gradients.lora import LoRABlocks, find_lora_blocks, gradient_mode, model_fingerprint
 from datainf.store import DiskGradientStore, GradientStore
@@ -175,6 +177,8 @@ def collect_gradients(
     shard_size: int = 1024,
     overwrite: bool = False,
     progress: bool = True,
+    collect_factors: bool = False,
+    factor_memory_gb: float = 4.0,
 ) -> GradientStore:
     """Per-example gradients ``g_il`` of every example and block, written into a gradient store.
 
@@ -192,6 +196,14 @@ def collect_gradients(
         shard_size: examples per shard of a new disk store.
         overwrite: replace an existing disk store at ``store`` instead of resuming it.
         progress: show a tqdm progress bar.
+        collect_factors: also accumulate the Kronecker factors of every hooked block (``A = E[x x^T]``,
+            ``S = E[delta delta^T]``, :mod:`datainf.factors`) from the same hooks, for the ``kfac`` and
+            ``ekfac`` methods. A disk store keeps them in ``<store>/kronecker-factors/`` (resumable
+            like the store: a rerun on a store collected without factors computes only the factors);
+            a RAM store keeps them in memory (:func:`datainf.factors.attached_factors`). Extra cost
+            per batch: two Gram matrices per hooked module (``O(P (p^2 + q^2))`` for ``P`` positions).
+        factor_memory_gb: refuse (before any work) factors whose float64 size ``8 sum_l (p_l^2 + q_l^2)``
+            exceeds this.
 
     Under ``torchrun`` (``torch.distributed`` with more than one process) every rank calls this
     with the same arguments and ``store`` must be a folder: the missing examples are split into one
@@ -230,6 +242,16 @@ def collect_gradients(
         ctx.raise_if_any(err, "Reading the data and the adapter")  # stop every rank, not just this one
     ctx.raise_if_any(None, "Reading the data and the adapter")
     block_dims = split_block_dims(blocks.block_dims, task.row_labels())
+    if collect_factors:
+        shapes, uncovered = factor_shapes(blocks.blocks, task.row_labels())
+        check_factor_memory(shapes, factor_memory_gb, what="collect_factors")
+        if uncovered:
+            logger.warning(
+                "%d block(s) are not covered by hooks and get no Kronecker factors (kfac/ekfac precondition them by "
+                "their diagonal): %s",
+                len(uncovered),
+                ", ".join(uncovered[:5]) + (" ..." if len(uncovered) > 5 else ""),
+            )
 
     if ctx.is_distributed:
         return _collect_distributed(
@@ -247,6 +269,7 @@ def collect_gradients(
             shard_size=shard_size,
             overwrite=overwrite,
             progress=progress,
+            collect_factors=collect_factors,
         )
 
     if store is None or isinstance(store, (str, os.PathLike)):
@@ -283,14 +306,77 @@ def collect_gradients(
         logger.info(
             "%d of %d examples are already in the store; computing the other %d.", n - len(pending), n, len(pending)
         )
+    folder = _factor_folder(out, blocks, task, fingerprint) if collect_factors else None
+    if folder is not None:
+        factor_only = _factors_missing(folder, out, ids)
+        if factor_only:
+            logger.info(
+                "Computing the Kronecker factors of %d stored examples (their gradients are kept).", len(factor_only)
+            )
+            _compute_into(
+                out,
+                model,
+                task,
+                dataset,
+                ids,
+                factor_only,
+                blocks,
+                batch_size=batch_size,
+                device=device,
+                progress=progress,
+                factors=folder,
+                append=False,
+                piece_size=shard_size,
+            )
     if pending:
         _compute_into(
-            out, model, task, dataset, ids, pending, blocks, batch_size=batch_size, device=device, progress=progress
+            out,
+            model,
+            task,
+            dataset,
+            ids,
+            pending,
+            blocks,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            factors=folder,
+            piece_size=shard_size,
         )
     if isinstance(out, DiskGradientStore):
         out.sort_shards(ids)
     out.finalize()
+    if folder is not None:
+        attach_factors(out, folder.consolidate())
     return out
+
+
+def _factor_folder(
+    out: GradientStore,
+    blocks: LoRABlocks,
+    task: GradientTask,
+    fingerprint: Mapping[str, str],
+    index_name: str = "index.json",
+) -> FactorFolder:
+    """The factor pieces of ``out`` (beside a disk store, in memory for a RAM store)."""
+    shapes, _ = factor_shapes(blocks.blocks, task.row_labels())
+    path = out.path / FACTORS_FOLDER if isinstance(out, DiskGradientStore) else None
+    return FactorFolder(path, fingerprint=dict(out.fingerprint or fingerprint), shapes=shapes, index_name=index_name)
+
+
+def _factors_missing(folder: FactorFolder, out: GradientStore, ids: Sequence[str]) -> list[int]:
+    """Dataset positions of stored examples without factors (after dropping pieces the store lost)."""
+    stored = set(out.ids)
+    folder.prune(stored)
+    covered = folder.covered_ids()
+    foreign = sorted(stored - covered - set(ids))
+    if foreign:
+        raise ConfigError(
+            f"The gradient store holds {len(foreign)} examples that are not in this dataset and have no Kronecker "
+            f"factors (e.g. {foreign[:3]}); their factors cannot be computed. Collect into a new store folder, or "
+            "pass overwrite=True."
+        )
+    return [i for i, example in enumerate(ids) if example in stored and example not in covered]
 
 
 class GradientSession:
@@ -299,15 +385,22 @@ class GradientSession:
     Inside ``with GradientSession(model, task, blocks, device=...) as session:`` the model is on
     ``device`` (moved back on exit) in eval mode with the block tensors trainable
     (:func:`~datainf.gradients.lora.gradient_mode`), :meth:`GradientTask.setup` has run and the
-    hooks are attached (:class:`~datainf.gradients.hooks.PerExampleGradients`);
+    hooks are attached (:class:`~datainf.gradients.hooks.PerExampleGradients`, with ``observer``:
+    e.g. a :class:`~datainf.gradients.factors.FactorAccumulator`'s ``observe``);
     :meth:`compute` turns raw records into per-example gradients. On exit every flag is restored,
     the hooks are removed and the modules that never ran get one warning.
     """
 
     def __init__(
-        self, model: nn.Module, task: GradientTask, blocks: LoRABlocks, *, device: torch.device | str | None = None
+        self,
+        model: nn.Module,
+        task: GradientTask,
+        blocks: LoRABlocks,
+        *,
+        device: torch.device | str | None = None,
+        observer: Any = None,
     ) -> None:
-        self.model, self.task, self.blocks, self._device = model, task, blocks, device
+        self.model, self.task, self.blocks, self._device, self._observer = model, task, blocks, device, observer
         self._stack: ExitStack | None = None
         self._capture: PerExampleGradients | None = None
         self.device: torch.device = _model_device(model)
@@ -319,7 +412,7 @@ class GradientSession:
             stack.enter_context(gradient_mode(self.model, self.blocks))
             self.task.setup(self.model)
             self._capture = stack.enter_context(
-                PerExampleGradients(self.blocks.blocks, row_labels=self.task.row_labels())
+                PerExampleGradients(self.blocks.blocks, row_labels=self.task.row_labels(), observer=self._observer)
             )
         except BaseException:
             stack.close()
@@ -378,8 +471,15 @@ def _compute_into(
     batch_size: int,
     device: torch.device | str | None,
     progress: bool,
+    factors: FactorFolder | None = None,
+    append: bool = True,
+    piece_size: int = 1024,
 ) -> None:
     """Gradients of ``dataset[i]`` for ``i`` in ``indices`` (increasing) appended to ``out``.
+
+    With ``factors``, the Kronecker factors of the same batches are added to that folder as pieces
+    of about ``piece_size`` examples (a piece counts only examples whose gradients reached ``out``);
+    ``append=False`` computes the factors alone (the gradients are already stored).
 
     The store is flushed at every gap in ``indices``, so that each disk shard holds a contiguous run
     of the dataset (what lets :meth:`DiskGradientStore.sort_shards` restore dataset order after a
@@ -388,22 +488,33 @@ def _compute_into(
     """
     truncated: list[str] = []
     try:
-        with GradientSession(model, task, blocks, device=device) as session:
+        accumulator = None if factors is None else FactorAccumulator(blocks.blocks, task.row_labels())
+        observer = None if accumulator is None else accumulator.observe
+        with GradientSession(model, task, blocks, device=device, observer=observer) as session:
             _validate_all(task, dataset, ids, list(indices))
             bar = _progress(len(indices), progress)
             try:
                 for run in _contiguous_runs(indices):
                     for start in range(0, len(run), batch_size):
                         chunk = run[start : start + batch_size]
+                        if accumulator is not None:
+                            accumulator.begin_batch()
                         batch, grads = session.compute([dataset[i] for i in chunk], [ids[i] for i in chunk])
                         truncated.extend(batch.truncated_ids)
-                        out.append(batch.ids, grads)
+                        if append:
+                            out.append(batch.ids, grads)
+                        if accumulator is not None:
+                            accumulator.commit(batch.ids)
+                            if accumulator.num_examples >= piece_size:
+                                _save_piece(factors, accumulator)
                         if bar is not None:
                             bar.update(len(chunk))
                     out.flush()
+                    _save_piece(factors, accumulator)
             finally:
                 if bar is not None:
                     bar.close()
+                _save_piece(factors, accumulator)  # keep what reached the store (an interrupted run)
     except BaseException:
         out.flush()  # keep what was computed: a rerun with the same store folder resumes after it
         raise
@@ -416,6 +527,12 @@ def _compute_into(
             f" ({limit} tokens)" if limit else "",
             _ids_text(truncated),
         )
+
+
+def _save_piece(folder: FactorFolder | None, accumulator: FactorAccumulator | None) -> None:
+    if folder is not None and accumulator is not None and accumulator.num_examples:
+        sums, covered = accumulator.take()
+        folder.add_piece(covered, sums)
 
 
 def dataset_fingerprint(dataset: Sequence[Mapping[str, Any]], ids: Sequence[str]) -> str:
@@ -455,6 +572,7 @@ def _collect_distributed(
     shard_size: int,
     overwrite: bool,
     progress: bool,
+    collect_factors: bool = False,
 ) -> DiskGradientStore:
     """:func:`collect_gradients` under ``torch.distributed`` (every rank calls it with the same arguments).
 
@@ -463,6 +581,10 @@ def _collect_distributed(
     3. the examples still missing are cut into ``world_size`` contiguous slices; each rank computes
        its slice into its own part store ``<store>/parts/<run>-r<rank>``;
     4. rank 0 lists every part's shards in the one manifest, in dataset order, and marks it complete.
+
+    With ``collect_factors`` each rank also writes Kronecker-factor pieces of its examples into the
+    store's factor folder under an index of its own, the stored examples that lack factors are split
+    over the ranks too, and rank 0 sums every piece into one at the end.
     """
     if not isinstance(store, (str, os.PathLike)):
         raise ConfigError(
@@ -483,6 +605,7 @@ def _collect_distributed(
             "shard_size": shard_size,
             "overwrite": overwrite,
             "batch_size": batch_size,
+            "collect_factors": collect_factors,
         },
         "gradient collection (model, adapter, data and store settings)",
     )
@@ -499,6 +622,8 @@ def _collect_distributed(
             )
             assert isinstance(main, DiskGradientStore)
             main.adopt_parts(order=ids)
+            if collect_factors:
+                _factor_folder(main, blocks, task, fingerprint).prune(main.ids)
         except Exception as err:
             error = err
     ctx.raise_if_any(error, "Preparing the gradient store")
@@ -508,6 +633,19 @@ def _collect_distributed(
     done = set(view.ids)
     pending = [i for i in range(len(ids)) if ids[i] not in done]
     mine = [pending[k] for k in ctx.shard(len(pending))]
+    folder: FactorFolder | None = None
+    factor_only: list[int] = []
+    error = None
+    if collect_factors:
+        try:
+            folder = _factor_folder(
+                view, blocks, task, fingerprint, index_name=f"index-{run_token}-r{ctx.rank:05d}.json"
+            )
+            factor_only = _factors_missing(folder, view, ids)
+        except Exception as err:
+            error = err
+    ctx.raise_if_any(error, "Reading the Kronecker factors")
+    mine_factor_only = [factor_only[k] for k in ctx.shard(len(factor_only))]
     if ctx.is_main:
         logger.info(
             "%d of %d examples are already in the store; %d processes compute the other %d (about %d each).",
@@ -518,21 +656,40 @@ def _collect_distributed(
             -(-len(pending) // ctx.world_size),
         )
     error = None
-    if mine:
+    if mine or mine_factor_only:
         try:
             part = view.create_part(f"{run_token}-r{ctx.rank:05d}")
-            _compute_into(
-                part,
-                model,
-                task,
-                dataset,
-                ids,
-                mine,
-                blocks,
-                batch_size=batch_size,
-                device=device,
-                progress=progress and ctx.is_main,
-            )
+            if mine_factor_only:
+                _compute_into(
+                    part,
+                    model,
+                    task,
+                    dataset,
+                    ids,
+                    mine_factor_only,
+                    blocks,
+                    batch_size=batch_size,
+                    device=device,
+                    progress=progress and ctx.is_main,
+                    factors=folder,
+                    append=False,
+                    piece_size=shard_size,
+                )
+            if mine:
+                _compute_into(
+                    part,
+                    model,
+                    task,
+                    dataset,
+                    ids,
+                    mine,
+                    blocks,
+                    batch_size=batch_size,
+                    device=device,
+                    progress=progress and ctx.is_main,
+                    factors=folder,
+                    piece_size=shard_size,
+                )
             part.finalize()
         except Exception as err:
             error = err
@@ -557,6 +714,10 @@ def _collect_distributed(
                     f"After merging, {missing} examples are missing from {path}; rerun the same command."
                 )
             merged.finalize()
+            if collect_factors:
+                merged_folder = _factor_folder(merged, blocks, task, fingerprint)
+                merged_folder.prune(merged.ids)
+                merged_folder.consolidate()
         except Exception as err:
             error = err
     ctx.raise_if_any(error, "Merging the gradient store")

@@ -31,7 +31,7 @@ also when the body raises.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -101,8 +101,16 @@ class PerExampleGradients:
             hookable type (:data:`~datainf.gradients.modules.HOOKABLE_MODULES`).
     """
 
-    def __init__(self, blocks: Sequence[GradientBlock], *, row_labels: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        blocks: Sequence[GradientBlock],
+        *,
+        row_labels: Sequence[str] = (),
+        observer: Callable[[nn.Module, Sequence[GradientBlock], torch.Tensor, torch.Tensor, int, int], None]
+        | None = None,
+    ) -> None:
         self._blocks = list(blocks)
+        self._observer = observer
         self._row_labels = tuple(str(label) for label in row_labels)
         if len(set(self._row_labels)) != len(self._row_labels):
             raise ConfigError(f"row_labels {self._row_labels} repeat a label; give each row its own.")
@@ -258,6 +266,10 @@ class PerExampleGradients:
                 f"example ({self._row_labels}); the task must run the model on exactly that many rows per example."
             )
         units = b * k  # with row labels every row is differentiated on its own
+        if self._observer is not None:
+            self._observer(
+                module, blocks, x, go, b, k if self._row_labels else rows_per_example(x.shape[0], b, module_name)
+            )
         gw, gb = self._types[key].grads(module, x, go, units, weight=want_w, bias=want_b, module_name=module_name)
         for block in blocks:
             g = gw if block.attr == "weight" else gb

@@ -1,4 +1,4 @@
-"""Influence methods (strategies) behind one interface: DataInf, Exact, LiSSA, Hessian-free and Diagonal.
+"""Influence methods (strategies) behind one interface: DataInf, Exact, LiSSA, Hessian-free, Diagonal, K-FAC, EK-FAC.
 
 How to add one: see :mod:`datainf.methods.base` (one file here, one :func:`register_method`).
 """
@@ -19,6 +19,7 @@ from datainf.methods.datainf_method import DataInf
 from datainf.methods.diagonal import Diagonal
 from datainf.methods.exact import Exact
 from datainf.methods.hessian_free import HessianFree
+from datainf.methods.kfac import EKFAC, KFAC
 from datainf.methods.lissa import Lissa, LissaDivergenceWarning
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     "Diagonal",
     "Exact",
     "HessianFree",
+    "KFAC",
+    "EKFAC",
     "Lissa",
     "LissaDivergenceWarning",
 ]

@@ -385,6 +385,9 @@ class InfluenceMethod(ABC):
 
     name: ClassVar[str]
     passes_description: ClassVar[str]
+    #: True when the method needs more than the gradients (``kfac`` / ``ekfac``: the Kronecker factors
+    #: collected beside the store); it refuses gradients given as plain tensors.
+    needs_factors: ClassVar[bool] = False
 
     @dataclass(frozen=True)
     class Options:
