@@ -290,7 +290,9 @@ def test_score_from_model_and_data_matches_stores(env, stores, capsys, tmp_path)
         "-q",
     )
     assert code == 0, err
-    assert (out / "grads-train" / "manifest.json").is_file() and (out / "grads-test" / "manifest.json").is_file()
+    # the training gradients were computed on the fly (no store; only their n x L norms are kept, for resuming)
+    assert not (out / "grads-train").exists() and (out / "grads-test" / "manifest.json").is_file()
+    assert [p.name.split("-")[:2] for p in (out / "onthefly").glob("*.safetensors")] == [["train", "norms"]]
     pairwise = Scores.load(out / "scores-datainf.safetensors")
     assert pairwise.mode == "pairwise" and pairwise.values.shape == (4, 16)
     code, _, err = run(
@@ -308,6 +310,36 @@ def test_score_from_model_and_data_matches_stores(env, stores, capsys, tmp_path)
     )
     assert code == 0, err
     torch.testing.assert_close(pairwise.values, Scores.load(tmp_path / "s2" / "scores-datainf.safetensors").values)
+
+    # --keep-train-store: today's behaviour (a training store in <out>/grads-train), the same scores
+    data_args = ["--model", env["model"], "--adapter", env["ft"], "--train-data", env["train"], *COLUMNS]
+    kept = tmp_path / "kept"
+    args = [*data_args, "--test-data", env["test"], "--mode", "pairwise", "--keep-train-store", "--out", kept, "-q"]
+    code, _, err = run(capsys, "score", *args)
+    assert code == 0, err
+    assert (kept / "grads-train" / "manifest.json").is_file() and not (kept / "onthefly").exists()
+    assert json.loads((kept / "config.json").read_text())["keep_train_store"] is True
+    torch.testing.assert_close(Scores.load(kept / "scores-datainf.safetensors").values, pairwise.values)
+
+    # --train-data with an existing --test-grads store; then the same command reuses the finished scores
+    mixed = tmp_path / "mixed"
+    args = [*data_args, "--test-grads", stores["test"], "--mode", "pairwise", "--out", mixed, "-q"]
+    code, _, err = run(capsys, "score", *args)
+    assert code == 0, err
+    assert not (mixed / "grads-train").exists() and not (mixed / "grads-test").exists()
+    torch.testing.assert_close(Scores.load(mixed / "scores-datainf.safetensors").values, pairwise.values)
+    code, stdout, err = run(capsys, "score", *args[:-1])
+    assert code == 0, err
+    assert any(line.startswith("datainf ") and "reused" in line for line in stdout.splitlines())
+
+    bad = tmp_path / "bad"
+    code, _, err = run(
+        capsys, "score", *data_args, "--test-data", env["test"], "--test-grads", stores["test"], "--out", bad
+    )
+    assert code == 2 and "--test-grads (a store) or --test-data" in err
+    args = ["--train-grads", stores["train"], "--test-grads", stores["test"], "--keep-train-store", "--out", bad]
+    code, _, err = run(capsys, "score", *args)
+    assert code == 2 and "drop --keep-train-store" in err and not bad.exists()
 
 
 def test_score_self_mode_and_normalize_from_stores(env, stores, capsys, tmp_path):
@@ -385,7 +417,7 @@ def _hand_losses(env) -> dict[str, float]:
     return {r["uid"]: float(v) for r, v in zip(rows, losses)}
 
 
-def test_score_from_data_writes_the_training_loss_baseline(env, capsys, tmp_path):
+def test_score_from_data_writes_the_training_loss_baseline(env, stores, capsys, tmp_path):
     data_args = ["--model", env["model"], "--adapter", env["ft"], "--train-data", env["train"], *COLUMNS]
     out = tmp_path / "s"
     code, stdout, err = run(capsys, "score", *data_args, "--test-data", env["test"], "--out", out, "-q")
@@ -394,7 +426,7 @@ def test_score_from_data_writes_the_training_loss_baseline(env, capsys, tmp_path
     assert loss.method == "loss" and loss.mode == "self" and loss.test_ids == [] and loss.values.shape == (16,)
     hand = _hand_losses(env)
     torch.testing.assert_close(loss.values, torch.tensor([hand[t] for t in loss.train_ids], dtype=torch.float64))
-    assert loss.matches(GradientStore.open(out / "grads-train"), None)
+    assert loss.matches(GradientStore.open(stores["train"]), None)  # the fingerprint of the same model and data
     lines = stdout.splitlines()
     assert any(line.startswith("# loss: training loss of each example") for line in lines)
     worst = max(hand, key=hand.__getitem__)
@@ -410,7 +442,7 @@ def test_score_from_data_writes_the_training_loss_baseline(env, capsys, tmp_path
     out = tmp_path / "self"
     code, _, err = run(capsys, "score", *data_args, "--mode", "self", "--method", "datainf", "--out", out, "-q")
     assert code == 0, err
-    assert not (out / "grads-test").exists() and (out / "grads-train" / "manifest.json").is_file()
+    assert not (out / "grads-test").exists() and not (out / "grads-train").exists()
     assert Scores.load(out / "scores-datainf.safetensors").mode == "self"
     assert torch.equal(Scores.load(out / "scores-loss.safetensors").values, loss.values)
     out = tmp_path / "off"

@@ -42,7 +42,7 @@ from datainf.distributed import DistributedContext, check_same_settings, dist_co
 from datainf.errors import ConfigError, DatasetError
 from datainf.runs import RunDir, removed_on_error
 from datainf.scores import Scores
-from datainf.store import GradientStore
+from datainf.store import GradientSource, GradientStore
 
 if TYPE_CHECKING:
     from datainf.influence import InfluenceConfig
@@ -235,14 +235,21 @@ class GradientsSettings:
 @dataclass(frozen=True)
 class ScoreSettings:
     """Settings of :func:`score_run` (``datainf score``): from two gradient stores, or from a model,
-    an adapter and two datasets (gradients computed into ``<out>/grads-train`` and ``<out>/grads-test``).
+    an adapter and two datasets (the training gradients computed on the fly on every pass, never
+    written; the test gradients into ``<out>/grads-test``), or from a model, an adapter, the training
+    data and a test store.
 
     Attributes:
         out: the run folder.
         train_grads, test_grads: gradient stores of the training and test examples.
         model, adapter, kind, max_length, device, num_labels, label_names, grad_batch_size, dtype,
             shard_size: as in :class:`GradientsSettings` (used with ``train_data`` / ``test_data``).
-        train_data, test_data: training and test data.
+        train_data, test_data: training and test data. ``test_grads`` may replace ``test_data``.
+        keep_train_store: with ``train_data``, compute the training gradients once into
+            ``<out>/grads-train`` (a store of ``4 n sum_l d_l`` bytes in float32) and stream them from
+            there, instead of recomputing them on every pass (the default: no bytes on disk, one
+            forward/backward pass over the training data per streaming pass plus one for the norms;
+            :class:`datainf.gradients.OnTheFlyGradients`). Recorded in ``config.json`` only when on.
         text_column, label_column, prompt_column, response_column, id_column: as in :class:`FinetuneSettings`.
         method: influence method names (see :func:`datainf.methods.available_methods`).
         mode: ``average`` (one score per training example, on the mean test loss), ``pairwise``
@@ -286,6 +293,7 @@ class ScoreSettings:
     mode: Literal["average", "pairwise", "self"] = "average"
     normalize: bool = False
     loss_baseline: bool | None = None
+    keep_train_store: bool = False
     damping: float = 0.1
     fixed_lambda: float | None = None
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -306,6 +314,8 @@ class ScoreSettings:
         _normalise_label_names(self)
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"normalize must be True or False, got {self.normalize!r}.")
+        if not isinstance(self.keep_train_store, bool):
+            raise ConfigError(f"keep_train_store must be True or False, got {self.keep_train_store!r}.")
         if self.loss_baseline is not None and not isinstance(self.loss_baseline, bool):
             raise ConfigError(f"loss_baseline must be True, False or None (automatic), got {self.loss_baseline!r}.")
         if isinstance(self.method, str):
@@ -644,7 +654,10 @@ def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: boo
     ``.parquet``).
 
     From stores (``train_grads`` and ``test_grads``) or from data (``model``, ``adapter``,
-    ``train_data`` and ``test_data``; the gradients go to ``<out>/grads-train`` / ``<out>/grads-test``).
+    ``train_data`` and ``test_data`` or ``test_grads``): the training gradients are then recomputed on
+    every streaming pass and never written (their norms and the finished passes are checkpointed in
+    ``<out>/onthefly``, so a killed run resumes), unless ``keep_train_store`` puts them in
+    ``<out>/grads-train``; the test gradients go to ``<out>/grads-test``.
     ``mode="self"`` takes the training side only. From data the training-loss baseline is written
     too (``scores-loss``, the last row of the result; see :attr:`ScoreSettings.loss_baseline`).
     Scores finished in ``<out>`` with this configuration and these very gradients are reused.
@@ -663,16 +676,24 @@ def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: boo
     ctx = dist_context()
     with removed_on_error(settings.out):
         methods = _methods(settings)
-        from_stores = bool(settings.train_grads or settings.test_grads)
-        from_data = bool(settings.train_data or settings.test_data)
-        if from_stores and from_data:
+        from_data = bool(settings.train_data or settings.test_data)  # training data, with a test store or data
+        from_stores = not from_data and bool(settings.train_grads or settings.test_grads)
+        if settings.train_grads and from_data:
             raise ConfigError(
-                "Give either --train-grads/--test-grads (stores) or --train-data/--test-data (with --model/--adapter), not both."
+                "Give either --train-grads (a store) or --train-data (with --model/--adapter) for the training side, "
+                "not both."
             )
+        if settings.test_grads and settings.test_data:
+            raise ConfigError("Give either --test-grads (a store) or --test-data for the test side, not both.")
         if not from_stores and not from_data:
             raise ConfigError(
-                "Nothing to score: pass --train-grads and --test-grads, or --model, --adapter, --train-data and --test-data "
-                "(with --mode self: the training side only)."
+                "Nothing to score: pass --train-grads and --test-grads, or --model, --adapter, --train-data and "
+                "--test-data (or --test-grads) (with --mode self: the training side only)."
+            )
+        if settings.keep_train_store and not settings.train_data:
+            raise ConfigError(
+                "--keep-train-store keeps the training gradients computed from --train-data; with --train-grads they "
+                "are a store already: drop --keep-train-store."
             )
         self_mode = settings.mode == "self"
         if self_mode and (settings.test_grads or settings.test_data):
@@ -681,7 +702,7 @@ def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: boo
                 f"--mode self scores each training example on its own loss and uses no test set, but {given} was given: "
                 f"drop {given}, or use --mode average / pairwise to score against the test set."
             )
-        if settings.loss_baseline and from_stores:
+        if settings.loss_baseline and not settings.train_data:
             raise ConfigError(
                 "--loss-baseline needs the fine-tuned model and the training data (a gradient store holds no losses): "
                 "score from --model, --adapter and --train-data instead of --train-grads, or drop --loss-baseline."
@@ -705,7 +726,9 @@ def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: boo
             )
             for name in methods
         }
-        losses: Callable[[GradientStore], Scores] | None = None
+        losses: Callable[[GradientSource], Scores] | None = None
+        train_store: GradientSource
+        test_store: GradientStore | None
         if from_stores:
             settings, run, train_store, test_store = _score_inputs_from_stores(ctx, settings, overwrite)
         else:
@@ -785,12 +808,16 @@ def _score_inputs_from_stores(
 
 def _score_inputs_from_data(
     ctx: DistributedContext, settings: ScoreSettings, overwrite: bool, progress: bool
-) -> tuple[ScoreSettings, RunDir, GradientStore, GradientStore | None, Callable[[GradientStore], Scores]]:
-    """The gradient stores computed from the data, and the training-loss baseline of the same model
-    (a function of the training store, whose fingerprint it records)."""
+) -> tuple[ScoreSettings, RunDir, GradientSource, GradientStore | None, Callable[[GradientSource], Scores]]:
+    """The training gradients (computed on the fly, or into a store with ``keep_train_store``), the
+    test gradients (computed from ``test_data`` into a store, or the ``test_grads`` store), and the
+    training-loss baseline of the same model (a function of the training gradients, whose
+    fingerprint it records)."""
     self_mode = settings.mode == "self"
-    if not settings.train_data or not (settings.test_data or self_mode):
-        raise ConfigError("Pass both --train-data and --test-data (or --mode self, which needs --train-data only).")
+    if not settings.train_data or not (settings.test_data or settings.test_grads or self_mode):
+        raise ConfigError(
+            "Pass --train-data and --test-data (or --test-grads) (or --mode self, which needs --train-data only)."
+        )
 
     from datainf.baselines import loss_scores
     from datainf.data.labels import LabelEncoder
@@ -800,7 +827,7 @@ def _score_inputs_from_data(
         resolved = _resolve_model_settings(settings, _adapter_meta(settings))
         kind = str(resolved.kind)
         train = _load_data(resolved.train_data, resolved, kind, "--train-data")
-        test = None if self_mode else _load_data(resolved.test_data, resolved, kind, "--test-data")
+        test = None if not resolved.test_data else _load_data(resolved.test_data, resolved, kind, "--test-data")
         if get_task_kind(kind).encodes_labels:
             LabelEncoder.fit(train, held_out=test or ())  # test labels unseen in the training data -> DatasetError
         return resolved, train, test
@@ -810,18 +837,38 @@ def _score_inputs_from_data(
     _check_same_run(ctx, "score", settings, {"train": train} if test is None else {"train": train, "test": test})
     run = on_main(ctx, "Checking the output folder", lambda: _claim_score_run(settings, overwrite))
     model, task, encoded = _model_and_task(settings, data)
+    test_grads = settings.test_grads
     with run.timed("gradients"):
-        train_store = _compute_store(
-            model, task, encoded["training"], run.stage("grads-train"), settings, ctx, progress=progress
-        )
-        test_store = (
-            None
-            if test is None
-            else _compute_store(model, task, encoded["test"], run.stage("grads-test"), settings, ctx, progress=progress)
-        )
+        train_store: GradientSource
+        if settings.keep_train_store:
+            train_store = _compute_store(
+                model, task, encoded["training"], run.stage("grads-train"), settings, ctx, progress=progress
+            )
+        else:
+            from datainf.gradients import OnTheFlyGradients
+
+            train_store = OnTheFlyGradients(
+                model,
+                task,
+                encoded["training"],
+                batch_size=int(settings.grad_batch_size),
+                device=settings.device,
+                dtype=settings.dtype,
+                work_dir=run.stage("onthefly"),
+                progress=progress,
+            )
+        test_store: GradientStore | None = None
+        if test is not None:
+            test_store = _compute_store(
+                model, task, encoded["test"], run.stage("grads-test"), settings, ctx, progress=progress
+            )
+        elif test_grads is not None:
+            test_store = on_every_rank(
+                ctx, "Opening the test gradient store", lambda: _open_store(test_grads, "--test-grads")
+            )
     batch_size = int(settings.grad_batch_size)
 
-    def losses(store: GradientStore) -> Scores:
+    def losses(store: GradientSource) -> Scores:
         return loss_scores(model, task, encoded["training"], batch_size=batch_size, fingerprint=store.fingerprint)
 
     return settings, run, train_store, test_store, losses
@@ -842,6 +889,8 @@ def _saved_score(settings: ScoreSettings) -> dict[str, Any]:
         del saved["loss_baseline"]
     if saved.get("label_names") is None:
         del saved["label_names"]
+    if saved.get("keep_train_store") is False:
+        del saved["keep_train_store"]
     return saved
 
 
@@ -867,7 +916,7 @@ def _methods(settings: ScoreSettings) -> list[str]:
 
 
 def _same_scores(
-    scores: Scores, config: InfluenceConfig, train_store: GradientStore, test_store: GradientStore | None
+    scores: Scores, config: InfluenceConfig, train_store: GradientSource, test_store: GradientSource | None
 ) -> bool:
     """Whether finished scores were computed from these very gradients, in this mode, with this
     normalisation (``config``: the method's settings; logs when not)."""
@@ -883,7 +932,7 @@ def _same_scores(
     return True
 
 
-def _same_loss(scores: Scores, train_store: GradientStore) -> bool:
+def _same_loss(scores: Scores, train_store: GradientSource) -> bool:
     """Whether a finished ``scores-loss`` file is the training-loss baseline of these training examples
     under the model that computed ``train_store`` (logs when not)."""
     from datainf.baselines import LOSS_METHOD

@@ -366,7 +366,7 @@ def _score_options() -> list[Option]:
             ("--test-grads",),
             _optional(_to_path),
             None,
-            "gradient store of the test examples",
+            "gradient store of the test examples (with --train-grads, or with --train-data instead of --test-data)",
             metavar="DIR",
         ),
         *_model_options(adapter_required=True),
@@ -375,7 +375,9 @@ def _score_options() -> list[Option]:
             ("--train-data",),
             _optional(_to_path),
             None,
-            "training data (gradients computed into <out>/grads-train)",
+            "training data: its gradients are recomputed on every streaming pass and never written (no disk; "
+            "DataInf: 1 norms pass + 2 passes of forward/backward over the data; each other method: 1 norms pass + "
+            "its passes; norms and finished passes checkpointed in <out>/onthefly for resuming)",
             metavar="PATH",
         ),
         Option(
@@ -383,7 +385,7 @@ def _score_options() -> list[Option]:
             ("--test-data",),
             _optional(_to_path),
             None,
-            "test data (gradients computed into <out>/grads-test)",
+            "test data (gradients computed into <out>/grads-test: m examples, small)",
             metavar="PATH",
         ),
         *_columns(),
@@ -423,6 +425,16 @@ def _score_options() -> list[Option]:
             "fine-tuned model; high loss = suspicious, ranked first like harmful). Default: on with --train-data, "
             "off with stores (--train-grads holds no losses, so it cannot be computed from stores)",
             action="switch",
+        ),
+        Option(
+            "keep_train_store",
+            ("--keep-train-store",),
+            _to_bool,
+            False,
+            "with --train-data: compute the training gradients once into <out>/grads-train and read them from "
+            "there (1 forward/backward pass over the data, but 4 bytes per example per LoRA parameter on disk in "
+            "float32; faster for methods with many passes: lissa, exact in groups, self mode)",
+            action="flag",
         ),
         Option("damping", ("--damping",), _to_float, 0.1, "lambda_l = damping * mean ||g_il||^2 / d_l (paper: 0.1)"),
         Option(
