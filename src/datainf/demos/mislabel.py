@@ -17,7 +17,12 @@ Pipeline (docs/method.md section 13.3, mislabeled-data detection, on real data t
    the :data:`VARIANTS`: the Diagonal preconditioner, self-influence (each example's influence on its
    own loss, no validation set) and scores of unit-normalised gradients (cosine-style);
 5. per row: mislabel-detection AUC, share of flipped labels in the top 10 % / 20 %, time; an HTML
-   report.
+   report;
+6. relabel suggestions (:func:`datainf.relabel.suggest_labels`) for the top 10 % flagged by the
+   ``datainf (self)`` row: for each flagged article the topic with the lowest DataInf
+   self-influence, and the one with the lowest loss; the demo knows the true topics, so it reports
+   the share of flipped articles among them whose suggestion is the true topic
+   (:attr:`MislabelDemoResult.relabel`).
 
 Sign convention: influence > 0 = harmful (raises the validation loss), so flipped labels should rank
 at the top; self-influence and the training loss rank the same way (large = suspicious). Everything is cached under the output folder in ``cache-<config.key()>`` (a
@@ -32,6 +37,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +57,7 @@ __all__ = [
     "mislabel_cache",
     "main_mislabel_demo",
     "format_table",
+    "format_relabel",
 ]
 
 logger = logging.getLogger(__name__)
@@ -59,6 +66,9 @@ METHODS = ("datainf", "exact", "lissa", "hessian_free")
 
 #: The training-loss baseline's row (after the ``METHODS`` rows, before the ``VARIANTS``).
 LOSS_ROW = "training loss"
+
+#: The row whose top-ranked examples get relabel suggestions by default.
+RELABEL_RANK_BY = "datainf (self)"
 
 
 @dataclass(frozen=True)
@@ -147,13 +157,21 @@ class MislabelDemoConfig:
 
 @dataclass
 class MislabelDemoResult:
-    """Per-method metrics (``table``), the scores, and where the report was written."""
+    """Per-method metrics (``table``), the scores, where the report was written, and the relabel evaluation.
+
+    ``relabel`` (``None`` when not asked): ``rank_by`` (the row that flagged), ``k`` (examples flagged),
+    ``flipped`` (flipped labels among them), and per criterion (``self_influence``, ``loss``) a dict
+    with ``correct`` (flipped examples whose suggested label is the true one), ``accuracy``
+    (``correct / flipped``), ``kept`` (unflipped flagged examples whose suggestion is their given,
+    correct label, out of ``k - flipped``) and ``seconds``.
+    """
 
     table: list[dict[str, Any]]
     scores: dict[str, Any]
     report: Path
     cache: Path
     stage_seconds: dict[str, float]
+    relabel: dict[str, Any] | None = None
 
 
 def _minilm_path() -> str:
@@ -196,6 +214,8 @@ def run_mislabel_demo(
     variants: tuple[ScoreVariant, ...] = VARIANTS,
     recompute: bool = False,
     progress: bool = True,
+    relabel_rank_by: str | None = RELABEL_RANK_BY,
+    relabel_fraction: float = 0.1,
 ) -> MislabelDemoResult:
     """Run the mislabeled-data demo end to end (see the module docstring); returns metrics and paths.
 
@@ -209,6 +229,9 @@ def run_mislabel_demo(
     gradient stores) and ``scores-<method>.safetensors`` / :attr:`ScoreVariant.stage` (written,
     recomputed each run, so the table's times are measured). ``report/`` and ``summary.json`` go to
     ``out_dir`` itself.
+
+    Relabel suggestions go to the top ``relabel_fraction`` of the training set ranked by the row
+    ``relabel_rank_by`` (``None``: no suggestions); see :class:`MislabelDemoResult`.
     """
     import warnings
 
@@ -227,6 +250,10 @@ def run_mislabel_demo(
     names = [*methods, LOSS_ROW, *(v.name for v in variants)]
     if len(set(names)) != len(names):
         raise ConfigError(f"The demo's rows must have distinct names, got {names}.")
+    if relabel_rank_by is not None and relabel_rank_by not in names:
+        raise ConfigError(f"relabel_rank_by={relabel_rank_by!r} is not a row of the demo's table {names}.")
+    if not 0 < relabel_fraction <= 1:
+        raise ConfigError(f"relabel_fraction must lie in (0, 1], got {relabel_fraction}.")
     config = config or MislabelDemoConfig()
     out = RunDir(out_dir, kind="demo-mislabel")  # report and summary; the cached stages live in `cache`
     cache = mislabel_cache(config, out_dir, recompute=recompute)
@@ -336,6 +363,21 @@ def run_mislabel_demo(
     # the influence stage is the sum of the table's measured times (each method's own clock), not wall time
     cache.stage_seconds["influence"] = sum(r["seconds"] for r in table)
 
+    relabel: dict[str, Any] | None = None
+    if relabel_rank_by is not None:
+        with cache.timed("relabel"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*truncat.*")
+            relabel = _relabel_evaluation(
+                model,
+                task,
+                split.train,
+                all_scores[relabel_rank_by],
+                train_store,
+                rank_by=relabel_rank_by,
+                fraction=relabel_fraction,
+                damping=config.damping,
+            )
+
     with cache.timed("report"):
         report = write_mislabel_report(
             out.stage("report"),
@@ -349,9 +391,68 @@ def run_mislabel_demo(
             ),
         )
     stage = dict(cache.stage_seconds)
-    summary = {"config": asdict(config), "validation_accuracy": val_accuracy, "table": table, "stage_seconds": stage}
+    summary = {
+        "config": asdict(config),
+        "validation_accuracy": val_accuracy,
+        "table": table,
+        "stage_seconds": stage,
+        **({"relabel": relabel} if relabel is not None else {}),
+    }
     out.write_json("summary.json", summary, default=float)
-    return MislabelDemoResult(table=table, scores=all_scores, report=report, cache=cache.path, stage_seconds=stage)
+    return MislabelDemoResult(
+        table=table, scores=all_scores, report=report, cache=cache.path, stage_seconds=stage, relabel=relabel
+    )
+
+
+def _relabel_evaluation(
+    model: torch.nn.Module,
+    task: Any,
+    records: list[dict[str, Any]],
+    ranking: Any,
+    train_store: Any,
+    *,
+    rank_by: str,
+    fraction: float,
+    damping: float,
+) -> dict[str, Any]:
+    """Relabel suggestions for the top ``fraction`` of ``ranking`` (a ``Scores``), judged against the true labels."""
+    from datainf.relabel import suggest_labels
+
+    k = max(1, int(round(fraction * len(records))))
+    flagged = [rid for rid, _ in ranking.top_harmful(k)]
+    by_id = {str(r["id"]): r for r in records}
+    flipped = [rid for rid in flagged if by_id[rid]["is_flipped"]]
+    out: dict[str, Any] = {"rank_by": rank_by, "k": k, "flipped": len(flipped)}
+    for criterion in ("self_influence", "loss"):
+        result = suggest_labels(
+            model, task, records, flagged, train_store=train_store, criterion=criterion, damping=damping, batch_size=32
+        )
+        right = {s.id: s.suggested_name == str(by_id[s.id]["true_label"]) for s in result.suggestions}
+        correct = sum(right[rid] for rid in flipped)
+        kept = sum(right[rid] for rid in flagged if rid not in flipped)
+        out[criterion] = {
+            "correct": correct,
+            "accuracy": correct / len(flipped) if flipped else float("nan"),
+            "kept": kept,
+            "seconds": result.seconds,
+        }
+    return out
+
+
+def format_relabel(relabel: Mapping[str, Any]) -> str:
+    """The relabel evaluation as plain-text lines (one per criterion)."""
+    head = (
+        f"Relabel suggestions for the top {relabel['k']} by {relabel['rank_by']} "
+        f"({relabel['flipped']} of them flipped): suggested label = true label for"
+    )
+    lines = [head]
+    for criterion, what in (("self_influence", "lowest DataInf self-influence"), ("loss", "lowest loss")):
+        part = relabel[criterion]
+        lines.append(
+            f"  {what:<30} {part['correct']}/{relabel['flipped']} flipped ({part['accuracy']:.1%}); "
+            f"{part['kept']}/{relabel['k'] - relabel['flipped']} unflipped kept; {part['seconds']:.1f} s"
+        )
+    return "\n".join(lines)
 
 
 def _adapter_done(path: Path) -> bool:
@@ -406,6 +507,8 @@ def main_mislabel_demo(args: argparse.Namespace) -> int:
         "training loss: the plain baseline. All rank the largest value first.\n"
     )
     print(format_table(result.table))
+    if result.relabel is not None:
+        print("\n" + format_relabel(result.relabel))
     print("\nStages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.stage_seconds.items()))
     print(f"Total {time.perf_counter() - started:.1f} s. Report: {result.report.resolve()}")
     return 0
