@@ -15,6 +15,7 @@ PARTS = (
     "results_generation.md",
     "results_distributed.md",
     "results_redesign.md",
+    "results_scale.md",
 )
 
 HEADER = """# Benchmarks

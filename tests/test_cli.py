@@ -124,6 +124,31 @@ def test_finetune_writes_adapter_and_replayable_config(env, capsys, tmp_path):
     assert code == 0 and "already trained" in out
 
 
+def test_finetune_eval_data_prints_the_epoch_table(env, capsys, tmp_path):
+    common = ["finetune", "--model", env["model"], "--data", env["train"], *COLUMNS, "--epochs", "3"]
+    common += ["--batch-size", "8", "--lr", "0.01", "--max-length", "16", "--eval-data", env["test"], "-q"]
+    code, out, err = run(capsys, *common, "--out", tmp_path / "last")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["epoch", "train", "loss", "val", "loss", "val", "acc"]
+    assert [line.split()[0] for line in lines[1:4]] == ["1", "2", "3"]
+    assert sum(line.endswith("best") for line in lines[1:4]) == 1
+    assert "adapter kept: epoch 3, the last" in out
+    log = json.loads((tmp_path / "last" / "adapter" / "training_log.json").read_text())
+    assert [round(e["eval_loss"], 4) for e in log["epochs"]] == [float(line.split()[2]) for line in lines[1:4]]
+    saved = json.loads((tmp_path / "last" / "config.json").read_text())
+    assert saved["eval_data"] == str(env["test"]) and "checkpoint_every" not in saved and "keep_best" not in saved
+
+    code, out, err = run(capsys, *common, "--keep-best", "--out", tmp_path / "best")
+    assert code == 0, err
+    best = log["best_epoch"]
+    assert f"adapter kept: epoch {best}, the best (--keep-best)" in out
+    assert json.loads((tmp_path / "best" / "config.json").read_text())["keep_best"] is True
+
+    code, _, err = run(capsys, *common[:-3], "-q", "--keep-best", "--out", tmp_path / "no-eval")
+    assert code == 2 and "--eval-data" in err and not (tmp_path / "no-eval").exists()
+
+
 def test_config_file_yaml_with_flag_override(env, capsys, tmp_path):
     cfg = tmp_path / "ft.yaml"
     cfg.write_text(
@@ -265,7 +290,9 @@ def test_score_from_model_and_data_matches_stores(env, stores, capsys, tmp_path)
         "-q",
     )
     assert code == 0, err
-    assert (out / "grads-train" / "manifest.json").is_file() and (out / "grads-test" / "manifest.json").is_file()
+    # the training gradients were computed on the fly (no store; only their n x L norms are kept, for resuming)
+    assert not (out / "grads-train").exists() and (out / "grads-test" / "manifest.json").is_file()
+    assert [p.name.split("-")[:2] for p in (out / "onthefly").glob("*.safetensors")] == [["train", "norms"]]
     pairwise = Scores.load(out / "scores-datainf.safetensors")
     assert pairwise.mode == "pairwise" and pairwise.values.shape == (4, 16)
     code, _, err = run(
@@ -283,6 +310,36 @@ def test_score_from_model_and_data_matches_stores(env, stores, capsys, tmp_path)
     )
     assert code == 0, err
     torch.testing.assert_close(pairwise.values, Scores.load(tmp_path / "s2" / "scores-datainf.safetensors").values)
+
+    # --keep-train-store: today's behaviour (a training store in <out>/grads-train), the same scores
+    data_args = ["--model", env["model"], "--adapter", env["ft"], "--train-data", env["train"], *COLUMNS]
+    kept = tmp_path / "kept"
+    args = [*data_args, "--test-data", env["test"], "--mode", "pairwise", "--keep-train-store", "--out", kept, "-q"]
+    code, _, err = run(capsys, "score", *args)
+    assert code == 0, err
+    assert (kept / "grads-train" / "manifest.json").is_file() and not (kept / "onthefly").exists()
+    assert json.loads((kept / "config.json").read_text())["keep_train_store"] is True
+    torch.testing.assert_close(Scores.load(kept / "scores-datainf.safetensors").values, pairwise.values)
+
+    # --train-data with an existing --test-grads store; then the same command reuses the finished scores
+    mixed = tmp_path / "mixed"
+    args = [*data_args, "--test-grads", stores["test"], "--mode", "pairwise", "--out", mixed, "-q"]
+    code, _, err = run(capsys, "score", *args)
+    assert code == 0, err
+    assert not (mixed / "grads-train").exists() and not (mixed / "grads-test").exists()
+    torch.testing.assert_close(Scores.load(mixed / "scores-datainf.safetensors").values, pairwise.values)
+    code, stdout, err = run(capsys, "score", *args[:-1])
+    assert code == 0, err
+    assert any(line.startswith("datainf ") and "reused" in line for line in stdout.splitlines())
+
+    bad = tmp_path / "bad"
+    code, _, err = run(
+        capsys, "score", *data_args, "--test-data", env["test"], "--test-grads", stores["test"], "--out", bad
+    )
+    assert code == 2 and "--test-grads (a store) or --test-data" in err
+    args = ["--train-grads", stores["train"], "--test-grads", stores["test"], "--keep-train-store", "--out", bad]
+    code, _, err = run(capsys, "score", *args)
+    assert code == 2 and "drop --keep-train-store" in err and not bad.exists()
 
 
 def test_score_self_mode_and_normalize_from_stores(env, stores, capsys, tmp_path):
@@ -360,7 +417,7 @@ def _hand_losses(env) -> dict[str, float]:
     return {r["uid"]: float(v) for r, v in zip(rows, losses)}
 
 
-def test_score_from_data_writes_the_training_loss_baseline(env, capsys, tmp_path):
+def test_score_from_data_writes_the_training_loss_baseline(env, stores, capsys, tmp_path):
     data_args = ["--model", env["model"], "--adapter", env["ft"], "--train-data", env["train"], *COLUMNS]
     out = tmp_path / "s"
     code, stdout, err = run(capsys, "score", *data_args, "--test-data", env["test"], "--out", out, "-q")
@@ -369,7 +426,7 @@ def test_score_from_data_writes_the_training_loss_baseline(env, capsys, tmp_path
     assert loss.method == "loss" and loss.mode == "self" and loss.test_ids == [] and loss.values.shape == (16,)
     hand = _hand_losses(env)
     torch.testing.assert_close(loss.values, torch.tensor([hand[t] for t in loss.train_ids], dtype=torch.float64))
-    assert loss.matches(GradientStore.open(out / "grads-train"), None)
+    assert loss.matches(GradientStore.open(stores["train"]), None)  # the fingerprint of the same model and data
     lines = stdout.splitlines()
     assert any(line.startswith("# loss: training loss of each example") for line in lines)
     worst = max(hand, key=hand.__getitem__)
@@ -385,7 +442,7 @@ def test_score_from_data_writes_the_training_loss_baseline(env, capsys, tmp_path
     out = tmp_path / "self"
     code, _, err = run(capsys, "score", *data_args, "--mode", "self", "--method", "datainf", "--out", out, "-q")
     assert code == 0, err
-    assert not (out / "grads-test").exists() and (out / "grads-train" / "manifest.json").is_file()
+    assert not (out / "grads-test").exists() and not (out / "grads-train").exists()
     assert Scores.load(out / "scores-datainf.safetensors").mode == "self"
     assert torch.equal(Scores.load(out / "scores-loss.safetensors").values, loss.values)
     out = tmp_path / "off"
@@ -654,3 +711,76 @@ def test_python_dash_m_entry_point():
         timeout=120,
     )
     assert done.returncode == 2 and done.stderr.startswith("datainf: error: Bad value 'abc' for --damping")
+
+
+def test_demo_help_does_not_call_out_required(capsys):
+    assert main(["demo", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(required)" not in text
+    assert "datainf-out/demo" in text
+    assert main(["score", "--help"]) == 0
+    assert "output folder (required)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_grads_with_a_plain_peft_adapter_needs_label_names(env, stores, capsys, tmp_path):
+    import shutil
+
+    plain = Path(shutil.copytree(env["ft"] / "adapter", tmp_path / "plain-adapter"))
+    (plain / "datainf_adapter.json").unlink()  # as peft's save_pretrained leaves it: no label names
+    common = ["grads", "--model", env["model"], "--adapter", plain, "--data", env["train"], *COLUMNS, "-q"]
+    code, _, err = run(capsys, *common, "--max-length", "16", "--out", tmp_path / "g")
+    assert code == 2 and "--label-names" in err and "LABEL_0" in err
+    code, _, err = run(capsys, *common, "--max-length", "16", "--label-names", "neg,pos", "--out", tmp_path / "g")
+    assert code == 0, err
+    ours, theirs = GradientStore.open(stores["train"]), GradientStore.open(tmp_path / "g")
+    assert ours.ids == theirs.ids
+    a, b = ours.to_dict(), theirs.to_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["label_names"] == ["neg", "pos"]
+
+
+def test_grads_with_a_plain_peft_adapter_reads_real_id2label_names(env, stores, capsys, tmp_path):
+    import shutil
+
+    plain = Path(shutil.copytree(env["ft"] / "adapter", tmp_path / "plain-adapter"))
+    (plain / "datainf_adapter.json").unlink()
+    base = Path(shutil.copytree(env["model"], tmp_path / "named-base"))
+    config = json.loads((base / "config.json").read_text())
+    config["id2label"], config["label2id"] = {"0": "neg", "1": "pos"}, {"neg": 0, "pos": 1}
+    (base / "config.json").write_text(json.dumps(config))
+    code, _, err = run(
+        capsys, "grads", "--model", base, "--adapter", plain, "--data", env["train"], *COLUMNS, "--max-length", "16",
+        "-q", "--out", tmp_path / "g",
+    )  # fmt: skip
+    assert code == 0, err
+    a, b = GradientStore.open(stores["train"]).to_dict(), GradientStore.open(tmp_path / "g").to_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lissa_divergence_is_said_once_in_the_cli_words(capsys, tmp_path):
+    dims = {"layer.lora_A": 6, "layer.lora_B": 4}
+    generator = torch.Generator().manual_seed(0)
+    for name, n in (("train", 12), ("test", 3)):
+        store = GradientStore.create(tmp_path / name, block_dims=dims, fingerprint={"model": "m"})
+        grads = {k: 10 * torch.randn(n, d, generator=generator) for k, d in dims.items()}  # spectrum far above 2
+        store.append([f"{name}{i}" for i in range(n)], grads)
+        store.finalize()
+    common = ["score", "--train-grads", tmp_path / "train", "--test-grads", tmp_path / "test", "-q"]
+    code, out, err = run(capsys, *common, "--method", "lissa,datainf", "--out", tmp_path / "s")
+    assert code == 0, err
+    assert err.count("LiSSA diverged") == 1
+    assert """--method-options '{"lissa": {"scale": "trace"}}'""" in err
+    assert "LissaDivergenceWarning" not in err and "warnings.warn" not in err  # no raw Python warning
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("lissa", "datainf"))}
+    assert "(diverged)" in rows["lissa"] and "(diverged)" not in rows["datainf"]
+    code, out, err = run(
+        capsys,
+        *common,
+        "--method",
+        "lissa",
+        "--method-options",
+        '{"lissa": {"scale": "trace"}}',
+        "--out",
+        tmp_path / "t",
+    )
+    assert code == 0 and "diverged" not in err + out

@@ -117,3 +117,65 @@ def test_from_model_without_adapter_names_reads_label2id_and_keeps_integer_label
     assert nameless.names == () and [r["label"] for r in nameless.encode(_records([2]), "data")] == [2]
     with pytest.raises(DatasetError, match="the model names no classes"):
         nameless.encode(_records(["a"]), "data")
+
+
+# ---------------------------------------------------------------------------------------------- names from elsewhere
+
+
+def test_placeholder_names_are_recognised() -> None:
+    from datainf.data.labels import is_placeholder_names
+
+    assert is_placeholder_names(["LABEL_0", "LABEL_1"])
+    assert not is_placeholder_names(["LABEL_1", "LABEL_0"]) and not is_placeholder_names(["neg", "pos"])
+    assert not is_placeholder_names([])
+
+
+def test_from_model_reads_real_id2label_names() -> None:
+    model = SimpleNamespace(config=SimpleNamespace(id2label={1: "pos", 0: "neg"}, label2id={}, num_labels=2))
+    encoder = LabelEncoder.from_model(model, {})
+    assert encoder.names == ("neg", "pos") and encoder.class_ids
+    assert [r["label"] for r in encoder.encode(_records(["pos", "neg"]), "data")] == [1, 0]
+
+
+def test_placeholder_names_ask_for_label_names() -> None:
+    model = SimpleNamespace(config=SimpleNamespace(id2label={0: "LABEL_0", 1: "LABEL_1"}, num_labels=2))
+    encoder = LabelEncoder.from_model(model, {})
+    with pytest.raises(DatasetError, match=r"--label-names neg,pos .*or use integer class ids"):
+        encoder.encode(_records(["pos", "neg"]), "data")
+    assert [r["label"] for r in encoder.encode(_records([1, 0]), "data")] == [1, 0]
+
+
+def test_given_label_names_win_and_must_fit_the_head() -> None:
+    from datainf.data.labels import parse_label_names
+
+    model = SimpleNamespace(config=SimpleNamespace(id2label={0: "LABEL_0", 1: "LABEL_1"}, num_labels=2))
+    names = parse_label_names("neg, pos")
+    assert names == ("neg", "pos")
+    encoder = LabelEncoder.from_model(model, {"label_names": ["x", "y"]}, label_names=names)
+    assert [r["label"] for r in encoder.encode(_records(["pos", "neg"]), "data")] == [1, 0]
+    assert [r["label"] for r in encoder.encode(_records([1, 0]), "data")] == [1, 0], "integers stay class ids"
+    with pytest.raises(ConfigError, match="3 label names were given .* the classifier has 2 classes"):
+        LabelEncoder.from_model(model, {}, label_names=["a", "b", "c"])
+    with pytest.raises(ConfigError, match="empty name"):
+        parse_label_names("a,,b")
+    assert parse_label_names(None) is None
+
+
+def test_class_label_names_of_a_datasets_object(tmp_path) -> None:
+    from datainf.data.labels import class_label_names
+
+    class ClassLabel:  # the shape of datasets.ClassLabel: a feature with .names
+        def __init__(self, names: list[str]) -> None:
+            self.names = names
+
+    class Value:
+        names = None
+
+    dataset = SimpleNamespace(features={"label": ClassLabel(["world", "sports"]), "text": Value()})
+    assert class_label_names(dataset) == ("world", "sports")
+    assert class_label_names(dataset, "text") is None and class_label_names(dataset, "other") is None
+    splits = {"train": dataset}
+    assert class_label_names(SimpleNamespace(values=splits.values)) == ("world", "sports")  # a one-split DatasetDict
+    plain = tmp_path / "train.jsonl"
+    plain.write_text("{}\n")
+    assert class_label_names(plain) is None and class_label_names(tmp_path) is None

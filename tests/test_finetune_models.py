@@ -340,3 +340,234 @@ def test_foreign_adapter_recording_an_existing_other_folder_is_refused(models, a
         load_model(models["other_seed"], kind="classification", num_labels=2, adapter=foreign)
     model, _ = load_model(models["tiny"], kind="classification", num_labels=2, adapter=foreign)
     assert model is not None
+
+
+# ---------------------------------------------------------------------------------------------- transformers' load report
+
+
+def _load_reports(monkeypatch, load) -> list[str]:
+    """The load-report warnings transformers logs while ``load()`` runs."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    root = logging.getLogger("transformers")
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    root.addHandler(handler)
+    try:
+        load()
+    finally:
+        root.removeHandler(handler)
+        hf_logging.set_verbosity(level)
+    return [m for m in seen if "LOAD REPORT" in m]
+
+
+@pytest.fixture(scope="module")
+def headless_base(tmp_path_factory) -> Path:
+    """A tiny BERT saved without a classification head (as sentence-transformer checkpoints are)."""
+    from tiny_models import SPECIAL_TOKENS
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    path = tmp_path_factory.mktemp("headless") / "base"
+    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + WORDS)}
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    BertModel(cfg).save_pretrained(str(path))
+    BertTokenizer(vocab=vocab).save_pretrained(str(path))
+    return path
+
+
+def test_the_new_head_notice_is_silenced(headless_base, models, monkeypatch):
+    # the head load_model sizes and initialises on purpose: no "newly initialized" report
+    reports = _load_reports(monkeypatch, lambda: load_model(headless_base, kind="classification", num_labels=3))
+    assert reports == []
+    # a head re-sized from the checkpoint's 2 classes to 3: also on purpose
+    reports = _load_reports(monkeypatch, lambda: load_model(models["tiny"], kind="classification", num_labels=3))
+    assert reports == []
+
+
+def test_other_load_reports_still_show(headless_base, monkeypatch):
+    # an encoder loaded as a causal LM lacks its LM head: that notice is not ours to hide
+    reports = _load_reports(monkeypatch, lambda: load_model(headless_base, kind="causal-lm"))
+    assert len(reports) == 1 and "cls.predictions" in reports[0]
+    import logging
+
+    assert logging.getLogger("transformers.modeling_utils").filters == []  # the filter is removed after loading
+
+
+# ---------------------------------------------------------------------------------------------- validation, resuming
+
+
+def _adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_validation_metrics_per_epoch_and_best_epoch(models, tmp_path):
+    cfg = FinetuneConfig(**{**FAST, "epochs": 3})
+    model, tok = load_model(models["tiny"], kind="classification", num_labels=2)
+    out = finetune_lora(
+        model,
+        tok,
+        sentiment_records(24),
+        cfg,
+        output_dir=tmp_path / "eval",
+        eval_records=sentiment_records(10, seed=5),
+        progress=False,
+    )
+    log = json.loads((out / "training_log.json").read_text())
+    assert [e["epoch"] for e in log["epochs"]] == [1, 2, 3]
+    for entry in log["epochs"]:
+        assert entry["eval_loss"] > 0 and 0.0 <= entry["eval_accuracy"] <= 1.0
+    losses = [e["eval_loss"] for e in log["epochs"]]
+    assert log["best_epoch"] == 1 + losses.index(min(losses)) and log["best_eval_loss"] == min(losses)
+    assert log["kept_epoch"] == 3 and log["num_eval_examples"] == 10
+
+    # validation draws no random numbers: the adapter equals one trained without it
+    model, tok = load_model(models["tiny"], kind="classification", num_labels=2)
+    plain = finetune_lora(model, tok, sentiment_records(24), cfg, output_dir=tmp_path / "plain", progress=False)
+    a, b = _adapter_tensors(out), _adapter_tensors(plain)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "eval_loss" not in json.loads((plain / "training_log.json").read_text())["epochs"][0]
+
+
+def test_keep_best_keeps_the_best_epochs_adapter(models, tmp_path):
+    # a learning rate so high that later epochs overshoot: the best epoch is not the last
+    cfg = FinetuneConfig(**{**FAST, "epochs": 4, "lr": 0.3, "warmup_ratio": 0.0})
+    evals = sentiment_records(10, seed=5)
+    outs = {}
+    for keep in (False, True):
+        model, tok = load_model(models["tiny"], kind="classification", num_labels=2)
+        outs[keep] = finetune_lora(
+            model,
+            tok,
+            sentiment_records(24),
+            cfg,
+            output_dir=tmp_path / f"keep-{keep}",
+            eval_records=evals,
+            keep_best=keep,
+            progress=False,
+        )
+    log = json.loads((outs[True] / "training_log.json").read_text())
+    assert log["kept_epoch"] == log["best_epoch"]
+    assert json.loads((outs[True] / "datainf_adapter.json").read_text())["kept_epoch"] == log["best_epoch"]
+    # the kept adapter reproduces the best epoch's validation loss
+    from datainf.baselines import training_losses
+    from datainf.tasks import get_task_kind
+
+    model, tok = load_model(models["tiny"], kind="classification", adapter=outs[True])
+    task = get_task_kind("classification").make_task(tok, max_length=16, num_labels=2)
+    task.setup(model)
+    encoded = [{**r, "label": 1 if r["label"] == "pos" else 0} for r in evals]
+    assert float(training_losses(model, task, encoded).mean()) == pytest.approx(log["best_eval_loss"], rel=1e-5)
+    assert log["best_epoch"] < 4  # so the kept adapter is not the last epoch's
+    a, b = _adapter_tensors(outs[True]), _adapter_tensors(outs[False])
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keep_best_needs_validation_data(models, tmp_path):
+    model, tok = load_model(models["tiny"], kind="classification", num_labels=2)
+    with pytest.raises(ConfigError, match="keep_best needs validation data"):
+        finetune_lora(
+            model, tok, sentiment_records(8), FinetuneConfig(**FAST), output_dir=tmp_path / "a", keep_best=True
+        )
+    with pytest.raises(DatasetError, match="never occur in training|not among"):
+        finetune_lora(
+            model,
+            tok,
+            sentiment_records(8),
+            FinetuneConfig(**FAST),
+            output_dir=tmp_path / "b",
+            eval_records=[{"id": "v", "text": "good", "label": "meh"}],
+        )
+
+
+@pytest.mark.parametrize(("stop_at", "every", "kept"), [(5, 2, 4), (4, None, 3), (7, 1, 6), (3, 5, 0)])
+def test_interrupted_finetune_resumes_to_the_same_adapter(models, tmp_path, monkeypatch, stop_at, every, kept):
+    """Ctrl-C during optimiser step ``stop_at``: the rerun keeps the ``kept`` steps checkpointed
+    (every ``every`` steps and at epoch ends) and trains only the rest, to the same adapter."""
+    cfg = FinetuneConfig(**{**FAST, "epochs": 3})  # 24 records / batch 8: 3 steps per epoch, 9 in all
+    train, evals = sentiment_records(24), sentiment_records(6, seed=3)
+
+    def run(out: Path, ckpt: Path | None) -> Path:
+        model, tok = load_model(models["tiny"], kind="classification", num_labels=2)
+        return finetune_lora(
+            model,
+            tok,
+            train,
+            cfg,
+            output_dir=out,
+            eval_records=evals,
+            checkpoint_dir=ckpt,
+            checkpoint_every=every,
+            progress=False,
+        )
+
+    reference = run(tmp_path / "reference", None)
+
+    calls = {"n": 0}
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            raise KeyboardInterrupt  # Ctrl-C during optimiser step `stop_at`
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", ckpt)
+    assert not (tmp_path / "resumed").exists()
+    assert (ckpt / "finetune-checkpoint.pt").is_file() == (kept > 0)
+
+    calls["n"] = -100  # no more interruptions; count the steps the rerun takes
+    resumed = run(tmp_path / "resumed", ckpt)
+    assert calls["n"] + 100 == 9 - kept
+    a, b = _adapter_tensors(resumed), _adapter_tensors(reference)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log_a = json.loads((resumed / "training_log.json").read_text())
+    log_b = json.loads((reference / "training_log.json").read_text())
+    for x, y in zip(log_a["epochs"], log_b["epochs"], strict=True):
+        assert (x["loss"], x["eval_loss"], x["eval_accuracy"]) == (y["loss"], y["eval_loss"], y["eval_accuracy"])
+    assert not (ckpt / "finetune-checkpoint.pt").exists()  # removed once the adapter is saved
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(models, tmp_path, monkeypatch):
+    train = sentiment_records(24)
+    ckpt = tmp_path / "ckpt"
+    original = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    model, tok = load_model(models["tiny"], kind="classification", num_labels=2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_lora(model, tok, train, FinetuneConfig(**FAST), output_dir=tmp_path / "x", checkpoint_dir=ckpt)
+    monkeypatch.setattr(torch.optim.AdamW, "step", original)
+    other = FinetuneConfig(**{**FAST, "seed": 1})
+    model, tok = load_model(models["tiny"], kind="classification", num_labels=2)
+    resumed = finetune_lora(model, tok, train, other, output_dir=tmp_path / "x", checkpoint_dir=ckpt, progress=False)
+    model, tok = load_model(models["tiny"], kind="classification", num_labels=2)
+    fresh = finetune_lora(model, tok, train, other, output_dir=tmp_path / "y", progress=False)
+    a, b = _adapter_tensors(resumed), _adapter_tensors(fresh)
+    assert all(torch.equal(a[k], b[k]) for k in a)

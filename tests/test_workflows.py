@@ -265,3 +265,66 @@ def test_config_json_of_an_older_score_run_still_resumes(stores: tuple[Path, Pat
     stored.pop("loss_baseline", None)
     (out / CONFIG_FILE).write_text(json.dumps(stored))
     assert all(m.reused for m in score_run(settings, progress=False).methods)
+
+
+def test_an_interrupted_finetune_run_resumes_from_its_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+    from tiny_models import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny")
+    data = tmp_path / "train.jsonl"
+    words = ["good great", "bad awful"]
+    data.write_text("".join(json.dumps({"text": f"the {words[i % 2]}", "label": i % 2}) + "\n" for i in range(16)))
+    settings = FinetuneSettings(
+        out=str(tmp_path / "run"), model=str(model), data=str(data), epochs=3, batch_size=4, checkpoint_every=3
+    )
+    reference = finetune_run(dataclasses.replace(settings, out=str(tmp_path / "reference")), progress=False)
+
+    original = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def step(self: torch.optim.Optimizer, *args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt  # a Ctrl-C in epoch 2 (4 steps per epoch), after the checkpoint at step 6
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_run(settings, progress=False)
+    assert (tmp_path / "run" / "finetune-checkpoint.pt").is_file()
+    calls["n"] = -100
+    result = finetune_run(settings, progress=False)
+    assert calls["n"] + 100 == 12 - 6  # only the steps after the checkpoint were trained again
+    a = load_file(str(result.adapter / "adapter_model.safetensors"))
+    b = load_file(str(reference.adapter / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert result.epoch_losses == reference.epoch_losses and result.kept_epoch == 3 and result.best_epoch is None
+    assert not (tmp_path / "run" / "finetune-checkpoint.pt").exists()
+
+
+def test_finetune_run_names_classes_after_a_classlabel_column(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records from a datasets ClassLabel column carry class ids; the adapter records the column's names."""
+    from tiny_models import save_tiny_model
+
+    import datainf.data.labels as labels
+
+    model = save_tiny_model(tmp_path / "tiny", num_labels=3)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"good {i}", "label": i % 2}) + "\n" for i in range(8)))
+    seen: list[tuple[str, str]] = []
+
+    def fake_class_label_names(source: object, field: str = "label") -> tuple[str, ...] | None:
+        seen.append((str(source), field))
+        return ("world", "sports", "business")  # three classes, one absent from the training data
+
+    monkeypatch.setattr(labels, "class_label_names", fake_class_label_names)
+    result = finetune_run(
+        FinetuneSettings(out=str(tmp_path / "run"), model=str(model), data=str(data), epochs=1, batch_size=4),
+        progress=False,
+    )
+    meta = json.loads((result.adapter / "datainf_adapter.json").read_text())
+    assert meta["label_names"] == ["world", "sports", "business"] and meta["num_labels"] == 3
+    assert seen == [(str(data), "label")]

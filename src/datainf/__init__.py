@@ -15,14 +15,16 @@ from datainf.errors import DataInfError
 from datainf.influence import InfluenceConfig, block_lambdas, influence, influence_from_config
 from datainf.methods import available_methods, register_method
 from datainf.scores import SIGN_CONVENTION, Scores
-from datainf.store import GradientStore
+from datainf.store import GradientSource, GradientStore
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DataInfError",
+    "GradientSource",
     "GradientStore",
     "InfluenceConfig",
+    "OnTheFlyGradients",
     "SIGN_CONVENTION",
     "Scores",
     "available_methods",
@@ -38,9 +40,14 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str) -> object:
-    """``datainf.collect_gradients`` without importing the model-side modules at ``import datainf``."""
+    """``datainf.collect_gradients`` / ``datainf.OnTheFlyGradients`` without importing the model-side modules at
+    ``import datainf``."""
     if name == "collect_gradients":
         from datainf.gradients import collect_gradients
 
         return collect_gradients
+    if name == "OnTheFlyGradients":
+        from datainf.gradients import OnTheFlyGradients
+
+        return OnTheFlyGradients
     raise AttributeError(f"module 'datainf' has no attribute {name!r}")

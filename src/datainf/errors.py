@@ -17,6 +17,7 @@ __all__ = [
     "StoreCorruptedError",
     "StoreMismatchError",
     "FingerprintMismatchError",
+    "GradientSourceChangedError",
     "LoRAValidationError",
     "DatasetError",
     "TaskInputError",
@@ -64,6 +65,10 @@ class StoreMismatchError(StoreError):
 
 class FingerprintMismatchError(StoreError):
     """Train and test gradients were produced by different models/adapters."""
+
+
+class GradientSourceChangedError(FingerprintMismatchError):
+    """The model's adapter weights or the records of an on-the-fly gradient source changed between passes."""
 
 
 class LoRAValidationError(DataInfError, ValueError):

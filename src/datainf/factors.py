@@ -52,7 +52,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from datainf.errors import ConfigError, FingerprintMismatchError, StoreCorruptedError, StoreError
-from datainf.store import GradientStore, atomic_write_json
+from datainf.store import GradientSource, GradientStore, atomic_write_json
 
 __all__ = [
     "FACTORS_FOLDER",
@@ -136,7 +136,7 @@ class KroneckerFactors:
         """``S_l = sum delta delta^T / n``, float64 ``(q, q)``."""
         return self.sums[block].outputs / max(self.num_examples, 1)
 
-    def check_for(self, store: GradientStore) -> None:
+    def check_for(self, store: GradientSource) -> None:
         """Refuse factors of another store: fingerprint, block shapes and examples must agree.
 
         Raises:
@@ -383,7 +383,7 @@ class FactorFolder:
 
 # ---------------------------------------------------------------------------------------- lookup
 
-_ATTACHED: weakref.WeakKeyDictionary[GradientStore, KroneckerFactors] = weakref.WeakKeyDictionary()
+_ATTACHED: weakref.WeakKeyDictionary[GradientSource, KroneckerFactors] = weakref.WeakKeyDictionary()
 
 
 def attach_factors(store: GradientStore, factors: KroneckerFactors) -> None:
@@ -391,7 +391,7 @@ def attach_factors(store: GradientStore, factors: KroneckerFactors) -> None:
     _ATTACHED[store] = factors
 
 
-def attached_factors(store: GradientStore) -> KroneckerFactors | None:
+def attached_factors(store: GradientSource) -> KroneckerFactors | None:
     """The factors kept with ``store`` in memory, if any."""
     return _ATTACHED.get(store)
 
@@ -419,7 +419,7 @@ def _read_folder(path: Path) -> KroneckerFactors:
     return folder.total()
 
 
-def load_factors(store: GradientStore, path: str | os.PathLike[str] | None = None) -> KroneckerFactors:
+def load_factors(store: GradientSource, path: str | os.PathLike[str] | None = None) -> KroneckerFactors:
     """The Kronecker factors of ``store``, checked against it.
 
     Looked up in this order: the folder ``path`` when given; the factors kept in memory with the

@@ -14,11 +14,25 @@ Training is seeded (LoRA initialisation, dropout, shuffling) and deterministic o
 adapter is written with ``save_pretrained`` (safetensors) into a temporary folder that is renamed
 into place at the end, so an interrupted run leaves nothing half-written. Next to the adapter:
 ``datainf_adapter.json`` (base model, its digest, kind, label names, the resolved
-:class:`FinetuneConfig`) and ``training_log.json`` (mean loss per epoch).
+:class:`FinetuneConfig`) and ``training_log.json`` (mean loss per epoch; with validation data
+also the validation loss, accuracy for classifiers, and the best epoch).
+
+Validation (``eval_records``) runs after every epoch with dropout off and draws no random numbers,
+so it does not change the trained adapter. The adapter saved is the last epoch's unless
+``keep_best=True``: influence scores then explain the model the recipe produced, and a validation
+set that is also the influence test set does not pick the model being explained.
+
+Resuming (``checkpoint_dir``): the trainable tensors, AdamW state, learning-rate schedule, the
+shuffling generator and the global random-number state are written atomically after every epoch and
+every ``checkpoint_every`` optimiser steps; a rerun with the same settings, data and base model
+continues from the last checkpoint and ends with the same adapter, bit for bit on the CPU, as an
+uninterrupted run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import math
@@ -45,12 +59,18 @@ from datainf.tasks.kinds import TaskKind, available_task_kinds, get_task_kind
 if TYPE_CHECKING:
     from peft import PeftModel
 
-__all__ = ["FinetuneConfig", "finetune_lora", "TRAINING_LOG"]
+__all__ = ["FinetuneConfig", "finetune_lora", "TRAINING_LOG", "CHECKPOINT_FILE"]
 
 logger = logging.getLogger(__name__)
 
-#: Per-epoch losses written next to the adapter.
+#: Per-epoch losses (and validation metrics) written next to the adapter.
 TRAINING_LOG = "training_log.json"
+
+#: The resumable training state in ``checkpoint_dir`` (:func:`finetune_lora`).
+CHECKPOINT_FILE = "finetune-checkpoint.pt"
+
+#: Version of the checkpoint's layout; a checkpoint of another version is ignored (training starts over).
+_CHECKPOINT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -245,6 +265,100 @@ def _move_into_place(tmp: Path, final: Path, overwrite: bool) -> None:
         os.replace(tmp, final)
 
 
+def _records_digest(records: Sequence[Mapping[str, Any]]) -> str:
+    """sha256 of the records' JSON (order and content): tells a checkpoint's data from other data."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps(record, sort_keys=True, default=str).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _evaluate(
+    model: nn.Module,
+    task: Any,
+    data: Sequence[Mapping[str, Any]],
+    *,
+    batch_size: int,
+    device: torch.device,
+    classify: bool,
+) -> dict[str, float]:
+    """Mean per-example loss of ``data`` under ``model`` (the task's loss, dropout off), and for
+    classifiers the accuracy (share of examples whose arg-max logit is the label). Uses no random numbers."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(data), batch_size):
+                chunk = data[start : start + batch_size]
+                batch = task.collate(chunk, [r["id"] for r in chunk]).to(device)
+                total_loss += float(task.per_example_loss(model, batch).double().sum())
+                if classify:
+                    inputs = {k: v for k, v in batch.inputs.items() if k != "labels"}
+                    predicted = model(**inputs).logits.argmax(dim=-1)
+                    correct += int((predicted == batch.inputs["labels"]).sum())
+    finally:
+        model.train(was_training)
+    result = {"eval_loss": total_loss / len(data)}
+    if classify:
+        result["eval_accuracy"] = correct / len(data)
+    return result
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the trainable tensors (LoRA factors, heads in ``modules_to_save``), by name."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _restore_trainable(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        raise ConfigError("The checkpoint holds other trainable tensors than this model; delete it and rerun.")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name].to(p.device))
+
+
+def _rng_state(devices: Sequence[int]) -> dict[str, Any]:
+    return {
+        "cpu": torch.random.get_rng_state(),
+        "cuda": [torch.cuda.get_rng_state(d) for d in devices],
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any], devices: Sequence[int]) -> None:
+    torch.random.set_rng_state(state["cpu"])
+    for d, s in zip(devices, state.get("cuda", [])):
+        torch.cuda.set_rng_state(s, d)
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write the training state atomically (a kill leaves the previous checkpoint whole)."""
+    from datainf.store import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` when it belongs to this run (``key``), else ``None`` (logged)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged or foreign file: start over rather than fail
+        logger.warning("The fine-tuning checkpoint %s is unreadable (%s); training from the start.", path, err)
+        return None
+    if not isinstance(state, dict) or state.get("version") != _CHECKPOINT_VERSION or state.get("key") != key:
+        logger.warning(
+            "The fine-tuning checkpoint %s belongs to other settings or data; training from the start.", path
+        )
+        return None
+    return state
+
+
 def finetune_lora(
     model: nn.Module,
     tokenizer: Any,
@@ -255,6 +369,10 @@ def finetune_lora(
     label_names: Sequence[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    eval_records: Sequence[Mapping[str, Any]] | None = None,
+    keep_best: bool = False,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
 ) -> Path:
     """LoRA-fine-tune ``model`` on ``records`` and save the adapter to ``output_dir``.
 
@@ -271,16 +389,32 @@ def finetune_lora(
             ``len(label_names)`` outputs). Default: the sorted distinct labels of ``records``.
         overwrite: replace an existing ``output_dir``.
         progress: show a progress bar.
+        eval_records: validation examples (same fields as ``records``): after every epoch their mean
+            loss (and, for classification, accuracy) is logged and written to ``training_log.json``,
+            with the best epoch (lowest validation loss). Evaluation draws no random numbers, so the
+            trained adapter is the same with or without it.
+        keep_best: save the adapter of the best epoch instead of the last one (needs
+            ``eval_records``). Off by default: influence then explains the model the recipe trained,
+            and the validation set (often also the influence test set) does not pick the model.
+        checkpoint_dir: a folder for the resumable training state (:data:`CHECKPOINT_FILE`: trainable
+            tensors, optimizer, schedule, random-number states, position). Written atomically after
+            every epoch and every ``checkpoint_every`` steps; a rerun with the same settings, data and
+            base model resumes from it and ends with the same adapter as an uninterrupted run. Removed
+            once the adapter is saved. ``None`` (default): no checkpoints.
+        checkpoint_every: optimiser steps between checkpoints within an epoch (``None`` or 0: at
+            epoch ends only).
 
     Returns:
         ``output_dir`` as a :class:`~pathlib.Path`, holding ``adapter_config.json``,
         ``adapter_model.safetensors``, ``datainf_adapter.json`` and ``training_log.json``.
 
     Raises:
-        EmptyInputError: no records.
-        DatasetError: records lack their fields, or labels are not among ``label_names``.
+        EmptyInputError: no records, or ``eval_records`` given but empty.
+        DatasetError: records lack their fields, or labels are not among ``label_names`` (validation
+            labels included).
         ConfigError: the head size differs from the number of labels, target modules are absent,
-            ``output_dir`` exists and ``overwrite`` is false.
+            ``output_dir`` exists and ``overwrite`` is false, ``keep_best`` without ``eval_records``,
+            a bad ``checkpoint_every``.
     """
     from transformers import get_linear_schedule_with_warmup
 
@@ -288,6 +422,16 @@ def finetune_lora(
         raise ConfigError(f"config must be a FinetuneConfig, got {type(config).__name__}.")
     if not records:
         raise EmptyInputError("No training records: fine-tuning needs at least one example.")
+    if eval_records is not None and not eval_records:
+        raise EmptyInputError("eval_records is empty: pass validation examples, or None for no validation.")
+    if keep_best and eval_records is None:
+        raise ConfigError("keep_best needs validation data to pick the best epoch: pass eval_records (--eval-data).")
+    if checkpoint_every is not None and (
+        not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 0
+    ):
+        raise ConfigError(
+            f"checkpoint_every={checkpoint_every!r}: must be an integer >= 0 (0 or None: epoch ends only)."
+        )
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise ConfigError(
@@ -297,6 +441,11 @@ def finetune_lora(
     kind = get_task_kind(config.kind)
     data, labels = _training_data(kind, records, label_names)
     names = list(labels.names) if labels is not None else None
+    eval_data: list[dict[str, Any]] | None = None
+    if eval_records is not None:
+        eval_data = kind.prepare_records(eval_records)
+        if labels is not None:
+            eval_data = labels.encode(eval_data, "validation")
     if names is not None:
         head = int(getattr(getattr(model, "config", None), "num_labels", len(names)))
         if head != len(names):
@@ -316,6 +465,22 @@ def finetune_lora(
             "The model was not loaded from a local folder; the adapter cannot record which base model it belongs to."
         )
 
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    run_key = hashlib.sha256(
+        json.dumps(
+            {
+                "config": config.to_dict(),
+                "base": base_digest,
+                "labels": names,
+                "data": _records_digest(data),
+                "eval": _records_digest(eval_data) if eval_data is not None else None,
+                "keep_best": keep_best,
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+    ).hexdigest()
+
     device = next(model.parameters()).device
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     started = time.perf_counter()
@@ -324,6 +489,8 @@ def finetune_lora(
         peft_model = _wrap_with_lora(model, config)
         task.setup(peft_model)
         task.validate(data, [r["id"] for r in data])
+        if eval_data is not None:
+            task.validate(eval_data, [r["id"] for r in eval_data])
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in trainable)
         logger.info(
@@ -339,14 +506,67 @@ def finetune_lora(
         order_rng = torch.Generator().manual_seed(config.seed)
         log: list[dict[str, Any]] = []
         truncated: set[str] = set()
+        best: dict[str, Any] = {"epoch": None, "loss": None, "state": None}
+        first_epoch, first_step, resumed_order = 1, 0, None
+        partial = (0.0, 0)  # (sum of losses, examples) of the epoch in progress
+        saved = _load_checkpoint(checkpoint, run_key) if checkpoint is not None else None
+        if saved is not None:
+            _restore_trainable(peft_model, saved["trainable"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            order_rng.set_state(saved["order_rng"])
+            log, truncated, best = list(saved["log"]), set(saved["truncated"]), dict(saved["best"])
+            first_epoch, first_step, resumed_order = int(saved["epoch"]), int(saved["step"]), saved["order"]
+            partial = (float(saved["partial_loss"]), int(saved["partial_count"]))
+            _set_rng_state(saved["rng"], rng_devices)
+            done = (first_epoch - 1) * steps_per_epoch + first_step
+            logger.info(
+                "Resuming fine-tuning from the checkpoint in %s: epoch %d, step %d (%d of %d steps done).",
+                checkpoint,
+                first_epoch,
+                first_step + 1,
+                done,
+                total_steps,
+            )
+        else:
+            done = 0
+
+        def write_checkpoint(epoch: int, step: int, order: list[int] | None, loss_sum: float, count: int) -> None:
+            assert checkpoint is not None
+            _save_checkpoint(
+                checkpoint,
+                {
+                    "version": _CHECKPOINT_VERSION,
+                    "key": run_key,
+                    "epoch": epoch,
+                    "step": step,
+                    "order": order,
+                    "partial_loss": loss_sum,
+                    "partial_count": count,
+                    "trainable": _trainable_state(peft_model),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "order_rng": order_rng.get_state(),
+                    "rng": _rng_state(rng_devices),
+                    "log": log,
+                    "truncated": sorted(truncated),
+                    "best": best,
+                },
+            )
+
         peft_model.train()
-        bar = tqdm(total=total_steps, desc="Fine-tuning (LoRA)", unit="step", disable=not progress)
+        bar = tqdm(total=total_steps, initial=done, desc="Fine-tuning (LoRA)", unit="step", disable=not progress)
         try:
-            for epoch in range(1, config.epochs + 1):
+            for epoch in range(first_epoch, config.epochs + 1):
                 epoch_start = time.perf_counter()
-                order = torch.randperm(len(data), generator=order_rng).tolist()
-                total_loss, count = 0.0, 0
-                for step in range(steps_per_epoch):
+                if resumed_order is not None:
+                    order, start_step = list(resumed_order), first_step
+                    total_loss, count = partial
+                    resumed_order = None
+                else:
+                    order, start_step = torch.randperm(len(data), generator=order_rng).tolist(), 0
+                    total_loss, count = 0.0, 0
+                for step in range(start_step, steps_per_epoch):
                     chunk = [data[i] for i in order[step * config.batch_size : (step + 1) * config.batch_size]]
                     batch = task.collate(chunk, [r["id"] for r in chunk]).to(device)
                     truncated.update(batch.truncated_ids)
@@ -365,16 +585,55 @@ def finetune_lora(
                     scheduler.step()
                     total_loss += float(losses.detach().sum())
                     count += len(chunk)
+                    done += 1
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
-                entry = {"epoch": epoch, "loss": total_loss / count, "seconds": time.perf_counter() - epoch_start}
+                    # every checkpoint_every steps; epoch ends are checkpointed below, after evaluation
+                    mid_epoch = step + 1 < steps_per_epoch
+                    if checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and mid_epoch:
+                        write_checkpoint(epoch, step + 1, order, total_loss, count)
+                entry: dict[str, Any] = {
+                    "epoch": epoch,
+                    "loss": total_loss / count,
+                    "seconds": time.perf_counter() - epoch_start,
+                }
+                if eval_data is not None:
+                    entry.update(
+                        _evaluate(
+                            peft_model,
+                            task,
+                            eval_data,
+                            batch_size=config.batch_size,
+                            device=device,
+                            classify=kind.encodes_labels,
+                        )
+                    )
+                    if best["loss"] is None or entry["eval_loss"] < best["loss"]:
+                        best = {
+                            "epoch": epoch,
+                            "loss": entry["eval_loss"],
+                            "state": _trainable_state(peft_model) if keep_best else None,
+                        }
                 log.append(entry)
-                logger.info("Epoch %d/%d: mean training loss %.4f", epoch, config.epochs, entry["loss"])
+                _log_epoch(entry, config.epochs)
+                if checkpoint is not None and epoch < config.epochs:
+                    write_checkpoint(epoch + 1, 0, None, 0.0, 0)
         finally:
             bar.close()
+        if keep_best and best["state"] is not None:
+            _restore_trainable(peft_model, best["state"])
         peft_model.eval()
     if truncated:
         logger.warning("%d training example(s) were cut to max_length=%d tokens.", len(truncated), config.max_length)
+    kept_epoch = int(best["epoch"]) if keep_best and best["epoch"] is not None else config.epochs
+    if best["epoch"] is not None:
+        logger.info(
+            "Best epoch by validation loss: %d (%.4f); the adapter saved is epoch %d's%s.",
+            best["epoch"],
+            best["loss"],
+            kept_epoch,
+            "" if keep_best else " (the last; keep_best / --keep-best keeps the best)",
+        )
 
     metadata = {
         "format": "datainf-adapter",
@@ -389,7 +648,17 @@ def finetune_lora(
         "finetune_config": config.to_dict(),
         "seconds": time.perf_counter() - started,
     }
-    training_log = {"epochs": log, "total_steps": total_steps, "truncated_examples": sorted(truncated)}
+    training_log: dict[str, Any] = {"epochs": log, "total_steps": total_steps, "truncated_examples": sorted(truncated)}
+    if eval_data is not None:
+        metadata["kept_epoch"] = kept_epoch
+        training_log.update(
+            {
+                "num_eval_examples": len(eval_data),
+                "best_epoch": best["epoch"],
+                "best_eval_loss": best["loss"],
+                "kept_epoch": kept_epoch,
+            }
+        )
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
@@ -404,5 +673,16 @@ def finetune_lora(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     logger.info("Saved the adapter to %s.", output_dir)
     return output_dir
+
+
+def _log_epoch(entry: Mapping[str, Any], epochs: int) -> None:
+    text = f"Epoch {entry['epoch']}/{epochs}: mean training loss {entry['loss']:.4f}"
+    if "eval_loss" in entry:
+        text += f", validation loss {entry['eval_loss']:.4f}"
+    if "eval_accuracy" in entry:
+        text += f", validation accuracy {entry['eval_accuracy']:.3f}"
+    logger.info("%s", text)

@@ -32,11 +32,14 @@ scores do not depend on the number of processes beyond float round-off.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -51,8 +54,9 @@ from datainf.errors import (
     StoreError,
 )
 from datainf.methods import MethodContext, get_method
+from datainf.methods.checkpoints import PassCheckpoints
 from datainf.scores import Scores
-from datainf.store import GradientStore
+from datainf.store import GradientSource, GradientStore
 
 __all__ = [
     "InfluenceConfig",
@@ -65,7 +69,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GradientsLike = GradientStore | Mapping[str, torch.Tensor]
+#: A store, any other :class:`~datainf.store.GradientSource` (e.g. :class:`datainf.gradients.OnTheFlyGradients`,
+#: gradients recomputed on every pass), or in-memory ``{block: (n, d_l)}`` tensors.
+GradientsLike = GradientSource | Mapping[str, torch.Tensor]
 
 #: What the values of ``mode="self"`` scores mean (recorded as their ``sign_convention``).
 SELF_SIGN_CONVENTION = (
@@ -136,8 +142,8 @@ class InfluenceConfig:
         return out
 
 
-def _as_store(gradients: GradientsLike, role: str) -> GradientStore:
-    if isinstance(gradients, GradientStore):
+def _as_store(gradients: GradientsLike, role: str) -> GradientSource:
+    if isinstance(gradients, (GradientStore, GradientSource)):
         if not gradients.is_complete:
             raise StoreError(
                 f"The {role} gradient store is unfinished ({gradients.num_examples} examples so far); rerun the "
@@ -158,11 +164,12 @@ def _as_store(gradients: GradientsLike, role: str) -> GradientStore:
         except EmptyInputError as err:
             raise EmptyInputError(f"The {role} gradients hold no examples.") from err
     raise ConfigError(
-        f"{role} gradients must be a GradientStore or a mapping block name -> tensor, got {type(gradients).__name__}."
+        f"{role} gradients must be a GradientStore (or another GradientSource, e.g. OnTheFlyGradients) or a mapping "
+        f"block name -> tensor, got {type(gradients).__name__}."
     )
 
 
-def _check_compatible(train: GradientStore, test: GradientStore) -> None:
+def _check_compatible(train: GradientSource, test: GradientSource) -> None:
     train_dims, test_dims = train.block_dims, test.block_dims
     only_train = sorted(set(train_dims) - set(test_dims))
     only_test = sorted(set(test_dims) - set(train_dims))
@@ -188,7 +195,7 @@ def _check_compatible(train: GradientStore, test: GradientStore) -> None:
 
 
 def block_lambdas(
-    store: GradientStore,
+    store: GradientSource,
     *,
     damping: float = 0.1,
     fixed_lambda: float | None = None,
@@ -241,7 +248,7 @@ def unit_scales(squared_norms: torch.Tensor) -> torch.Tensor:
     return torch.where(totals > 0, totals.rsqrt(), torch.zeros_like(totals))
 
 
-def _zero_gradient_ids(store: GradientStore, role: str) -> list[str]:
+def _zero_gradient_ids(store: GradientSource, role: str) -> list[str]:
     zero = (store.squared_norms().sum(dim=1) == 0).nonzero().flatten().tolist()
     if zero:
         ids = store.ids
@@ -255,13 +262,13 @@ def _zero_gradient_ids(store: GradientStore, role: str) -> list[str]:
     return [store.ids[i] for i in zero]
 
 
-def _default_compute_dtype(store: GradientStore, requested: str | None) -> torch.dtype:
+def _default_compute_dtype(store: GradientSource, requested: str | None) -> torch.dtype:
     if requested is not None:
         return getattr(torch, requested)
     return torch.float64 if store.torch_dtype == torch.float64 else torch.float32
 
 
-def _store_identity(store: GradientStore) -> dict[str, Any]:
+def _store_identity(store: GradientSource) -> dict[str, Any]:
     """What must agree between processes about one gradient store: ids, blocks, dtype, fingerprint and
     the per-block sums of the recorded squared norms (a cheap checksum of the values)."""
     return {
@@ -271,6 +278,37 @@ def _store_identity(store: GradientStore) -> dict[str, Any]:
         "fingerprint": store.fingerprint,
         "norm_sums": store.squared_norms().sum(dim=0).tolist(),
     }
+
+
+def _pass_checkpoints(
+    train: GradientSource, config: InfluenceConfig, lambdas: Mapping[str, float], vectors: Mapping[str, torch.Tensor]
+) -> PassCheckpoints | None:
+    """Checkpoints of the streaming passes when ``train`` recomputes its rows on every pass and has a work folder.
+
+    Such a source (:class:`datainf.gradients.OnTheFlyGradients`) has a ``checkpoint_dir`` (a
+    :class:`~pathlib.Path`, or ``None``) and a ``checkpoint_key`` (a hash of its model, task, data
+    and settings). The key of the checkpoints adds the settings, the damping and the test vectors.
+    """
+    folder = getattr(train, "checkpoint_dir", None)
+    if not isinstance(folder, Path):
+        return None
+    digest = hashlib.sha256()
+    payload = {
+        "train": str(getattr(train, "checkpoint_key", "")),
+        "config": config.to_dict(),
+        "lambdas": dict(lambdas),
+    }
+    digest.update(json.dumps(payload, sort_keys=True, default=str).encode())
+    for name in sorted(vectors):
+        vector = vectors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tuple(vector.shape)}|{vector.dtype}\n".encode())
+        digest.update(vector.view(torch.uint8).numpy().tobytes() if vector.numel() else b"")
+    return PassCheckpoints(folder, digest.hexdigest()[:16], dist_context())
+
+
+def _replayed(ctx: MethodContext) -> dict[str, int]:
+    """``{"replayed_passes": k}`` when passes were checkpointed (``k`` read back instead of streamed), else ``{}``."""
+    return {} if ctx.checkpoints is None else {"replayed_passes": ctx.checkpoints.replayed}
 
 
 def influence_from_config(
@@ -297,7 +335,7 @@ def influence_from_config(
     if not self_mode and test is None:
         raise ConfigError(f"mode={config.mode!r} needs test gradients; pass them, or use mode='self' (no test set).")
     ctx = dist_context()
-    test_store: GradientStore | None = None
+    test_store: GradientSource | None = None
     if ctx.is_distributed:
         # every rank must reach the fingerprint exchange, also when its own inputs are unusable
         identity: dict[str, Any] = {}
@@ -371,11 +409,13 @@ def influence_from_config(
         "fingerprint": train_store.fingerprint,
     }
     if self_mode:
+        method_ctx.checkpoints = _pass_checkpoints(train_store, config, lambdas, {})
         own = method.self_influence(method_ctx)
         diagnostics = {
             **own.diagnostics,
             "seconds": time.perf_counter() - started,
             "passes": method_ctx.passes,
+            **_replayed(method_ctx),
             "processes": ctx.world_size,
             "passes_description": method.passes_description,
             "zero_gradient_blocks": zero_blocks,
@@ -404,6 +444,7 @@ def influence_from_config(
             v = v.mean(dim=0, keepdim=True, dtype=torch.float64)
         vectors[name] = v.to(device=device, dtype=compute_dtype)
 
+    method_ctx.checkpoints = _pass_checkpoints(train_store, config, lambdas, vectors)
     preconditioned = method.precondition(vectors, method_ctx)
     precondition_seconds = time.perf_counter() - started
 
@@ -423,6 +464,7 @@ def influence_from_config(
         "seconds": time.perf_counter() - started,
         "precondition_seconds": precondition_seconds,
         "passes": method_ctx.passes,
+        **_replayed(method_ctx),
         "processes": ctx.world_size,
         "passes_description": f"{method.passes_description} + 1 scoring pass",
         "zero_gradient_blocks": zero_blocks,

@@ -25,11 +25,14 @@ The model fingerprint used in gradient stores is :func:`datainf.gradients.lora.m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -214,6 +217,49 @@ def base_model_digest(base: str | os.PathLike[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- loading
+
+#: Top-level module names of transformers' sequence-classification heads (BERT / RoBERTa / GPT-2 /
+#: DistilBERT ...): :func:`load_model` sizes these for the data's classes, so they are new on purpose.
+_HEAD_MODULES = frozenset({"classifier", "pre_classifier", "score", "classification_head"})
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_REPORT_ROW = re.compile(r"^\s*([\w.]+)\s*\|\s*(MISSING|MISMATCH|UNEXPECTED|CONVERSION|OWNED|SKIPPED)\b")
+
+
+class _HeadOnlyLoadReport(logging.Filter):
+    """Drops transformers' load report when the only weights it names are a classification head's
+    (missing from the checkpoint, or re-sized): :func:`load_model` initialises that head on purpose
+    (seeded), so "newly initialized ... consider training" says nothing the user needs. A report that
+    names any other weight (a missing LM head, unexpected or unconvertible keys) is kept as it is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = _ANSI.sub("", record.getMessage())
+        except Exception:  # a record that cannot be formatted is not ours to judge
+            return True
+        if "LOAD REPORT" not in text:
+            return True
+        rows = [m.groups() for m in map(_REPORT_ROW.match, text.splitlines()) if m]
+        head_only = bool(rows) and all(
+            status in ("MISSING", "MISMATCH") and key.split(".", 1)[0] in _HEAD_MODULES for key, status in rows
+        )
+        return not head_only
+
+
+@contextlib.contextmanager
+def _quiet_head_report(active: bool) -> Iterator[None]:
+    """While loading: hide transformers' load report about the classification head only (``active``)."""
+    if not active:
+        yield
+        return
+    flt = _HeadOnlyLoadReport()
+    loggers = [logging.getLogger("transformers.modeling_utils")]
+    for lg in loggers:
+        lg.addFilter(flt)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(flt)
 
 
 def _loadable_kind(kind: str) -> TaskKind:
@@ -479,7 +525,8 @@ def load_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            model = auto_cls.from_pretrained(str(base_dir), **kwargs)
+            with _quiet_head_report(spec.encodes_labels):
+                model = auto_cls.from_pretrained(str(base_dir), **kwargs)
         except ValueError as err:
             raise ModelLoadError(
                 f"The model in {base_dir} (type {getattr(config, 'model_type', '?')!r}) cannot be loaded for {kind} "

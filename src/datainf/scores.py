@@ -22,7 +22,7 @@ from datainf.errors import ConfigError, StoreCorruptedError
 from datainf.store import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from datainf.store import GradientStore
+    from datainf.store import GradientSource
 
 __all__ = ["Scores", "SIGN_CONVENTION", "LOSS_METHOD", "LOSS_SIGN_CONVENTION"]
 
@@ -153,7 +153,7 @@ class Scores:
         atomic_write_bytes(path, frame.to_csv(index=False).encode())
         return path
 
-    def matches(self, train_store: GradientStore, test_store: GradientStore | None) -> bool:
+    def matches(self, train_store: GradientSource, test_store: GradientSource | None) -> bool:
         """Whether these scores were computed from these very gradients: the same training and test
         ids, in order, and the training store's fingerprint (recorded in :attr:`settings`).
 

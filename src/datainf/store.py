@@ -37,7 +37,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from safetensors import safe_open
@@ -57,12 +57,14 @@ from datainf.errors import (
 )
 
 __all__ = [
+    "GradientSource",
     "GradientStore",
     "RamGradientStore",
     "DiskGradientStore",
     "STORAGE_DTYPES",
     "atomic_write_bytes",
     "atomic_write_json",
+    "row_squared_norms",
     "RUN_LOCK_FILE",
     "check_free_space",
     "file_mode",
@@ -281,6 +283,10 @@ def _row_squared_norms(block: torch.Tensor) -> torch.Tensor:
     return out
 
 
+#: The public name of :func:`_row_squared_norms` (what every gradient source records as ``||g_il||^2``).
+row_squared_norms = _row_squared_norms
+
+
 def _check_rows(rows: range | None, n: int) -> range:
     """``rows`` checked against a store of ``n`` examples (``None`` -> every row)."""
     if rows is None:
@@ -303,6 +309,59 @@ def _validate_block_dims(block_dims: Mapping[str, int]) -> dict[str, int]:
             raise ConfigError(f"Block {name!r} has size {dim}; every block needs at least one parameter.")
         out[name] = int(dim)
     return out
+
+
+@runtime_checkable
+class GradientSource(Protocol):
+    """What the influence engine and the methods read from training gradients: a store, or anything alike.
+
+    :class:`GradientStore` satisfies it; so does :class:`datainf.gradients.OnTheFlyGradients`, which
+    computes the gradients again on every pass instead of reading them from disk. ``n`` examples,
+    block ``l`` an ``(n, d_l)`` matrix ``X_l``; every read is a streaming pass over row ranges.
+    """
+
+    @property
+    def ids(self) -> list[str]:
+        """The ``n`` example ids, in row order."""
+        ...
+
+    @property
+    def block_dims(self) -> dict[str, int]:
+        """Block name -> ``d_l``, in a fixed order (the column order of :meth:`squared_norms`)."""
+        ...
+
+    @property
+    def num_examples(self) -> int: ...
+
+    @property
+    def dtype(self) -> str:
+        """Name of the dtype the rows come in (a key of :data:`STORAGE_DTYPES`)."""
+        ...
+
+    @property
+    def torch_dtype(self) -> torch.dtype: ...
+
+    @property
+    def fingerprint(self) -> dict[str, str]:
+        """Strings identifying what produced the gradients (key ``"model"``: base model + adapter)."""
+        ...
+
+    @property
+    def is_complete(self) -> bool: ...
+
+    def squared_norms(self) -> torch.Tensor:
+        """``||g_il||^2`` of every example and block: float64 ``(n, L)`` in :attr:`block_dims` order."""
+        ...
+
+    def iter_batches(
+        self, batch_size: int = 1024, blocks: Sequence[str] | None = None, rows: range | None = None
+    ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+        """One pass: ``(ids, {block: (b, d_l)})`` in row order, ``b <= batch_size``, over ``rows`` (default all)."""
+        ...
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """Every block as one ``(n, d_l)`` tensor (everything in memory: for small test sets)."""
+        ...
 
 
 class GradientStore(ABC):

@@ -42,7 +42,7 @@ from datainf.distributed import DistributedContext, check_same_settings, dist_co
 from datainf.errors import ConfigError, DatasetError
 from datainf.runs import RunDir, removed_on_error
 from datainf.scores import Scores
-from datainf.store import GradientStore
+from datainf.store import GradientSource, GradientStore
 
 if TYPE_CHECKING:
     from datainf.influence import InfluenceConfig
@@ -141,6 +141,13 @@ class FinetuneSettings:
         r, alpha, target_modules, dropout: LoRA rank, alpha, adapted layer names, dropout.
         epochs, lr, batch_size, warmup_ratio, weight_decay, max_grad_norm, seed: training (AdamW,
             linear schedule; ``max_grad_norm=None`` turns clipping off).
+        eval_data: validation data (same columns as ``data``): loss, and accuracy for
+            classification, after every epoch, and the best epoch (:func:`datainf.finetune.finetune_lora`).
+        keep_best: keep the best epoch's adapter (lowest validation loss; needs ``eval_data``)
+            instead of the last one (default: the last, so the scores explain the model the recipe trained).
+        checkpoint_every: optimiser steps between checkpoints (``<out>/finetune-checkpoint.pt``, also
+            written at every epoch end; ``0``: epoch ends only). An interrupted run resumes from the last
+            one when rerun with the same settings. Not part of the configuration (not in ``config.json``).
     """
 
     out: str | None = None
@@ -165,9 +172,19 @@ class FinetuneSettings:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     seed: int = 0
+    eval_data: str | None = None
+    keep_best: bool = False
+    checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
-        _normalise(self, ("model", "data"), {"kind": _trainable_kinds()})
+        _normalise(self, ("model", "data", "eval_data"), {"kind": _trainable_kinds()})
+        if not isinstance(self.keep_best, bool):
+            raise ConfigError(f"keep_best must be True or False, got {self.keep_best!r}.")
+        if self.keep_best and not self.eval_data:
+            raise ConfigError("--keep-best picks the epoch with the lowest validation loss: pass --eval-data PATH too.")
+        every = self.checkpoint_every
+        if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+            raise ConfigError(f"checkpoint_every must be an integer >= 0 (0: at epoch ends only), got {every!r}.")
 
 
 @dataclass(frozen=True)
@@ -181,7 +198,10 @@ class GradientsSettings:
         kind: task kind (default: the adapter's, else ``classification``).
         max_length: longest token sequence (default: the adapter's training value, else the model's limit).
         device: ``cpu``, ``cuda`` (this rank's GPU under torchrun), ``cuda:1``, ...
-        num_labels: classes of the classifier (default: the adapter's).
+        num_labels: classes of the classifier (default: the adapter's, else the number of ``label_names``).
+        label_names: the classifier's class names in class-id order (``"a,b,c"`` or a sequence), for
+            adapters that do not record them (trained without datainf); default: the adapter's, else
+            the model config's ``id2label`` when it holds real names (not ``LABEL_0``, ...).
         grad_batch_size: examples per forward/backward pass.
         dtype: storage dtype of the gradients.
         shard_size: examples per gradient shard file.
@@ -196,6 +216,7 @@ class GradientsSettings:
     max_length: int | None = None
     device: str = "cpu"
     num_labels: int | None = None
+    label_names: tuple[str, ...] | None = None
     grad_batch_size: int = 16
     dtype: str = "float32"
     shard_size: int = 1024
@@ -208,19 +229,27 @@ class GradientsSettings:
 
     def __post_init__(self) -> None:
         _normalise(self, ("model", "adapter", "data"), {"kind": _loadable_kinds(), "dtype": _DTYPES})
+        _normalise_label_names(self)
 
 
 @dataclass(frozen=True)
 class ScoreSettings:
     """Settings of :func:`score_run` (``datainf score``): from two gradient stores, or from a model,
-    an adapter and two datasets (gradients computed into ``<out>/grads-train`` and ``<out>/grads-test``).
+    an adapter and two datasets (the training gradients computed on the fly on every pass, never
+    written; the test gradients into ``<out>/grads-test``), or from a model, an adapter, the training
+    data and a test store.
 
     Attributes:
         out: the run folder.
         train_grads, test_grads: gradient stores of the training and test examples.
-        model, adapter, kind, max_length, device, num_labels, grad_batch_size, dtype, shard_size:
-            as in :class:`GradientsSettings` (used with ``train_data`` / ``test_data``).
-        train_data, test_data: training and test data.
+        model, adapter, kind, max_length, device, num_labels, label_names, grad_batch_size, dtype,
+            shard_size: as in :class:`GradientsSettings` (used with ``train_data`` / ``test_data``).
+        train_data, test_data: training and test data. ``test_grads`` may replace ``test_data``.
+        keep_train_store: with ``train_data``, compute the training gradients once into
+            ``<out>/grads-train`` (a store of ``4 n sum_l d_l`` bytes in float32) and stream them from
+            there, instead of recomputing them on every pass (the default: no bytes on disk, one
+            forward/backward pass over the training data per streaming pass plus one for the norms;
+            :class:`datainf.gradients.OnTheFlyGradients`). Recorded in ``config.json`` only when on.
         text_column, label_column, prompt_column, response_column, id_column: as in :class:`FinetuneSettings`.
         method: influence method names (see :func:`datainf.methods.available_methods`).
         mode: ``average`` (one score per training example, on the mean test loss), ``pairwise``
@@ -249,6 +278,7 @@ class ScoreSettings:
     max_length: int | None = None
     device: str = "cpu"
     num_labels: int | None = None
+    label_names: tuple[str, ...] | None = None
     grad_batch_size: int = 16
     dtype: str = "float32"
     shard_size: int = 1024
@@ -263,6 +293,7 @@ class ScoreSettings:
     mode: Literal["average", "pairwise", "self"] = "average"
     normalize: bool = False
     loss_baseline: bool | None = None
+    keep_train_store: bool = False
     damping: float = 0.1
     fixed_lambda: float | None = None
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -280,8 +311,11 @@ class ScoreSettings:
                 "table_format": ("csv", "parquet"),
             },
         )
+        _normalise_label_names(self)
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"normalize must be True or False, got {self.normalize!r}.")
+        if not isinstance(self.keep_train_store, bool):
+            raise ConfigError(f"keep_train_store must be True or False, got {self.keep_train_store!r}.")
         if self.loss_baseline is not None and not isinstance(self.loss_baseline, bool):
             raise ConfigError(f"loss_baseline must be True, False or None (automatic), got {self.loss_baseline!r}.")
         if isinstance(self.method, str):
@@ -324,6 +358,13 @@ class ReportSettings:
             object.__setattr__(self, "scores", tuple(str(_input_path(f)) for f in files))
 
 
+def _normalise_label_names(settings: Any) -> None:
+    """``label_names`` as a tuple of names (from ``"a,b,c"`` or a sequence), or ``None``."""
+    from datainf.data.labels import parse_label_names
+
+    object.__setattr__(settings, "label_names", parse_label_names(settings.label_names))
+
+
 def _saved(settings: Any) -> dict[str, Any]:
     """The settings as ``config.json`` holds them (tuples as lists, mappings as dicts)."""
     return json.loads(json.dumps(asdict(settings), default=str))
@@ -334,7 +375,15 @@ def _saved(settings: Any) -> dict[str, Any]:
 
 @dataclass
 class FinetuneRunResult:
-    """What :func:`finetune_run` did: the adapter folder, whether it was already there, the losses."""
+    """What :func:`finetune_run` did: the adapter folder, whether it was already there, the losses.
+
+    Attributes:
+        epochs: one row per epoch from ``training_log.json``: ``epoch``, ``loss`` (mean training
+            loss), ``seconds``, and with ``eval_data`` ``eval_loss`` (plus ``eval_accuracy`` for
+            classification).
+        best_epoch: the epoch with the lowest validation loss (``None`` without ``eval_data``).
+        kept_epoch: the epoch whose adapter was saved (the last unless ``keep_best``).
+    """
 
     out: Path
     adapter: Path
@@ -342,6 +391,9 @@ class FinetuneRunResult:
     epoch_losses: list[float]
     settings: FinetuneSettings
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int | None = None
+    kept_epoch: int | None = None
 
 
 @dataclass
@@ -436,10 +488,21 @@ def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progres
             }
         )
         records = _load_data(settings.data, settings, ft.kind, "--data")
-        run = RunDir.claim(settings.out, kind="finetune", settings=_saved(settings), overwrite=overwrite)
+        eval_records = _load_data(settings.eval_data, settings, ft.kind, "--eval-data") if settings.eval_data else None
+        run = RunDir.claim(settings.out, kind="finetune", settings=_saved_finetune(settings), overwrite=overwrite)
+
+        class_names = _class_label_names(settings) if get_task_kind(ft.kind).encodes_labels else None
+        if class_names is not None:  # a datasets ClassLabel column: its values are class ids, its names the classes
+            records = _labels_as_names(records, class_names, "--data")
+            if eval_records is not None:
+                eval_records = _labels_as_names(eval_records, class_names, "--eval-data")
 
         def train(adapter_dir: Path) -> Path:
-            names = list(LabelEncoder.fit(records).names) if get_task_kind(ft.kind).encodes_labels else None
+            names: list[str] | None = None
+            if class_names is not None:
+                names = list(class_names)
+            elif get_task_kind(ft.kind).encodes_labels:
+                names = list(LabelEncoder.fit(records).names)
             model, tokenizer = load_model(
                 str(settings.model),
                 kind=ft.kind,
@@ -456,6 +519,10 @@ def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progres
                 label_names=names,
                 overwrite=True,
                 progress=progress,
+                eval_records=eval_records,
+                keep_best=settings.keep_best,
+                checkpoint_dir=run.path,
+                checkpoint_every=settings.checkpoint_every,
             )
 
         with run.timed("finetune"):
@@ -463,15 +530,58 @@ def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progres
                 "adapter", train, load=lambda path: path, is_done=lambda path: (path / "adapter_config.json").is_file()
             )
         log = _read_log(adapter / "training_log.json")
-        losses = [float(e["loss"]) for e in log.get("epochs", [])]
+        epochs = [dict(e) for e in log.get("epochs", []) if isinstance(e, dict)]
+        kept = log.get("kept_epoch", len(epochs) or None)
         return FinetuneRunResult(
             out=run.path,
             adapter=adapter,
             reused="adapter" in run.reused,
-            epoch_losses=losses,
+            epoch_losses=[float(e["loss"]) for e in epochs],
             settings=settings,
             stage_seconds=run.stage_seconds,
+            epochs=epochs,
+            best_epoch=log.get("best_epoch"),
+            kept_epoch=int(kept) if kept is not None else None,
         )
+
+
+def _class_label_names(settings: FinetuneSettings) -> tuple[str, ...] | None:
+    """The class names of the training data's label column when it is a ``datasets`` ``ClassLabel``."""
+    from datainf.data.labels import class_label_names
+
+    return class_label_names(settings.data, settings.label_column or "label") if settings.data else None
+
+
+def _labels_as_names(records: list[dict[str, Any]], names: Sequence[str], flag: str) -> list[dict[str, Any]]:
+    """``records`` with ``ClassLabel`` class ids replaced by the class names (names are kept as they are)."""
+    from datainf.data.labels import LabelEncoder
+
+    encoder = LabelEncoder.from_names(names)
+    out = []
+    for record in records:
+        label = record.get("label")
+        if isinstance(label, int) and not isinstance(label, bool):
+            if not 0 <= label < len(names):
+                raise DatasetError(
+                    f"{flag}: record {record.get('id')!r} has label {label}, outside the ClassLabel's {len(names)} "
+                    f"classes {list(names)[:10]}."
+                )
+            record = {**record, "label": encoder.names[label]}
+        out.append(record)
+    return out
+
+
+def _saved_finetune(settings: FinetuneSettings) -> dict[str, Any]:
+    """:class:`FinetuneSettings` as ``config.json`` holds them: without ``checkpoint_every`` (how often
+    to checkpoint changes no result), and the options added later (``eval_data``, ``keep_best``) only
+    when set, so folders written before they existed still resume (a missing key reads as unset)."""
+    saved = _saved(settings)
+    del saved["checkpoint_every"]
+    if saved.get("eval_data") is None:
+        del saved["eval_data"]
+    if saved.get("keep_best") is False:
+        del saved["keep_best"]
+    return saved
 
 
 def _read_log(path: Path) -> dict[str, Any]:
@@ -544,7 +654,10 @@ def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: boo
     ``.parquet``).
 
     From stores (``train_grads`` and ``test_grads``) or from data (``model``, ``adapter``,
-    ``train_data`` and ``test_data``; the gradients go to ``<out>/grads-train`` / ``<out>/grads-test``).
+    ``train_data`` and ``test_data`` or ``test_grads``): the training gradients are then recomputed on
+    every streaming pass and never written (their norms and the finished passes are checkpointed in
+    ``<out>/onthefly``, so a killed run resumes), unless ``keep_train_store`` puts them in
+    ``<out>/grads-train``; the test gradients go to ``<out>/grads-test``.
     ``mode="self"`` takes the training side only. From data the training-loss baseline is written
     too (``scores-loss``, the last row of the result; see :attr:`ScoreSettings.loss_baseline`).
     Scores finished in ``<out>`` with this configuration and these very gradients are reused.
@@ -563,16 +676,24 @@ def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: boo
     ctx = dist_context()
     with removed_on_error(settings.out):
         methods = _methods(settings)
-        from_stores = bool(settings.train_grads or settings.test_grads)
-        from_data = bool(settings.train_data or settings.test_data)
-        if from_stores and from_data:
+        from_data = bool(settings.train_data or settings.test_data)  # training data, with a test store or data
+        from_stores = not from_data and bool(settings.train_grads or settings.test_grads)
+        if settings.train_grads and from_data:
             raise ConfigError(
-                "Give either --train-grads/--test-grads (stores) or --train-data/--test-data (with --model/--adapter), not both."
+                "Give either --train-grads (a store) or --train-data (with --model/--adapter) for the training side, "
+                "not both."
             )
+        if settings.test_grads and settings.test_data:
+            raise ConfigError("Give either --test-grads (a store) or --test-data for the test side, not both.")
         if not from_stores and not from_data:
             raise ConfigError(
-                "Nothing to score: pass --train-grads and --test-grads, or --model, --adapter, --train-data and --test-data "
-                "(with --mode self: the training side only)."
+                "Nothing to score: pass --train-grads and --test-grads, or --model, --adapter, --train-data and "
+                "--test-data (or --test-grads) (with --mode self: the training side only)."
+            )
+        if settings.keep_train_store and not settings.train_data:
+            raise ConfigError(
+                "--keep-train-store keeps the training gradients computed from --train-data; with --train-grads they "
+                "are a store already: drop --keep-train-store."
             )
         self_mode = settings.mode == "self"
         if self_mode and (settings.test_grads or settings.test_data):
@@ -581,7 +702,7 @@ def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: boo
                 f"--mode self scores each training example on its own loss and uses no test set, but {given} was given: "
                 f"drop {given}, or use --mode average / pairwise to score against the test set."
             )
-        if settings.loss_baseline and from_stores:
+        if settings.loss_baseline and not settings.train_data:
             raise ConfigError(
                 "--loss-baseline needs the fine-tuned model and the training data (a gradient store holds no losses): "
                 "score from --model, --adapter and --train-data instead of --train-grads, or drop --loss-baseline."
@@ -605,7 +726,9 @@ def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: boo
             )
             for name in methods
         }
-        losses: Callable[[GradientStore], Scores] | None = None
+        losses: Callable[[GradientSource], Scores] | None = None
+        train_store: GradientSource
+        test_store: GradientStore | None
         if from_stores:
             settings, run, train_store, test_store = _score_inputs_from_stores(ctx, settings, overwrite)
         else:
@@ -685,12 +808,16 @@ def _score_inputs_from_stores(
 
 def _score_inputs_from_data(
     ctx: DistributedContext, settings: ScoreSettings, overwrite: bool, progress: bool
-) -> tuple[ScoreSettings, RunDir, GradientStore, GradientStore | None, Callable[[GradientStore], Scores]]:
-    """The gradient stores computed from the data, and the training-loss baseline of the same model
-    (a function of the training store, whose fingerprint it records)."""
+) -> tuple[ScoreSettings, RunDir, GradientSource, GradientStore | None, Callable[[GradientSource], Scores]]:
+    """The training gradients (computed on the fly, or into a store with ``keep_train_store``), the
+    test gradients (computed from ``test_data`` into a store, or the ``test_grads`` store), and the
+    training-loss baseline of the same model (a function of the training gradients, whose
+    fingerprint it records)."""
     self_mode = settings.mode == "self"
-    if not settings.train_data or not (settings.test_data or self_mode):
-        raise ConfigError("Pass both --train-data and --test-data (or --mode self, which needs --train-data only).")
+    if not settings.train_data or not (settings.test_data or settings.test_grads or self_mode):
+        raise ConfigError(
+            "Pass --train-data and --test-data (or --test-grads) (or --mode self, which needs --train-data only)."
+        )
 
     from datainf.baselines import loss_scores
     from datainf.data.labels import LabelEncoder
@@ -700,7 +827,7 @@ def _score_inputs_from_data(
         resolved = _resolve_model_settings(settings, _adapter_meta(settings))
         kind = str(resolved.kind)
         train = _load_data(resolved.train_data, resolved, kind, "--train-data")
-        test = None if self_mode else _load_data(resolved.test_data, resolved, kind, "--test-data")
+        test = None if not resolved.test_data else _load_data(resolved.test_data, resolved, kind, "--test-data")
         if get_task_kind(kind).encodes_labels:
             LabelEncoder.fit(train, held_out=test or ())  # test labels unseen in the training data -> DatasetError
         return resolved, train, test
@@ -710,18 +837,38 @@ def _score_inputs_from_data(
     _check_same_run(ctx, "score", settings, {"train": train} if test is None else {"train": train, "test": test})
     run = on_main(ctx, "Checking the output folder", lambda: _claim_score_run(settings, overwrite))
     model, task, encoded = _model_and_task(settings, data)
+    test_grads = settings.test_grads
     with run.timed("gradients"):
-        train_store = _compute_store(
-            model, task, encoded["training"], run.stage("grads-train"), settings, ctx, progress=progress
-        )
-        test_store = (
-            None
-            if test is None
-            else _compute_store(model, task, encoded["test"], run.stage("grads-test"), settings, ctx, progress=progress)
-        )
+        train_store: GradientSource
+        if settings.keep_train_store:
+            train_store = _compute_store(
+                model, task, encoded["training"], run.stage("grads-train"), settings, ctx, progress=progress
+            )
+        else:
+            from datainf.gradients import OnTheFlyGradients
+
+            train_store = OnTheFlyGradients(
+                model,
+                task,
+                encoded["training"],
+                batch_size=int(settings.grad_batch_size),
+                device=settings.device,
+                dtype=settings.dtype,
+                work_dir=run.stage("onthefly"),
+                progress=progress,
+            )
+        test_store: GradientStore | None = None
+        if test is not None:
+            test_store = _compute_store(
+                model, task, encoded["test"], run.stage("grads-test"), settings, ctx, progress=progress
+            )
+        elif test_grads is not None:
+            test_store = on_every_rank(
+                ctx, "Opening the test gradient store", lambda: _open_store(test_grads, "--test-grads")
+            )
     batch_size = int(settings.grad_batch_size)
 
-    def losses(store: GradientStore) -> Scores:
+    def losses(store: GradientSource) -> Scores:
         return loss_scores(model, task, encoded["training"], batch_size=batch_size, fingerprint=store.fingerprint)
 
     return settings, run, train_store, test_store, losses
@@ -740,6 +887,10 @@ def _saved_score(settings: ScoreSettings) -> dict[str, Any]:
         del saved["normalize"]
     if saved.get("loss_baseline") is None:
         del saved["loss_baseline"]
+    if saved.get("label_names") is None:
+        del saved["label_names"]
+    if saved.get("keep_train_store") is False:
+        del saved["keep_train_store"]
     return saved
 
 
@@ -765,7 +916,7 @@ def _methods(settings: ScoreSettings) -> list[str]:
 
 
 def _same_scores(
-    scores: Scores, config: InfluenceConfig, train_store: GradientStore, test_store: GradientStore | None
+    scores: Scores, config: InfluenceConfig, train_store: GradientSource, test_store: GradientSource | None
 ) -> bool:
     """Whether finished scores were computed from these very gradients, in this mode, with this
     normalisation (``config``: the method's settings; logs when not)."""
@@ -781,7 +932,7 @@ def _same_scores(
     return True
 
 
-def _same_loss(scores: Scores, train_store: GradientStore) -> bool:
+def _same_loss(scores: Scores, train_store: GradientSource) -> bool:
     """Whether a finished ``scores-loss`` file is the training-loss baseline of these training examples
     under the model that computed ``train_store`` (logs when not)."""
     from datainf.baselines import LOSS_METHOD
@@ -908,18 +1059,21 @@ def _model_and_task(
     kind = str(settings.kind)
     task_kind = get_task_kind(kind)
     device = dist_context().resolve_device(settings.device)  # "cuda" -> this rank's GPU under torchrun
+    num_labels = settings.num_labels
+    if num_labels is None and settings.label_names and task_kind.encodes_labels and not meta.get("num_labels"):
+        num_labels = len(settings.label_names)
     model, tokenizer = load_model(
         str(settings.model),
         kind=kind,
-        num_labels=settings.num_labels,
+        num_labels=num_labels,
         adapter=settings.adapter,
         device=str(device),
     )
     if task_kind.encodes_labels:
-        encoder = LabelEncoder.from_model(model, meta)
+        encoder = LabelEncoder.from_model(model, meta, label_names=settings.label_names)
         records = {role: encoder.encode(recs, role) for role, recs in records.items()}
-    num_labels = getattr(model.config, "num_labels", None)
-    task = task_kind.make_task(tokenizer, max_length=settings.max_length, num_labels=num_labels)
+    head = getattr(model.config, "num_labels", None)
+    task = task_kind.make_task(tokenizer, max_length=settings.max_length, num_labels=head)
     return model, task, dict(records)
 
 

@@ -11,6 +11,8 @@ import argparse
 import json
 import logging
 import math
+import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -71,9 +73,39 @@ def cmd_finetune(config: dict[str, Any]) -> int:
     if result.reused:
         print(f"adapter (already trained with these settings): {result.adapter}")
         return 0
-    print(f"training loss per epoch: {', '.join(f'{loss:.4f}' for loss in result.epoch_losses)}")
+    for line in _epoch_table(result.epochs, result.best_epoch, result.kept_epoch, keep_best=result.settings.keep_best):
+        print(line)
     print(f"adapter: {result.adapter}")
     return 0
+
+
+def _epoch_table(epochs: Sequence[dict[str, Any]], best: int | None, kept: int | None, *, keep_best: bool) -> list[str]:
+    """``datainf finetune``'s per-epoch table: training loss, and with ``--eval-data`` validation loss
+    and accuracy, the best epoch marked; then which epoch's adapter was kept."""
+    with_eval = any("eval_loss" in e for e in epochs)
+    with_acc = any("eval_accuracy" in e for e in epochs)
+    header = f"{'epoch':>5}  {'train loss':>10}"
+    if with_eval:
+        header += f"  {'val loss':>9}"
+    if with_acc:
+        header += f"  {'val acc':>7}"
+    lines = [header]
+    for e in epochs:
+        row = f"{e['epoch']:>5}  {e['loss']:>10.4f}"
+        if with_eval:
+            row += f"  {e['eval_loss']:>9.4f}" if "eval_loss" in e else f"  {'-':>9}"
+        if with_acc:
+            row += f"  {e['eval_accuracy']:>7.3f}" if "eval_accuracy" in e else f"  {'-':>7}"
+        if best is not None and e["epoch"] == best:
+            row += "  best"
+        lines.append(row)
+    if best is not None:
+        if keep_best:
+            which = "the best (--keep-best)"
+        else:
+            which = "the last" + (" (--keep-best keeps the best)" if kept != best else "")
+        lines.append(f"best epoch (lowest validation loss): {best}; adapter kept: epoch {kept}, {which}")
+    return lines
 
 
 def cmd_grads(config: dict[str, Any]) -> int:
@@ -96,10 +128,24 @@ def cmd_grads(config: dict[str, Any]) -> int:
 
 def cmd_score(config: dict[str, Any]) -> int:
     """``datainf score``: ``<out>/scores-<method>.safetensors`` + a table per method; rank 0 prints."""
+    from datainf.methods.lissa import LissaDivergenceWarning
+
     settings = settings_from_mapping(ScoreSettings, config)
-    result = score_run(settings, overwrite=config["overwrite"], progress=not config["quiet"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LissaDivergenceWarning)  # said once below, in the command line's words
+        result = score_run(settings, overwrite=config["overwrite"], progress=not config["quiet"])
     if not is_main_process():
         return 0
+    for row in result.methods:
+        if _diverged(row.scores):
+            blocks = row.scores.diagnostics.get("lissa_diverged_blocks") or []
+            print(
+                f"warning: LiSSA diverged on {len(blocks) or 'some'} block(s) (the residual grew); its scores are "
+                'unreliable. Rerun with --method-options \'{"lissa": {"scale": "trace"}}\', which always '
+                "converges.",
+                file=sys.stderr,
+            )
+            break
     if config.get("json"):
         _print_json(
             {
@@ -112,6 +158,7 @@ def cmd_score(config: dict[str, Any]) -> int:
                         "method": row.method,
                         "reused": row.reused,
                         "seconds": row.scores.diagnostics.get("seconds"),
+                        "diverged": _diverged(row.scores),
                         "scores": str(row.path),
                         "table": str(row.table),
                         "top_harmful": [{"id": i, "score": v} for i, v in row.scores.top_harmful(10)],
@@ -134,10 +181,16 @@ def cmd_score(config: dict[str, Any]) -> int:
         top = ", ".join(f"{tid} ({value:+.3g})" for tid, value in row.scores.top_harmful(3))
         seconds = row.scores.diagnostics.get("seconds")
         shown = "reused" if row.reused else (f"{seconds:.2f}" if isinstance(seconds, (int, float)) else "-")
-        print(f"{row.method:<14} {shown:>8}  {top}")
+        name = f"{row.method} (diverged)" if _diverged(row.scores) else row.method
+        print(f"{name:<14} {shown:>8}  {top}")
     for row in result.methods:
         print(f"scores ({row.method}): {row.path}  table: {row.table}")
     return 0
+
+
+def _diverged(scores: Any) -> bool:
+    """Whether these scores come from a LiSSA run that diverged (``diagnostics["lissa_diverged"]``)."""
+    return bool(scores.diagnostics.get("lissa_diverged"))
 
 
 def scores_files(paths: Sequence[str] | None) -> list[str] | None:

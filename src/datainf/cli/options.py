@@ -134,9 +134,17 @@ class Option:
     metavar: str | None = None
 
 
-def _common() -> list[Option]:
+#: ``--out`` help of the commands that have a default output folder (the others require ``--out``).
+_OUT_HELP = {
+    "demo": "output folder (default: datainf-out/demo for the mislabel demo, "
+    "datainf-out/demo-<task>-<dataset> for the others)",
+}
+
+
+def _common(command: str = "") -> list[Option]:
+    out_help = _OUT_HELP.get(command, "output folder (required)")
     return [
-        Option("out", ("--out", "-o"), _to_out_path, None, "output folder (required)", metavar="DIR"),
+        Option("out", ("--out", "-o"), _to_out_path, None, out_help, metavar="DIR"),
         Option(
             "overwrite",
             ("--overwrite",),
@@ -238,6 +246,17 @@ def _model_options(adapter_required: bool) -> list[Option]:
         )
         opts.append(
             Option(
+                "label_names",
+                ("--label-names",),
+                _optional(_to_list),
+                None,
+                "the classifier's class names in class-id order, e.g. neg,pos (for adapters trained without "
+                "datainf; default: the adapter's, else the model config's id2label)",
+                metavar="A,B,...",
+            )
+        )
+        opts.append(
+            Option(
                 "grad_batch_size",
                 ("--grad-batch-size",),
                 _to_int,
@@ -288,6 +307,32 @@ def _finetune_options() -> list[Option]:
         Option("weight_decay", ("--weight-decay",), _to_float, 0.0, "AdamW weight decay"),
         Option("max_grad_norm", ("--max-grad-norm",), _optional(_to_float), 1.0, "gradient clipping norm (none: off)"),
         Option("seed", ("--seed",), _to_int, 0, "random seed"),
+        Option(
+            "eval_data",
+            ("--eval-data",),
+            _optional(_to_path),
+            None,
+            "validation data (same columns as --data): loss and accuracy per epoch, and the best epoch",
+            metavar="PATH",
+        ),
+        Option(
+            "keep_best",
+            ("--keep-best",),
+            _to_bool,
+            False,
+            "keep the adapter of the epoch with the lowest validation loss (needs --eval-data); "
+            "default: the last epoch's, the model the recipe trains",
+            action="flag",
+        ),
+        Option(
+            "checkpoint_every",
+            ("--checkpoint-every",),
+            _to_int,
+            50,
+            "optimiser steps between checkpoints (also at every epoch end; 0: epoch ends only); a rerun resumes",
+            saved=False,
+            metavar="N",
+        ),
     ]
 
 
@@ -321,7 +366,7 @@ def _score_options() -> list[Option]:
             ("--test-grads",),
             _optional(_to_path),
             None,
-            "gradient store of the test examples",
+            "gradient store of the test examples (with --train-grads, or with --train-data instead of --test-data)",
             metavar="DIR",
         ),
         *_model_options(adapter_required=True),
@@ -330,7 +375,9 @@ def _score_options() -> list[Option]:
             ("--train-data",),
             _optional(_to_path),
             None,
-            "training data (gradients computed into <out>/grads-train)",
+            "training data: its gradients are recomputed on every streaming pass and never written (no disk; "
+            "DataInf: 1 norms pass + 2 passes of forward/backward over the data; each other method: 1 norms pass + "
+            "its passes; norms and finished passes checkpointed in <out>/onthefly for resuming)",
             metavar="PATH",
         ),
         Option(
@@ -338,7 +385,7 @@ def _score_options() -> list[Option]:
             ("--test-data",),
             _optional(_to_path),
             None,
-            "test data (gradients computed into <out>/grads-test)",
+            "test data (gradients computed into <out>/grads-test: m examples, small)",
             metavar="PATH",
         ),
         *_columns(),
@@ -378,6 +425,16 @@ def _score_options() -> list[Option]:
             "fine-tuned model; high loss = suspicious, ranked first like harmful). Default: on with --train-data, "
             "off with stores (--train-grads holds no losses, so it cannot be computed from stores)",
             action="switch",
+        ),
+        Option(
+            "keep_train_store",
+            ("--keep-train-store",),
+            _to_bool,
+            False,
+            "with --train-data: compute the training gradients once into <out>/grads-train and read them from "
+            "there (1 forward/backward pass over the data, but 4 bytes per example per LoRA parameter on disk in "
+            "float32; faster for methods with many passes: lissa, exact in groups, self mode)",
+            action="flag",
         ),
         Option("damping", ("--damping",), _to_float, 0.1, "lambda_l = damping * mean ||g_il||^2 / d_l (paper: 0.1)"),
         Option(
@@ -481,7 +538,7 @@ COMMANDS: dict[str, tuple[str, Callable[[], list[Option]]]] = {
 
 def options(command: str) -> list[Option]:
     """Every option of ``command``: the common ones (``--out``, ``--overwrite``, ...) first."""
-    return [*_common(), *COMMANDS[command][1]()]
+    return [*_common(command), *COMMANDS[command][1]()]
 
 
 # ---------------------------------------------------------------------------------------------- parser

@@ -11,9 +11,13 @@ Where the names come from:
 * :meth:`LabelEncoder.fit`: the distinct labels of the training records, sorted (numerically for
   integer labels, so integer labels ``0..K-1`` keep their values);
 * :meth:`LabelEncoder.from_names`: names given by the caller;
-* :meth:`LabelEncoder.from_model`: the names an adapter was trained with (its
-  ``datainf_adapter.json``), else the model's ``config.label2id``; integer labels are then taken as
-  class ids.
+* :meth:`LabelEncoder.from_model`: names given by the caller (``--label-names``), else the names an
+  adapter was trained with (its ``datainf_adapter.json``), else the model's ``config.id2label``;
+  integer labels are then taken as class ids. transformers' placeholder names (``LABEL_0``,
+  ``LABEL_1``, ...) name nothing: string labels are then refused with a message asking for
+  ``--label-names``;
+* :func:`class_label_names`: the names of a Hugging Face ``datasets`` ``ClassLabel`` column (a
+  ``Dataset`` / ``DatasetDict`` or a ``save_to_disk`` folder), whose values are class ids.
 
 Labels are compared as strings after one normalisation: integral floats and booleans become
 integers (``3.0`` -> ``"3"``, ``True`` -> ``"1"``), as :meth:`LabelEncoder.fit` counts them.
@@ -23,15 +27,80 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from datainf.errors import ConfigError, DatasetError, EmptyInputError
 
-__all__ = ["LabelEncoder"]
+__all__ = ["LabelEncoder", "class_label_names", "is_placeholder_names", "parse_label_names"]
 
 _MAX_LISTED = 10
+_PLACEHOLDER = re.compile(r"LABEL_(\d+)")
+
+
+def is_placeholder_names(names: Sequence[Any]) -> bool:
+    """Whether ``names`` are transformers' default class names ``LABEL_0, LABEL_1, ...`` (in id order),
+    which a model config holds when nobody named the classes."""
+    return bool(names) and all(
+        (m := _PLACEHOLDER.fullmatch(str(n))) is not None and int(m.group(1)) == i for i, n in enumerate(names)
+    )
+
+
+def parse_label_names(value: str | Sequence[Any] | None) -> tuple[str, ...] | None:
+    """Class names from ``"a,b,c"`` (the ``--label-names`` flag) or a sequence, in class-id order;
+    ``None`` stays ``None``.
+
+    Raises:
+        ConfigError: an empty name, or no names.
+    """
+    if value is None:
+        return None
+    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else [str(p).strip() for p in value]
+    if not parts or any(not p for p in parts):
+        raise ConfigError(
+            f"Label names {value!r} hold an empty name; give every class a name in class-id order, e.g. --label-names neg,pos."
+        )
+    return tuple(parts)
+
+
+def class_label_names(source: Any, field: str = "label") -> tuple[str, ...] | None:
+    """The class names of a ``datasets`` ``ClassLabel`` column, or ``None`` when ``field`` is not one.
+
+    Args:
+        source: a ``datasets.Dataset`` or single-split ``DatasetDict``, or the path of a folder written
+            by ``save_to_disk`` (anything else, e.g. a JSONL path, gives ``None``).
+        field: the column holding the labels (the file's column name, before any renaming).
+
+    Returns:
+        ``ClassLabel.names`` in class-id order (the column's integer values are class ids).
+    """
+    dataset = source
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_dir() or not any(
+            (path / m).exists() for m in ("dataset_info.json", "state.json", "dataset_dict.json")
+        ):
+            return None
+        try:
+            import datasets
+        except ImportError:
+            return None
+        dataset = datasets.load_from_disk(str(path))
+    splits = getattr(dataset, "values", None)
+    if callable(splits) and not hasattr(dataset, "features"):  # a DatasetDict: the features of its splits
+        values = list(splits())
+        if len(values) != 1:
+            return None
+        dataset = values[0]
+    feature = (getattr(dataset, "features", None) or {}).get(field)
+    names = getattr(feature, "names", None)
+    if isinstance(names, (list, tuple)) and names and type(feature).__name__ == "ClassLabel":
+        return tuple(str(n) for n in names)
+    return None
 
 
 def _preview(items: Sequence[Any], limit: int = _MAX_LISTED) -> str:
@@ -168,32 +237,67 @@ class LabelEncoder:
         return cls(tuple(str(c) for c in classes))
 
     @classmethod
-    def from_names(cls, names: Sequence[Any]) -> LabelEncoder:
-        """An encoder for the class names ``names`` (index = class id), e.g. a head's label set."""
+    def from_names(cls, names: Sequence[Any], *, class_ids: bool = False) -> LabelEncoder:
+        """An encoder for the class names ``names`` (index = class id), e.g. a head's label set.
+
+        ``class_ids=True``: records whose labels are all integers keep them as class ids (e.g. the
+        values of a ``ClassLabel`` column); name labels are looked up either way.
+        """
         if isinstance(names, str):
             raise ConfigError(f"Label names must be a sequence of names, not the string {names!r}.")
-        return cls(tuple(str(n) for n in names), origin="given")
+        return cls(tuple(str(n) for n in names), class_ids=class_ids, origin="given")
 
     @classmethod
-    def from_model(cls, model: Any, adapter_meta: Mapping[str, Any] | None = None) -> LabelEncoder:
+    def from_model(
+        cls,
+        model: Any,
+        adapter_meta: Mapping[str, Any] | None = None,
+        *,
+        label_names: Sequence[Any] | None = None,
+    ) -> LabelEncoder:
         """The classes a trained classifier predicts.
 
         Args:
-            model: the classifier (its ``config.label2id`` is read when the adapter names no labels).
+            model: the classifier (its ``config.id2label`` is read when nothing else names the labels).
             adapter_meta: the adapter's ``datainf_adapter.json``
                 (:func:`datainf.models.read_adapter_metadata`); ``{}`` or ``None`` for a foreign adapter.
+            label_names: class names given by the caller (CLI: ``--label-names``), in class-id order;
+                they win over the others. Their number must be the model's ``config.num_labels``.
 
         Returns:
-            The adapter's ``label_names`` when it records them. Otherwise the model's
-            ``config.label2id`` names in id order, with :attr:`class_ids` set: integer labels are
-            taken as class ids, name labels are looked up.
+            ``label_names`` when given (integer labels are class ids), else the adapter's
+            ``label_names`` when it records them, else the model's ``config.id2label`` names in id
+            order, with :attr:`class_ids` set: integer labels are taken as class ids, name labels
+            are looked up (placeholder names ``LABEL_i`` match no real label: see the module docstring).
+
+        Raises:
+            ConfigError: ``label_names`` has another length than the model's head.
         """
+        config = getattr(model, "config", None)
+        if label_names is not None:
+            given = cls.from_names(label_names, class_ids=True)
+            head = getattr(config, "num_labels", None)
+            if isinstance(head, int) and head != len(given.names):
+                raise ConfigError(
+                    f"{len(given.names)} label names were given ({list(given.names)[:10]}) but the classifier has "
+                    f"{head} classes; give one name per class, in class-id order."
+                )
+            return given
         names = (adapter_meta or {}).get("label_names")
         if names:
             return cls(tuple(str(n) for n in names))
-        label2id = getattr(getattr(model, "config", None), "label2id", None) or {}
-        ordered = sorted(((str(k), int(v)) for k, v in label2id.items()), key=lambda kv: kv[1])
-        return cls(tuple(name for name, _ in ordered), class_ids=True)
+        label2id = getattr(config, "label2id", None) or {}
+        by_label2id = tuple(n for n, _ in sorted(((str(k), int(v)) for k, v in label2id.items()), key=lambda kv: kv[1]))
+        id2label = getattr(config, "id2label", None) or {}
+        by_id2label = tuple(str(v) for _, v in sorted(((int(k), v) for k, v in id2label.items()), key=lambda kv: kv[0]))
+        # real names win over transformers' LABEL_i placeholders, from whichever map holds them
+        if (
+            (not by_label2id or is_placeholder_names(by_label2id))
+            and by_id2label
+            and not is_placeholder_names(by_id2label)
+        ):
+            return cls(by_id2label, class_ids=True)
+        return cls(by_label2id or by_id2label, class_ids=True)
 
     # ------------------------------------------------------------------------------------ mapping
 
@@ -249,6 +353,14 @@ class LabelEncoder:
             return (
                 f"{role.capitalize()} labels {list(unseen)[:10]} are not class ids, and the model names no classes "
                 "(no adapter label_names, no config.label2id): use integer labels in [0, num_labels)."
+            )
+        if is_placeholder_names(self.names):
+            return (
+                f"{role.capitalize()} labels {list(unseen)[:10]} are names, but the model names its classes only "
+                f"{list(self.names)[:10]} (transformers' placeholders: the adapter was not trained by datainf, so "
+                "nothing recorded which name is which class). Pass the names in class-id order, e.g. "
+                f"--label-names {','.join(sorted(unseen)[: len(self.names)])} (Python: label_names=[...]), or use "
+                "integer class ids as labels."
             )
         if self.origin == "given":
             return (

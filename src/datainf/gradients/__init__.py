@@ -4,6 +4,8 @@
 * Tasks (what the per-example loss is, defined in :mod:`datainf.tasks` and re-exported here):
   :class:`SequenceClassificationTask`, :class:`CausalLMTask`, :class:`DiffusionTask`, or your own
   :class:`GradientTask`.
+* :class:`OnTheFlyGradients` -- the same gradients recomputed on every pass (no store on disk),
+  usable as ``train`` in :func:`datainf.influence`.
 * :func:`find_lora_blocks` -- discovery and validation of the adapter's trainable tensors.
 * :class:`PerExampleGradients` -- the hook machinery (one forward, one backward per batch).
 
@@ -19,6 +21,7 @@ from datainf.gradients.collect import (
 )
 from datainf.gradients.hooks import PerExampleGradients, row_block_name, split_block_dims
 from datainf.gradients.lora import GradientBlock, LoRABlocks, find_lora_blocks, gradient_mode, model_fingerprint
+from datainf.gradients.source import OnTheFlyGradients
 from datainf.tasks import (
     DEFAULT_DIFFUSION_TIMESTEPS,
     CausalLMConfig,
@@ -33,6 +36,7 @@ from datainf.tasks import (
 
 __all__ = [
     "collect_gradients",
+    "OnTheFlyGradients",
     "batch_gradients",
     "example_ids",
     "dataset_fingerprint",

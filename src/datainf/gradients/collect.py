@@ -13,7 +13,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,14 @@ from datainf.gradients.lora import LoRABlocks, find_lora_blocks, gradient_mode, 
 from datainf.store import DiskGradientStore, GradientStore
 from datainf.tasks import GradientTask, TaskBatch
 
-__all__ = ["collect_gradients", "example_ids", "batch_gradients", "gradient_fingerprint", "dataset_fingerprint"]
+__all__ = [
+    "collect_gradients",
+    "example_ids",
+    "batch_gradients",
+    "gradient_fingerprint",
+    "dataset_fingerprint",
+    "GradientSession",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -372,6 +379,75 @@ def _factors_missing(folder: FactorFolder, out: GradientStore, ids: Sequence[str
     return [i for i, example in enumerate(ids) if example in stored and example not in covered]
 
 
+class GradientSession:
+    """What :func:`collect_gradients` does around and in each batch, as a reusable context manager.
+
+    Inside ``with GradientSession(model, task, blocks, device=...) as session:`` the model is on
+    ``device`` (moved back on exit) in eval mode with the block tensors trainable
+    (:func:`~datainf.gradients.lora.gradient_mode`), :meth:`GradientTask.setup` has run and the
+    hooks are attached (:class:`~datainf.gradients.hooks.PerExampleGradients`, with ``observer``:
+    e.g. a :class:`~datainf.gradients.factors.FactorAccumulator`'s ``observe``);
+    :meth:`compute` turns raw records into per-example gradients. On exit every flag is restored,
+    the hooks are removed and the modules that never ran get one warning.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: GradientTask,
+        blocks: LoRABlocks,
+        *,
+        device: torch.device | str | None = None,
+        observer: Any = None,
+    ) -> None:
+        self.model, self.task, self.blocks, self._device, self._observer = model, task, blocks, device, observer
+        self._stack: ExitStack | None = None
+        self._capture: PerExampleGradients | None = None
+        self.device: torch.device = _model_device(model)
+
+    def __enter__(self) -> GradientSession:
+        stack = ExitStack()
+        try:
+            self.device = stack.enter_context(_on_device(self.model, self._device))
+            stack.enter_context(gradient_mode(self.model, self.blocks))
+            self.task.setup(self.model)
+            self._capture = stack.enter_context(
+                PerExampleGradients(self.blocks.blocks, row_labels=self.task.row_labels(), observer=self._observer)
+            )
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        capture, stack = self._capture, self._stack
+        self._capture, self._stack = None, None
+        unused = capture.never_called() if capture is not None else []
+        if stack is not None:
+            stack.close()
+        if unused and exc_type is None:
+            logger.warning(
+                "%d LoRA/head module(s) never ran in the forward pass, so their gradients are all zero: %s",
+                len(unused),
+                ", ".join(unused[:5]) + (" ..." if len(unused) > 5 else ""),
+            )
+
+    def compute(
+        self, records: Sequence[Mapping[str, Any]], ids: Sequence[str]
+    ) -> tuple[TaskBatch, dict[str, torch.Tensor]]:
+        """``b`` records -> ``(their collated batch (CPU), {block: (b, d_l) gradients on the session's device})``.
+
+        Raises:
+            TaskInputError / NonFiniteGradientError: see :func:`batch_gradients`.
+        """
+        if self._capture is None:
+            raise RuntimeError("GradientSession.compute is only usable inside `with GradientSession(...)`.")
+        batch = self.task.collate(records, list(ids))
+        _, grads = batch_gradients(self.model, self.task, batch.to(self.device), self._capture)
+        return batch, grads
+
+
 def _contiguous_runs(indices: Sequence[int]) -> list[list[int]]:
     """Split increasing ``indices`` into runs of consecutive integers: ``[0, 1, 4, 5] -> [[0, 1], [4, 5]]``."""
     runs: list[list[int]] = []
@@ -412,43 +488,33 @@ def _compute_into(
     """
     truncated: list[str] = []
     try:
-        with _on_device(model, device) as dev, gradient_mode(model, blocks):
-            task.setup(model)
+        accumulator = None if factors is None else FactorAccumulator(blocks.blocks, task.row_labels())
+        observer = None if accumulator is None else accumulator.observe
+        with GradientSession(model, task, blocks, device=device, observer=observer) as session:
             _validate_all(task, dataset, ids, list(indices))
-            accumulator = None if factors is None else FactorAccumulator(blocks.blocks, task.row_labels())
-            observer = None if accumulator is None else accumulator.observe
-            with PerExampleGradients(blocks.blocks, row_labels=task.row_labels(), observer=observer) as capture:
-                bar = _progress(len(indices), progress)
-                try:
-                    for run in _contiguous_runs(indices):
-                        for start in range(0, len(run), batch_size):
-                            chunk = run[start : start + batch_size]
-                            batch = task.collate([dataset[i] for i in chunk], [ids[i] for i in chunk])
-                            truncated.extend(batch.truncated_ids)
-                            if accumulator is not None:
-                                accumulator.begin_batch()
-                            _, grads = batch_gradients(model, task, batch.to(dev), capture)
-                            if append:
-                                out.append(batch.ids, grads)
-                            if accumulator is not None:
-                                accumulator.commit(batch.ids)
-                                if accumulator.num_examples >= piece_size:
-                                    _save_piece(factors, accumulator)
-                            if bar is not None:
-                                bar.update(len(chunk))
-                        out.flush()
-                        _save_piece(factors, accumulator)
-                finally:
-                    if bar is not None:
-                        bar.close()
-                    _save_piece(factors, accumulator)  # keep what reached the store (an interrupted run)
-                unused = capture.never_called()
-        if unused:
-            logger.warning(
-                "%d LoRA/head module(s) never ran in the forward pass, so their gradients are all zero: %s",
-                len(unused),
-                ", ".join(unused[:5]) + (" ..." if len(unused) > 5 else ""),
-            )
+            bar = _progress(len(indices), progress)
+            try:
+                for run in _contiguous_runs(indices):
+                    for start in range(0, len(run), batch_size):
+                        chunk = run[start : start + batch_size]
+                        if accumulator is not None:
+                            accumulator.begin_batch()
+                        batch, grads = session.compute([dataset[i] for i in chunk], [ids[i] for i in chunk])
+                        truncated.extend(batch.truncated_ids)
+                        if append:
+                            out.append(batch.ids, grads)
+                        if accumulator is not None:
+                            accumulator.commit(batch.ids)
+                            if accumulator.num_examples >= piece_size:
+                                _save_piece(factors, accumulator)
+                        if bar is not None:
+                            bar.update(len(chunk))
+                    out.flush()
+                    _save_piece(factors, accumulator)
+            finally:
+                if bar is not None:
+                    bar.close()
+                _save_piece(factors, accumulator)  # keep what reached the store (an interrupted run)
     except BaseException:
         out.flush()  # keep what was computed: a rerun with the same store folder resumes after it
         raise

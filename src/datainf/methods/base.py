@@ -80,7 +80,8 @@ from tqdm.auto import tqdm
 
 from datainf.distributed import DistributedContext
 from datainf.errors import ConfigError
-from datainf.store import GradientStore
+from datainf.methods.checkpoints import PassCheckpoints
+from datainf.store import GradientSource
 
 __all__ = [
     "Batch",
@@ -105,7 +106,8 @@ class MethodContext:
     """What the engine hands a method: the training store, damping, settings and streaming helpers.
 
     Attributes:
-        train: the training gradients (``n`` examples).
+        train: the training gradients (``n`` examples): a store, or a source that recomputes them on
+            every pass (:class:`datainf.gradients.OnTheFlyGradients`), read only by the helpers below.
         lambdas: ``lambda_l`` per block (docs/method.md section 4), the same for every method.
         blocks: the blocks to process, in a fixed (sorted) order; blocks whose training gradients are
             all zero are left out (they contribute nothing).
@@ -122,9 +124,12 @@ class MethodContext:
             single process by default, where every collective is the identity).
         example_scales: ``(n,)`` float64 factor applied to every training row before a method sees
             it (``1 / ||g_i||`` when the engine normalises the gradients), or ``None``: rows as stored.
+        checkpoints: where :meth:`streamed_pass` keeps each finished pass's results and replays them
+            on a rerun (:class:`~datainf.methods.checkpoints.PassCheckpoints`; set by the engine for
+            training gradients recomputed on every pass), or ``None``.
     """
 
-    train: GradientStore
+    train: GradientSource
     lambdas: Mapping[str, float]
     blocks: Sequence[str]
     batch_size: int
@@ -136,6 +141,7 @@ class MethodContext:
     rows: range | None = None
     processes: DistributedContext = field(default_factory=DistributedContext)
     example_scales: torch.Tensor | None = None
+    checkpoints: PassCheckpoints | None = None
     _norms: torch.Tensor | None = field(default=None, init=False, repr=False)
     _norm_totals: torch.Tensor | None = field(default=None, init=False, repr=False)
 
@@ -236,6 +242,9 @@ class MethodContext:
             raise ConfigError("streamed_pass: give both `sums` and `add`, or neither.")
         names = list(self.blocks if blocks is None else blocks)
         accumulators = sums if sums is not None else {}
+        replayed = self._replay(accumulators, rows_of is not None)
+        if replayed is not None:
+            return replayed
         collected: dict[str, torch.Tensor] = {}
         start = 0
         local = len(self.local_rows)
@@ -256,7 +265,28 @@ class MethodContext:
         for key in list(accumulators):  # one at a time, in the same order on every process
             accumulators[key] = self.processes.all_reduce_sum(accumulators[key])
         gathered = {key: self.processes.all_gather_cat(collected.pop(key), dim=dim) for key in list(collected)}
+        if self.checkpoints is not None:
+            self.checkpoints.save(self.passes, accumulators, gathered)
         return accumulators, gathered
+
+    def _replay(
+        self, accumulators: dict[str, torch.Tensor], want_rows: bool
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+        """The next pass's results from :attr:`checkpoints` (counted as a pass), or ``None``: stream it."""
+        if self.checkpoints is None:
+            return None
+        found = self.checkpoints.load(self.passes + 1, self.device)
+        if found is None:
+            return None
+        sums, rows = found
+        fits = set(sums) == set(accumulators) and bool(rows) == want_rows
+        fits = fits and all(sums[k].shape == accumulators[k].shape for k in accumulators)
+        if not fits:  # the same on every rank: they read the same file
+            return None
+        self.passes += 1
+        for key, value in sums.items():
+            accumulators[key].copy_(value)
+        return accumulators, rows
 
     def streamed_sum(
         self,

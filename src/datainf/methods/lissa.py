@@ -95,7 +95,7 @@ class Lissa(InfluenceMethod):
             warnings.warn(
                 f"LiSSA diverged on {len(diverged)} of {len(ctx.blocks)} blocks (residual grew or became non-finite), "
                 f"e.g. {diverged[:3]}; their scores are unreliable. Use method_options={{'scale': 'trace'}} "
-                "or a larger scale.",
+                '(which always converges; CLI: --method-options \'{"lissa": {"scale": "trace"}}\') or a larger scale.',
                 LissaDivergenceWarning,
                 stacklevel=2,
             )

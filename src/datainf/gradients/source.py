@@ -1,0 +1,380 @@
+"""Training gradients computed on the fly: a :class:`~datainf.store.GradientSource` with no store on disk.
+
+:class:`OnTheFlyGradients` wraps ``(model, task, records)`` and serves the reads the influence
+engine and the methods make (:class:`~datainf.methods.MethodContext`): batches of rows per block
+over a row range, and each example's recorded squared norms ``||g_il||^2``. Every streaming pass
+recomputes the gradients batch by batch with the same hooks as :func:`collect_gradients`
+(:class:`~datainf.gradients.collect.GradientSession`); the norms come from one extra pass, made the
+first time they are asked for and kept in memory. No training gradient is ever written to disk.
+
+Cost, with ``P`` the method's streaming passes (DataInf 1 + 1 scoring pass, see
+:mod:`datainf.influence`): ``1 + P`` forward/backward passes over the training data instead of one
+collection, and ``0`` bytes of gradients on disk instead of ``4 n sum_l d_l`` (float32). Peak memory:
+one batch of gradients and activations.
+
+Resume: with ``work_dir`` the norms are checkpointed to ``<work_dir>/train-norms-<key>.safetensors``
+(``n x L`` float64: a few bytes per example) and reloaded by a later run with the same model,
+adapter, task, data and settings; :func:`datainf.influence.influence` also checkpoints each finished
+streaming pass there (:class:`~datainf.methods.checkpoints.PassCheckpoints`), so a killed run
+resumes at pass granularity.
+
+Under ``torch.distributed`` each rank computes the gradients of its own contiguous share of the rows
+only (:meth:`~datainf.distributed.DistributedContext.shard`, the share the engine streams); the norms
+are all-gathered once. :meth:`iter_batches` over rows that are not the rank's own (what
+``MethodContext.training_chunks`` asks for in ``mode="self"``, where training rows serve as test
+vectors) computes them on that rank too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from datainf.distributed import dist_context
+from datainf.errors import ConfigError, EmptyInputError, GradientSourceChangedError, NonFiniteGradientError
+from datainf.gradients.collect import (
+    GradientSession,
+    _ids_text,
+    _validate_all,
+    dataset_fingerprint,
+    example_ids,
+    gradient_fingerprint,
+)
+from datainf.gradients.hooks import split_block_dims
+from datainf.gradients.lora import find_lora_blocks, model_fingerprint
+from datainf.store import STORAGE_DTYPES, atomic_write_bytes, row_squared_norms
+from datainf.tasks import GradientTask
+
+__all__ = ["OnTheFlyGradients"]
+
+logger = logging.getLogger(__name__)
+
+_NORMS_FORMAT = "datainf-train-norms"
+
+
+class OnTheFlyGradients:
+    """Per-example training gradients recomputed on every pass from ``(model, task, records)``.
+
+    Satisfies :class:`~datainf.store.GradientSource`: pass it as ``train`` to
+    :func:`datainf.influence` (``influence(train=OnTheFlyGradients(model, task, records), test=store)``)
+    and every registered method runs unchanged. Rows are the gradients of ``records`` in order,
+    ``g_il`` of shape ``(d_l,)`` per block, cast to ``dtype`` like a store's.
+
+    Exact runs on it too: its direct branch streams like any method; its Woodbury branch
+    (blocks with ``d_l > n``) collects those blocks' rows ``X_l`` in memory through the streaming
+    helpers, exactly as it does on a store (the same ``n x d_l`` memory), so nothing is refused.
+
+    Args:
+        model: the LoRA-tuned model (kept at its weights: the adapter is hashed, and any change
+            between two passes is refused).
+        task: what the per-example loss is.
+        records: the training examples (dict records; an example's id is its ``"id"`` field, else
+            its index), checked with the task's validation once here.
+        batch_size: examples per forward/backward pass (the engine's own, larger batches are
+            assembled from several).
+        device: where to compute (default the model's device; the model is moved there for each
+            pass and back).
+        dtype: dtype of the rows served (a storage dtype; default ``float32``), norms taken from them.
+        adapter_name: the adapter to differentiate, when several are active.
+        work_dir: folder for the norms checkpoint and the engine's pass checkpoints (resume), or
+            ``None`` (nothing written).
+        progress: show a progress bar for the norms pass.
+
+    Raises:
+        EmptyInputError: no records.
+        LoRAValidationError / TaskInputError: no usable adapter, bad examples (as :func:`collect_gradients`).
+        GradientSourceChangedError: (on a later pass) the adapter weights or the records changed.
+        NonFiniteGradientError: a non-finite loss or gradient.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: GradientTask,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        batch_size: int = 16,
+        device: torch.device | str | None = None,
+        dtype: str = "float32",
+        adapter_name: str | None = None,
+        work_dir: str | os.PathLike[str] | None = None,
+        progress: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size}; use a positive number of examples per batch.")
+        if dtype not in STORAGE_DTYPES:
+            raise ConfigError(f"dtype {dtype!r} is not supported; use one of {sorted(STORAGE_DTYPES)}.")
+        if len(records) == 0:
+            raise EmptyInputError("The training records are empty: there are no examples to compute gradients for.")
+        self._model, self._task, self._records = model, task, records
+        self.batch_size = int(batch_size)
+        self.device = device
+        self._dtype_name = dtype
+        self.progress = progress
+        self.work_dir = None if work_dir is None else Path(work_dir)
+        self._ids = example_ids(records)
+        self._blocks = find_lora_blocks(model, adapter_name=adapter_name)
+        self._block_dims = split_block_dims(self._blocks.block_dims, task.row_labels())
+        task.setup(model)
+        _validate_all(task, records, self._ids, list(range(len(self._ids))))
+        self._model_key = model_fingerprint(model, self._blocks)
+        self._data_key = dataset_fingerprint(records, self._ids)
+        self._fingerprint = gradient_fingerprint(model, task, self._blocks)
+        self._norms: torch.Tensor | None = None
+        self._session: GradientSession | None = None
+        self.passes = 0  # gradient passes made (the norms pass included), counted by :meth:`iter_batches`
+
+    # ------------------------------------------------------------------ GradientSource
+    @property
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    @property
+    def block_dims(self) -> dict[str, int]:
+        return dict(self._block_dims)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self._ids)
+
+    @property
+    def dtype(self) -> str:
+        return self._dtype_name
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return STORAGE_DTYPES[self._dtype_name]
+
+    @property
+    def fingerprint(self) -> dict[str, str]:
+        """``{"model", "task", "adapter"}``: what a store collected from the same model and task records.
+
+        Like a store's, it does not cover the records (scores are matched by their ids); the records
+        are checked between passes, and :attr:`checkpoint_key` covers them.
+        """
+        return dict(self._fingerprint)
+
+    @property
+    def is_complete(self) -> bool:
+        return True
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        """The work folder (norms and pass checkpoints), or ``None``."""
+        return self.work_dir
+
+    @property
+    def checkpoint_key(self) -> str:
+        """A hash of the model, adapter, task, records, dtype and batch size: what the rows depend on."""
+        return self._norms_key()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"OnTheFlyGradients(n={self.num_examples}, blocks={len(self._block_dims)}, "
+            f"params={sum(self._block_dims.values())}, dtype={self._dtype_name}, batch_size={self.batch_size})"
+        )
+
+    def squared_norms(self) -> torch.Tensor:
+        """``||g_il||^2`` of every example: float64 ``(n, L)``; the first call makes the norms pass (or loads its checkpoint).
+
+        Under ``torch.distributed`` every rank must call this at the same point (it gathers).
+        """
+        if self._norms is None:
+            loaded = self._load_norms()
+            self._norms = loaded if loaded is not None else self._norms_pass()
+        return self._norms
+
+    def iter_batches(
+        self, batch_size: int = 1024, blocks: Sequence[str] | None = None, rows: range | None = None
+    ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+        """One pass of gradient computation: ``(ids, {block: (b, d_l)})`` in row order, ``b == batch_size``
+        except for the last batch, over ``rows`` (a contiguous range, default every row).
+
+        The adapter and records are checked against the fingerprint taken at construction before and
+        after the pass. Nested passes (a pass started while another is suspended) share the hooks.
+        """
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}.")
+        n = self.num_examples
+        wanted = range(n) if rows is None else rows
+        if wanted.step != 1 or wanted.start < 0 or wanted.stop > n or wanted.start > wanted.stop:
+            raise ConfigError(f"rows must be a contiguous range inside range({n}), got {wanted!r}.")
+        names = list(self._block_dims) if blocks is None else list(blocks)
+        unknown = [b for b in names if b not in self._block_dims]
+        if unknown:
+            raise ConfigError(f"Unknown blocks {unknown[:5]}; this source has {list(self._block_dims)[:5]}...")
+        self.passes += 1
+        self._check_unchanged("before a pass")
+        yield from self._batches(wanted, names, batch_size)
+        self._check_unchanged("after a pass")
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """Every block as one ``(n, d_l)`` tensor (computes and keeps every gradient in memory)."""
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in self._block_dims}
+        for _, batch in self.iter_batches(self.batch_size):
+            for name, tensor in batch.items():
+                parts[name].append(tensor.cpu())
+        return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+    # ------------------------------------------------------------------ computing
+    @contextmanager
+    def _opened(self) -> Iterator[GradientSession]:
+        """The gradient session of the outermost running pass (opened by it, shared by nested passes)."""
+        if self._session is not None:
+            yield self._session
+            return
+        with GradientSession(self._model, self._task, self._blocks, device=self.device) as session:
+            self._session = session
+            try:
+                yield session
+            finally:
+                self._session = None
+
+    def _batches(
+        self, wanted: range, names: Sequence[str], size: int
+    ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+        """Rows ``wanted`` computed ``self.batch_size`` at a time, served ``size`` at a time."""
+        target = self.torch_dtype
+        buffered: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        buffered_ids: list[str] = []
+        truncated: list[str] = []
+
+        def cut(count: int) -> tuple[list[str], dict[str, torch.Tensor]]:
+            nonlocal buffered_ids
+            out: dict[str, torch.Tensor] = {}
+            for name in names:
+                joined = torch.cat(buffered[name]) if len(buffered[name]) > 1 else buffered[name][0]
+                out[name] = joined[:count]
+                buffered[name] = [joined[count:]] if joined.shape[0] > count else []
+            ids, buffered_ids = buffered_ids[:count], buffered_ids[count:]
+            return ids, out
+
+        with self._opened() as session:
+            for start in range(wanted.start, wanted.stop, self.batch_size):
+                chunk = range(start, min(start + self.batch_size, wanted.stop))
+                batch, grads = session.compute([self._records[i] for i in chunk], [self._ids[i] for i in chunk])
+                truncated.extend(batch.truncated_ids)
+                for name in names:
+                    buffered[name].append(grads[name].detach().to(target))
+                buffered_ids.extend(batch.ids)
+                while len(buffered_ids) >= size:
+                    yield cut(size)
+            if buffered_ids:
+                yield cut(len(buffered_ids))
+        if truncated:
+            limit = getattr(self._task, "max_length", None)
+            logger.debug(
+                "%d examples were longer than the length limit%s and were truncated: %s",
+                len(truncated),
+                f" ({limit} tokens)" if limit else "",
+                _ids_text(truncated),
+            )
+
+    def _check_unchanged(self, when: str) -> None:
+        """Refuse (on every rank) when the adapter weights or the records differ from those at construction."""
+        ctx = dist_context()
+        problem: GradientSourceChangedError | None = None
+        changed = []
+        if model_fingerprint(self._model, self._blocks) != self._model_key:
+            changed.append("the model's trainable (adapter) weights")
+        if len(self._records) != len(self._ids):
+            changed.append(f"the training records (now {len(self._records)}, were {len(self._ids)})")
+        elif dataset_fingerprint(self._records, example_ids(self._records)) != self._data_key:
+            changed.append("the training records")
+        if changed:
+            problem = GradientSourceChangedError(
+                f"On-the-fly training gradients: {' and '.join(changed)} changed since the source was created "
+                f"(detected {when} {self.passes}). Every pass recomputes the gradients, so the passes would mix "
+                "two models or datasets. Leave the model and records untouched while scoring, or create a new "
+                "OnTheFlyGradients after changing them."
+            )
+        ctx.raise_if_any(problem, "Checking the on-the-fly training gradients")
+
+    # ------------------------------------------------------------------ norms
+    def _norms_key(self) -> str:
+        payload = {
+            "fingerprint": self._fingerprint,
+            "data": self._data_key,
+            "blocks": self._block_dims,
+            "dtype": self._dtype_name,
+            "batch_size": self.batch_size,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _norms_path(self) -> Path | None:
+        return None if self.work_dir is None else self.work_dir / f"train-norms-{self._norms_key()}.safetensors"
+
+    def _load_norms(self) -> torch.Tensor | None:
+        """The checkpointed norms, when every rank finds a valid file for this very configuration."""
+        ctx = dist_context()
+        path = self._norms_path()
+        norms: torch.Tensor | None = None
+        if path is not None and path.is_file():
+            try:
+                loaded = load_safetensors(path.read_bytes())["norms"]
+                if tuple(loaded.shape) == (self.num_examples, len(self._block_dims)) and loaded.dtype == torch.float64:
+                    norms = loaded
+                else:
+                    logger.warning("Ignoring the norms checkpoint %s: its shape does not match.", path)
+            except Exception as err:  # a damaged file is recomputed, never trusted
+                logger.warning("Ignoring the unreadable norms checkpoint %s (%s).", path, err)
+        if not all(ctx.all_gather_object(norms is not None)):
+            return None
+        logger.info("Read the training gradients' squared norms from %s (no norms pass).", path)
+        return norms
+
+    def _norms_pass(self) -> torch.Tensor:
+        """One pass over this rank's rows: ``||g_il||^2`` from the served (cast) rows, gathered over ranks."""
+        ctx = dist_context()
+        local_rows = ctx.shard(self.num_examples)
+        names = list(self._block_dims)
+        local = torch.empty(len(local_rows), len(names), dtype=torch.float64)
+        error: Exception | None = None
+        try:
+            from tqdm.auto import tqdm
+
+            position = 0
+            with tqdm(
+                total=len(local_rows),
+                desc="gradient norms",
+                unit="ex",
+                disable=not (self.progress and ctx.is_main),
+                leave=False,
+            ) as bar:
+                for ids, batch in self.iter_batches(self.batch_size, rows=local_rows):
+                    for j, name in enumerate(names):
+                        local[position : position + len(ids), j] = row_squared_norms(batch[name].cpu())
+                    position += len(ids)
+                    bar.update(len(ids))
+            if not torch.isfinite(local).all():
+                bad = (~torch.isfinite(local)).any(dim=1).nonzero().flatten().tolist()
+                raise NonFiniteGradientError(
+                    f"Training gradients of examples {_ids_text([self._ids[local_rows.start + i] for i in bad])} "
+                    f"overflow the dtype {self._dtype_name}; use dtype='float32'."
+                )
+        except Exception as err:
+            if not ctx.is_distributed:
+                raise
+            error = err
+        ctx.raise_if_any(error, "The norms pass of the on-the-fly training gradients")
+        norms = ctx.all_gather_cat(local)
+        path = self._norms_path()
+        if path is not None and ctx.is_main:
+            metadata = {"format": _NORMS_FORMAT, "key": self._norms_key(), "ids": json.dumps(self._ids[:3])}
+            atomic_write_bytes(path, save_safetensors({"norms": norms.contiguous()}, metadata=metadata))
+            logger.info("Checkpointed the training gradients' squared norms to %s.", path)
+        return norms

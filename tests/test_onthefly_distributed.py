@@ -1,0 +1,144 @@
+"""On-the-fly training gradients under 2 gloo ranks: the store path's scores, each rank computing its own rows only.
+
+One launch of two spawned ranks with torchrun's environment variables (like ``tests/test_distributed.py``).
+Each rank scores the tiny regressor of ``tests/test_onthefly.py`` with every registered method in
+``average`` and ``self`` mode, counts the gradients it computed, and reruns DataInf with a shared
+work folder (norms and passes read back).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import datainf
+from datainf.methods import available_methods, get_method
+from test_onthefly import HalfSquaredError, regression_records, regressor
+
+WORLD = 2
+DEADLINE_S = 240.0
+N_TRAIN, N_TEST = 24, 5
+
+
+def _options(method: str) -> dict[str, Any]:
+    return {"iterations": 4, "scale": "trace"} if method == "lissa" else {}
+
+
+def _scores(train: Any, test: Any) -> dict[str, torch.Tensor]:
+    out = {}
+    for method in available_methods():
+        if getattr(get_method(method), "needs_factors", False):  # kfac, ekfac: covered in test_onthefly.py
+            continue
+        for mode in ("average", "self"):
+            scores = datainf.influence(
+                train,
+                None if mode == "self" else test,
+                method=method,
+                mode=mode,
+                method_options=_options(method),
+                batch_size=5,
+                progress=False,
+            )
+            out[f"{method}-{mode}"] = scores.values
+    return out
+
+
+def _job(rank: int, port: int, root: str) -> None:
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(WORLD),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "DATAINF_DIST_TIMEOUT_S": "90",
+            "DATAINF_DIST_BACKEND": "gloo",
+        }
+    )
+    torch.set_num_threads(1)
+    import warnings
+
+    warnings.simplefilter("ignore")
+    assert datainf.distributed.dist_context().world_size == WORLD
+    model, task = regressor(), HalfSquaredError()
+    train, test_records = regression_records(N_TRAIN, 0), regression_records(N_TEST, 1)
+    test = datainf.OnTheFlyGradients(model, task, test_records, progress=False).to_dict()
+
+    source = datainf.OnTheFlyGradients(model, task, train, batch_size=4, progress=False)
+    computed: list[int] = []
+    batches = source._batches
+
+    def counted(wanted: range, names: Any, size: int) -> Any:
+        computed.append(len(wanted))
+        return batches(wanted, names, size)
+
+    source._batches = counted  # type: ignore[method-assign]
+    datainf.influence(source, test, progress=False)
+    rows_of_datainf = list(computed)  # norms, DataInf's sum, scoring: this rank's 12 rows each
+    results: dict[str, Any] = _scores(source, test)
+
+    work = Path(root) / "work"  # shared by both ranks: rank 0 writes, both read
+    first = datainf.influence(
+        datainf.OnTheFlyGradients(model, task, train, work_dir=work, progress=False), test, progress=False
+    )
+    again_source = datainf.OnTheFlyGradients(model, task, train, work_dir=work, progress=False)
+    again = datainf.influence(again_source, test, progress=False)
+    results["checks"] = {
+        "rows_of_datainf": rows_of_datainf,
+        "resumed_equal": bool(torch.equal(first.values, again.values)),
+        "replayed": again.diagnostics["replayed_passes"],
+        "passes_after_resume": again_source.passes,
+    }
+    torch.save(results, Path(root) / f"onthefly-rank{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("onthefly-dist")
+    context = mp.start_processes(_job, args=(_free_port(), str(root)), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the distributed job hung for more than {DEADLINE_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+            process.join()
+    return [torch.load(root / f"onthefly-rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.filterwarnings("ignore::datainf.methods.LissaDivergenceWarning")
+def test_two_ranks_on_the_fly_equal_one_process_store(ranks) -> None:
+    from datainf.gradients import collect_gradients
+
+    model, task = regressor(), HalfSquaredError()
+    store = collect_gradients(model, task, regression_records(N_TRAIN, 0), batch_size=8, progress=False)
+    test = collect_gradients(model, task, regression_records(N_TEST, 1), batch_size=8, progress=False)
+    expected = _scores(store, test)
+    for key, value in expected.items():
+        scale = float(value.abs().max())
+        torch.testing.assert_close(ranks[0][key], value, rtol=1e-4, atol=1e-5 * scale, msg=key)
+        assert torch.equal(ranks[1][key], ranks[0][key]), key  # every rank returns the same scores
+
+
+def test_each_rank_computes_its_own_rows_only_and_resumes(ranks) -> None:
+    for rank in ranks:
+        checks = rank["checks"]
+        assert checks["rows_of_datainf"] == [N_TRAIN // WORLD] * 3  # norms + DataInf + scoring, local rows only
+        # a finished run read back whole: norms, DataInf's sum and the scoring pass, no gradient recomputed
+        assert checks["resumed_equal"] and checks["replayed"] == 2 and checks["passes_after_resume"] == 0
