@@ -139,29 +139,10 @@ def _collect_diffusion(path: Path | None) -> GradientStore:
 def _save_bert_run(root: Path) -> dict[str, Path]:
     """A tiny BERT base model, a random LoRA adapter (saved like peft does) and jsonl data."""
     from peft import LoraConfig, get_peft_model
+    from tiny_models import SPECIAL_TOKENS, WORDS
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
-    words = [
-        "the",
-        "a",
-        "cat",
-        "dog",
-        "sat",
-        "on",
-        "mat",
-        "movie",
-        "is",
-        "was",
-        "very",
-        "not",
-        "good",
-        "great",
-        "fine",
-        "bad",
-        "awful",
-        "poor",
-    ]
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    vocab = {w: i for i, w in enumerate([*SPECIAL_TOKENS, *WORDS])}
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=len(vocab),
@@ -184,8 +165,8 @@ def _save_bert_run(root: Path) -> dict[str, Path]:
     for name, n in (("train", 12), ("test", 3)):
         rows = []
         for i in range(n):
-            picks = torch.randint(0, len(words), (5,), generator=gen).tolist()
-            rows.append({"id": f"{name}{i}", "text": " ".join(words[k] for k in picks), "label": i % 2})
+            picks = torch.randint(0, len(WORDS), (5,), generator=gen).tolist()
+            rows.append({"id": f"{name}{i}", "text": " ".join(WORDS[k] for k in picks), "label": i % 2})
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {
         "base": root / "base",
