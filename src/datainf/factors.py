@@ -52,7 +52,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from datainf.errors import ConfigError, FingerprintMismatchError, StoreCorruptedError, StoreError
-from datainf.store import GradientSource, GradientStore, atomic_write_json
+from datainf.store import GradientSource, atomic_write_json
 
 __all__ = [
     "FACTORS_FOLDER",
@@ -77,8 +77,9 @@ _INDEX = "index.json"
 
 #: What to tell a user whose store has no factors.
 how_to_collect = (
-    "Collect them with the gradients: collect_gradients(..., collect_factors=True) into the same store folder "
-    "(it resumes: stored gradients are kept, only the factors are computed)"
+    "Collect them with the gradients: rerun `datainf grads --factors` with the same --out and settings (or "
+    "collect_gradients(..., collect_factors=True) into the same store folder; it resumes: stored gradients are kept, "
+    "only the factors are computed), or score from --train-data, which collects them itself"
 )
 
 
@@ -386,8 +387,9 @@ class FactorFolder:
 _ATTACHED: weakref.WeakKeyDictionary[GradientSource, KroneckerFactors] = weakref.WeakKeyDictionary()
 
 
-def attach_factors(store: GradientStore, factors: KroneckerFactors) -> None:
-    """Keep ``factors`` with ``store`` in memory (a RAM store's factors; found by :func:`load_factors`)."""
+def attach_factors(store: GradientSource, factors: KroneckerFactors) -> None:
+    """Keep ``factors`` with ``store`` in memory (a RAM store's or an on-the-fly source's factors; found
+    by :func:`load_factors`)."""
     _ATTACHED[store] = factors
 
 

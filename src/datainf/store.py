@@ -13,6 +13,9 @@ Disk layout (one folder)::
     shard-00000.safetensors           one tensor per block, (k, d_l) in the storage dtype, plus
                                       "__sq_norms__" (k, L) float64 in block order
     ...
+    unsharded/index.json              examples appended but not yet in a full shard, kept durable
+    unsharded/shard-pending-<t>.safetensors  between shards (:meth:`DiskGradientStore.checkpoint`;
+                                      same tensors as a shard); removed once they are in a shard
     parts/<run>-r00001/               written by one rank of a multi-process (torchrun) collection:
                                       its own manifest.json and shards; rank 0 lists these shards in
                                       the main manifest (file "parts/<run>-r00001/shard-00000...")
@@ -22,6 +25,13 @@ Writes are atomic: a shard is written to a temporary file and renamed, then the 
 rewritten the same way. An interrupted run therefore leaves only finished shards listed; reopening
 the folder with :meth:`GradientStore.create` and the same configuration resumes after them (the
 examples already stored are in :attr:`GradientStore.ids`). Nothing is ever unpickled.
+
+Between shards, the examples buffered for the next shard are checkpointed too: every
+:attr:`DiskGradientStore.checkpoint_seconds` (default 10 s) the ones not yet durable are written
+to ``unsharded/`` (a file of those rows, then its index, both atomically), so a killed run loses at
+most that long of work, not a whole shard. Reopening the store to write it (:meth:`GradientStore.create`)
+puts them back in the buffer; the shard they end up in is the one an uninterrupted run writes (same
+rows, same bytes). Readers (:meth:`GradientStore.open`) see listed shards only.
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ import os
 import re
 import shutil
 import tempfile
+import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -84,6 +96,9 @@ _VERSION = 1
 _NORMS_KEY = "__sq_norms__"
 _MANIFEST = "manifest.json"
 _PARTS = "parts"
+_PENDING = "unsharded"  # durable copies of buffered examples not yet in a shard (see DiskGradientStore.checkpoint)
+_PENDING_INDEX = "index.json"
+_PENDING_FORMAT = "datainf-unsharded-examples"
 
 
 #: Name of the lock file a claimed run folder holds while a run writes it (see :mod:`datainf.runs`);
@@ -287,6 +302,15 @@ def _row_squared_norms(block: torch.Tensor) -> torch.Tensor:
 row_squared_norms = _row_squared_norms
 
 
+def _checked_seconds(value: float | None) -> float | None:
+    """A checkpoint interval: ``None`` or a number of seconds ``>= 0``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigError(f"checkpoint_seconds must be a number of seconds >= 0 (or None), got {value!r}.")
+    return float(value)
+
+
 def _check_rows(rows: range | None, n: int) -> range:
     """``rows`` checked against a store of ``n`` examples (``None`` -> every row)."""
     if rows is None:
@@ -380,6 +404,10 @@ class GradientStore(ABC):
         self._ids: list[str] = []
         self._id_set: set[str] = set()
         self._complete = False
+        #: Examples this store object found already written when it was reopened to be written
+        #: (:meth:`create` resuming an unfinished disk store: its shards and its checkpointed
+        #: unsharded examples); ``0`` for a new store or one opened to read.
+        self.resumed_examples = 0
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -392,6 +420,7 @@ class GradientStore(ABC):
         shard_size: int = 1024,
         overwrite: bool = False,
         expected_examples: int | None = None,
+        checkpoint_seconds: float | None = None,
     ) -> GradientStore:
         """Make a new store, or reopen an unfinished disk store with the same configuration.
 
@@ -407,13 +436,20 @@ class GradientStore(ABC):
                 free disk space is checked against the size of those not stored yet before anything is
                 written (:meth:`DiskGradientStore.expected_bytes`). ``None`` skips that check; every shard
                 is still checked before it is written.
+            checkpoint_seconds: (disk backend) write the examples buffered for the next shard to
+                ``unsharded/`` at most this many seconds after the last durable write
+                (:meth:`DiskGradientStore.checkpoint`); ``0`` after every append, ``None`` keeps the
+                default (:attr:`DiskGradientStore.checkpoint_seconds`, 10 s). Reopening an unfinished
+                store picks those examples up again (:attr:`GradientStore.resumed_examples` counts
+                everything kept).
 
         Raises:
             DiskFullError: less free space than ``expected_examples`` need.
         """
+        seconds = _checked_seconds(checkpoint_seconds)
         if path is None:
             return RamGradientStore(block_dims=block_dims, dtype=dtype, fingerprint=fingerprint)
-        return DiskGradientStore._create(
+        store = DiskGradientStore._create(
             Path(path),
             block_dims=block_dims,
             dtype=dtype,
@@ -422,6 +458,9 @@ class GradientStore(ABC):
             overwrite=overwrite,
             expected_examples=expected_examples,
         )
+        if seconds is not None:
+            store.checkpoint_seconds = seconds
+        return store
 
     @staticmethod
     def open(path: str | os.PathLike[str]) -> DiskGradientStore:
@@ -497,6 +536,12 @@ class GradientStore(ABC):
     @property
     def is_complete(self) -> bool:
         return self._complete
+
+    @property
+    def buffered_ids(self) -> list[str]:
+        """Ids appended but not yet written into a shard (disk backend; always empty for the RAM backend),
+        in append order: the last rows of :attr:`ids`."""
+        return []
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -654,9 +699,15 @@ class DiskGradientStore(GradientStore):
         verify_checksums: check each shard's SHA-256 against the manifest before its first read in this
             process (default ``True``; a shard changed in place is refused with its name). A shard this
             process wrote, or already checked, is not hashed again while its size and mtime stay the same.
+        checkpoint_seconds: how long buffered examples (appended, not yet in a full shard) may stay in
+            memory only: an append that finds the last durable write older than this writes the
+            buffered rows not yet on disk to ``unsharded/`` (:meth:`checkpoint`). Default 10 s; ``0``:
+            after every append; ``None``: only when :meth:`checkpoint` is called. Each checkpoint
+            writes only the new rows (plus a small index), so a store's rows are written about twice.
     """
 
     verify_checksums: bool = True
+    checkpoint_seconds: float | None = 10.0
 
     def __init__(
         self,
@@ -677,6 +728,10 @@ class DiskGradientStore(GradientStore):
         self._buffer: dict[str, list[torch.Tensor]] = {name: [] for name in self._block_dims}
         self._buffer_norms: list[torch.Tensor] = []
         self._norms_cache: torch.Tensor | None = None
+        #: the first ``_durable`` buffered examples are on disk in the ``unsharded/`` files ``_pending``
+        self._durable = 0
+        self._pending: list[dict[str, Any]] = []
+        self._last_durable = time.monotonic()
 
     # ------------------------------------------------------------------ manifest
     def _manifest(self) -> dict[str, Any]:
@@ -748,8 +803,15 @@ class DiskGradientStore(GradientStore):
                     f"(stored: {', '.join(f'{k}={existing._manifest()[k]!r}' for k in differences)[:400]}). "
                     "Pass overwrite=True (CLI: --overwrite) to replace it, or choose another folder."
                 )
+            existing._load_unsharded()
+            existing.resumed_examples = existing.num_examples
             if existing.num_examples:
-                logger.info("Resuming gradient store %s: %d examples already stored.", path, existing.num_examples)
+                logger.info(
+                    "Resuming gradient store %s: %d examples already stored (%d of them from an unfinished shard).",
+                    path,
+                    existing.num_examples,
+                    len(existing._buffer_ids),
+                )
             if expected_examples is not None:
                 remaining = int(expected_examples) - existing.num_examples
                 check_free_space(path, existing.expected_bytes(remaining), "the gradient store")
@@ -846,6 +908,13 @@ class DiskGradientStore(GradientStore):
         self._buffer_norms.append(sq_norms)
         while len(self._buffer_ids) >= self.shard_size:
             self._write_shard(self.shard_size)
+        every = self.checkpoint_seconds
+        if self._buffer_ids and every is not None and time.monotonic() - self._last_durable >= every:
+            self.checkpoint()
+
+    @property
+    def buffered_ids(self) -> list[str]:
+        return list(self._buffer_ids)
 
     def flush(self) -> None:
         while self._buffer_ids:
@@ -855,6 +924,166 @@ class DiskGradientStore(GradientStore):
         self.flush()
         self._complete = True
         self._write_manifest()
+        self._clear_unsharded()
+
+    # ------------------------------------------------------------------ unsharded examples (checkpoints between shards)
+    def checkpoint(self) -> int:
+        """Make every buffered example durable without cutting a shard; returns how many rows were written.
+
+        The buffered rows not yet on disk go to one new file ``unsharded/shard-pending-<token>.safetensors``
+        (the shard layout: one tensor per block plus the squared norms; the ids in its metadata), then
+        ``unsharded/index.json`` lists it; both are written atomically. Reopening the store with
+        :meth:`GradientStore.create` puts those examples back in the buffer, so the shard they later
+        go into is exactly the one an uninterrupted run writes. Called every :attr:`checkpoint_seconds`
+        by appends, and by :func:`~datainf.gradients.collect_gradients` when it is interrupted.
+        """
+        count = len(self._buffer_ids) - self._durable
+        if count <= 0:
+            self._last_durable = time.monotonic()
+            return 0
+        self._write_pending(self._buffer_rows(self._durable, len(self._buffer_ids)))
+        self._durable = len(self._buffer_ids)
+        self._last_durable = time.monotonic()
+        return count
+
+    def _buffer_rows(self, start: int, stop: int) -> tuple[list[str], dict[str, torch.Tensor]]:
+        """Buffered rows ``start:stop``: ``(ids, {block: (k, d_l)} + {norms key: (k, L)})`` (the buffer is
+        joined into one tensor per block on the way, so later calls do not join it again)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name in self._block_dims:
+            joined = torch.cat(self._buffer[name]) if len(self._buffer[name]) != 1 else self._buffer[name][0]
+            self._buffer[name] = [joined]
+            tensors[name] = joined[start:stop].contiguous()
+        norms = torch.cat(self._buffer_norms) if len(self._buffer_norms) != 1 else self._buffer_norms[0]
+        self._buffer_norms = [norms]
+        tensors[_NORMS_KEY] = norms[start:stop].contiguous()
+        return self._buffer_ids[start:stop], tensors
+
+    def _write_pending(self, rows: tuple[list[str], dict[str, torch.Tensor]]) -> None:
+        """Write ``rows`` as a new unsharded file and list it in the index (after the listed ones)."""
+        ids, tensors = rows
+        folder = self.path / _PENDING
+        file_name = f"shard-pending-{uuid.uuid4().hex[:12]}.safetensors"
+        check_free_space(self.path, self.expected_bytes(len(ids)), "the gradient store's unsharded examples")
+        try:
+            folder.mkdir(exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{file_name}.", suffix=".tmp", dir=folder)
+            os.close(fd)
+        except OSError as err:
+            raise (output_error(err, folder, "the gradient store") or err) from err
+        try:
+            save_file(tensors, tmp, metadata={"format": _PENDING_FORMAT, "ids": json.dumps(ids)})
+            os.chmod(tmp, file_mode())
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            entry = {
+                "file": file_name,
+                "num_examples": len(ids),
+                "bytes": os.path.getsize(tmp),
+                "sha256": _sha256(Path(tmp)),
+            }
+            os.replace(tmp, folder / file_name)
+        except BaseException as err:
+            Path(tmp).unlink(missing_ok=True)
+            converted = None if isinstance(err, (KeyboardInterrupt, SystemExit)) else output_error(err, folder)
+            if converted is not None:
+                raise converted from err
+            raise
+        self._pending.append(entry)
+        self._write_pending_index()
+
+    def _write_pending_index(self) -> None:
+        index = {"format": _PENDING_FORMAT, "version": _VERSION, "files": self._pending}
+        atomic_write_bytes(self.path / _PENDING / _PENDING_INDEX, json.dumps(index, indent=1).encode())
+
+    def _after_shard(self, count: int) -> None:
+        """The first ``count`` buffered rows went into a shard: keep only the durable rows that are left.
+
+        The rows still durable are rewritten as one new unsharded file (at most a shard's worth) before
+        the old files are dropped, so a crash at any point leaves every durable row on disk, in a shard
+        or in ``unsharded/`` (rows found in both are taken from the shard on reopening).
+        """
+        left = max(0, self._durable - count)
+        self._durable = left
+        self._last_durable = time.monotonic()
+        if not self._pending:
+            return
+        old = list(self._pending)
+        self._pending = []
+        if left:
+            self._write_pending(self._buffer_rows(0, left))
+        else:
+            self._write_pending_index()
+        for entry in old:
+            (self.path / _PENDING / entry["file"]).unlink(missing_ok=True)
+        if not self._pending:
+            self._clear_unsharded()
+
+    def _clear_unsharded(self) -> None:
+        """Remove the ``unsharded/`` folder (every buffered example is in a shard, or the store is finished)."""
+        self._pending = []
+        self._durable = 0
+        folder = self.path / _PENDING
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _load_unsharded(self) -> None:
+        """Put the examples checkpointed in ``unsharded/`` back in the buffer (reopening to write).
+
+        Rows whose ids are already in a listed shard are skipped (a crash right after their shard was
+        written). Anything unreadable or inconsistent is dropped with a warning: those examples are
+        simply computed again.
+        """
+        folder = self.path / _PENDING
+        index = folder / _PENDING_INDEX
+        if not index.is_file():
+            if folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)  # files of a checkpoint whose index never got written
+            return
+        loaded_ids: list[str] = []
+        loaded: dict[str, list[torch.Tensor]] = {name: [] for name in [*self._block_dims, _NORMS_KEY]}
+        try:
+            data = json.loads(index.read_text())
+            if data.get("format") != _PENDING_FORMAT or data.get("version") != _VERSION:
+                raise ValueError(f"format {data.get('format')!r}, version {data.get('version')!r}")
+            entries = list(data["files"])
+            seen = set(self._id_set)
+            for entry in entries:
+                file = folder / str(entry["file"])
+                if not file.is_file() or file.stat().st_size != int(entry["bytes"]) or _sha256(file) != entry["sha256"]:
+                    raise ValueError(f"{file.name} is missing or changed")
+                with safe_open(str(file), framework="pt") as handle:
+                    ids = [str(i) for i in json.loads((handle.metadata() or {})["ids"])]
+                    tensors = {name: handle.get_tensor(name) for name in loaded}
+                for name, tensor in tensors.items():
+                    width = len(self._block_dims) if name == _NORMS_KEY else self._block_dims[name]
+                    wanted = torch.float64 if name == _NORMS_KEY else self.torch_dtype
+                    if tuple(tensor.shape) != (len(ids), width) or tensor.dtype != wanted:
+                        raise ValueError(f"{file.name}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}")
+                keep = [k for k, example in enumerate(ids) if example not in seen]
+                seen.update(ids)
+                if len(keep) != len(ids):
+                    rows = torch.tensor(keep, dtype=torch.long)
+                    tensors = {name: tensor.index_select(0, rows) for name, tensor in tensors.items()}
+                loaded_ids.extend(ids[k] for k in keep)
+                for name, tensor in tensors.items():
+                    loaded[name].append(tensor)
+        except Exception as err:  # a damaged checkpoint is recomputed, never trusted
+            logger.warning(
+                "Ignoring the unsharded examples checkpointed in %s (%s); they will be computed again.", folder, err
+            )
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        self._pending = entries
+        if not loaded_ids:
+            return
+        self._buffer_ids = loaded_ids
+        self._buffer = {name: [torch.cat(loaded[name])] for name in self._block_dims}
+        self._buffer_norms = [torch.cat(loaded[_NORMS_KEY])]
+        self._durable = len(loaded_ids)
+        self._ids.extend(loaded_ids)
+        self._id_set.update(loaded_ids)
+        self._last_durable = time.monotonic()
 
     def _write_shard(self, count: int) -> None:
         """Write the first ``count`` buffered examples as the next shard, then list it in the manifest.
@@ -902,6 +1131,7 @@ class DiskGradientStore(GradientStore):
         self._shards.append({"file": file_name, "num_examples": count, "ids": ids, "bytes": size, "sha256": digest})
         self._norms_cache = None
         self._write_manifest()
+        self._after_shard(count)
 
     def _check_shard(self, shard: dict[str, Any]) -> None:
         """Compare the shard file's SHA-256 with the manifest's, once per process (see :attr:`verify_checksums`)."""
@@ -1023,18 +1253,21 @@ class DiskGradientStore(GradientStore):
                 fingerprint or shard size).
             StoreCorruptedError: a part's shard is missing or truncated, or repeats stored examples.
         """
-        if self._buffer_ids:
-            self.flush()
         root = self.path / _PARTS
         manifests = sorted(root.glob(f"*/{_MANIFEST}")) if root.is_dir() else []
         if not manifests:
             if order is not None:
                 self.sort_shards(order)
             return 0
+        if self._buffer_ids:
+            self.flush()
         listed = {shard["file"] for shard in self._shards}
         adopted = 0
         for manifest in manifests:
             part = DiskGradientStore._open(manifest.parent)
+            if (manifest.parent / _PENDING).is_dir():  # examples the part's process had checkpointed between shards
+                part._load_unsharded()
+                part.flush()
             differences = self._same_config(part._manifest())
             if differences:
                 raise StoreMismatchError(
@@ -1070,11 +1303,20 @@ class DiskGradientStore(GradientStore):
     def sort_shards(self, order: Sequence[str]) -> None:
         """Reorder the shard list by the position in ``order`` of each shard's first example (stable;
         ids not in ``order`` go last). Takes effect in the manifest at the next write (e.g. :meth:`finalize`)."""
-        if self._buffer_ids:
-            self.flush()
         position = {example: k for k, example in enumerate(order)}
         last = len(position)
-        self._shards.sort(key=lambda shard: position.get(shard["ids"][0], last) if shard["ids"] else last)
+
+        def key(shard: Mapping[str, Any]) -> int:
+            return position.get(shard["ids"][0], last) if shard["ids"] else last
+
+        in_order = sorted(self._shards, key=key) == self._shards
+        if in_order and (
+            not self._buffer_ids or not self._shards or key({"ids": self._buffer_ids}) >= key(self._shards[-1])
+        ):
+            return  # already in order, buffered examples last: they stay buffered (their shard is not cut early)
+        if self._buffer_ids:
+            self.flush()
+        self._shards.sort(key=key)
         self._ids = [example for shard in self._shards for example in shard["ids"]]
         self._norms_cache = None
 

@@ -207,6 +207,10 @@ class GradientsSettings:
         shard_size: examples per gradient shard file.
         data: the examples to differentiate.
         text_column, label_column, prompt_column, response_column, id_column: as in :class:`FinetuneSettings`.
+        factors: also collect the Kronecker factors of the ``kfac`` / ``ekfac`` methods into
+            ``<out>/kronecker-factors`` (``collect_gradients(collect_factors=True)``). Recorded in
+            ``config.json`` only when on, and not compared: a finished store gets its factors by a
+            rerun with ``factors=True`` (only the factors are computed).
     """
 
     out: str | None = None
@@ -226,10 +230,13 @@ class GradientsSettings:
     prompt_column: str | None = None
     response_column: str | None = None
     id_column: str | None = None
+    factors: bool = False
 
     def __post_init__(self) -> None:
         _normalise(self, ("model", "adapter", "data"), {"kind": _loadable_kinds(), "dtype": _DTYPES})
         _normalise_label_names(self)
+        if not isinstance(self.factors, bool):
+            raise ConfigError(f"factors must be True or False, got {self.factors!r}.")
 
 
 @dataclass(frozen=True)
@@ -398,13 +405,15 @@ class FinetuneRunResult:
 
 @dataclass
 class GradientsRunResult:
-    """What :func:`gradients_run` wrote: the store (``out``) and how many processes computed it."""
+    """What :func:`gradients_run` wrote: the store (``out``) and how many processes computed it;
+    ``resumed_examples``: how many were already in ``out`` from an interrupted run (kept, not recomputed)."""
 
     out: Path
     store: GradientStore
     world_size: int
     settings: GradientsSettings
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    resumed_examples: int = 0
 
 
 @dataclass
@@ -622,9 +631,10 @@ def gradients_run(settings: GradientsSettings, *, overwrite: bool = False, progr
             lambda: RunDir.claim(
                 settings.out,
                 kind="grads",
-                settings=_saved(settings),
+                settings=_saved_grads(settings),
                 overwrite=overwrite,
                 write_config=False,
+                compare_ignore=("out", "factors"),
                 allow_foreign=lambda path: (path / "manifest.json").is_file(),  # a bare gradient store
             ),
         )
@@ -639,10 +649,25 @@ def gradients_run(settings: GradientsSettings, *, overwrite: bool = False, progr
                 ctx,
                 progress=progress,
                 before_compute=run.write_config,
+                collect_factors=settings.factors,
             )
         return GradientsRunResult(
-            out=run.path, store=store, world_size=ctx.world_size, settings=settings, stage_seconds=run.stage_seconds
+            out=run.path,
+            store=store,
+            world_size=ctx.world_size,
+            settings=settings,
+            stage_seconds=run.stage_seconds,
+            resumed_examples=store.resumed_examples,
         )
+
+
+def _saved_grads(settings: GradientsSettings) -> dict[str, Any]:
+    """:class:`GradientsSettings` as ``config.json`` holds them: ``factors`` only when on, so folders written
+    before it existed read the same."""
+    saved = _saved(settings)
+    if saved.get("factors") is False:
+        del saved["factors"]
+    return saved
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -838,11 +863,19 @@ def _score_inputs_from_data(
     run = on_main(ctx, "Checking the output folder", lambda: _claim_score_run(settings, overwrite))
     model, task, encoded = _model_and_task(settings, data)
     test_grads = settings.test_grads
+    with_factors = _needs_factors(settings)  # kfac / ekfac: the training side's Kronecker factors too
     with run.timed("gradients"):
         train_store: GradientSource
         if settings.keep_train_store:
             train_store = _compute_store(
-                model, task, encoded["training"], run.stage("grads-train"), settings, ctx, progress=progress
+                model,
+                task,
+                encoded["training"],
+                run.stage("grads-train"),
+                settings,
+                ctx,
+                progress=progress,
+                collect_factors=with_factors,
             )
         else:
             from datainf.gradients import OnTheFlyGradients
@@ -857,6 +890,23 @@ def _score_inputs_from_data(
                 work_dir=run.stage("onthefly"),
                 progress=progress,
             )
+            if with_factors:
+                from datainf.factors import attach_factors
+                from datainf.gradients import collect_kronecker_factors
+
+                attach_factors(
+                    train_store,
+                    collect_kronecker_factors(
+                        model,
+                        task,
+                        encoded["training"],
+                        folder=run.stage("onthefly") / "kronecker-factors",
+                        batch_size=int(settings.grad_batch_size),
+                        device=settings.device,
+                        piece_size=int(settings.shard_size),
+                        progress=progress,
+                    ),
+                )
         test_store: GradientStore | None = None
         if test is not None:
             test_store = _compute_store(
@@ -872,6 +922,16 @@ def _score_inputs_from_data(
         return loss_scores(model, task, encoded["training"], batch_size=batch_size, fingerprint=store.fingerprint)
 
     return settings, run, train_store, test_store, losses
+
+
+def _needs_factors(settings: ScoreSettings) -> bool:
+    """Whether a method asked for needs the Kronecker factors (``kfac``, ``ekfac``) and was not given a folder of them."""
+    from datainf.methods import get_method
+
+    return any(
+        get_method(name).needs_factors and not dict((settings.method_options or {}).get(name, {})).get("factors")
+        for name in _methods(settings)
+    )
 
 
 def _claim_score_run(settings: ScoreSettings, overwrite: bool) -> RunDir:
@@ -1087,8 +1147,10 @@ def _compute_store(
     *,
     progress: bool,
     before_compute: Callable[[], Any] | None = None,
+    collect_factors: bool = False,
 ) -> GradientStore:
-    """Create (or reopen) the disk store at ``path`` and fill it with the records' gradients.
+    """Create (or reopen) the disk store at ``path`` and fill it with the records' gradients
+    (and, with ``collect_factors``, the Kronecker factors of ``kfac`` / ``ekfac`` beside them).
 
     Under torchrun rank 0 alone creates the store (and runs ``before_compute``); every rank then
     computes its share of the missing examples (:func:`~datainf.gradients.collect_gradients`).
@@ -1136,6 +1198,7 @@ def _compute_store(
         dtype=settings.dtype,
         shard_size=int(settings.shard_size),
         progress=progress,
+        collect_factors=collect_factors,
     )
 
 

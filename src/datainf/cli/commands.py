@@ -123,6 +123,11 @@ def cmd_grads(config: dict[str, Any]) -> int:
             f"({sum(store.block_dims.values())} parameters){processes}"
         )
         print(f"store: {result.out}")
+        if result.resumed_examples:
+            print(
+                f"resumed: {result.resumed_examples} of {store.num_examples} examples were already collected "
+                "(kept, not recomputed)"
+            )
     return 0
 
 

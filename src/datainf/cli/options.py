@@ -341,6 +341,15 @@ def _grads_options() -> list[Option]:
         *_model_options(adapter_required=True),
         Option("data", ("--data",), _optional(_to_path), None, "examples to differentiate", metavar="PATH"),
         *_columns(),
+        Option(
+            "factors",
+            ("--factors",),
+            _to_bool,
+            False,
+            "also collect the Kronecker factors the kfac / ekfac methods need, into <out>/kronecker-factors "
+            "(rerun on a finished store to add them: only the factors are computed)",
+            action="flag",
+        ),
     ]
 
 

@@ -1,6 +1,7 @@
 """Per-example LoRA gradients for transformers and diffusers models, in one batched pass.
 
 * :func:`collect_gradients` -- every example's gradient of every block into a ``GradientStore``.
+* :func:`collect_kronecker_factors` -- the Kronecker factors of ``kfac`` / ``ekfac`` alone (no store).
 * Tasks (what the per-example loss is, defined in :mod:`datainf.tasks` and re-exported here):
   :class:`SequenceClassificationTask`, :class:`CausalLMTask`, :class:`DiffusionTask`, or your own
   :class:`GradientTask`.
@@ -15,6 +16,7 @@ Check the fast path on your own model with :func:`datainf.testing.check_per_exam
 from datainf.gradients.collect import (
     batch_gradients,
     collect_gradients,
+    collect_kronecker_factors,
     dataset_fingerprint,
     example_ids,
     gradient_fingerprint,
@@ -36,6 +38,7 @@ from datainf.tasks import (
 
 __all__ = [
     "collect_gradients",
+    "collect_kronecker_factors",
     "OnTheFlyGradients",
     "batch_gradients",
     "example_ids",

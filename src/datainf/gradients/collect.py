@@ -30,15 +30,16 @@ from datainf.errors import (
     StoreCorruptedError,
     TaskInputError,
 )
-from datainf.factors import FACTORS_FOLDER, FactorFolder, attach_factors, check_factor_memory
+from datainf.factors import FACTORS_FOLDER, FactorFolder, KroneckerFactors, attach_factors, check_factor_memory
 from datainf.gradients.factors import FactorAccumulator, factor_shapes
 from datainf.gradients.hooks import PerExampleGradients, split_block_dims
 from datainf.gradients.lora import LoRABlocks, find_lora_blocks, gradient_mode, model_fingerprint
-from datainf.store import DiskGradientStore, GradientStore
+from datainf.store import DiskGradientStore, GradientStore, _checked_seconds
 from datainf.tasks import GradientTask, TaskBatch
 
 __all__ = [
     "collect_gradients",
+    "collect_kronecker_factors",
     "example_ids",
     "batch_gradients",
     "gradient_fingerprint",
@@ -179,6 +180,7 @@ def collect_gradients(
     progress: bool = True,
     collect_factors: bool = False,
     factor_memory_gb: float = 4.0,
+    checkpoint_seconds: float | None = None,
 ) -> GradientStore:
     """Per-example gradients ``g_il`` of every example and block, written into a gradient store.
 
@@ -204,6 +206,12 @@ def collect_gradients(
             per batch: two Gram matrices per hooked module (``O(P (p^2 + q^2))`` for ``P`` positions).
         factor_memory_gb: refuse (before any work) factors whose float64 size ``8 sum_l (p_l^2 + q_l^2)``
             exceeds this.
+        checkpoint_seconds: (disk store) how often the examples computed since the last full shard are
+            made durable (:meth:`DiskGradientStore.checkpoint`), so that a killed run resumes after
+            them rather than after the last full shard; ``None`` keeps the store's setting (default
+            10 s), ``0`` checkpoints after every batch. An interrupted run (an exception, Ctrl-C)
+            always checkpoints what it computed. The finished store is the same, bit for bit, however
+            often the run was interrupted (same batch size).
 
     Under ``torchrun`` (``torch.distributed`` with more than one process) every rank calls this
     with the same arguments and ``store`` must be a folder: the missing examples are split into one
@@ -299,12 +307,17 @@ def collect_gradients(
         raise ConfigError(f"store must be None, a folder path or a GradientStore, not {type(store).__name__}.")
 
     if isinstance(out, DiskGradientStore):
+        if checkpoint_seconds is not None:
+            out.checkpoint_seconds = _checked_seconds(checkpoint_seconds)
         out.adopt_parts(order=ids)  # shards left by an interrupted multi-process run count as done
     done = set(out.ids)
     pending = [i for i in range(n) if ids[i] not in done]
     if done:
         logger.info(
-            "%d of %d examples are already in the store; computing the other %d.", n - len(pending), n, len(pending)
+            "Resuming: %d of %d examples are already in the store; computing the other %d.",
+            n - len(pending),
+            n,
+            len(pending),
         )
     folder = _factor_folder(out, blocks, task, fingerprint) if collect_factors else None
     if folder is not None:
@@ -342,6 +355,7 @@ def collect_gradients(
             progress=progress,
             factors=folder,
             piece_size=shard_size,
+            already_done=n - len(pending),
         )
     if isinstance(out, DiskGradientStore):
         out.sort_shards(ids)
@@ -349,6 +363,110 @@ def collect_gradients(
     if folder is not None:
         attach_factors(out, folder.consolidate())
     return out
+
+
+def collect_kronecker_factors(
+    model: nn.Module,
+    task: GradientTask,
+    dataset: Sequence[Mapping[str, Any]],
+    *,
+    folder: str | os.PathLike[str] | None = None,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+    adapter_name: str | None = None,
+    piece_size: int = 1024,
+    progress: bool = True,
+    factor_memory_gb: float = 4.0,
+) -> KroneckerFactors:
+    """The Kronecker factors of ``dataset`` without storing any gradient: one forward/backward pass.
+
+    What ``collect_gradients(..., collect_factors=True)`` accumulates beside a store, for a source
+    that has none (:class:`~datainf.gradients.OnTheFlyGradients`: ``datainf score --train-data``
+    with ``kfac`` / ``ekfac``). Hand the result to :func:`datainf.factors.attach_factors` (the
+    methods find it there) or to the methods' ``factors`` option through ``folder``.
+
+    Args:
+        model, task, dataset, batch_size, device, adapter_name: as in :func:`collect_gradients`.
+        folder: where the factor pieces are kept (the layout of ``<store>/kronecker-factors``): a rerun
+            with the same folder computes only the examples no piece covers yet. ``None``: in memory
+            (one process only).
+        piece_size: examples per piece (the resume granularity).
+        progress: show a progress bar.
+        factor_memory_gb: refuse factors whose float64 size exceeds this (before any work).
+
+    Under ``torchrun`` every rank calls it with the same arguments and ``folder`` (on a shared file
+    system); each computes a contiguous share and rank 0 sums the pieces. The result covers every
+    example of ``dataset``: ``sums[block]`` of shapes ``(p, p)`` and ``(q, q)`` float64.
+
+    Raises:
+        ConfigError: factors too large for ``factor_memory_gb``; ``folder=None`` under torchrun.
+        StoreError: ``folder`` holds factors of another model, adapter or task.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size}; use a positive number of examples per batch.")
+    if len(dataset) == 0:
+        raise EmptyInputError("The dataset is empty: there are no examples to compute Kronecker factors for.")
+    ctx = dist_context()
+    ids = example_ids(dataset)
+    blocks = find_lora_blocks(model, adapter_name=adapter_name)
+    fingerprint = gradient_fingerprint(model, task, blocks)
+    shapes, _ = factor_shapes(blocks.blocks, task.row_labels())
+    check_factor_memory(shapes, factor_memory_gb, what="collect_kronecker_factors")
+    path = None if folder is None else Path(folder)
+    if path is None and ctx.is_distributed:
+        raise ConfigError(
+            f"Under torch.distributed ({ctx.world_size} processes) the Kronecker factors need a folder every rank "
+            "can write: pass folder=<path on a shared file system>."
+        )
+    dummy = GradientStore.create(None, block_dims=split_block_dims(blocks.block_dims, task.row_labels()))
+    error: Exception | None = None
+    if ctx.is_main and path is not None:
+        try:
+            FactorFolder(path, fingerprint=fingerprint, shapes=shapes).prune(ids)
+        except Exception as err:
+            error = err
+    ctx.raise_if_any(error, "Reading the Kronecker factors")
+    token = ctx.broadcast_object(uuid.uuid4().hex[:8] if ctx.is_main else None)
+    index = f"index-{token}-r{ctx.rank:05d}.json" if ctx.is_distributed else "index.json"
+    pieces = FactorFolder(path, fingerprint=fingerprint, shapes=shapes, index_name=index)
+    covered = pieces.covered_ids()
+    missing = [i for i, example in enumerate(ids) if example not in covered]
+    if covered and ctx.is_main:
+        logger.info("Resuming: %d of %d examples already have Kronecker factors.", len(ids) - len(missing), len(ids))
+    mine = [missing[k] for k in ctx.shard(len(missing))]
+    error = None
+    if mine:
+        try:
+            _compute_into(
+                dummy,
+                model,
+                task,
+                dataset,
+                ids,
+                mine,
+                blocks,
+                batch_size=batch_size,
+                device=device,
+                progress=progress and ctx.is_main,
+                factors=pieces,
+                append=False,
+                piece_size=piece_size,
+            )
+        except Exception as err:
+            if not ctx.is_distributed:
+                raise
+            error = err
+    ctx.raise_if_any(error, "Collecting the Kronecker factors")
+    if not ctx.is_distributed:
+        return pieces.consolidate()
+    error = None
+    if ctx.is_main:
+        try:
+            FactorFolder(path, fingerprint=fingerprint, shapes=shapes).consolidate()
+        except Exception as err:
+            error = err
+    ctx.raise_if_any(error, "Summing the Kronecker factors")
+    return FactorFolder(path, fingerprint=fingerprint, shapes=shapes).total()
 
 
 def _factor_folder(
@@ -474,6 +592,7 @@ def _compute_into(
     factors: FactorFolder | None = None,
     append: bool = True,
     piece_size: int = 1024,
+    already_done: int = 0,
 ) -> None:
     """Gradients of ``dataset[i]`` for ``i`` in ``indices`` (increasing) appended to ``out``.
 
@@ -483,8 +602,11 @@ def _compute_into(
 
     The store is flushed at every gap in ``indices``, so that each disk shard holds a contiguous run
     of the dataset (what lets :meth:`DiskGradientStore.sort_shards` restore dataset order after a
-    resumed or multi-process collection). On any exception what was computed is flushed (kept) and
-    the exception propagates; the store is not finalized.
+    resumed or multi-process collection); examples a resumed store still buffers (checkpointed
+    between shards) are flushed first unless ``indices`` continue right after them. On any exception
+    what was computed is kept (a disk store checkpoints its buffer, :meth:`DiskGradientStore.checkpoint`:
+    the rerun's shards are those of an uninterrupted run) and the exception propagates; the store is
+    not finalized. ``already_done`` examples are shown as done on the progress bar.
     """
     truncated: list[str] = []
     try:
@@ -492,7 +614,10 @@ def _compute_into(
         observer = None if accumulator is None else accumulator.observe
         with GradientSession(model, task, blocks, device=device, observer=observer) as session:
             _validate_all(task, dataset, ids, list(indices))
-            bar = _progress(len(indices), progress)
+            buffered = out.buffered_ids
+            if append and buffered and indices and (indices[0] == 0 or ids[indices[0] - 1] != buffered[-1]):
+                out.flush()  # the buffered rows and these would not be one contiguous run of the dataset
+            bar = _progress(len(indices) + already_done, progress, initial=already_done)
             try:
                 for run in _contiguous_runs(indices):
                     for start in range(0, len(run), batch_size):
@@ -509,14 +634,16 @@ def _compute_into(
                                 _save_piece(factors, accumulator)
                         if bar is not None:
                             bar.update(len(chunk))
-                    out.flush()
+                    if append:
+                        out.flush()
                     _save_piece(factors, accumulator)
             finally:
                 if bar is not None:
                     bar.close()
                 _save_piece(factors, accumulator)  # keep what reached the store (an interrupted run)
     except BaseException:
-        out.flush()  # keep what was computed: a rerun with the same store folder resumes after it
+        if append:
+            _keep_buffered(out)  # keep what was computed: a rerun with the same store folder resumes after it
         raise
     if truncated:
         limit = getattr(task, "max_length", None)
@@ -527,6 +654,18 @@ def _compute_into(
             f" ({limit} tokens)" if limit else "",
             _ids_text(truncated),
         )
+
+
+def _keep_buffered(out: GradientStore) -> None:
+    """Make the examples ``out`` buffers durable after an interruption (a disk store's checkpoint), logging
+    (not raising) a failure so that the interruption itself is what propagates."""
+    try:
+        if isinstance(out, DiskGradientStore):
+            out.checkpoint()
+        else:
+            out.flush()
+    except Exception as err:  # e.g. the disk filled up: the rerun recomputes these examples
+        logger.warning("Could not keep the %d examples computed since the last shard: %s", len(out.buffered_ids), err)
 
 
 def _save_piece(folder: FactorFolder | None, accumulator: FactorAccumulator | None) -> None:
@@ -622,6 +761,7 @@ def _collect_distributed(
             )
             assert isinstance(main, DiskGradientStore)
             main.adopt_parts(order=ids)
+            main.flush()  # examples a killed single-process run checkpointed between shards: visible to every rank
             if collect_factors:
                 _factor_folder(main, blocks, task, fingerprint).prune(main.ids)
         except Exception as err:
@@ -738,9 +878,9 @@ def _validate_all(task: GradientTask, dataset: Sequence[Mapping[str, Any]], ids:
         raise TaskInputError("\n".join(messages))
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def _progress(total: int, enabled: bool, initial: int = 0) -> Any:
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="ex", desc="per-example gradients")
+    return tqdm(total=total, initial=initial, unit="ex", desc="per-example gradients")
