@@ -784,3 +784,43 @@ def test_lissa_divergence_is_said_once_in_the_cli_words(capsys, tmp_path):
         tmp_path / "t",
     )
     assert code == 0 and "diverged" not in err + out
+
+
+# ---------------------------------------------------------------------------------------------- Kronecker factors (kfac / ekfac)
+
+
+def test_kfac_from_stores_needs_grads_factors_and_score_from_data_collects_them(env, stores, capsys, tmp_path):
+    import shutil
+
+    def score(out: Path, *inputs: object) -> tuple[int, str, str]:
+        return run(capsys, "score", *inputs, "--method", "kfac,ekfac", "--out", out, "-q")
+
+    # a store collected without factors: one error that names the option collecting them
+    code, _, err = score(tmp_path / "refused", "--train-grads", stores["train"], "--test-grads", stores["test"])
+    assert code == 2 and "datainf grads --factors" in err and "Traceback" not in err
+
+    # rerun grads with --factors on a finished store written without it (its config.json has no "factors"):
+    # accepted, the gradients are kept and only the factors are computed
+    train = tmp_path / "g-train"
+    shutil.copytree(stores["train"], train)
+    before = (train / "manifest.json").read_bytes()
+    grads = ["grads", "--model", env["model"], "--adapter", env["ft"], "--data", env["train"], *COLUMNS]
+    code, stdout, err = run(capsys, *grads, "--factors", "--out", train, "-q")
+    assert code == 0, err
+    assert "resumed: 16 of 16 examples were already collected" in stdout
+    assert (train / "manifest.json").read_bytes() == before and (train / "kronecker-factors" / "index.json").is_file()
+    assert json.loads((train / "config.json").read_text())["factors"] is True
+    code, _, err = run(capsys, *grads, "--out", train, "-q")  # and without --factors again: the same folder
+    assert code == 0, err
+    code, _, err = score(tmp_path / "from-stores", "--train-grads", train, "--test-grads", stores["test"])
+    assert code == 0, err
+
+    # from the training data (gradients on the fly): the factors are collected in the same run
+    data = ("--model", env["model"], "--adapter", env["ft"], "--train-data", env["train"], *COLUMNS)
+    code, _, err = score(tmp_path / "from-data", *data, "--test-grads", stores["test"], "--no-loss-baseline")
+    assert code == 0, err
+    assert (tmp_path / "from-data" / "onthefly" / "kronecker-factors" / "index.json").is_file()
+    for method in ("kfac", "ekfac"):
+        from_stores = Scores.load(tmp_path / "from-stores" / f"scores-{method}.safetensors").values
+        from_data = Scores.load(tmp_path / "from-data" / f"scores-{method}.safetensors").values
+        torch.testing.assert_close(from_data, from_stores, rtol=1e-4, atol=1e-6)
