@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -542,7 +543,20 @@ def test_report_command(env, stores, capsys, tmp_path):
     top = Scores.load(tmp_path / "s" / "scores-datainf.safetensors").top_harmful(1)[0][0]
     first_text = next(r["sentence"] for r in sentiment_rows(0, 16, seed=0) if r["uid"] == top)
     assert first_text in html
-    assert json.loads((tmp_path / "r" / "config.json").read_text())["command"] == "report"
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["command"] == "report" and "model" not in config  # folders written before --model still match
+    assert "<th>predicted</th>" not in html
+
+    # with the fine-tuned classifier: each listed example shows its predicted label and confidence
+    scores = tmp_path / "s" / "scores-datainf.safetensors"
+    base = ("report", "--scores", scores, "--data", env["train"], *COLUMNS, "--k", "3")
+    code, _, err = run(capsys, *base, "--model", env["model"], "--adapter", env["ft"], "--out", tmp_path / "r2", "-q")
+    assert code == 0, err
+    html = (tmp_path / "r2" / "index.html").read_text()
+    assert html.count("<th>predicted</th><th>confidence</th>") == 2  # the harmful and the helpful list
+    labels = {r["y"] for r in sentiment_rows(0, 16, seed=0)}
+    cells = re.findall(r"<td>([^<]*)</td><td class='num'>(0\.\d+|1\.000)</td>", html)
+    assert len(cells) == 6 and all(label in labels and 0.5 <= float(c) <= 1 for label, c in cells)
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -267,3 +268,37 @@ def test_mislabel_report_draws_the_loss_baseline_on_the_detection_curve(tmp_path
     assert float(y[list(x).index(0.2)]) == 1.0
     top = row_ids(section(html, "<h3>training loss"))
     assert top[:4] == ["x16", "x11", "x7", "x2"] and "<th>training loss</th>" in section(html, "<h3>training loss")
+
+
+def test_predicted_labels_are_the_softmax_argmax_and_its_probability() -> None:
+    from gradient_fixtures import bert_classifier, classification_data, word_tokenizer
+
+    from datainf.gradients import SequenceClassificationTask
+    from datainf.report import listed_ids, predict_labels
+
+    model, task = bert_classifier(), SequenceClassificationTask(word_tokenizer())
+    data = classification_data(7, seed=3)
+    model.train()
+    got = predict_labels(model, task, data, label_names=["a", "b", "c"], batch_size=3)
+    assert model.training  # the mode is restored
+    model.eval()
+    with torch.no_grad():
+        for ex in data:
+            batch = task.collate([ex], [ex["id"]])
+            logits = model(**{k: v for k, v in batch.inputs.items() if k != "labels"}).logits[0]
+            probs = torch.softmax(logits.double(), dim=-1)
+            assert got[ex["id"]].label == "abc"[int(probs.argmax())]
+            assert got[ex["id"]].confidence == pytest.approx(float(probs.max()), abs=1e-6)
+
+    scores = Scores(
+        values=torch.arange(7, dtype=torch.float64),
+        train_ids=[ex["id"] for ex in data],
+        test_ids=["t0"],
+        method="datainf",
+        mode="average",
+    )
+    assert listed_ids(scores, k=2) == [data[6]["id"], data[5]["id"], data[0]["id"], data[1]["id"]]
+    out = write_scores_report(Path(tempfile.mkdtemp()), scores, data, k=2, predictions=got)
+    html = out.read_text()
+    assert html.count("<th>predicted</th><th>confidence</th>") == 2
+    assert f"<td>{got[data[6]['id']].label}</td><td class='num'>{got[data[6]['id']].confidence:.3f}</td>" in html

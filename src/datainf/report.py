@@ -32,14 +32,27 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from datainf.errors import ConfigError, DatasetError, EmptyInputError
 from datainf.scores import LOSS_METHOD, SIGN_CONVENTION, Scores
 
-__all__ = ["write_mislabel_report", "write_scores_report", "write_generation_report", "SIGN_NOTE"]
+if TYPE_CHECKING:
+    from torch import nn
+
+    from datainf.tasks import GradientTask
+
+__all__ = [
+    "write_mislabel_report",
+    "write_scores_report",
+    "write_generation_report",
+    "SIGN_NOTE",
+    "Prediction",
+    "predict_labels",
+    "listed_ids",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -370,6 +383,83 @@ def write_mislabel_report(
     return path
 
 
+# ---------------------------------------------------------------------------------------------- predictions
+
+
+class Prediction(NamedTuple):
+    """The fine-tuned classifier's answer for one training example: its most likely class and the
+    softmax probability of that class (in ``[1/C, 1]``)."""
+
+    label: str
+    confidence: float
+
+
+def predict_labels(
+    model: nn.Module,
+    task: GradientTask,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    label_names: Sequence[str] | None = None,
+    batch_size: int = 16,
+) -> dict[str, Prediction]:
+    """One forward pass (no gradients, eval mode) of a sequence classifier over ``records``.
+
+    Args:
+        model: the fine-tuned classifier (its output's ``logits`` are ``(b, C)``).
+        task: its :class:`~datainf.tasks.SequenceClassificationTask` (collates the records).
+        records: the examples to predict (``id``, ``text`` and the task's other fields).
+        label_names: class names in class-id order (``None``: class ids as strings).
+        batch_size: examples per forward pass.
+
+    Returns:
+        id -> :class:`Prediction` (``argmax`` class of ``softmax(logits)`` and its probability).
+
+    Raises:
+        ConfigError: the model's output has no ``(b, C)`` logits (not a classifier).
+    """
+    import torch
+
+    ids = [str(r.get("id", i)) for i, r in enumerate(records)]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    out: dict[str, Prediction] = {}
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(records), batch_size):
+                batch = task.collate(list(records[start : start + batch_size]), ids[start : start + batch_size])
+                inputs = {k: v for k, v in batch.to(device).inputs.items() if k != "labels"}
+                logits = getattr(model(**inputs), "logits", None)
+                if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+                    raise ConfigError(
+                        "Predicted labels need a sequence classifier (logits of shape (b, C)); this model returns "
+                        f"{type(logits).__name__}. Drop --model / --adapter from the report of this task."
+                    )
+                probs = torch.softmax(logits.double(), dim=-1)
+                confidence, label = probs.max(dim=-1)
+                for tid, c, y in zip(batch.ids, confidence.tolist(), label.tolist()):
+                    name = str(label_names[y]) if label_names is not None and y < len(label_names) else str(y)
+                    out[tid] = Prediction(name, float(c))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def listed_ids(scores: Scores | Mapping[str, Scores], k: int = 10, max_test_examples: int = 5) -> list[str]:
+    """Every training id :func:`write_scores_report` lists (top ``k`` harmful and helpful per method, and
+    per shown test example in pairwise mode), in first-listed order: what predictions are needed for."""
+    if isinstance(scores, Scores):
+        scores = {scores.method: scores}
+    seen: dict[str, None] = {}
+    for s in scores.values():
+        entries = [*s.top_harmful(k), *s.top_helpful(k)]
+        if s.mode == "pairwise":
+            for j in range(min(max_test_examples, len(s.test_ids))):
+                entries += [*s.top_helpful(k, test_index=j), *s.top_harmful(k, test_index=j)]
+        seen.update((tid, None) for tid, _ in entries)
+    return list(seen)
+
+
 # ---------------------------------------------------------------------------------------------- generic report
 
 
@@ -379,17 +469,27 @@ def _ranked_table(
     text_field: str,
     label_field: str | None,
     value_name: str = "influence",
+    predictions: Mapping[str, Prediction] | None = None,
 ) -> str:
     has_label = label_field is not None and any(label_field in by_id.get(tid, {}) for tid, _ in entries)
+    has_prediction = predictions is not None and any(tid in predictions for tid, _ in entries)
     head = (
         "<tr><th>rank</th><th>id</th>"
         + ("<th>label</th>" if has_label else "")
+        + ("<th>predicted</th><th>confidence</th>" if has_prediction else "")
         + f"<th>{_esc(value_name)}</th><th>text</th></tr>"
     )
     rows = []
     for rank, (tid, value) in enumerate(entries, start=1):
         rec = by_id.get(tid)
         label = f"<td>{_esc((rec or {}).get(label_field))}</td>" if has_label and label_field else ""
+        if has_prediction and predictions is not None:
+            guess = predictions.get(tid)
+            label += (
+                f"<td>{_esc(guess.label)}</td><td class='num'>{_esc(_fmt(guess.confidence, 3))}</td>"
+                if guess is not None
+                else "<td></td><td></td>"
+            )
         rows.append(
             f"<tr><td class='num'>{rank}</td><td>{_esc(tid)}</td>{label}"
             f"<td class='num'>{_esc(_fmt(value, 4))}</td><td class='text'>{_esc(_snippet(_record_text(rec, text_field)))}</td></tr>"
@@ -457,6 +557,7 @@ def write_scores_report(
     max_test_examples: int = 5,
     label_field: str | None = "label",
     title: str = "DataInf influence scores",
+    predictions: Mapping[str, Prediction] | None = None,
 ) -> Path:
     """Write a report of the most harmful and most helpful training examples: ``index.html`` and
     ``score_histogram.png``.
@@ -472,6 +573,9 @@ def write_scores_report(
         max_test_examples: pairwise mode: how many test examples (the first ones) get their own lists.
         label_field: record field shown as a label column when present (``None``: none).
         title: page title.
+        predictions: training id -> the fine-tuned classifier's :class:`Prediction`
+            (:func:`predict_labels` of the :func:`listed_ids`): every list gains a ``predicted`` and
+            a ``confidence`` (softmax probability) column.
 
     Returns:
         Path of ``index.html``.
@@ -502,6 +606,12 @@ def write_scores_report(
     def build(tmp: Path) -> None:
         _score_histogram_png(tmp / "score_histogram.png", scores)
         parts: list[str] = []
+        if predictions:
+            parts.append(
+                "<p class='meta'>predicted, confidence: the fine-tuned model's most likely class for the example and "
+                "its softmax probability (a given label the model does not predict with high confidence is a "
+                "mislabel suspect).</p>"
+            )
         for name, s in scores.items():
             opts = s.settings.get("method_options")
             test_part, harmful, helpful = _overall_headings(s)
@@ -514,9 +624,9 @@ def write_scores_report(
             )
             value_name = _value_name(s)
             parts.append(f"<h3>{_esc(harmful)}</h3>")
-            parts.append(_ranked_table(s.top_harmful(k), by_id, text_field, label_field, value_name))
+            parts.append(_ranked_table(s.top_harmful(k), by_id, text_field, label_field, value_name, predictions))
             parts.append(f"<h3>{_esc(helpful)}</h3>")
-            parts.append(_ranked_table(s.top_helpful(k), by_id, text_field, label_field, value_name))
+            parts.append(_ranked_table(s.top_helpful(k), by_id, text_field, label_field, value_name, predictions))
             if s.mode == "pairwise":
                 shown = min(max_test_examples, len(s.test_ids))
                 parts.append(f"<h3>Per test example (first {shown} of {len(s.test_ids)})</h3>")
@@ -527,9 +637,13 @@ def write_scores_report(
                         f"<h4>Test example {_esc(tid)}</h4>"
                         + (f"<p class='text'>{_esc(_snippet(test_text, 400))}</p>" if test_text else "")
                         + "<p>Most helpful (smallest influence):</p>"
-                        + _ranked_table(s.top_helpful(k, test_index=j), by_id, text_field, label_field)
+                        + _ranked_table(
+                            s.top_helpful(k, test_index=j), by_id, text_field, label_field, predictions=predictions
+                        )
                         + "<p>Most harmful (largest influence):</p>"
-                        + _ranked_table(s.top_harmful(k, test_index=j), by_id, text_field, label_field)
+                        + _ranked_table(
+                            s.top_harmful(k, test_index=j), by_id, text_field, label_field, predictions=predictions
+                        )
                     )
         parts.append(
             "<h2>Distribution of the scores</h2><img src='score_histogram.png' alt='histogram of influence scores'>"

@@ -344,6 +344,9 @@ class ReportSettings:
         text_column, label_column, prompt_column, response_column, id_column: as in :class:`FinetuneSettings`.
         k: examples per list.
         max_test: pairwise scores: test examples that get their own lists.
+        model, adapter, device: the fine-tuned classifier (optional): every listed training example
+            gets its predicted label and confidence (one forward pass over the listed rows only,
+            :func:`datainf.report.predict_labels`). Recorded in ``config.json`` only when given.
     """
 
     out: str | None = None
@@ -357,9 +360,12 @@ class ReportSettings:
     id_column: str | None = None
     k: int = 10
     max_test: int = 5
+    model: str | None = None
+    adapter: str | None = None
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
-        _normalise(self, ("data", "test_data"), {})
+        _normalise(self, ("data", "test_data", "model", "adapter"), {})
         if self.scores is not None:
             files = (self.scores,) if isinstance(self.scores, (str, os.PathLike)) else self.scores
             object.__setattr__(self, "scores", tuple(str(_input_path(f)) for f in files))
@@ -1040,11 +1046,58 @@ def report_run(settings: ReportSettings, *, overwrite: bool = False) -> ReportRu
                     f"None of the {len(missing)} training ids of the {name} scores (e.g. {missing[:3]}) is in {settings.data}; "
                     "pass the training data the scores were computed on (and the same --id-column)."
                 )
-        run = RunDir.claim(settings.out, kind="report", settings=_saved(settings), overwrite=overwrite)
+        run = RunDir.claim(settings.out, kind="report", settings=_saved_report(settings), overwrite=overwrite)
+        predictions = _report_predictions(settings, loaded, records) if settings.model or settings.adapter else None
         path = write_scores_report(
-            run.path, loaded, records, k=settings.k, test_records=test_records, max_test_examples=settings.max_test
+            run.path,
+            loaded,
+            records,
+            k=settings.k,
+            test_records=test_records,
+            max_test_examples=settings.max_test,
+            predictions=predictions,
         )
         return ReportRunResult(out=run.path, path=path)
+
+
+def _saved_report(settings: ReportSettings) -> dict[str, Any]:
+    """:class:`ReportSettings` as ``config.json`` holds them: the model options only when given, so report
+    folders written before they existed still match."""
+    saved = _saved(settings)
+    if saved.get("model") is None and saved.get("adapter") is None:
+        for key in ("model", "adapter", "device"):
+            saved.pop(key, None)
+    return saved
+
+
+def _report_predictions(
+    settings: ReportSettings, scores: Mapping[str, Scores], records: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The classifier's predicted label and confidence of every training example the report lists."""
+    from datainf.data.labels import LabelEncoder
+    from datainf.report import listed_ids, predict_labels
+
+    if not settings.model or not settings.adapter:
+        raise ConfigError("Predicted labels need both --model (the base model) and --adapter (the fine-tuned adapter).")
+    model_settings = GradientsSettings(
+        model=settings.model,
+        adapter=settings.adapter,
+        device=settings.device,
+        text_column=settings.text_column,
+        label_column=settings.label_column,
+        id_column=settings.id_column,
+    )
+    meta = _adapter_meta(model_settings)
+    if (meta.get("kind") or "classification") != "classification":
+        raise ConfigError(
+            f"Predicted labels are shown for classification adapters; {settings.adapter} is a {meta.get('kind')} "
+            "adapter. Drop --model / --adapter."
+        )
+    wanted = set(listed_ids(scores, settings.k, settings.max_test))
+    rows = [r for r in records if str(r["id"]) in wanted]
+    model, task, encoded = _model_and_task(model_settings, {"data": rows})
+    names = LabelEncoder.from_model(model, meta).names
+    return predict_labels(model, task, encoded["data"], label_names=names)
 
 
 # ---------------------------------------------------------------------------------------------- shared steps

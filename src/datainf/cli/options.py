@@ -507,6 +507,19 @@ def _report_options() -> list[Option]:
         *_columns(),
         Option("k", ("--k", "--top"), _to_int, 10, "examples per list"),
         Option("max_test", ("--max-test",), _to_int, 5, "pairwise: test examples that get their own lists"),
+        Option(
+            "model",
+            ("--model",),
+            _optional(_to_path),
+            None,
+            "base model folder: with --adapter, each listed example shows the classifier's predicted label and "
+            "confidence",
+            metavar="DIR",
+        ),
+        Option(
+            "adapter", ("--adapter",), _optional(_to_path), None, "the fine-tuned adapter (see --model)", metavar="DIR"
+        ),
+        Option("device", ("--device",), str, "cpu", "where the predictions are computed"),
     ]
 
 
