@@ -206,3 +206,32 @@ def test_generation_demo_wiring_and_dataset_check(tmp_path, monkeypatch, capsys)
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["dataset"] == "sentence" and summary["metrics"][0]["method"] == "datainf"
     assert (tmp_path / "o" / "report" / "index.html").is_file()
+
+
+def test_normalised_and_self_influence_scores_go_through_the_engine():
+    from datainf.explain.common import needs_factors, self_influence_scores
+    from datainf.influence import influence
+
+    train, test, train_c, test_c = _planted_gradients()
+    train_store, test_store = GradientStore.from_tensors(train), GradientStore.from_tensors(test)
+    scores, _ = score_and_evaluate(
+        train_store, test_store, train_c, test_c, methods=("datainf", "hessian_free"), normalize=True, progress=False
+    )
+    for method in ("datainf", "hessian_free"):
+        direct = influence(train_store, test_store, method=method, mode="pairwise", normalize=True, progress=False)
+        assert torch.equal(scores[method].values, direct.values) and scores[method].settings["normalize"]
+    own = self_influence_scores(train_store, methods=("datainf", "diagonal"), progress=False)
+    for method, s in own.items():
+        direct = influence(train_store, None, method=method, mode="self", progress=False)
+        assert s.mode == "self" and torch.equal(s.values, direct.values)
+    assert needs_factors(["datainf", "ekfac"]) and not needs_factors(["datainf", "diagonal"])
+
+
+def test_text_to_image_scoring_options_keep_the_cache_key():
+    from datainf.explain.text_to_image import TextToImageConfig
+
+    config = TextToImageConfig()
+    varied = TextToImageConfig(normalize=True, self_influence=True, methods=("datainf", "kfac"))
+    assert varied.key("x") == config.key("x")
+    with pytest.raises(ConfigError, match="normalize"):
+        TextToImageConfig(normalize="yes")  # type: ignore[arg-type]

@@ -109,6 +109,24 @@ def test_pipeline_end_to_end_and_cached_rerun(tiny_bert: str, tmp_path) -> None:
     for name, s in result.scores.items():
         torch.testing.assert_close(again.scores[name].values, s.values)
 
+    # normalised and self-influence scores, and a method needing Kronecker factors, on the same cache:
+    # the factors are added to the cached training store (its gradients are kept)
+    scoring = {"normalize": True, "self_influence": True, "methods": ("hessian_free", "ekfac")}
+    varied = TextGenerationConfig(**{**config.to_dict(), **scoring})
+    assert varied.key() == config.key()
+    third = run_text_generation(varied, out_dir=tmp_path, progress=False)
+    assert (result.cache / "grads-train" / "shard-00000.safetensors").stat().st_mtime_ns == grads_mtime
+    assert (result.cache / "grads-train" / "kronecker-factors" / "index.json").is_file()
+    train_g = GradientStore.open(result.cache / "grads-train").to_dict()
+    test_g = GradientStore.open(result.cache / "grads-test").to_dict()
+    unit = [torch.cat([g[b].double() for b in g], dim=1) for g in (train_g, test_g)]
+    unit = [u / u.norm(dim=1, keepdim=True) for u in unit]
+    torch.testing.assert_close(third.scores["hessian_free"].values, -(unit[1] @ unit[0].T), rtol=1e-4, atol=1e-6)
+    assert set(third.self_scores) == {"hessian_free", "ekfac"} and not result.self_scores
+    for s in third.self_scores.values():
+        assert s.mode == "self" and tuple(s.values.shape) == (n,) and bool(s.settings.get("normalize"))
+    torch.testing.assert_close(third.self_scores["hessian_free"].values, torch.ones(n, dtype=torch.float64))
+
     # influence-only settings share the cache; training settings do not
     assert TextGenerationConfig(**{**config.to_dict(), "damping": 0.5}).key() == config.key()
     assert TextGenerationConfig(**{**config.to_dict(), "epochs": 3}).key() != config.key()

@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from datainf.errors import ConfigError
 from datainf.explain.common import ExplanationResult, format_generation_table
@@ -62,8 +63,15 @@ def run_generation_demo(
     seed: int = 0,
     recompute: bool = False,
     progress: bool = True,
+    methods: Sequence[str] | None = None,
+    normalize: bool = False,
+    self_influence: bool = False,
 ) -> tuple[ExplanationResult, Path]:
     """Run one experiment with its default configuration and write its report.
+
+    ``methods`` (any registered method; ``None``: the configuration's default), ``normalize`` and
+    ``self_influence`` (``mode="self"`` scores, :attr:`ExplanationResult.self_scores`) are passed to
+    the pipeline's configuration; they change the scoring only (the cached adapter and gradients are reused).
 
     Returns:
         ``(result, path of the report's index.html)``. ``out_dir`` defaults to
@@ -72,17 +80,20 @@ def run_generation_demo(
     from datainf.report import write_generation_report
 
     dataset = _resolve(task, dataset)
+    scoring: dict[str, Any] = {"normalize": normalize, "self_influence": self_influence}
+    if methods is not None:
+        scoring["methods"] = tuple(methods)
     out_path = Path(out_dir) if out_dir is not None else Path("datainf-out") / f"demo-{task}-{dataset}"
     config: TextGenerationConfig | TextToImageConfig
     if task == "text-generation":
         from datainf.explain.text_generation import TextGenerationConfig, run_text_generation
 
-        config = TextGenerationConfig(dataset=dataset, seed=seed)
+        config = TextGenerationConfig(dataset=dataset, seed=seed, **scoring)
         result = run_text_generation(config, out_dir=out_path, recompute=recompute, progress=progress)
     else:
         from datainf.explain.text_to_image import TextToImageConfig, run_text_to_image
 
-        config = TextToImageConfig(dataset=dataset, seed=seed)
+        config = TextToImageConfig(dataset=dataset, seed=seed, **scoring)
         result = run_text_to_image(config, out_dir=out_path, recompute=recompute, progress=progress)
     # the demo's own folder (report and summary; the pipeline's cache folder is inside it), not claimed:
     # runs of other seeds share it

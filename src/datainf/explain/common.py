@@ -25,7 +25,15 @@ from datainf.errors import DatasetError
 from datainf.scores import Scores
 from datainf.store import GradientStore
 
-__all__ = ["ExplanationResult", "score_and_evaluate", "class_indices", "format_generation_table", "GENERATION_METHODS"]
+__all__ = [
+    "ExplanationResult",
+    "score_and_evaluate",
+    "self_influence_scores",
+    "needs_factors",
+    "class_indices",
+    "format_generation_table",
+    "GENERATION_METHODS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +63,9 @@ class ExplanationResult:
             (text) or a float tensor ``(C, H, W)`` in [-1, 1] (images). May cover only a sample.
         cache: the folder holding the cached adapter, gradients and scores.
         stage_seconds: wall time per stage (data, finetune, gradients, influence, ...).
+        self_scores: method -> ``mode="self"`` :class:`~datainf.scores.Scores` (values ``(n,)``, each
+            training example's influence on its own loss; large = the rest of the data does not explain
+            it), when the configuration asks for them (``self_influence=True``); else empty.
     """
 
     task: Literal["text-generation", "text-to-image"]
@@ -68,6 +79,7 @@ class ExplanationResult:
     generations: dict[str, Any] = field(default_factory=dict)
     cache: Path | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    self_scores: dict[str, Scores] = field(default_factory=dict)
 
 
 def class_indices(records: Sequence[Mapping[str, Any]], class_field: str = "class") -> np.ndarray:
@@ -95,6 +107,7 @@ def score_and_evaluate(
     damping: float = 0.1,
     method_options: Mapping[str, Mapping[str, Any]] | None = None,
     progress: bool = True,
+    normalize: bool = False,
 ) -> tuple[dict[str, Scores], list[dict[str, Any]]]:
     """Pairwise influence by each method, and per-test class-detection metrics.
 
@@ -107,6 +120,8 @@ def score_and_evaluate(
         damping: ``lambda_l = damping * mean_i ||g_il||^2 / d_l``.
         method_options: per-method options, e.g. ``{"lissa": {"scale": "trace"}}``.
         progress: show progress bars.
+        normalize: unit-normalise every training and test gradient first (docs/method.md section 5.2:
+            cosine-style scores that rank by gradient direction; no longer an influence on the loss).
 
     Returns:
         ``(scores, metrics)``: method -> pairwise Scores (``(m, n)``, positive = harmful), and one
@@ -136,6 +151,7 @@ def score_and_evaluate(
                 damping=damping,
                 method_options=dict((method_options or {}).get(method, {})),
                 progress=progress,
+                normalize=normalize,
             )
         seconds = time.perf_counter() - started
         notes = [str(w.message).split(";")[0] for w in caught][:1]
@@ -162,6 +178,47 @@ def score_and_evaluate(
         scores[method] = result
         metrics.append(row)
     return scores, metrics
+
+
+def self_influence_scores(
+    train_store: GradientStore,
+    *,
+    methods: Sequence[str] = GENERATION_METHODS,
+    damping: float = 0.1,
+    method_options: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: bool = True,
+    normalize: bool = False,
+) -> dict[str, Scores]:
+    """Each training example's self-influence by each method (``mode="self"``, docs/method.md section 5.1).
+
+    Returns:
+        method -> :class:`~datainf.scores.Scores` with values ``(n,)`` in the store's row order
+        (largest = least explained by the rest of the data).
+    """
+    from datainf.influence import influence
+    from datainf.methods import check_method_names
+
+    out: dict[str, Scores] = {}
+    for method in check_method_names(methods):
+        out[method] = influence(
+            train_store,
+            None,
+            method=method,
+            mode="self",
+            damping=damping,
+            method_options=dict((method_options or {}).get(method, {})),
+            progress=progress,
+            normalize=normalize,
+        )
+    return out
+
+
+def needs_factors(methods: Sequence[str]) -> bool:
+    """Whether one of ``methods`` needs the Kronecker factors collected with the training gradients
+    (``kfac``, ``ekfac``: ``collect_gradients(..., collect_factors=True)``), asked of the method registry."""
+    from datainf.methods import get_method
+
+    return any(get_method(name).needs_factors for name in methods)
 
 
 def format_generation_table(metrics: Sequence[Mapping[str, Any]]) -> str:

@@ -76,7 +76,13 @@ import torch
 from torch import nn
 
 from datainf.errors import ConfigError, TaskInputError
-from datainf.explain.common import ExplanationResult, class_indices, score_and_evaluate
+from datainf.explain.common import (
+    ExplanationResult,
+    class_indices,
+    needs_factors,
+    score_and_evaluate,
+    self_influence_scores,
+)
 from datainf.methods import available_methods, unknown_methods
 from datainf.models import ModelLoadError
 from datainf.runs import RunDir
@@ -153,6 +159,10 @@ class TextGenerationConfig(DictSettings):
             section 4: mean NLL of the response tokens) or ``"all"`` (every token after the first,
             prompt included; a diagnostic: the DataInf authors' code scored prompt tokens, which carry
             the class template). Fine-tuning always uses the response loss.
+        normalize: unit-normalise every gradient before scoring (docs/method.md section 5.2): every
+            method ranks by gradient direction (with ``hessian_free``: the cosine similarity).
+        self_influence: also score each training example's self-influence with every method
+            (``mode="self"``, docs/method.md section 5.1; :attr:`ExplanationResult.self_scores`).
     """
 
     dataset: str = "sentence"
@@ -172,6 +182,8 @@ class TextGenerationConfig(DictSettings):
     seed: int = 0
     max_new_tokens: int = 32
     loss_on: str = "response"
+    normalize: bool = False
+    self_influence: bool = False
 
     _settings_name = "text-generation"
 
@@ -220,20 +232,24 @@ class TextGenerationConfig(DictSettings):
                 problems.append(f"{name}={value!r}: must be a number > 0")
         if not is_int(self.seed):
             problems.append(f"seed={self.seed!r}: must be an integer")
+        for name in ("normalize", "self_influence"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name}={getattr(self, name)!r}: must be True or False")
         if problems:
             raise ConfigError("Invalid text-generation settings: " + "; ".join(problems) + ".")
 
     def key(self) -> str:
         """Short hash naming this configuration's cache folder.
 
-        The influence settings (``methods``, ``damping``, ``loss_on``) are left out: they do not
+        The influence settings (``methods``, ``damping``, ``loss_on``, ``normalize``, ``self_influence``)
+        are left out: they do not
         change the adapter or the generations (gradient stores are named by ``loss_on``). The base model
         enters by its folder *and* its content digest, so a replaced model folder gets a new cache.
         """
         from datainf.models import base_model_digest
 
         data = self.to_dict()
-        for name in ("methods", "damping", "loss_on"):
+        for name in ("methods", "damping", "loss_on", "normalize", "self_influence"):
             data.pop(name)
         base = self.base_model or default_base_model()
         data["base_model"] = str(Path(base).expanduser().resolve())
@@ -639,7 +655,13 @@ def run_text_generation(
         task = CausalLMTask(tokenizer, CausalLMConfig(max_length=config.max_length, loss_on=config.loss_on))  # type: ignore[arg-type]
         task.setup(model)
         train_store = collect_gradients(
-            model, task, train, store=run.stage(f"grads-train{suffix}"), batch_size=32, progress=progress
+            model,
+            task,
+            train,
+            store=run.stage(f"grads-train{suffix}"),
+            batch_size=32,
+            progress=progress,
+            collect_factors=needs_factors(config.methods),  # kfac / ekfac (a cached store: only the factors)
         )
         test_store = collect_gradients(
             model, task, test, store=run.stage(f"grads-test{suffix}"), batch_size=32, progress=progress
@@ -654,6 +676,18 @@ def run_text_generation(
             methods=config.methods,
             damping=config.damping,
             progress=progress,
+            normalize=config.normalize,
+        )
+        self_scores = (
+            self_influence_scores(
+                train_store,
+                methods=config.methods,
+                damping=config.damping,
+                progress=progress,
+                normalize=config.normalize,
+            )
+            if config.self_influence
+            else {}
         )
 
     stage = dict(run.stage_seconds)
@@ -681,4 +715,5 @@ def run_text_generation(
         generations=generations,
         cache=run.path,
         stage_seconds=stage,
+        self_scores=self_scores,
     )

@@ -118,7 +118,10 @@ class TextToImageConfig(DictSettings):
             0.871 -> 0.896, Hessian-free 0.775 -> 0.725, Exact 0.928 -> 0.969.
         eval_timesteps: timesteps of the before/after denoising loss on the test set.
         damping: ``lambda_l = damping * mean_i ||g_il||^2 / d_l``.
-        methods: influence methods on the same gradients.
+        methods: influence methods on the same gradients (any registered method).
+        normalize: unit-normalise every gradient before scoring (docs/method.md section 5.2).
+        self_influence: also score each training example's self-influence with every method
+            (``mode="self"``, docs/method.md section 5.1; :attr:`ExplanationResult.self_scores`).
         n_samples: test prompts to generate images for (spread over the classes; 0: none).
         sampling_steps: DDIM steps per generated image.
         guidance_scale: classifier-free guidance of the samples.
@@ -145,6 +148,8 @@ class TextToImageConfig(DictSettings):
     guidance_scale: float = 3.0
     prompt_length: int = 16
     seed: int = 0
+    normalize: bool = False
+    self_influence: bool = False
 
     _settings_name = "text-to-image"
 
@@ -181,6 +186,9 @@ class TextToImageConfig(DictSettings):
             problems.append("n_samples must be >= 0, sampling_steps >= 1, guidance_scale >= 0")
         if self.prompt_length < 2:
             problems.append(f"prompt_length={self.prompt_length} must be >= 2")
+        for name in ("normalize", "self_influence"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name}={getattr(self, name)!r} must be True or False")
         if problems:
             raise ConfigError("Invalid TextToImageConfig: " + "; ".join(problems) + ".")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
@@ -213,10 +221,12 @@ class TextToImageConfig(DictSettings):
         dataset's defaults) and ``extra`` strings, e.g. data and base-model digests.
 
         The gradient and influence settings (``timesteps``, ``timestep_blocks``, ``damping``,
-        ``methods``) are left out: they do not change the adapter or the samples, and the gradient
+        ``methods``, ``normalize``, ``self_influence``) are left out: they do not change the adapter or the samples, and the gradient
         stores in the folder are named by :meth:`gradient_recipe`."""
         settings = {
-            k: v for k, v in self.to_dict().items() if k not in ("timesteps", "timestep_blocks", "damping", "methods")
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in ("timesteps", "timestep_blocks", "damping", "methods", "normalize", "self_influence")
         }
         effective = {
             **settings,
@@ -489,7 +499,13 @@ def run_text_to_image(
     from safetensors.torch import save as st_save
 
     from datainf.data.images import stack_pixel_values
-    from datainf.explain.common import ExplanationResult, class_indices, score_and_evaluate
+    from datainf.explain.common import (
+        ExplanationResult,
+        class_indices,
+        needs_factors,
+        score_and_evaluate,
+        self_influence_scores,
+    )
     from datainf.gradients import DiffusionTask, DiffusionTaskConfig, collect_gradients
     from datainf.store import atomic_write_bytes
 
@@ -619,6 +635,7 @@ def run_text_to_image(
                 store=run.stage(f"grads-{split}-{config.gradient_recipe()}"),
                 batch_size=16,
                 progress=progress,
+                collect_factors=split == "train" and needs_factors(config.methods),  # kfac / ekfac
             )
             for split, recs in grad_records.items()
         }
@@ -637,6 +654,18 @@ def run_text_to_image(
             methods=config.methods,
             damping=config.damping,
             progress=progress,
+            normalize=config.normalize,
+        )
+        self_scores = (
+            self_influence_scores(
+                stores["train"],
+                methods=config.methods,
+                damping=config.damping,
+                progress=progress,
+                normalize=config.normalize,
+            )
+            if config.self_influence
+            else {}
         )
 
     for recs in (train, test):
@@ -657,4 +686,5 @@ def run_text_to_image(
         generations=generations,
         cache=run.path,
         stage_seconds=stage,
+        self_scores=self_scores,
     )
