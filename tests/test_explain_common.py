@@ -175,13 +175,15 @@ def test_generation_demo_wiring_and_dataset_check(tmp_path, monkeypatch, capsys)
     calls = {}
 
     class FakeConfig:
-        def __init__(self, dataset: str, seed: int) -> None:
-            self.dataset, self.seed = dataset, seed
+        def __init__(self, dataset: str, seed: int, **scoring) -> None:
+            self.dataset, self.seed, self.scoring = dataset, seed, scoring
 
     def fake_run(config, *, out_dir, recompute, progress):
         calls.update(
             dataset=config.dataset, seed=config.seed, out=Path(out_dir), recompute=recompute, progress=progress
         )
+        if config.scoring:
+            calls["scoring"] = config.scoring
         return _result("text-generation")
 
     fake = type("M", (), {"TextGenerationConfig": FakeConfig, "run_text_generation": staticmethod(fake_run)})
@@ -206,6 +208,12 @@ def test_generation_demo_wiring_and_dataset_check(tmp_path, monkeypatch, capsys)
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["dataset"] == "sentence" and summary["metrics"][0]["method"] == "datainf"
     assert (tmp_path / "o" / "report" / "index.html").is_file()
+
+    # the scoring options reach the pipeline's configuration
+    run_generation_demo(
+        "text-generation", None, out_dir=tmp_path / "o2", methods=["ekfac"], normalize=True, self_influence=True
+    )
+    assert calls["scoring"] == {"methods": ("ekfac",), "normalize": True, "self_influence": True}
 
 
 def test_normalised_and_self_influence_scores_go_through_the_engine():

@@ -80,9 +80,13 @@ def run_generation_demo(
     from datainf.report import write_generation_report
 
     dataset = _resolve(task, dataset)
-    scoring: dict[str, Any] = {"normalize": normalize, "self_influence": self_influence}
+    scoring: dict[str, Any] = {}  # only what differs from the configuration's defaults
     if methods is not None:
         scoring["methods"] = tuple(methods)
+    if normalize:
+        scoring["normalize"] = True
+    if self_influence:
+        scoring["self_influence"] = True
     out_path = Path(out_dir) if out_dir is not None else Path("datainf-out") / f"demo-{task}-{dataset}"
     config: TextGenerationConfig | TextToImageConfig
     if task == "text-generation":
