@@ -441,7 +441,11 @@ def load_factors(store: GradientSource, path: str | os.PathLike[str] | None = No
         elif isinstance(store_path, Path) and (store_path / FACTORS_FOLDER).is_dir():
             factors = _read_folder(store_path / FACTORS_FOLDER)
         else:
-            where = f"in {store_path / FACTORS_FOLDER}" if isinstance(store_path, Path) else "with this RAM store"
+            where = (
+                f"in {store_path / FACTORS_FOLDER}"
+                if isinstance(store_path, Path)
+                else "with this RAM store / on-the-fly source"
+            )
             raise StoreError(
                 f"This gradient store has no Kronecker factors ({where}); kfac and ekfac need them. {how_to_collect}; "
                 "or use a method that needs none (datainf, diagonal, exact, ...)."

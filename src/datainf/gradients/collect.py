@@ -236,6 +236,7 @@ def collect_gradients(
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}; use a positive number of examples per batch.")
+    seconds = _checked_seconds(checkpoint_seconds)
     ctx = dist_context()
     n = len(dataset)
     try:
@@ -307,8 +308,8 @@ def collect_gradients(
         raise ConfigError(f"store must be None, a folder path or a GradientStore, not {type(store).__name__}.")
 
     if isinstance(out, DiskGradientStore):
-        if checkpoint_seconds is not None:
-            out.checkpoint_seconds = _checked_seconds(checkpoint_seconds)
+        if seconds is not None:
+            out.checkpoint_seconds = seconds
         out.adopt_parts(order=ids)  # shards left by an interrupted multi-process run count as done
     done = set(out.ids)
     pending = [i for i in range(n) if ids[i] not in done]
