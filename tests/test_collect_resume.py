@@ -162,3 +162,19 @@ def test_checkpoint_seconds_is_checked() -> None:
 
     with pytest.raises(ConfigError, match="checkpoint_seconds"):
         GradientStore.create("/nonexistent/never-created", block_dims=DIMS, checkpoint_seconds=-1)
+
+
+def test_a_part_killed_between_shards_is_adopted_with_its_checkpointed_examples(tmp_path) -> None:
+    ids, grads = _grads(6)
+    main = GradientStore.create(tmp_path / "s", block_dims=DIMS, shard_size=4)
+    assert isinstance(main, DiskGradientStore)
+    part = main.create_part("run-r00001")
+    part.checkpoint_seconds = 0
+    part.append(ids[:3], {k: v[:3] for k, v in grads.items()})  # 3 rows, no full shard: only in unsharded/
+    del part  # the rank dies
+    assert main.adopt_parts(order=ids) == 3 and main.ids == ids[:3]
+    main.append(ids[3:], {k: v[3:] for k, v in grads.items()})
+    main.finalize()
+    loaded = GradientStore.open(tmp_path / "s").to_dict()
+    for name in DIMS:
+        assert torch.equal(loaded[name], grads[name])
