@@ -411,6 +411,24 @@ class TextToImageTask(DiffusionTask):
         super().__init__(
             noise_scheduler, config or TextToImageTaskConfig(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer
         )
+        self._describe: str | None = None
+
+    def describe(self) -> str:
+        """:meth:`DiffusionTask.describe` with the VAE's and text encoder's identity as a digest of
+        their weights (not their folder's path), and the tokenizer's vocabulary size and limit: a
+        gradient store records which components made it, wherever the pipeline folder lies."""
+        if self._describe is None:
+            sched_cfg = getattr(self.noise_scheduler, "config", {})
+            keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
+            sched = json.dumps({k: _cfg_get(sched_cfg, k, None) for k in keys}, sort_keys=True, default=str)
+            tok = self.tokenizer
+            vocab = len(tok) if tok is not None and hasattr(tok, "__len__") else None
+            self._describe = (
+                f"{GradientTask.describe(self)}|scheduler={type(self.noise_scheduler).__name__}{sched}"
+                f"|vae={_weights_digest(self.vae)}|text_encoder={_weights_digest(self.text_encoder)}"
+                f"|tokenizer={type(tok).__name__}:{vocab}:{_tokenizer_limit(tok) if tok is not None else None}"
+            )
+        return self._describe
 
     def _image(self, example: Mapping[str, Any], ex_id: str) -> tuple[str, torch.Tensor]:
         for key in (self.config.image_field, "pixel_values", "image"):
@@ -418,6 +436,17 @@ class TextToImageTask(DiffusionTask):
             if value is not None and hasattr(value, "convert") and hasattr(value, "size"):  # a PIL image
                 return "pixel_values", _to_pixels(_sized(value.convert("RGB"), self.config.resolution), ex_id)
         return super()._image(example, ex_id)
+
+
+def _weights_digest(module: nn.Module | None) -> str | None:
+    """``<class>:<sha256 of every parameter and buffer, 16 hex digits>`` (``None`` without a module)."""
+    if module is None:
+        return None
+    h = hashlib.sha256()
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"{type(module).__name__}:{h.hexdigest()[:16]}"
 
 
 def _sized(image: Any, resolution: int | None) -> Any:
