@@ -262,3 +262,23 @@ def test_grads_command_end_to_end(files, tmp_path):
     broken = write_imagefolder(tmp_path / "broken", {"a.png": "a cat", "b.png": "a dog"})
     (broken / "b.png").write_bytes(io.BytesIO(b"junk").getvalue())
     assert main([*argv, "--data", str(broken), "--out", str(tmp_path / "g2")]) != 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(files):
+    """A UNet with diffusers' activation checkpointing switched on (as a training script leaves it) gives
+    the per-example gradients of the same UNet without it, and keeps its setting afterwards."""
+    from datainf.gradients import collect_gradients
+
+    loaded = load_pipeline(files["pipe"], lora=files["lora"], dtype="float64")
+    task = text_to_image_task(loaded, config=TextToImageTaskConfig(timesteps=(25, 525), resolution=IMAGE_SIZE))
+    records = load_image_records(files["images"])
+    plain = collect_gradients(loaded.unet, task, records, batch_size=4, progress=False).to_dict()
+    loaded.unet.enable_gradient_checkpointing()
+    try:
+        checkpointed = collect_gradients(loaded.unet, task, records, batch_size=4, progress=False).to_dict()
+        assert loaded.unet.is_gradient_checkpointing
+    finally:
+        loaded.unet.disable_gradient_checkpointing()
+    assert set(checkpointed) == set(plain)
+    for name, value in plain.items():
+        torch.testing.assert_close(checkpointed[name], value, rtol=1e-12, atol=0.0)
