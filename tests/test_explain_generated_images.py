@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,29 +21,26 @@ from datainf.gradients import collect_gradients, find_lora_blocks
 from datainf.reference import reference_datainf_dense, reference_lambdas
 from datainf.tasks.diffusion import TextToImageTaskConfig, text_to_image_task
 from datainf.testing import loop_gradients
-from tiny_diffusers import save_diffusers_lora, save_tiny_pipeline, write_imagefolder
+from tiny_diffusers import CAPTIONS, save_diffusers_lora, tiny_sd  # noqa: F401 - tiny_sd is a fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CAPTIONS = {f"{i}.png": c for i, c in enumerate(["a photo of cat", "a red dog", "a blue cat", "a sks dog", "a cat"])}
 RECIPE = TextToImageTaskConfig(timesteps=(100, 600), seed=5, resolution=16)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory):
+def setup(tiny_sd: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # noqa: F811
+    """The tiny pipeline + LoRA and the training store of its imagefolder (recipe :data:`RECIPE`)."""
     root = tmp_path_factory.mktemp("explain_images")
-    pipe = save_tiny_pipeline(root / "pipe")
-    lora = save_diffusers_lora(pipe, root / "lora")
-    data = write_imagefolder(root / "images", CAPTIONS)
-    loaded = load_pipeline(pipe, lora=lora)
+    loaded = load_pipeline(tiny_sd["pipe"], lora=tiny_sd["lora"])
     store = collect_gradients(
         loaded.unet,
         text_to_image_task(loaded, config=RECIPE),
-        load_image_records(data),
+        load_image_records(tiny_sd["images"]),
         store=root / "grads",
         progress=False,
     )
-    return {"root": root, "pipe": pipe, "lora": lora, "data": data, "loaded": loaded, "store": store}
+    return {**tiny_sd, "root": root, "loaded": loaded, "store": store}
 
 
 def test_explain_images_writes_the_generation_beside_its_training_images(setup, tmp_path):
@@ -49,7 +48,7 @@ def test_explain_images_writes_the_generation_beside_its_training_images(setup, 
     result = explain_images(
         pipeline=setup["loaded"],
         train_store=setup["root"] / "grads",
-        train_data=setup["data"],
+        train_data=setup["images"],
         prompts=prompts,
         out=tmp_path / "out",
         k=2,
@@ -58,7 +57,7 @@ def test_explain_images_writes_the_generation_beside_its_training_images(setup, 
         seed=7,
     )
     assert result.prompts == prompts and len(result.images) == 2
-    assert tuple(result.scores.values.shape) == (2, 5) and result.scores.train_ids == list(CAPTIONS)
+    assert tuple(result.scores.values.shape) == (2, 4) and result.scores.train_ids == list(CAPTIONS)
     for i in range(2):
         row = result.scores.values[i]
         assert [s for _, s in result.helpful[i]] == sorted(row.tolist())[:2]
@@ -109,12 +108,12 @@ def test_explain_refuses_a_store_of_another_lora_and_missing_training_images(set
         explain_images(
             pipeline=other,
             train_store=setup["store"],
-            train_data=setup["data"],
+            train_data=setup["images"],
             prompts=["a cat"],
             out=tmp_path / "o1",
             steps=1,
         )
-    few = load_image_records(setup["data"])[:3]
+    few = load_image_records(setup["images"])[:2]
     with pytest.raises(DatasetError, match=r"2 training id\(s\) of the gradient store are not in the training data"):
         explain_images(
             pipeline=setup["loaded"], train_store=setup["store"], train_data=few, prompts=["a cat"], out=tmp_path / "o2"

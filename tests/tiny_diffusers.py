@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 PROMPT_WORDS = ["a", "an", "photo", "image", "of", "in", "style", "cat", "dog", "red", "blue", "green", "sks"]
@@ -171,3 +172,27 @@ def write_imagefolder(folder: Path, captions: dict[str, str], *, seed: int = 0, 
             Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / name)
             fh.write(json.dumps({"file_name": name, "text": caption}) + "\n")
     return folder
+
+
+CAPTIONS: dict[str, str] = {
+    "cat.png": "a photo of cat",
+    "dog.png": "a red dog",
+    "sub/blue.png": "an image in blue style",
+    "sks.png": "a sks dog",
+}
+"""The captioned images of :func:`tiny_sd` (``file_name`` -> caption)."""
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Built once per test session: the saved tiny pipeline (``pipe``), a LoRA as
+    ``train_text_to_image_lora.py`` writes it (``lora``: the safetensors file) and an imagefolder of
+    :data:`CAPTIONS` (``images``). Tests must not change these files."""
+    root = tmp_path_factory.mktemp("tiny_sd")
+    pipe = save_tiny_pipeline(root / "pipe")
+    return {
+        "root": root,
+        "pipe": pipe,
+        "lora": save_diffusers_lora(pipe, root / "lora"),
+        "images": write_imagefolder(root / "images", CAPTIONS),
+    }
