@@ -35,7 +35,7 @@ from datainf.errors import ConfigError, DatasetError, FingerprintMismatchError
 from datainf.scores import SIGN_CONVENTION, Scores
 from datainf.store import GradientStore, atomic_write_bytes, atomic_write_json
 
-__all__ = ["ImageExplanation", "explain_images", "generate_images"]
+__all__ = ["ImageExplanation", "explain_images", "generate_images", "explain_text_to_image", "json_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -312,3 +312,83 @@ def _store_recipe(store: GradientStore) -> dict[str, Any] | None:
     config = json.loads(task[len(prefix) : end])
     config["timesteps"] = tuple(config.get("timesteps", ()))
     return config
+
+
+def explain_text_to_image(settings: Any, progress: bool = True) -> tuple[list[Any], int]:
+    """The ``text-to-image`` explainer of ``datainf explain`` (:func:`datainf.explain.prompts.register_explainer`).
+
+    Maps the command's settings onto :func:`explain_images`: ``model`` is the pipeline folder, ``adapter``
+    its LoRA, ``train_store`` the training images' gradient store (required: image gradients are not
+    computed on the fly here), ``train_data`` the training images, ``prompt`` and / or ``prompts`` (a file
+    with a ``prompt`` column, ``--prompt-column``) what to generate; ``k``, ``method``, ``damping``,
+    ``device`` and ``grad_batch_size`` as given. The images and ``explain.html`` (generated image
+    beside its training images) go into ``settings.out``.
+
+    Returns:
+        ``(explanations, number of training images)``: one ``PromptExplanation`` per prompt, ``extra``
+        holding the generated image's file and the training images' files.
+    """
+    import importlib
+
+    from datainf.data.tabular import load_records
+
+    prompts_module = importlib.import_module("datainf.explain.prompts")
+    if not settings.train_store or not settings.train_data:
+        raise ConfigError(
+            "Explaining an image needs --train-store (the training images' gradients: `datainf grads --kind "
+            "text-to-image`) and --train-data (the training images, to show them)."
+        )
+    if not settings.model:
+        raise ConfigError("Explaining an image needs --model PIPELINE_DIR (the diffusers pipeline folder).")
+    texts: list[tuple[str, str]] = []
+    if settings.prompts:
+        column = {"prompt": settings.prompt_column} if settings.prompt_column else {}
+        for r in load_records(settings.prompts, columns=column, required=["prompt"]):
+            texts.append((str(r["id"]), str(r["prompt"])))
+    if settings.prompt:
+        texts.append(("prompt", str(settings.prompt)))
+    result = explain_images(
+        pipeline=settings.model,
+        lora=settings.adapter,
+        train_store=settings.train_store,
+        train_data=settings.train_data,
+        prompts=[p for _, p in texts],
+        out=settings.out,
+        k=int(settings.k),
+        method=str(settings.method),
+        damping=float(settings.damping),
+        device=str(settings.device),
+        grad_batch_size=int(settings.grad_batch_size),
+        progress=progress,
+    )
+    records = json_rows(result)
+
+    def examples(rows: Sequence[Mapping[str, Any]]) -> list[Any]:
+        return [prompts_module.TrainingExample(id=r["id"], influence=r["score"], text=str(r["prompt"])) for r in rows]
+
+    explanations = [
+        prompts_module.PromptExplanation(
+            id=ex_id,
+            prompt=prompt,
+            response="",
+            generated=True,
+            helpful=examples(row["helpful"]),
+            harmful=examples(row["harmful"]),
+            extra={
+                "image": row["image"],
+                "helpful_images": [r["image_file"] for r in row["helpful"]],
+                "harmful_images": [r["image_file"] for r in row["harmful"]],
+                "page": "explain.html",
+            },
+        )
+        for (ex_id, prompt), row in zip(texts, records, strict=True)
+    ]
+    return explanations, len(result.scores.train_ids)
+
+
+def json_rows(result: ImageExplanation) -> list[dict[str, Any]]:
+    """The per-prompt rows of ``explain.json`` (``prompt``, ``image``, ``helpful``, ``harmful``)."""
+    import json
+
+    rows: list[dict[str, Any]] = json.loads(result.json.read_text())["generations"]
+    return rows
