@@ -268,3 +268,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(files):
     assert set(checkpointed) == set(plain)
     for name, value in plain.items():
         torch.testing.assert_close(checkpointed[name], value, rtol=1e-12, atol=0.0)
+
+
+def test_task_fingerprint_names_the_components_not_their_folder(files, tmp_path):
+    import shutil
+
+    moved = shutil.copytree(files["pipe"], tmp_path / "elsewhere")
+    a = text_to_image_task(load_pipeline(files["pipe"])).describe()
+    other = load_pipeline(moved)
+    assert text_to_image_task(other).describe() == a and str(tmp_path) not in a
+    assert a.startswith("TextToImageTask{") and '"resolution": 16' in a and "scheduler=DDPMScheduler" in a
+    with torch.no_grad():
+        next(other.text_encoder.parameters()).add_(1.0)  # another text encoder: another task
+    assert text_to_image_task(other).describe() != a
