@@ -166,6 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", nargs=5, metavar=("PIPE", "LORA", "DTYPE", "CKPT", "PART"))
     parser.add_argument("--sizes", default="tiny,small")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--out", default=str(HERE / "results_sd.md"))
     args = parser.parse_args()
     if args.worker:
@@ -179,7 +180,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
             pipe, lora = _build(Path(tmp), size)
-            for dtype in ("float32", "bfloat16"):
+            for dtype in args.dtypes.split(","):
                 for ckpt in (False, True):
                     grads = _run_worker(pipe, lora, dtype, ckpt, "grads")
                     train = _run_worker(pipe, lora, dtype, ckpt, "train")
