@@ -167,6 +167,12 @@ def main() -> None:
     parser.add_argument("--worker", nargs=5, metavar=("PIPE", "LORA", "DTYPE", "CKPT", "PART"))
     parser.add_argument("--sizes", default="tiny,small")
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument(
+        "--from-log",
+        nargs=4,
+        metavar=("LOG", "TOOK", "LOAD_BEFORE", "LOAD_AFTER"),
+        help="write the report of a run's printed rows",
+    )
     parser.add_argument("--out", default=str(HERE / "results_sd.md"))
     args = parser.parse_args()
     if args.worker:
@@ -174,6 +180,11 @@ def main() -> None:
         print(json.dumps(worker(pipe, lora, dtype, ckpt == "1", part)))
         return
 
+    if args.from_log:
+        log, took, before, after = args.from_log
+        logged = [json.loads(line) for line in Path(log).read_text().splitlines() if line.startswith("{")]
+        write_report(logged, Path(args.out), took, before, after)
+        return
     rows: list[dict[str, Any]] = []
     load_before = _load()
     started = time.perf_counter()
@@ -186,11 +197,16 @@ def main() -> None:
                     train = _run_worker(pipe, lora, dtype, ckpt, "train")
                     rows.append({"size": size, "dtype": dtype, "checkpointing": ckpt, "grads": grads, "train": train})
                     print(json.dumps(rows[-1]), flush=True)
-    load_after = _load()
+    write_report(rows, Path(args.out), f"{time.perf_counter() - started:.0f} s", load_before, _load())
+    print(f"wrote {args.out}")
+
+
+def write_report(rows: list[dict[str, Any]], out: Path, took: str, load_before: str, load_after: str) -> None:
+    """The results table of ``rows`` (one per configuration, as printed by :func:`main`) into ``out``."""
     lines = [
         "## Text-to-image: per-example gradients of a user's Stable-Diffusion pipeline + LoRA",
         "",
-        f"`nice -n 15 .venv/bin/python benchmarks/bench_sd.py` ({time.perf_counter() - started:.0f} s; load average "
+        f"`nice -n 15 .venv/bin/python benchmarks/bench_sd.py` ({took}; load average "
         f"before {load_before}, after {load_after}; torch {torch.__version__}, 1 thread). Random SD-shaped pipelines "
         "built and saved by the script, LoRA r=4 on to_q/to_k/to_v/to_out.0 loaded from "
         f"`pytorch_lora_weights.safetensors`; batch {BATCH}, the default recipe (6 timesteps, a block per timestep), "
@@ -223,8 +239,7 @@ def main() -> None:
         "columns with checkpointing on measure that path; the `train` columns are the training step with "
         "checkpointing really on.",
     ]
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
