@@ -2,8 +2,7 @@
 
 Not a test. Two random Stable-Diffusion-shaped pipelines are built and saved here (no downloads):
 ``tiny`` (the test fixture of ``tests/tiny_diffusers.py``: 8x8 latents, 16x16 images, UNet 52 k
-parameters) and ``small`` (32x32 latents, 128x128 images, UNet with 32/64/64 channels and
-cross-attention 64), each with a LoRA (r=4 on to_q, to_k, to_v, to_out.0) saved as
+parameters) and ``small`` (16x16 latents, 64x64 images, UNet with 32/64 channels), each with a LoRA (r=4 on to_q, to_k, to_v, to_out.0) saved as
 ``pytorch_lora_weights.safetensors`` and loaded back through :func:`datainf.diffusers_io.load_pipeline`.
 
 For each pipeline, dtype (float32 / bfloat16) and UNet gradient checkpointing (off / on), one
@@ -48,10 +47,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))  # the tiny pipeline builder
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {},
     "small": {
-        "sample_size": 32,
-        "block_out_channels": (32, 64, 64),
-        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "sample_size": 16,
+        "block_out_channels": (32, 64),
         "cross_attention_dim": 16,
         "attention_head_dim": 8,
         "norm_num_groups": 8,
@@ -69,7 +66,7 @@ def _build(folder: Path, size: str) -> tuple[Path, Path]:
     from tiny_diffusers import save_diffusers_lora, save_tiny_pipeline
 
     pipe = save_tiny_pipeline(folder / f"pipe-{size}", **SIZES[size])
-    if size == "small":  # a VAE with three blocks: 32x32 latents <-> 128x128 images
+    if size == "small":  # a VAE with three blocks: 16x16 latents <-> 64x64 images
         from diffusers import AutoencoderKL
 
         torch.manual_seed(0)
@@ -81,7 +78,7 @@ def _build(folder: Path, size: str) -> tuple[Path, Path]:
             block_out_channels=(8, 16, 32),
             latent_channels=4,
             norm_num_groups=4,
-            sample_size=128,
+            sample_size=64,
             layers_per_block=1,
         ).save_pretrained(str(pipe / "vae"))
     lora = save_diffusers_lora(pipe, folder / f"lora-{size}", r=4, **SIZES[size])
