@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "datainf"
 #: modules of one layer are independent of each other. Keep docs/architecture.md in step.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
-    ("settings", "distributed", "store", "data", "evaluation"),
+    ("settings", "distributed", "store", "data", "evaluation", "diffusers_io"),
     ("tasks", "scores", "runs", "factors"),
     ("models", "gradients", "methods"),
     ("finetune", "influence", "testing", "reference", "report", "baselines"),

@@ -42,9 +42,9 @@ def registry(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_built_in_kinds_in_registration_order() -> None:
-    assert available_task_kinds() == ["classification", "causal-lm", "diffusion"]
+    assert available_task_kinds() == ["classification", "causal-lm", "diffusion", "text-to-image"]
     assert available_task_kinds(trainable=True) == ["classification", "causal-lm"]
-    assert available_task_kinds(loadable=True) == ["classification", "causal-lm"]
+    assert available_task_kinds(loadable=True) == ["classification", "causal-lm", "text-to-image"]
     cls, lm, diff = (get_task_kind(n) for n in ("classification", "causal-lm", "diffusion"))
     assert (cls.task_class, lm.task_class, diff.task_class) == (SequenceClassificationTask, CausalLMTask, DiffusionTask)
     # the CLI's data requirements and label handling, per kind
@@ -56,7 +56,7 @@ def test_built_in_kinds_in_registration_order() -> None:
 
 
 def test_unknown_kind_lists_the_known_ones() -> None:
-    known = r"\['classification', 'causal-lm', 'diffusion'\]"
+    known = r"\['classification', 'causal-lm', 'diffusion', 'text-to-image'\]"
     with pytest.raises(ConfigError, match=r"Unknown task kind 'regression'; use one of " + known):
         get_task_kind("regression")
 
@@ -138,7 +138,7 @@ def test_a_registered_kind_is_seen_everywhere(registry: None) -> None:
         TaskKind(name="text-length", task_class=LengthTask, config_class=LengthConfig, required_fields=("text",))
     )
     assert get_task_kind("text-length") is toy
-    assert available_task_kinds() == ["classification", "causal-lm", "diffusion", "text-length"]
+    assert available_task_kinds() == ["classification", "causal-lm", "diffusion", "text-to-image", "text-length"]
     assert "text-length" not in available_task_kinds(trainable=True), "no peft task type: fine-tuning cannot train it"
     with pytest.raises(ConfigError, match=r"kind='text-length': use one of \['classification', 'causal-lm'\]"):
         FinetuneConfig(kind="text-length")

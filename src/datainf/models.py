@@ -468,6 +468,9 @@ def load_model(
     from transformers import AutoConfig
 
     spec = _loadable_kind(kind)
+    if spec.model_loader is not None:  # a kind that loads its own model, e.g. text-to-image: a diffusers pipeline
+        model, context = spec.model_loader(base, adapter=adapter, device=device, dtype=dtype)
+        return LoadedModel(model=model, tokenizer=context)
     torch_dtype = {
         "float32": torch.float32,
         "float64": torch.float64,

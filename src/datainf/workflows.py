@@ -1131,7 +1131,16 @@ def _adapter_meta(settings: GradientsSettings | ScoreSettings) -> dict[str, Any]
         raise ConfigError(
             "Gradients need a trained LoRA adapter: pass --adapter DIR (e.g. the --out of `datainf finetune`)."
         )
+    if _own_loader(settings.kind):
+        return {}  # a LoRA in another library's format carries no datainf metadata
     return read_adapter_metadata(settings.adapter)
+
+
+def _own_loader(kind: str | None) -> bool:
+    """Whether the task kind loads its model itself (e.g. ``text-to-image``: a diffusers pipeline and LoRA)."""
+    from datainf.tasks import get_task_kind
+
+    return kind is not None and get_task_kind(kind).model_loader is not None
 
 
 _G = TypeVar("_G", GradientsSettings, ScoreSettings)
@@ -1150,8 +1159,9 @@ def _resolve_model_settings(settings: _G, meta: Mapping[str, Any]) -> _G:
             max_length = int(trained)
     if not settings.model:
         raise ConfigError("No base model given: pass --model DIR (a local folder written by save_pretrained).")
-    resolve_model_dir(settings.model)
-    resolve_adapter_dir(str(settings.adapter))
+    if not _own_loader(kind):  # a kind with its own loader checks its folders when loading
+        resolve_model_dir(settings.model)
+        resolve_adapter_dir(str(settings.adapter))
     return replace(settings, kind=kind, max_length=max_length)
 
 
@@ -1208,14 +1218,14 @@ def _compute_store(
     Under torchrun rank 0 alone creates the store (and runs ``before_compute``); every rank then
     computes its share of the missing examples (:func:`~datainf.gradients.collect_gradients`).
     """
-    from datainf.gradients import collect_gradients, find_lora_blocks, gradient_fingerprint
+    from datainf.gradients import collect_gradients, find_lora_blocks, gradient_fingerprint, split_block_dims
 
     blocks = find_lora_blocks(model)
 
     def prepare() -> GradientStore:
         store = GradientStore.create(
             path,
-            block_dims=blocks.block_dims,
+            block_dims=split_block_dims(blocks.block_dims, task.row_labels()),  # a block per row (timestep) label
             dtype=settings.dtype,
             fingerprint=gradient_fingerprint(model, task, blocks),
             shard_size=int(settings.shard_size),
@@ -1277,4 +1287,7 @@ def _load_data(path: str | None, settings: Any, kind: str, flag: str) -> list[di
 
     if not path:
         raise ConfigError(f"No data given: pass {flag} PATH.")
+    reader = get_task_kind(kind).records_reader
+    if reader is not None:  # e.g. text-to-image: captioned image files
+        return reader(path, _column_map(settings))
     return load_records(path, columns=_column_map(settings), required=list(get_task_kind(kind).required_fields))

@@ -353,3 +353,157 @@ def stack_pixel_values(records: Sequence[Mapping[str, Any]], field: str = "pixel
         bad = [i for i, img in zip(ids, images, strict=True) if not torch.isfinite(img.float()).all()]
         raise DatasetError(f"Images of records {bad[:10]} hold NaN or infinite values.")
     return batch
+
+
+# ---------------------------------------------------------------------------------------------------
+# A user's captioned images: the ``imagefolder`` convention, or a table with an image column.
+
+#: Image file suffixes an ``imagefolder`` dataset may hold.
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+#: Caption columns looked for, in this order, when none is named (``imagefolder`` writes ``text``).
+CAPTION_COLUMNS: tuple[str, ...] = ("text", "caption", "prompt")
+#: Image columns looked for, in this order, when none is named.
+IMAGE_COLUMNS: tuple[str, ...] = ("image", "file_name", "image_path", "img", "path")
+_METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+
+
+def _pick_column(found: Sequence[str], given: str | None, candidates: Sequence[str], what: str, where: Any) -> str:
+    if given is not None:
+        if given not in found:
+            raise DatasetError(f"{where}: the {what} column {given!r} does not exist; the columns are {list(found)}.")
+        return given
+    for name in candidates:
+        if name in found:
+            return name
+    raise DatasetError(
+        f"{where}: no {what} column; looked for {list(candidates)}, the columns are {list(found)}. Name the column "
+        f"(CLI: --{'prompt' if what == 'caption' else 'image'}-column)."
+    )
+
+
+def _open_image(value: Any, base: Any) -> tuple[Any, str | None]:
+    """``(PIL image in RGB, file name or None)`` of a path, bytes, ``{"bytes", "path"}`` cell or PIL image."""
+    import io
+    from pathlib import Path
+
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        return value.convert("RGB"), None
+    name: str | None = None
+    if isinstance(value, Mapping):
+        data, name = value.get("bytes"), value.get("path")
+        value = data if data is not None else name
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        image = Image.open(io.BytesIO(bytes(value)))
+    elif isinstance(value, str):
+        path = Path(value) if Path(value).is_absolute() else Path(base) / value
+        name = value
+        image = Image.open(path)
+    else:
+        raise ValueError(f"a {type(value).__name__}, not a path, bytes or an image")
+    image.load()
+    return image.convert("RGB"), name
+
+
+def load_image_records(
+    path: str | Any,
+    *,
+    caption_column: str | None = None,
+    image_column: str | None = None,
+    id_column: str | None = None,
+) -> list[dict[str, Any]]:
+    """Read a user's captioned images: ``{"id", "prompt", "image" (PIL RGB), "image_file", ...}`` records.
+
+    Formats:
+
+    * an ``imagefolder`` folder: ``metadata.jsonl`` (or ``metadata.csv`` / ``metadata.parquet``) whose
+      rows name an image by ``file_name`` (relative to the folder) and hold a caption column
+      (``text`` by default); the id is the ``file_name`` unless ``id_column`` names another column;
+    * a table (``.parquet``, ``.jsonl``, ``.csv``, or a ``datasets`` ``save_to_disk`` folder) with an image
+      column holding the image bytes, a ``{"bytes": ..., "path": ...}`` struct (how ``datasets`` writes
+      its ``Image`` feature to Parquet) or a path relative to the table's folder, and a caption column.
+
+    Other columns are kept. Every image is opened (and converted to RGB) here, so that a broken file
+    is reported before any model is loaded.
+
+    Args:
+        path: the folder or table.
+        caption_column: the caption column (default: the first of :data:`CAPTION_COLUMNS` present).
+        image_column: the image column (default: the first of :data:`IMAGE_COLUMNS` present).
+        id_column: the id column (default: ``id`` if present, else ``file_name`` for an imagefolder,
+            else the row number).
+
+    Raises:
+        DatasetError: no such path, no metadata file, no image / caption column (the columns found are
+            listed), captions missing or blank, images that do not open (each naming the ids / files).
+        EmptyInputError: no rows.
+    """
+    from pathlib import Path
+
+    from datainf.data.tabular import load_records
+
+    where = Path(path)
+    if not where.exists():
+        raise DatasetError(f"Image dataset {where} does not exist.")
+    base = where if where.is_dir() else where.parent
+    table = where
+    if where.is_dir() and not any(
+        (where / m).exists() for m in ("dataset_info.json", "state.json", "dataset_dict.json")
+    ):
+        found = [where / m for m in _METADATA_FILES if (where / m).is_file()]
+        if not found:
+            nested = sorted(str(p.relative_to(where)) for p in where.glob("*/metadata.jsonl"))
+            hint = f" Split folders were found: pass one of {nested}'s folders." if nested else ""
+            n_images = sum(1 for p in where.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            raise DatasetError(
+                f"{where} is a folder without metadata.jsonl ({n_images} image file(s) in it). An imagefolder dataset "
+                'needs metadata.jsonl with one row per image: {"file_name": "0001.png", "text": "<caption>"}.' + hint
+            )
+        table = found[0]
+        if image_column is None:
+            image_column = "file_name"
+    columns = {"id": id_column} if id_column else {}
+    rows = load_records(table, columns=columns)
+    present = list(dict.fromkeys(k for r in rows for k in r))
+    numbered = id_column is None and all(r["id"] == str(i) for i, r in enumerate(rows))  # no id column
+    image_col = _pick_column(present, image_column, IMAGE_COLUMNS, "image", table)
+    caption_col = _pick_column(present, caption_column, CAPTION_COLUMNS, "caption", table)
+    if numbered and image_col == "file_name":  # imagefolder: name each example by its file
+        names = [str(r.get("file_name")) for r in rows]
+        if len(set(names)) == len(names):
+            for r, name in zip(rows, names, strict=True):
+                r["id"] = name
+    no_caption = [
+        r["id"] for r in rows if not isinstance(r.get(caption_col), str) or not str(r.get(caption_col)).strip()
+    ]
+    if no_caption:
+        raise DatasetError(
+            f"{table}: {len(no_caption)} image(s) have no caption in column {caption_col!r}: {no_caption[:10]}"
+            + (" ..." if len(no_caption) > 10 else "")
+            + ". Give every image a caption, or drop those rows."
+        )
+    records: list[dict[str, Any]] = []
+    broken: list[str] = []
+    for r in rows:
+        try:
+            image, file_name = _open_image(r.get(image_col), base)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL raises these on unreadable / truncated files
+            broken.append(f"{r['id']} ({str(err).splitlines()[0][:120] if str(err) else type(err).__name__})")
+            continue
+        extra = {k: v for k, v in r.items() if k not in ("id", image_col, caption_col)}
+        records.append({**extra, "id": r["id"], "prompt": str(r[caption_col]), "image": image, "image_file": file_name})
+    if broken:
+        raise DatasetError(
+            f"{table}: {len(broken)} image(s) do not open: {'; '.join(broken[:10])}"
+            + (" ..." if len(broken) > 10 else "")
+            + ". Replace or drop those files."
+        )
+    logger.info(
+        "Loaded %d captioned images from %s (image column %r, caption column %r)",
+        len(records),
+        table,
+        image_col,
+        caption_col,
+    )
+    return records

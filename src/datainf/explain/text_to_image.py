@@ -28,7 +28,8 @@ Sign convention: influence > 0 = harmful (up-weighting the training image raises
 denoising loss); the most helpful training images of a generation have the smallest influence.
 
 The toy stack's names (:class:`PromptEncoder`, :func:`load_base_unet`, :func:`train_base_unet`, ...)
-stay importable from this module.
+stay importable from this module, and so does :func:`~datainf.explain.generated_images.explain_images`
+(a user's own pipeline and LoRA: the generated image beside its most helpful and harmful training images).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import torch
 from torch import nn
 
 from datainf.errors import ConfigError, DatasetError
+from datainf.explain.generated_images import ImageExplanation, explain_images, generate_images
 from datainf.explain.toy_diffusion import (
     BASE_UNET_CONFIG,
     DEFAULT_BASE_UNET,
@@ -79,6 +81,9 @@ __all__ = [
     "load_base_unet",
     "train_base_unet",
     "BaseTrainingResult",
+    "explain_images",
+    "generate_images",
+    "ImageExplanation",
 ]
 
 logger = logging.getLogger(__name__)

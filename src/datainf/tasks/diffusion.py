@@ -15,7 +15,17 @@ from torch import nn
 from datainf.errors import ConfigError, TaskInputError
 from datainf.tasks.base import _MAX_LISTED, GradientTask, TaskBatch, _list_ids, _model_config, _tokenizer_limit, _upcast
 
-__all__ = ["DiffusionTaskConfig", "DiffusionTask", "DEFAULT_DIFFUSION_TIMESTEPS", "example_seed"]
+__all__ = [
+    "DiffusionTaskConfig",
+    "DiffusionTask",
+    "DEFAULT_DIFFUSION_TIMESTEPS",
+    "example_seed",
+    "TextToImageTaskConfig",
+    "TextToImageTask",
+    "text_to_image_task",
+    "load_text_to_image",
+    "read_text_to_image_records",
+]
 
 DEFAULT_DIFFUSION_TIMESTEPS: tuple[int, ...] = (25, 225, 425, 525, 725, 925)
 """The six timesteps (of 1000) of the DataInf authors' diffusion notebook."""
@@ -353,6 +363,149 @@ class DiffusionTask(GradientTask):
         pred = out.sample if hasattr(out, "sample") else out[0]
         err = (_upcast(pred) - _upcast(target)).pow(2).reshape(rows, -1).mean(dim=1)  # (b*T,)
         return err.reshape(b, n_t) / n_t
+
+
+@dataclass
+class TextToImageTaskConfig(DiffusionTaskConfig):
+    """Knobs of :class:`TextToImageTask`: those of :class:`DiffusionTaskConfig`, plus how images are sized.
+
+    Attributes:
+        resolution: images (PIL) are resized so that their shorter side is ``resolution`` pixels
+            (bilinear), then centre-cropped to ``resolution x resolution``, as diffusers'
+            ``train_text_to_image_lora.py`` prepares them (``--center_crop``, no flip). ``None``: as
+            given (all images must then have one size).
+    """
+
+    resolution: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.resolution is not None and self.resolution < 1:
+            raise ConfigError(f"resolution={self.resolution} must be positive (or None).")
+
+
+class TextToImageTask(DiffusionTask):
+    """:class:`DiffusionTask` for a user's Stable-Diffusion pipeline: captioned images in, the LoRA UNet's
+    denoising loss out.
+
+    The loss is the one of :class:`DiffusionTask` (fixed timesteps, per-example seeded noise, one
+    gradient block per timestep), computed through the pipeline's own components: the image is
+    resized and centre-cropped to :attr:`TextToImageTaskConfig.resolution`, scaled to [-1, 1] and
+    encoded by the pipeline's VAE (latent mean times ``vae.config.scaling_factor``); the caption is
+    tokenized by the pipeline's tokenizer to its ``model_max_length`` (77 for CLIP), padded, and
+    encoded by its text encoder (last hidden state, as ``StableDiffusionPipeline.encode_prompt``
+    without ``clip_skip``). Build it from a loaded pipeline with :func:`text_to_image_task`.
+    """
+
+    config: TextToImageTaskConfig
+
+    def __init__(
+        self,
+        noise_scheduler: Any,
+        config: TextToImageTaskConfig | None = None,
+        *,
+        vae: nn.Module | None = None,
+        text_encoder: nn.Module | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        super().__init__(
+            noise_scheduler, config or TextToImageTaskConfig(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer
+        )
+        self._describe: str | None = None
+
+    def describe(self) -> str:
+        """:meth:`DiffusionTask.describe` with the VAE's and text encoder's identity as a digest of
+        their weights (not their folder's path), and the tokenizer's vocabulary size and limit: a
+        gradient store records which components made it, wherever the pipeline folder lies."""
+        if self._describe is None:
+            sched_cfg = getattr(self.noise_scheduler, "config", {})
+            keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
+            sched = json.dumps({k: _cfg_get(sched_cfg, k, None) for k in keys}, sort_keys=True, default=str)
+            tok = self.tokenizer
+            vocab = len(tok) if tok is not None and hasattr(tok, "__len__") else None
+            self._describe = (
+                f"{GradientTask.describe(self)}|scheduler={type(self.noise_scheduler).__name__}{sched}"
+                f"|vae={_weights_digest(self.vae)}|text_encoder={_weights_digest(self.text_encoder)}"
+                f"|tokenizer={type(tok).__name__}:{vocab}:{_tokenizer_limit(tok) if tok is not None else None}"
+            )
+        return self._describe
+
+    def _image(self, example: Mapping[str, Any], ex_id: str) -> tuple[str, torch.Tensor]:
+        for key in (self.config.image_field, "pixel_values", "image"):
+            value = example.get(key)
+            if value is not None and hasattr(value, "convert") and hasattr(value, "size"):  # a PIL image
+                return "pixel_values", _to_pixels(_sized(value.convert("RGB"), self.config.resolution), ex_id)
+        return super()._image(example, ex_id)
+
+
+def _weights_digest(module: nn.Module | None) -> str | None:
+    """``<class>:<sha256 of every parameter and buffer, 16 hex digits>`` (``None`` without a module)."""
+    if module is None:
+        return None
+    h = hashlib.sha256()
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"{type(module).__name__}:{h.hexdigest()[:16]}"
+
+
+def _sized(image: Any, resolution: int | None) -> Any:
+    """Shorter side to ``resolution`` (bilinear), then the centre ``resolution x resolution`` crop."""
+    if resolution is None:
+        return image
+    from PIL import Image
+
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if new != (width, height):
+        image = image.resize(new, Image.Resampling.BILINEAR)
+    left, top = (new[0] - resolution) // 2, (new[1] - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def text_to_image_task(
+    pipeline: Any, *, config: TextToImageTaskConfig | None = None, max_length: int | None = None
+) -> TextToImageTask:
+    """The :class:`TextToImageTask` of a loaded pipeline (:class:`datainf.diffusers_io.LoadedPipeline`).
+
+    Args:
+        pipeline: the loaded pipeline: its VAE, text encoder, tokenizer, and a ``DDPMScheduler`` of its
+            scheduler's config (the training noise schedule) are used.
+        config: the task's settings; ``resolution`` defaults to the pipeline's, ``prompt_max_length``
+            to ``max_length`` (``None``: the tokenizer's limit).
+        max_length: tokens per prompt when ``config`` is not given.
+    """
+    if config is None:
+        config = TextToImageTaskConfig(prompt_max_length=max_length, resolution=int(pipeline.resolution))
+    return TextToImageTask(
+        pipeline.training_scheduler(),
+        config,
+        vae=pipeline.vae,
+        text_encoder=pipeline.text_encoder,
+        tokenizer=pipeline.tokenizer,
+    )
+
+
+def load_text_to_image(
+    base: Any, *, adapter: Any = None, device: str = "cpu", dtype: str = "float32"
+) -> tuple[nn.Module, Any]:
+    """``(unet with its LoRA, the loaded pipeline)`` of a pipeline folder and LoRA: the ``text-to-image``
+    kind's model loader (:func:`datainf.diffusers_io.load_pipeline`)."""
+    from datainf.diffusers_io import load_pipeline
+
+    loaded = load_pipeline(base, lora=adapter, device=device, dtype=dtype)
+    return loaded.unet, loaded
+
+
+def read_text_to_image_records(path: Any, columns: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The ``text-to-image`` kind's data reader: :func:`datainf.data.images.load_image_records` with the
+    ``prompt`` / ``image`` / ``id`` columns of ``columns`` (``--prompt-column``, ``--id-column``)."""
+    from datainf.data.images import load_image_records
+
+    return load_image_records(
+        path, caption_column=columns.get("prompt"), image_column=columns.get("image"), id_column=columns.get("id")
+    )
 
 
 def _cfg_get(cfg: Any, key: str, default: Any) -> Any:

@@ -6,8 +6,10 @@ per-example loss, its config class, the record fields the data must have, whethe
 to class ids (:class:`~datainf.data.labels.LabelEncoder`), and how the model is loaded and
 LoRA-wrapped. Code asks the registry (:func:`get_task_kind`) instead of comparing kind strings.
 
-Built-in kinds: ``classification``, ``causal-lm`` and ``diffusion`` (the last one has no
-transformers model class: its UNet is built with diffusers, see :mod:`datainf.explain`).
+Built-in kinds: ``classification``, ``causal-lm``, ``diffusion`` (no model loader: its UNet is
+built with diffusers, see :mod:`datainf.explain`) and ``text-to-image`` (a user's diffusers pipeline
+folder and LoRA, loaded by its own :attr:`TaskKind.model_loader`, captioned images read by its
+:attr:`TaskKind.records_reader`).
 
 Adding a kind is one module plus one registration: write the task (a
 :class:`~datainf.tasks.base.GradientTask` subclass and its config dataclass) and, optionally, a
@@ -35,15 +37,39 @@ from datainf.tasks.causal_lm import CausalLMConfig, CausalLMTask
 from datainf.tasks.causal_lm import training_records as causal_lm_records
 from datainf.tasks.classification import SequenceClassificationConfig, SequenceClassificationTask
 from datainf.tasks.classification import training_records as classification_records
-from datainf.tasks.diffusion import DiffusionTask, DiffusionTaskConfig
+from datainf.tasks.diffusion import (
+    DiffusionTask,
+    DiffusionTaskConfig,
+    TextToImageTask,
+    TextToImageTaskConfig,
+    load_text_to_image,
+    read_text_to_image_records,
+    text_to_image_task,
+)
 
-__all__ = ["TaskKind", "TaskFactory", "RecordsFunction", "register_task_kind", "get_task_kind", "available_task_kinds"]
+__all__ = [
+    "TaskKind",
+    "TaskFactory",
+    "RecordsFunction",
+    "ModelLoader",
+    "RecordsReader",
+    "register_task_kind",
+    "get_task_kind",
+    "available_task_kinds",
+]
 
 TaskFactory = Callable[[Any, "int | None", "int | None"], GradientTask]
 """``(tokenizer, max_length, num_labels) -> task``."""
 
 RecordsFunction = Callable[[Sequence[Mapping[str, Any]]], list[dict[str, Any]]]
 """Training records of a kind -> the records fine-tuning feeds its task (checked, ids as strings)."""
+
+ModelLoader = Callable[..., "tuple[Any, Any]"]
+"""``(base, *, adapter, device, dtype) -> (model, context)``: a kind's own model loading; ``context``
+is what :meth:`TaskKind.make_task` receives in place of a tokenizer."""
+
+RecordsReader = Callable[[Any, Mapping[str, str]], list[dict[str, Any]]]
+"""``(path, columns) -> records``: a kind's own data reading (``columns``: field -> file column)."""
 
 _NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 
@@ -76,6 +102,11 @@ class TaskKind:
         task_factory: builds the task for :meth:`make_task`; ``None``:
             ``task_class(tokenizer, config_class(max_length=...))``, with ``num_labels=...`` when
             :attr:`encodes_labels`.
+        model_loader: loads the model of a kind that is not a transformers model
+            (:data:`ModelLoader`, used by :func:`~datainf.models.load_model` instead of
+            :attr:`auto_model`); its second value goes to :attr:`task_factory`.
+        records_reader: reads the data of a kind whose records are not rows of a table
+            (:data:`RecordsReader`, e.g. image files); ``None``: :func:`datainf.data.load_records`.
     """
 
     name: str
@@ -89,6 +120,8 @@ class TaskKind:
     peft_task_type: str | None = None
     training_records: RecordsFunction | None = None
     task_factory: TaskFactory | None = None
+    model_loader: ModelLoader | None = None
+    records_reader: RecordsReader | None = None
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -113,7 +146,7 @@ class TaskKind:
     @property
     def loadable(self) -> bool:
         """Whether :func:`datainf.models.load_model` can load this kind's model."""
-        return self.auto_model is not None
+        return self.auto_model is not None or self.model_loader is not None
 
     def make_task(
         self, tokenizer: Any, *, max_length: int | None = None, num_labels: int | None = None
@@ -243,5 +276,24 @@ register_task_kind(
         config_class=DiffusionTaskConfig,
         description="diffusion: denoising MSE of a diffusers UNet at fixed timesteps, noise seeded by the example",
         task_factory=_no_diffusion_factory,
+    )
+)
+
+
+def _text_to_image_factory(pipeline: Any, max_length: int | None, num_labels: int | None) -> GradientTask:
+    return text_to_image_task(pipeline, max_length=max_length)
+
+
+register_task_kind(
+    TaskKind(
+        name="text-to-image",
+        task_class=TextToImageTask,
+        config_class=TextToImageTaskConfig,
+        description="text-to-image: denoising MSE of a diffusers pipeline's LoRA UNet on captioned images, "
+        "at fixed timesteps, noise seeded by the example",
+        required_fields=("prompt", "image"),
+        task_factory=_text_to_image_factory,
+        model_loader=load_text_to_image,
+        records_reader=read_text_to_image_records,
     )
 )
