@@ -129,7 +129,7 @@ class Option:
     default: Any = None
     help: str = ""
     choices: tuple[str, ...] | None = None
-    action: str = "value"  # value | flag (--x) | switch (--x / --no-x) | append
+    action: str = "value"  # value | flag (--x) | switch (--x / --no-x) | append | positional
     saved: bool = True
     metavar: str | None = None
 
@@ -527,11 +527,28 @@ def _demo_options() -> list[Option]:
     ]
 
 
+def _evaluate_options() -> list[Option]:
+    """``datainf evaluate lds``: the LDS options, then the fine-tuning recipe's (as ``datainf finetune``'s)."""
+    recipe = [o for o in _finetune_options() if o.dest not in ("eval_data", "keep_best", "checkpoint_every")]
+    return [
+        Option("metric", ("metric",), _to_str, None, "what to evaluate: lds", choices=("lds",), action="positional"),
+        Option("scores", ("--scores",), _to_paths, None, "pairwise scores file(s)", action="append", metavar="FILE"),
+        Option("recipe", ("--recipe",), _optional(_to_path), None, "a `datainf finetune` run (or its config.json)"),
+        Option("test_data", ("--test-data",), _optional(_to_path), None, "the scores' test data", metavar="PATH"),
+        Option("subsets", ("--subsets",), _to_int, 50, "M, retrained random subsets (at least 10)"),
+        Option("fraction", ("--fraction",), _to_float, 0.5, "share of the training set in each subset, in (0, 1)"),
+        Option("subset_seed", ("--subset-seed",), _to_int, 0, "seeds the subsets and the bootstrap"),
+        Option("jobs", ("--jobs", "-j"), _to_int, 1, "worker processes for the retrains"),
+        *recipe,
+    ]
+
+
 COMMANDS: dict[str, tuple[str, Callable[[], list[Option]]]] = {
     "finetune": ("LoRA-fine-tune a local model on a dataset (writes <out>/adapter)", _finetune_options),
     "grads": ("per-example LoRA gradients of a dataset into a gradient store (<out>)", _grads_options),
     "score": ("influence scores of training examples on test examples (positive = harmful)", _score_options),
     "report": ("HTML report of the most harmful / helpful training examples", _report_options),
+    "evaluate": ("check scores against retrained models: the linear datamodeling score (lds)", _evaluate_options),
     "demo": ("the end-to-end demo (default: BBC News with flipped labels, four methods)", _demo_options),
 }
 
@@ -582,6 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
                 else f" [default: {','.join(map(str, opt.default)) if isinstance(opt.default, list) else opt.default}]"
             )
             kwargs: dict[str, Any] = {"dest": opt.dest, "help": opt.help + shown}
+            if opt.action == "positional":
+                p.add_argument(opt.dest, choices=opt.choices, help=opt.help)
+                continue
             if opt.action == "flag":
                 kwargs["action"] = "store_true"
             elif opt.action == "switch":
