@@ -59,6 +59,7 @@ __all__ = [
     "LDSSettings",
     "LDSRunResult",
     "draw_subsets",
+    "load_recipe",
     "run_retrains",
     "align_scores",
     "lds_settings",
@@ -167,7 +168,7 @@ def _records(path: str, settings: FinetuneSettings, flag: str) -> list[dict[str,
     return _RECORDS[key]
 
 
-def _load_recipe(recipe: FinetuneSettings | str | os.PathLike[str]) -> FinetuneSettings:
+def load_recipe(recipe: FinetuneSettings | str | os.PathLike[str]) -> FinetuneSettings:
     """A :class:`FinetuneSettings` as given, or read from a ``datainf finetune`` run folder / its ``config.json``."""
     if isinstance(recipe, FinetuneSettings):
         return recipe
@@ -215,7 +216,7 @@ class FinetuneTrainer:
         cls, recipe: FinetuneSettings | str | os.PathLike[str], test_data: str | os.PathLike[str]
     ) -> FinetuneTrainer:
         """From settings or a ``datainf finetune`` run (folder or ``config.json``), and the test data."""
-        settings = _load_recipe(recipe)
+        settings = load_recipe(recipe)
         if not settings.model:
             raise ConfigError("The recipe names no base model: pass --model DIR (or --recipe with a finetune run).")
         if not settings.data:

@@ -38,6 +38,7 @@ __all__ = [
     "cmd_score",
     "cmd_report",
     "cmd_evaluate",
+    "cmd_clean",
     "cmd_demo",
     "HANDLERS",
     "scores_files",
@@ -312,6 +313,22 @@ def cmd_evaluate(config: dict[str, Any]) -> int:
     return 0
 
 
+def cmd_clean(config: dict[str, Any]) -> int:
+    """``datainf clean``: the dataset without its top ``--remove-top`` % (or relabelled), a review table."""
+    from datainf.clean import CleanSettings, clean_dataset
+
+    settings = settings_from_mapping(CleanSettings, config)
+    result = clean_dataset(settings, overwrite=config["overwrite"], progress=not config["quiet"])
+    action = f"{len(result.relabelled)} relabelled" if config["relabel"] else f"{len(result.removed)} removed"
+    print(f"flagged {len(result.flagged)} examples (top {config['remove_top']:g} % by score): {action}")
+    for name, metrics in (("original", result.before), ("cleaned", result.after)):
+        if metrics is not None:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            print(f"retrained on the {name} data: {shown}")
+    print(f"cleaned data: {result.data}\nreview: {result.review}")
+    return 0
+
+
 #: The subcommands that take only their resolved settings (``demo`` also gets the parsed arguments).
 HANDLERS: dict[str, Callable[[dict[str, Any]], int]] = {
     "finetune": cmd_finetune,
@@ -319,4 +336,5 @@ HANDLERS: dict[str, Callable[[dict[str, Any]], int]] = {
     "score": cmd_score,
     "report": cmd_report,
     "evaluate": cmd_evaluate,
+    "clean": cmd_clean,
 }

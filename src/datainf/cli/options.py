@@ -543,12 +543,34 @@ def _evaluate_options() -> list[Option]:
     ]
 
 
+def _clean_options() -> list[Option]:
+    columns = [o for o in _columns() if o.dest in ("text_column", "label_column", "id_column")]
+    return [
+        Option("scores", ("--scores",), _optional(_to_path), None, "a scores file of `datainf score`", metavar="FILE"),
+        Option("data", ("--data",), _optional(_to_path), None, "the dataset the scores are about", metavar="PATH"),
+        *columns,
+        Option("remove_top", ("--remove-top",), _to_float, 10.0, "percent of the examples to flag (most harmful)"),
+        Option("relabel", ("--relabel",), _to_bool, False, "relabel the flagged (lowest-loss class)", action="flag"),
+        Option("model", ("--model",), _optional(_to_path), None, "base model (--relabel)", metavar="DIR"),
+        Option("adapter", ("--adapter",), _optional(_to_path), None, "fine-tuned adapter (--relabel)", metavar="DIR"),
+        Option("retrain", ("--retrain",), _optional(_to_path), None, "a `datainf finetune` run: retrain, compare"),
+        Option("eval_data", ("--eval-data",), _optional(_to_path), None, "validation data of --retrain"),
+        Option(
+            "review_format", ("--review-format",), _to_str, "csv", "review table format", choices=("csv", "parquet")
+        ),
+    ]
+
+
 COMMANDS: dict[str, tuple[str, Callable[[], list[Option]]]] = {
     "finetune": ("LoRA-fine-tune a local model on a dataset (writes <out>/adapter)", _finetune_options),
     "grads": ("per-example LoRA gradients of a dataset into a gradient store (<out>)", _grads_options),
     "score": ("influence scores of training examples on test examples (positive = harmful)", _score_options),
     "report": ("HTML report of the most harmful / helpful training examples", _report_options),
     "evaluate": ("check scores against retrained models: the linear datamodeling score (lds)", _evaluate_options),
+    "clean": (
+        "write the dataset without its most harmful examples (or relabelled), and a review table",
+        _clean_options,
+    ),
     "demo": ("the end-to-end demo (default: BBC News with flipped labels, four methods)", _demo_options),
 }
 
