@@ -203,3 +203,17 @@ def test_removal_curve_retrains_once_per_share_and_reuses_the_cache(tmp_path: Pa
     assert seen == [[i for i in ids if i not in ("r1", "r4")]]
     again = removal_curve(rows, {"datainf": ranking}, (0.0, 0.25), evaluate, cache=cache, baseline={"eval_accuracy": 1})
     assert again == curve and len(seen) == 1
+
+
+def test_the_reports_cleaning_section_draws_every_ranking(tmp_path: Path) -> None:
+    from datainf.report import cleaning_section
+
+    rows = [
+        {"method": name, "share": share, "removed": int(share * 400), "eval_accuracy": acc, "eval_loss": 1 - acc}
+        for name, base in (("datainf", 0.80), ("training loss", 0.82))
+        for share, acc in ((0.0, base), (0.1, base + 0.05), (0.2, base + 0.07))
+    ]
+    html = cleaning_section(tmp_path, rows)
+    assert (tmp_path / "cleaning.png").stat().st_size > 1000
+    assert "What cleaning would do" in html and html.count("<tr><td>") == 6
+    assert "<td>training loss</td><td class='num'>20 %</td><td class='num'>80</td><td class='num'>0.89" in html

@@ -522,6 +522,14 @@ def _demo_options() -> list[Option]:
         Option("seed", ("--seed",), _to_int, 0, "random seed"),
         Option("recompute", ("--recompute",), _to_bool, False, "ignore cached intermediate results", action="flag"),
         Option(
+            "cleaning",
+            ("--cleaning",),
+            _to_bool,
+            False,
+            "mislabel demo: add the report's 'what cleaning would do' section (6 more fine-tunes, minutes)",
+            action="flag",
+        ),
+        Option(
             "json", ("--json",), _to_bool, False, "print the summary as one JSON object", action="flag", saved=False
         ),
     ]
