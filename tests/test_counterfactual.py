@@ -261,3 +261,26 @@ def test_evaluate_lds_command_and_a_recipe_that_does_not_fit(tiny_recipe: dict[s
     # a recipe whose target layers the model lacks: one clear error from the first retrain, nothing left behind
     assert main([*common, "--target-modules", "nope", "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_recipe_replays_a_finetune_run_and_is_not_mixed_with_flags(
+    tiny_recipe: dict[str, Path], tmp_path: Path
+) -> None:
+    from dataclasses import asdict
+
+    from datainf.counterfactual import lds_settings, load_recipe
+    from datainf.workflows import FinetuneSettings
+
+    recipe = FinetuneSettings(model=str(tiny_recipe["model"]), data=str(tiny_recipe["train"]), epochs=3, lr=1e-3)
+    run = tmp_path / "ft"
+    run.mkdir()
+    (run / "config.json").write_text(
+        json.dumps({"format": "datainf-cli-config", "command": "finetune", **asdict(recipe)})
+    )
+    assert load_recipe(run) == load_recipe(run / "config.json") == recipe
+    (tmp_path / "grads.json").write_text(json.dumps({"command": "grads"}))
+    with pytest.raises(ConfigError, match="not the config.json of a `datainf finetune` run"):
+        load_recipe(tmp_path / "grads.json")
+    assert lds_settings({"recipe": str(run), "epochs": 10, "target_modules": ["query", "value"]}).recipe == str(run)
+    with pytest.raises(ConfigError, match=r"either --recipe .* \(epochs\), not both"):
+        lds_settings({"recipe": str(run), "epochs": 3})
