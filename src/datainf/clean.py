@@ -445,7 +445,7 @@ def removal_curve(
     records: Sequence[Mapping[str, Any]],
     rankings: Mapping[str, Scores],
     shares: Sequence[float],
-    evaluate: Callable[[list[Mapping[str, Any]]], Mapping[str, float]],
+    evaluate: Callable[[list[dict[str, Any]]], Mapping[str, float]],
     *,
     cache: RunDir | None = None,
     baseline: Mapping[str, float] | None = None,
@@ -479,7 +479,7 @@ def removal_curve(
             known = cache.read_json(stage) if cache is not None else None
             if not isinstance(known, dict):
                 dropped = set(order[:count])
-                known = dict(evaluate([r for r in records if str(r["id"]) not in dropped]))
+                known = dict(evaluate([dict(r) for r in records if str(r["id"]) not in dropped]))
                 if cache is not None:
                     cache.stage(stage).parent.mkdir(parents=True, exist_ok=True)
                     atomic_write_json(cache.stage(stage), known, default=float)
