@@ -541,7 +541,14 @@ def _evaluate_options() -> list[Option]:
     return [
         Option("metric", ("metric",), _to_str, None, "what to evaluate: lds", choices=("lds",), action="positional"),
         Option("scores", ("--scores",), _to_paths, None, "pairwise scores file(s)", action="append", metavar="FILE"),
-        Option("recipe", ("--recipe",), _optional(_to_path), None, "a `datainf finetune` run (or its config.json)"),
+        Option(
+            "recipe",
+            ("--recipe",),
+            _optional(_to_path),
+            None,
+            "a `datainf finetune` run (or its config.json)",
+            metavar="RUN",
+        ),
         Option("test_data", ("--test-data",), _optional(_to_path), None, "the scores' test data", metavar="PATH"),
         Option("subsets", ("--subsets",), _to_int, 50, "M, retrained random subsets (at least 10)"),
         Option("fraction", ("--fraction",), _to_float, 0.5, "share of the training set in each subset, in (0, 1)"),
