@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -97,6 +98,24 @@ def main() -> None:
         seed=0,
     )
     stage: dict[str, float] = {}
+    if args.partial:  # the stages before the retrains are finished: read their outputs, do not rerun them
+        log = json.loads((out / "finetune" / "adapter" / "training_log.json").read_text())
+        files = sorted(str(p) for p in (out / "scores").glob("scores-*.safetensors")) + [
+            str(out / "scores-random.safetensors")
+        ]
+        settings = LDSSettings(
+            out=str(out / "lds"),
+            scores=tuple(files),
+            recipe=recipe,
+            test_data=str(test),
+            subsets=args.subsets,
+            fraction=args.fraction,
+        )
+        results, done, retrain_seconds = _partial(settings)
+        note = f"PARTIAL: {done} of {args.subsets} retrains had finished when the run was stopped"
+        full_eval = log["epochs"][-1]
+        _write(args, command, load_before, _load(), results, note, stage, retrain_seconds, full_eval, math.nan)
+        return
     t0 = time.perf_counter()
     ft = finetune_run(replace(recipe, out=str(out / "finetune"), eval_data=str(test)), progress=False)
     stage["finetune (full set)"] = time.perf_counter() - t0
@@ -139,15 +158,11 @@ def main() -> None:
         jobs=args.jobs,
     )
     t0 = time.perf_counter()
-    if args.partial:
-        results, done, retrain_seconds = _partial(settings)
-        note = f"PARTIAL: {done} of {args.subsets} retrains finished when the run was stopped"
-    else:
-        run = lds_run(settings, progress=True)
-        results = {name: r for name, r in run.results.items()}
-        done = len(run.retrains.seconds)
-        retrain_seconds = [s for s in run.retrains.seconds if np.isfinite(s)]
-        note = f"all {done} retrains finished ({run.retrains.reused} reused from an earlier, interrupted run)"
+    run = lds_run(settings, progress=True)
+    results = dict(run.results)
+    done = len(run.retrains.seconds)
+    retrain_seconds = [s for s in run.retrains.seconds if np.isfinite(s)]
+    note = f"all {done} retrains finished ({run.retrains.reused} reused from an earlier, interrupted run)"
     stage["LDS retrains + correlation (this call)"] = time.perf_counter() - t0
     _write(
         args,
@@ -191,7 +206,7 @@ def _write(args, command, load_before, load_after, results, note, stage, retrain
         "## Linear datamodeling score (LDS) on the demo setting",
         "",
         f"Command: `{command}` (2 CPU cores shared with other work; load average before {load_before}, "
-        f"after {load_after}). Whole run {wall / 60:.1f} min.",
+        f"after {load_after})." + (f" Whole run {wall / 60:.1f} min." if math.isfinite(wall) else ""),
         "",
         f"Setting: the mislabel demo's recipe (BBC News, 20 % flipped training labels, MiniLM-L6, LoRA r=8 alpha=16 "
         f"on query/value/pooler.dense + head, 6 epochs, lr 3e-3, max length 64, seed 0) on {args.n_train} training "
