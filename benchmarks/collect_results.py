@@ -17,6 +17,7 @@ PARTS = (
     "results_redesign.md",
     "results_scale.md",
     "results_sd.md",
+    "results_lds.md",
 )
 
 HEADER = """# Benchmarks

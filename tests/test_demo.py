@@ -74,8 +74,19 @@ def test_demo_pipeline_on_small_subset_and_cache_reuse(tmp_path):
     assert result.cache == (tmp_path / f"cache-{config.key()}").absolute()
     adapter_file = result.cache / "adapter" / "adapter_model.safetensors"
     first_mtime = adapter_file.stat().st_mtime_ns
-    again = run_mislabel_demo(config, out_dir=tmp_path, progress=False)
+    again = run_mislabel_demo(config, out_dir=tmp_path, progress=False, cleaning_shares=(0.0, 0.1))
     assert adapter_file.stat().st_mtime_ns == first_mtime  # the cached adapter was reused
+    # the report's "what cleaning would do": 0 % is the demo's model, 10 % a retrain without the top 4 per ranking
+    assert [(r["method"], r["removed"]) for r in again.cleaning] == [
+        ("datainf", 0),
+        ("datainf", 4),
+        ("training loss", 0),
+        ("training loss", 4),
+    ]
+    assert (
+        all(0 <= r["eval_accuracy"] <= 1 for r in again.cleaning)
+        and "What cleaning would do" in again.report.read_text()
+    )
     for method in ("datainf", "exact", "hessian_free"):
         assert math.isclose(
             float(again.scores[method].values.sum()),

@@ -25,6 +25,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("models", "gradients", "methods"),
     ("finetune", "influence", "testing", "reference", "report", "baselines"),
     ("explain", "workflows", "relabel"),
+    ("counterfactual",),
+    ("clean",),
     ("demos",),
     ("cli",),
 )

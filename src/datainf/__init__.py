@@ -32,6 +32,7 @@ __all__ = [
     "collect_gradients",
     "influence",
     "influence_from_config",
+    "lds",
     "register_method",
     "__version__",
 ]
@@ -40,12 +41,16 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str) -> object:
-    """``datainf.collect_gradients`` / ``datainf.OnTheFlyGradients`` without importing the model-side modules at
-    ``import datainf``."""
+    """``datainf.collect_gradients`` / ``datainf.OnTheFlyGradients`` / ``datainf.lds`` without importing the
+    model-side modules (or SciPy) at ``import datainf``."""
     if name == "collect_gradients":
         from datainf.gradients import collect_gradients
 
         return collect_gradients
+    if name == "lds":  # the linear datamodeling score (datainf.evaluation; SciPy and scikit-learn load lazily)
+        from datainf.evaluation import lds
+
+        return lds
     if name == "OnTheFlyGradients":
         from datainf.gradients import OnTheFlyGradients
 

@@ -1,4 +1,5 @@
-"""Metrics that judge influence scores, as in the DataInf paper's experiments (docs/method.md section 12).
+"""Metrics that judge influence scores, as in the DataInf paper's experiments (docs/method.md section 12),
+and the counterfactual check of pairwise scores, the linear datamodeling score (:func:`lds`).
 
 **Sign convention.** datainf's influence ``I(k) > 0`` means training example ``k`` *raises* the test
 loss (harmful); ``I(k) < 0`` means it lowers it (helpful). Hence:
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,6 +40,10 @@ __all__ = [
     "recall_at_k",
     "per_test_metrics",
     "score_correlation",
+    "LDSResult",
+    "MIN_LDS_SUBSETS",
+    "lds",
+    "predicted_outputs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -279,3 +285,208 @@ def score_correlation(a: Any, b: Any) -> dict[str, float]:
         pearson = stats.pearsonr(x, y)[0]
         spearman = stats.spearmanr(x, y)[0]
     return {"pearson": float(pearson), "spearman": float(spearman)}
+
+
+# ---------------------------------------------------------------------------------------------- linear datamodeling score
+
+#: The fewest retrained subsets :func:`lds` accepts: a bootstrap interval over fewer resamples
+#: of fewer points is not informative (50 or more is the usual choice).
+MIN_LDS_SUBSETS = 10
+
+
+@dataclass(frozen=True)
+class LDSResult:
+    """The linear datamodeling score of one set of pairwise scores (:func:`lds`).
+
+    Attributes:
+        per_test: ``(n_test,)`` float64: Spearman correlation, over the ``M`` subsets, between the
+            predicted and the measured output of each test example; ``nan`` where it is undefined
+            (the measured or the predicted outputs are constant over the subsets).
+        mean: the mean of the finite entries of ``per_test`` (the LDS).
+        interval: ``(low, high)``, the percentile bootstrap interval of ``mean`` at ``confidence``.
+        confidence: the interval's coverage, e.g. 0.95.
+        n_subsets: ``M``, the retrained subsets.
+        n_bootstrap: bootstrap resamples drawn.
+        n_undefined: test examples whose correlation is undefined (left out of ``mean``).
+        seed: the bootstrap's seed.
+    """
+
+    per_test: np.ndarray
+    mean: float
+    interval: tuple[float, float]
+    confidence: float
+    n_subsets: int
+    n_bootstrap: int
+    n_undefined: int
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: the numbers, ``per_test`` as a list (``nan`` as ``None``)."""
+        return {
+            "lds": self.mean,
+            "interval": list(self.interval),
+            "confidence": self.confidence,
+            "n_subsets": self.n_subsets,
+            "n_test": int(len(self.per_test)),
+            "n_bootstrap": self.n_bootstrap,
+            "n_undefined": self.n_undefined,
+            "seed": self.seed,
+            "per_test": [None if not math.isfinite(v) else float(v) for v in self.per_test.tolist()],
+        }
+
+
+def predicted_outputs(pairwise_scores: Any, subset_masks: Any) -> np.ndarray:
+    """The linear datamodel's prediction of each test example's loss after training on each subset.
+
+    With the sign convention of docs/method.md section 3, ``I[t, k]`` is the derivative of test
+    example ``t``'s loss with respect to up-weighting training example ``k``. Training on the subset
+    ``S`` removes the examples outside it; removing one is the up-weighting ``eps = -1/n``, so to first
+    order ``L_t(S) = L_t(all) - (1/n) sum_{k not in S} I[t, k] = c_t + (1/n) sum_{k in S} I[t, k]``,
+    with ``c_t = L_t(all) - (1/n) sum_k I[t, k]`` the same for every subset. The prediction returned is
+    ``sum_{k in S} I[t, k]`` (the sum over the *included* examples, with a plus sign: including harmful
+    examples raises the loss); the constant ``c_t`` and the factor ``1/n`` drop out of a rank correlation.
+
+    Args:
+        pairwise_scores: ``(n_test, n_train)`` influence, row ``t`` on test example ``t`` (the layout of
+            pairwise :class:`~datainf.scores.Scores`), or such a ``Scores`` object.
+        subset_masks: ``(M, n_train)`` bools: ``mask[j, k]`` = training example ``k`` is in subset ``j``.
+
+    Returns:
+        ``(M, n_test)`` float64.
+    """
+    scores, masks = _lds_scores_and_masks(pairwise_scores, subset_masks)
+    return masks.astype(np.float64) @ scores.T
+
+
+def _lds_scores_and_masks(pairwise_scores: Any, subset_masks: Any) -> tuple[np.ndarray, np.ndarray]:
+    values = getattr(pairwise_scores, "values", pairwise_scores)
+    mode = getattr(pairwise_scores, "mode", "pairwise")
+    if mode != "pairwise":
+        raise DatasetError(
+            f"LDS needs pairwise scores (one row per test example), got scores of mode {mode!r}; rerun "
+            "`datainf score --mode pairwise`."
+        )
+    scores = _scores(values, "pairwise_scores", ndim=2)
+    masks = _to_numpy(subset_masks)
+    if masks.ndim != 2:
+        raise DatasetError(f"subset_masks must be 2-D (M subsets x n_train), got shape {masks.shape}.")
+    if masks.dtype != bool:
+        if masks.size and not set(np.unique(masks).tolist()) <= {0, 1}:
+            raise DatasetError("subset_masks must hold booleans or 0/1: mask[j, k] = example k is in subset j.")
+        masks = masks.astype(bool)
+    if masks.shape[1] != scores.shape[1]:
+        raise DatasetError(
+            f"pairwise_scores has {scores.shape[1]} training examples (columns; shape (n_test, n_train) = "
+            f"{scores.shape}) but subset_masks has {masks.shape[1]} (shape (M, n_train) = {masks.shape}); they must "
+            "describe the same training examples in the same order."
+        )
+    return scores, masks
+
+
+def _column_spearman(x: np.ndarray, y: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Spearman correlation of ``x`` and ``y`` (same shape) along ``axis`` (the subsets), one per
+    remaining position (e.g. ``(M, T)`` -> ``(T,)``); ``nan`` where either is constant. Ties get
+    average ranks, as in ``scipy.stats.spearmanr``."""
+    rx = stats.rankdata(x, axis=axis)
+    ry = stats.rankdata(y, axis=axis)
+    rx = rx - rx.mean(axis=axis, keepdims=True)
+    ry = ry - ry.mean(axis=axis, keepdims=True)
+    denominator = np.sqrt((rx * rx).sum(axis=axis) * (ry * ry).sum(axis=axis))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (rx * ry).sum(axis=axis) / denominator
+    return np.where(denominator > 0, rho, np.nan)
+
+
+def lds(
+    pairwise_scores: Any,
+    subset_masks: Any,
+    measured: Any,
+    *,
+    confidence: float = 0.95,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> LDSResult:
+    """Linear datamodeling score: how well summed pairwise influences rank retrained models' test losses.
+
+    For every test example ``t``: the Spearman correlation, over the ``M`` subsets, between the
+    prediction ``sum_{k in S_j} I[t, k]`` (:func:`predicted_outputs` derives it and its sign) and the
+    measured loss of ``t`` after retraining on ``S_j``. Positive = the scores rank the counterfactual
+    outcomes the right way round; 0 = no better than chance (random scores); 1 = perfectly.
+    ``mean`` averages over the test examples. The interval is a percentile bootstrap of that mean,
+    resampling the subsets and the test examples with replacement (``n_bootstrap`` times, seeded).
+
+    Args:
+        pairwise_scores: ``(n_test, n_train)`` influence (pairwise :class:`~datainf.scores.Scores` or
+            its ``values``), positive = harmful.
+        subset_masks: ``(M, n_train)`` bools, ``mask[j, k]`` = example ``k`` was trained on in subset ``j``.
+        measured: ``(M, n_test)`` test losses of the model retrained on each subset (for an output where
+            higher is better, such as a margin, pass its negative).
+        confidence: coverage of the interval, in (0, 1).
+        n_bootstrap: bootstrap resamples (>= 100).
+        seed: seeds the bootstrap.
+
+    Returns:
+        An :class:`LDSResult`.
+
+    Raises:
+        DatasetError: shapes that do not match (each message names both shapes), non-finite values,
+            scores that are not pairwise, or a correlation that is undefined for every test example.
+        ConfigError: fewer than :data:`MIN_LDS_SUBSETS` subsets, a bad ``confidence`` or ``n_bootstrap``.
+    """
+    if not (isinstance(confidence, float) and 0.0 < confidence < 1.0):
+        raise ConfigError(f"confidence must be a number in (0, 1), e.g. 0.95 (got {confidence!r}).")
+    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or n_bootstrap < 100:
+        raise ConfigError(f"n_bootstrap must be an integer >= 100 (got {n_bootstrap!r}).")
+    scores, masks = _lds_scores_and_masks(pairwise_scores, subset_masks)
+    outputs = _scores(measured, "measured", ndim=2)
+    n_subsets = masks.shape[0]
+    if outputs.shape != (n_subsets, scores.shape[0]):
+        raise DatasetError(
+            f"measured must have shape (M, n_test) = ({n_subsets}, {scores.shape[0]}) for {n_subsets} subsets and "
+            f"pairwise_scores of shape (n_test, n_train) = {scores.shape}; got {outputs.shape}."
+        )
+    if n_subsets < MIN_LDS_SUBSETS:
+        raise ConfigError(
+            f"{n_subsets} subsets are too few for LDS with a bootstrap interval: at least {MIN_LDS_SUBSETS} are "
+            "needed (50 or more is usual). Retrain on more subsets (--subsets)."
+        )
+    predicted = masks.astype(np.float64) @ scores.T
+    per_test = _column_spearman(predicted, outputs)
+    finite = np.isfinite(per_test)
+    if not finite.any():
+        raise DatasetError(
+            "The LDS is undefined for every test example: over the subsets, the measured losses or the predicted "
+            "outputs are constant (all-zero scores, identical subsets, or retrains that do not depend on the data)."
+        )
+    if not finite.all():
+        logger.warning(
+            "LDS is undefined for %d of %d test examples (constant outputs over the subsets); they are left out "
+            "of the mean.",
+            int((~finite).sum()),
+            len(per_test),
+        )
+    rng = np.random.default_rng(seed)
+    n_test = len(per_test)
+    rows = rng.integers(0, n_subsets, size=(n_bootstrap, n_subsets))
+    cols = rng.integers(0, n_test, size=(n_bootstrap, n_test))
+    boot = np.empty(n_bootstrap)
+    chunk = max(1, 2_000_000 // (n_subsets * n_test))  # resamples ranked at once (bounded memory)
+    for start in range(0, n_bootstrap, chunk):
+        r, c = rows[start : start + chunk, :, None], cols[start : start + chunk, None, :]
+        rho = _column_spearman(predicted[r, c], outputs[r, c], axis=1)  # (chunk, n_test)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a resample where every correlation is undefined
+            boot[start : start + chunk] = np.nanmean(rho, axis=1)
+    boot = boot[np.isfinite(boot)]
+    tail = (1.0 - confidence) / 2.0
+    low, high = (float(np.quantile(boot, tail)), float(np.quantile(boot, 1.0 - tail))) if len(boot) else (math.nan,) * 2
+    return LDSResult(
+        per_test=per_test,
+        mean=float(per_test[finite].mean()),
+        interval=(low, high),
+        confidence=confidence,
+        n_subsets=n_subsets,
+        n_bootstrap=n_bootstrap,
+        n_undefined=int((~finite).sum()),
+        seed=seed,
+    )

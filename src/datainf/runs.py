@@ -101,7 +101,7 @@ RUN_CONFIG_FORMAT = "datainf-cli-config"
 #: Keys :meth:`RunDir.claim` adds in front of the settings; never compared as settings.
 _HEADER_KEYS = ("format", "command", "datainf_version")
 #: Files whose presence means a folder holds finished work (gradient shards, scores, a trained adapter).
-_PROGRESS_PATTERNS = ("shard-*.safetensors", "scores-*.safetensors", "adapter_model.safetensors")
+_PROGRESS_PATTERNS = ("shard-*.safetensors", "scores-*.safetensors", "adapter_model.safetensors", "lds-retrain-*.json")
 #: How many differing settings a refusal lists before "...".
 _SHOWN_DIFFERENCES = 5
 

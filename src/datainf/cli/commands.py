@@ -32,7 +32,17 @@ from datainf.workflows import (
     settings_from_mapping,
 )
 
-__all__ = ["cmd_finetune", "cmd_grads", "cmd_score", "cmd_report", "cmd_demo", "HANDLERS", "scores_files"]
+__all__ = [
+    "cmd_finetune",
+    "cmd_grads",
+    "cmd_score",
+    "cmd_report",
+    "cmd_evaluate",
+    "cmd_clean",
+    "cmd_demo",
+    "HANDLERS",
+    "scores_files",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -293,10 +303,43 @@ def _demo_summary(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def cmd_evaluate(config: dict[str, Any]) -> int:
+    """``datainf evaluate lds``: retrain the recipe on random subsets, print each scores file's LDS."""
+    from datainf.counterfactual import lds_run, lds_settings
+
+    result = lds_run(lds_settings(config), overwrite=config["overwrite"], progress=not config["quiet"])
+    print("# LDS: Spearman of (sum of pairwise influences over a subset) and the retrained test loss; random ~ 0")
+    print(f"{'scores':<20} {'LDS':>7}  {'interval':>17}  undefined")
+    for name, row in result.results.items():
+        low, high = row.interval
+        print(f"{name:<20} {row.mean:>7.3f}  [{low:>6.3f}, {high:>6.3f}]  {row.n_undefined}/{len(row.per_test)}")
+    retrains = result.retrains
+    print(f"retrains: {len(retrains.seconds)} ({retrains.reused} reused) in {retrains.out}; results: {result.path}")
+    return 0
+
+
+def cmd_clean(config: dict[str, Any]) -> int:
+    """``datainf clean``: the dataset without its top ``--remove-top`` % (or relabelled), a review table."""
+    from datainf.clean import CleanSettings, clean_dataset
+
+    settings = settings_from_mapping(CleanSettings, config)
+    result = clean_dataset(settings, overwrite=config["overwrite"], progress=not config["quiet"])
+    action = f"{len(result.relabelled)} relabelled" if config["relabel"] else f"{len(result.removed)} removed"
+    print(f"flagged {len(result.flagged)} examples (top {config['remove_top']:g} % by score): {action}")
+    for name, metrics in (("original", result.before), ("cleaned", result.after)):
+        if metrics is not None:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            print(f"retrained on the {name} data: {shown}")
+    print(f"cleaned data: {result.data}\nreview: {result.review}")
+    return 0
+
+
 #: The subcommands that take only their resolved settings (``demo`` also gets the parsed arguments).
 HANDLERS: dict[str, Callable[[dict[str, Any]], int]] = {
     "finetune": cmd_finetune,
     "grads": cmd_grads,
     "score": cmd_score,
     "report": cmd_report,
+    "evaluate": cmd_evaluate,
+    "clean": cmd_clean,
 }

@@ -129,7 +129,7 @@ class Option:
     default: Any = None
     help: str = ""
     choices: tuple[str, ...] | None = None
-    action: str = "value"  # value | flag (--x) | switch (--x / --no-x) | append
+    action: str = "value"  # value | flag (--x) | switch (--x / --no-x) | append | positional
     saved: bool = True
     metavar: str | None = None
 
@@ -544,7 +544,56 @@ def _demo_options() -> list[Option]:
         Option("seed", ("--seed",), _to_int, 0, "random seed"),
         Option("recompute", ("--recompute",), _to_bool, False, "ignore cached intermediate results", action="flag"),
         Option(
+            "cleaning",
+            ("--cleaning",),
+            _to_bool,
+            False,
+            "mislabel demo: add the report's 'what cleaning would do' section (6 more fine-tunes, minutes)",
+            action="flag",
+        ),
+        Option(
             "json", ("--json",), _to_bool, False, "print the summary as one JSON object", action="flag", saved=False
+        ),
+    ]
+
+
+def _evaluate_options() -> list[Option]:
+    """``datainf evaluate lds``: the LDS options, then the fine-tuning recipe's (as ``datainf finetune``'s)."""
+    recipe = [o for o in _finetune_options() if o.dest not in ("eval_data", "keep_best", "checkpoint_every")]
+    return [
+        Option("metric", ("metric",), _to_str, None, "what to evaluate: lds", choices=("lds",), action="positional"),
+        Option("scores", ("--scores",), _to_paths, None, "pairwise scores file(s)", action="append", metavar="FILE"),
+        Option(
+            "recipe",
+            ("--recipe",),
+            _optional(_to_path),
+            None,
+            "a `datainf finetune` run (or its config.json)",
+            metavar="RUN",
+        ),
+        Option("test_data", ("--test-data",), _optional(_to_path), None, "the scores' test data", metavar="PATH"),
+        Option("subsets", ("--subsets",), _to_int, 50, "M, retrained random subsets (at least 10)"),
+        Option("fraction", ("--fraction",), _to_float, 0.5, "share of the training set in each subset, in (0, 1)"),
+        Option("subset_seed", ("--subset-seed",), _to_int, 0, "seeds the subsets and the bootstrap"),
+        Option("jobs", ("--jobs", "-j"), _to_int, 1, "worker processes for the retrains"),
+        *recipe,
+    ]
+
+
+def _clean_options() -> list[Option]:
+    columns = [o for o in _columns() if o.dest in ("text_column", "label_column", "id_column")]
+    return [
+        Option("scores", ("--scores",), _optional(_to_path), None, "a scores file of `datainf score`", metavar="FILE"),
+        Option("data", ("--data",), _optional(_to_path), None, "the dataset the scores are about", metavar="PATH"),
+        *columns,
+        Option("remove_top", ("--remove-top",), _to_float, 10.0, "percent of the examples to flag (most harmful)"),
+        Option("relabel", ("--relabel",), _to_bool, False, "relabel the flagged (lowest-loss class)", action="flag"),
+        Option("model", ("--model",), _optional(_to_path), None, "base model (--relabel)", metavar="DIR"),
+        Option("adapter", ("--adapter",), _optional(_to_path), None, "fine-tuned adapter (--relabel)", metavar="DIR"),
+        Option("retrain", ("--retrain",), _optional(_to_path), None, "a `datainf finetune` run: retrain, compare"),
+        Option("eval_data", ("--eval-data",), _optional(_to_path), None, "validation data of --retrain"),
+        Option(
+            "review_format", ("--review-format",), _to_str, "csv", "review table format", choices=("csv", "parquet")
         ),
     ]
 
@@ -554,6 +603,11 @@ COMMANDS: dict[str, tuple[str, Callable[[], list[Option]]]] = {
     "grads": ("per-example LoRA gradients of a dataset into a gradient store (<out>)", _grads_options),
     "score": ("influence scores of training examples on test examples (positive = harmful)", _score_options),
     "report": ("HTML report of the most harmful / helpful training examples", _report_options),
+    "evaluate": ("check scores against retrained models: the linear datamodeling score (lds)", _evaluate_options),
+    "clean": (
+        "write the dataset without its most harmful examples (or relabelled), and a review table",
+        _clean_options,
+    ),
     "demo": ("the end-to-end demo (default: BBC News with flipped labels, four methods)", _demo_options),
 }
 
@@ -604,6 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
                 else f" [default: {','.join(map(str, opt.default)) if isinstance(opt.default, list) else opt.default}]"
             )
             kwargs: dict[str, Any] = {"dest": opt.dest, "help": opt.help + shown}
+            if opt.action == "positional":
+                p.add_argument(opt.dest, choices=opt.choices, help=opt.help)
+                continue
             if opt.action == "flag":
                 kwargs["action"] = "store_true"
             elif opt.action == "switch":

@@ -172,6 +172,7 @@ class MislabelDemoResult:
     cache: Path
     stage_seconds: dict[str, float]
     relabel: dict[str, Any] | None = None
+    cleaning: list[dict[str, Any]] | None = None
 
 
 def _minilm_path() -> str:
@@ -216,6 +217,7 @@ def run_mislabel_demo(
     progress: bool = True,
     relabel_rank_by: str | None = RELABEL_RANK_BY,
     relabel_fraction: float = 0.1,
+    cleaning_shares: tuple[float, ...] | None = None,
 ) -> MislabelDemoResult:
     """Run the mislabeled-data demo end to end (see the module docstring); returns metrics and paths.
 
@@ -232,6 +234,11 @@ def run_mislabel_demo(
 
     Relabel suggestions go to the top ``relabel_fraction`` of the training set ranked by the row
     ``relabel_rank_by`` (``None``: no suggestions); see :class:`MislabelDemoResult`.
+
+    ``cleaning_shares`` (e.g. :data:`CLEANING_SHARES`; ``None``: off, the default, because each share
+    costs two fine-tunes): the report's "what cleaning would do" section, the validation accuracy and
+    loss after retraining on the training set without its top share by DataInf and by the training
+    loss (:func:`datainf.clean.removal_curve`, cached in the cache folder's ``cleaning/``).
     """
     import warnings
 
@@ -272,25 +279,28 @@ def run_mislabel_demo(
 
     base = _minilm_path()
 
-    def finetune(path: Path) -> Path:
+    recipe = FinetuneConfig(
+        kind="classification",
+        r=config.r,
+        alpha=2.0 * config.r,
+        target_modules=config.target_modules,
+        epochs=config.epochs,
+        lr=config.lr,
+        max_length=config.max_length,
+        seed=config.seed,
+    )
+
+    def finetune(path: Path, records: list[dict[str, Any]] | None = None, eval_records: Any = None) -> Path:
         model, tokenizer = load_model(base, kind="classification", num_labels=len(split.label_names), seed=config.seed)
         finetune_lora(
             model,
             tokenizer,
-            split.train,
-            FinetuneConfig(
-                kind="classification",
-                r=config.r,
-                alpha=2.0 * config.r,
-                target_modules=config.target_modules,
-                epochs=config.epochs,
-                lr=config.lr,
-                max_length=config.max_length,
-                seed=config.seed,
-            ),
+            split.train if records is None else records,
+            recipe,
             output_dir=path,
             label_names=split.label_names,
-            progress=progress,
+            progress=progress and records is None,
+            eval_records=eval_records,
         )
         return path
 
@@ -378,6 +388,20 @@ def run_mislabel_demo(
                 damping=config.damping,
             )
 
+    cleaning: list[dict[str, Any]] | None = None
+    if cleaning_shares:
+        with cache.timed("cleaning"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*truncat.*")
+            cleaning = _cleaning_curve(
+                finetune,
+                model,
+                task,
+                split,
+                {"datainf": all_scores["datainf"], LOSS_ROW: losses},
+                cleaning_shares,
+                cache,
+            )
+
     with cache.timed("report"):
         report = write_mislabel_report(
             out.stage("report"),
@@ -389,6 +413,7 @@ def run_mislabel_demo(
                 f"DataInf: mislabeled BBC News articles ({len(split.train)} train, {int(flipped.sum())} flipped, "
                 f"{len(split.val)} validation; validation accuracy {val_accuracy:.1%})"
             ),
+            cleaning=cleaning,
         )
     stage = dict(cache.stage_seconds)
     summary = {
@@ -397,11 +422,52 @@ def run_mislabel_demo(
         "table": table,
         "stage_seconds": stage,
         **({"relabel": relabel} if relabel is not None else {}),
+        **({"cleaning": cleaning} if cleaning is not None else {}),
     }
     out.write_json("summary.json", summary, default=float)
     return MislabelDemoResult(
-        table=table, scores=all_scores, report=report, cache=cache.path, stage_seconds=stage, relabel=relabel
+        table=table,
+        scores=all_scores,
+        report=report,
+        cache=cache.path,
+        stage_seconds=stage,
+        relabel=relabel,
+        cleaning=cleaning,
     )
+
+
+#: The shares ``datainf demo --cleaning`` removes for the report's "what cleaning would do" section.
+CLEANING_SHARES = (0.0, 0.05, 0.1, 0.2)
+
+
+def _cleaning_curve(
+    finetune: Any,
+    model: torch.nn.Module,
+    task: Any,
+    split: Any,
+    rankings: dict[str, Any],
+    shares: tuple[float, ...],
+    cache: RunDir,
+) -> list[dict[str, Any]]:
+    """Validation accuracy and loss after removing each share by each ranking (0 %: the demo's own model)."""
+    import json
+    import tempfile
+
+    from datainf.baselines import training_losses
+    from datainf.clean import removal_curve
+
+    baseline = {
+        "eval_accuracy": _accuracy(model, task, split.val),
+        "eval_loss": float(training_losses(model, task, split.val).mean()),
+    }
+
+    def evaluate(records: list[dict[str, Any]]) -> dict[str, float]:
+        with tempfile.TemporaryDirectory(prefix="datainf-demo-cleaning-") as tmp:
+            adapter = finetune(Path(tmp) / "adapter", records=records, eval_records=split.val)
+            last = json.loads((adapter / "training_log.json").read_text())["epochs"][-1]
+        return {"eval_accuracy": float(last["eval_accuracy"]), "eval_loss": float(last["eval_loss"])}
+
+    return removal_curve(split.train, rankings, shares, evaluate, cache=cache, baseline=baseline)
 
 
 def _relabel_evaluation(
@@ -499,6 +565,7 @@ def main_mislabel_demo(args: argparse.Namespace) -> int:
         out_dir=getattr(args, "out", None) or "datainf-out/demo",
         recompute=getattr(args, "recompute", False),
         progress=progress,
+        cleaning_shares=CLEANING_SHARES if getattr(args, "cleaning", False) else None,
     )
     print("\nMislabeled-data detection on BBC News (20% of training labels flipped).")
     print("Influence > 0 = harmful (raises the validation loss); flipped labels should rank first.")
@@ -509,6 +576,13 @@ def main_mislabel_demo(args: argparse.Namespace) -> int:
     print(format_table(result.table))
     if result.relabel is not None:
         print("\n" + format_relabel(result.relabel))
+    if result.cleaning is not None:
+        print("\nWhat cleaning would do (retrained without the top share; validation accuracy / loss):")
+        for row in result.cleaning:
+            print(
+                f"  {row['method']:<14} {100 * row['share']:>4.0f} % removed: {row['eval_accuracy']:.3f} / "
+                f"{row['eval_loss']:.4f}"
+            )
     print("\nStages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.stage_seconds.items()))
     print(f"Total {time.perf_counter() - started:.1f} s. Report: {result.report.resolve()}")
     return 0
