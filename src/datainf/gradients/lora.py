@@ -437,7 +437,35 @@ def find_lora_blocks(model: nn.Module, *, adapter_name: str | None = None) -> Lo
         raise LoRAValidationError(
             f"Adapter {chosen!r} has no lora_A/lora_B tensor in this model; check target_modules."
         )
+    _warn_large_dense_blocks(blocks)
     return LoRABlocks(adapter_name=chosen, blocks=tuple(blocks))
+
+
+#: ``modules_to_save`` copies holding more than this many times the LoRA tensors' parameters are warned about.
+DENSE_BLOCK_RATIO = 4.0
+
+
+def _warn_large_dense_blocks(blocks: Sequence[GradientBlock]) -> None:
+    """Warn when the ``modules_to_save`` copies (full modules trained densely, e.g. a TRL run's
+    ``modules_to_save=["lm_head", "embed_tokens"]``) outweigh the LoRA tensors: they are kept as dense
+    blocks, so each example's gradient holds every one of their parameters."""
+    lora = sum(b.numel for b in blocks if b.role in ("lora_A", "lora_B"))
+    dense = [b for b in blocks if b.role == "modules_to_save"]
+    n_dense = sum(b.numel for b in dense)
+    if not dense or n_dense <= DENSE_BLOCK_RATIO * lora:
+        return
+    modules = sorted({b.module_name.split(".modules_to_save.")[0].rsplit(".", 1)[-1] for b in dense})
+    logger.warning(
+        "The adapter's modules_to_save (%s) are full modules, not LoRA blocks: their %s parameters are "
+        "differentiated as dense blocks, %.1fx the %s LoRA parameters (%.1f MB per example in float32). Fine for a "
+        "small head; for an lm_head or embeddings of a large model, retrain without them in modules_to_save, or "
+        "project the gradients.",
+        ", ".join(modules),
+        f"{n_dense:,}",
+        n_dense / max(lora, 1),
+        f"{lora:,}",
+        4 * (n_dense + lora) / 2**20,
+    )
 
 
 def model_fingerprint(model: nn.Module, blocks: LoRABlocks) -> str:
