@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from datainf.errors import LoRAValidationError
@@ -487,21 +488,54 @@ def model_fingerprint(model: nn.Module, blocks: LoRABlocks) -> str:
     return digest.hexdigest()[:16]
 
 
+def _non_reentrant(module: nn.Module) -> bool:
+    """Whether ``module``'s activation checkpointing is non-reentrant (``torch.utils.checkpoint`` with
+    ``use_reentrant=False``, the default transformers sets): its first forward pass runs with autograd, so
+    the hooks see the activations they differentiate, and the recomputation in the backward pass only
+    replaces saved tensors. Unknown checkpoint functions count as reentrant."""
+    func = getattr(module, "_gradient_checkpointing_func", None)
+    keywords = getattr(func, "keywords", None)
+    return (
+        isinstance(keywords, dict)
+        and keywords.get("use_reentrant") is False
+        and getattr(func, "func", None) is torch.utils.checkpoint.checkpoint
+    )
+
+
+def _hf_checkpoint_layer(module: nn.Module) -> bool:
+    """A transformers ``GradientCheckpointingLayer``: it checkpoints only while ``module.training``."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers: no such layer class
+        return False
+    return isinstance(module, GradientCheckpointingLayer)
+
+
 @contextmanager
 def gradient_mode(model: nn.Module, blocks: LoRABlocks | Sequence[GradientBlock]) -> Iterator[None]:
     """Put ``model`` in eval mode (LoRA dropout and all other dropout off), switch ``requires_grad`` on
-    for the block tensors and gradient checkpointing off (its recomputed forward passes would bypass
-    the cached activations); restore every module's previous train/eval and checkpointing flags and
-    every tensor's previous ``requires_grad`` on exit, also when the body raises.
+    for the block tensors; restore every module's previous train/eval and checkpointing flags and every
+    tensor's previous ``requires_grad`` on exit, also when the body raises.
+
+    Activation checkpointing: *non-reentrant* checkpointing (``use_reentrant=False``, transformers'
+    default for ``gradient_checkpointing_enable()``) is kept on, so large models keep its memory savings:
+    the hooks record each LoRA module's input and output in the first forward pass, which runs with
+    autograd, and the backward pass only recomputes saved tensors (the same gradients; tested). The
+    checkpointed transformers layers stay flagged ``training`` (they checkpoint only in training
+    mode) while everything inside them, dropout included, is in eval mode. *Reentrant* (or unknown)
+    checkpointing runs its first forward pass without autograd, which the hooks cannot see, so it is
+    switched off while gradients are taken (logged; lower the batch size if memory runs short).
 
     Gradients are taken at the fine-tuned weights with the model in eval mode (docs/gradients.md section 1).
     The switch is logged at INFO level.
     """
     modes = [(m, m.training) for m in model.modules()]
     grads = [(b.parameter, b.parameter.requires_grad) for b in blocks]
-    # activation checkpointing re-runs forward passes inside the backward pass (diffusers does so even in
-    # eval mode): the hooks would see the recomputed activations, not the ones they differentiate
-    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
+    # reentrant activation checkpointing runs the first forward pass under no_grad (diffusers does so even in
+    # eval mode): the hooks would see only the recomputed activations; non-reentrant checkpointing is kept
+    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
+    kept = [m for m in flagged if _non_reentrant(m)]
+    checkpointed = [m for m in flagged if not _non_reentrant(m)]
     n_train = sum(1 for _, t in modes if t)
     logger.info(
         "Taking gradients in eval mode (LoRA dropout and all other dropout off)%s.",
@@ -509,9 +543,16 @@ def gradient_mode(model: nn.Module, blocks: LoRABlocks | Sequence[GradientBlock]
     )
     if checkpointed:
         logger.info(
-            "Turning gradient checkpointing off on %d modules while taking gradients (restored afterwards); "
-            "lower batch_size if memory runs short.",
+            "Turning reentrant gradient checkpointing off on %d modules while taking gradients (restored "
+            "afterwards; enable it with gradient_checkpointing_kwargs={'use_reentrant': False} to keep it on); lower "
+            "batch_size if memory runs short.",
             len(checkpointed),
+        )
+    if kept:
+        logger.info(
+            "Keeping non-reentrant gradient checkpointing on for %d modules (activations recomputed in the backward "
+            "pass; the same gradients).",
+            len(kept),
         )
     turned_on = [p for p, flag in grads if not flag]
     if turned_on:
@@ -520,6 +561,9 @@ def gradient_mode(model: nn.Module, blocks: LoRABlocks | Sequence[GradientBlock]
         )
     try:
         model.eval()
+        for m in kept:
+            if _hf_checkpoint_layer(m):
+                m.training = True  # the layer's own flag only: its submodules (dropout) stay in eval mode
         for p in turned_on:
             p.requires_grad_(True)
         for m in checkpointed:
