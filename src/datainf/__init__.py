@@ -30,9 +30,11 @@ __all__ = [
     "available_methods",
     "block_lambdas",
     "collect_gradients",
+    "from_trainer",
     "influence",
     "influence_from_config",
     "register_method",
+    "scores_from_trainer",
     "__version__",
 ]
 
@@ -46,6 +48,10 @@ def __getattr__(name: str) -> object:
         from datainf.gradients import collect_gradients
 
         return collect_gradients
+    if name in ("from_trainer", "scores_from_trainer"):
+        from datainf import integrations
+
+        return getattr(integrations, name)
     if name == "OnTheFlyGradients":
         from datainf.gradients import OnTheFlyGradients
 
