@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from datainf.cli.explain import cmd_explain
 from datainf.distributed import is_main_process
 from datainf.errors import ConfigError
 from datainf.scores import SIGN_CONVENTION
@@ -294,4 +295,5 @@ HANDLERS: dict[str, Callable[[dict[str, Any]], int]] = {
     "grads": cmd_grads,
     "score": cmd_score,
     "report": cmd_report,
+    "explain": cmd_explain,
 }
