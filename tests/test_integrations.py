@@ -83,6 +83,15 @@ def test_scores_from_trainer_pairwise(tmp_path: Path) -> None:
     assert torch.isfinite(torch.as_tensor(scores.values)).all()
 
 
+def test_text_rows_use_the_processing_class(tmp_path: Path) -> None:
+    trainer, train, _ = _trainer(tmp_path, train_steps=0)
+    text_rows = [{"id": r["id"], "prompt": r["prompt"], "completion": r["response"]} for r in train[:3]]
+    got = datainf.from_trainer(trainer, split=text_rows, progress=False).to_dict()
+    tokenized = datainf.from_trainer(trainer, split=_tokenized(train[:3], word_tokenizer("lm")), progress=False)
+    for name, g in tokenized.to_dict().items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6)
+
+
 def test_trainer_records_drop_unused_columns(tmp_path: Path) -> None:
     trainer, train, _ = _trainer(tmp_path, train_steps=0)
     rows = trainer_records(trainer, "eval")

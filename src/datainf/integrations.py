@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datainf.data.formats import check_not_packed
+from datainf.data.formats import check_not_packed, lm_format
 from datainf.errors import ConfigError, DatasetError, TaskInputError
-from datainf.gradients import GradientTask, TaskBatch, collect_gradients
+from datainf.gradients import CausalLMTask, GradientTask, TaskBatch, collect_gradients
 from datainf.influence import influence
 from datainf.scores import Scores
 from datainf.store import GradientStore
@@ -162,10 +162,12 @@ def _forward_columns(model: nn.Module) -> set[str] | None:
     return names | {"label", "labels", "label_ids", "completion_mask", "assistant_masks"}
 
 
-def trainer_records(trainer: Any, split: Split | Sequence[Mapping[str, Any]] = "train") -> list[dict[str, Any]]:
+def trainer_records(
+    trainer: Any, split: Split | Sequence[Mapping[str, Any]] = "train", *, drop_unused: bool = True
+) -> list[dict[str, Any]]:
     """The rows of the trainer's train or eval dataset (or of ``split`` when it is a dataset), with an
-    ``"id"`` and only the columns the model's forward (and the collator's masks) take, as the trainer
-    keeps them.
+    ``"id"`` and, with ``drop_unused``, only the columns the model's forward (and the collator's masks)
+    take, as the trainer keeps them.
 
     Raises:
         DatasetError: the trainer has no such dataset, or it is empty / not indexable.
@@ -196,7 +198,11 @@ def trainer_records(trainer: Any, split: Split | Sequence[Mapping[str, Any]] = "
         ) from err
     if not rows:
         raise DatasetError("The trainer's dataset is empty.")
-    keep = _forward_columns(trainer.model) if getattr(trainer.args, "remove_unused_columns", True) else None
+    keep = (
+        _forward_columns(trainer.model)
+        if drop_unused and getattr(trainer.args, "remove_unused_columns", True)
+        else None
+    )
     out: list[dict[str, Any]] = []
     for i, row in enumerate(rows):
         ex_id = str(row.get("id", i))
@@ -231,15 +237,35 @@ def from_trainer(
         device: where to compute (default: the model's device).
         overwrite / progress: as in :func:`datainf.collect_gradients`.
 
+    Rows the trainer holds as text (``messages``, ``prompt``/``completion``, ``prompt``/``response``,
+    ``text``; no ``input_ids``) are tokenised by the trainer's ``processing_class`` with
+    :class:`~datainf.gradients.CausalLMTask` instead of the collator.
+
     Returns:
         The :class:`~datainf.store.GradientStore` ``(n, d_l)`` per block, ids as in :func:`trainer_records`.
     """
-    records = trainer_records(trainer, split)
-    collator = trainer.data_collator
-    if collator is None:
-        raise ConfigError("The trainer has no data_collator; build it with one (Trainer(data_collator=...)).")
+    raw = trainer_records(trainer, split, drop_unused=False)
     name = split if isinstance(split, str) else "dataset"
-    task = TrainerTask(collator, description=f"{type(trainer).__name__}:{type(collator).__name__}")
+    task: GradientTask
+    if "input_ids" not in raw[0] and lm_format(raw[0]) not in (None, "tokenized", "token-ids"):
+        # untokenised text / conversations: the processing class tokenises them as CausalLMTask does
+        tokenizer = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
+        if tokenizer is None:
+            raise ConfigError(
+                f"The trainer's {name} rows are text ({lm_format(raw[0])}) and the trainer has no processing_class "
+                "(tokenizer) to tokenise them; pass Trainer(processing_class=tokenizer) or a tokenised dataset."
+            )
+        logger.info(
+            "The %s rows are %s records: tokenising them with the trainer's processing class.", name, lm_format(raw[0])
+        )
+        records = raw
+        task = CausalLMTask(tokenizer)
+    else:
+        records = trainer_records(trainer, split)
+        collator = trainer.data_collator
+        if collator is None:
+            raise ConfigError("The trainer has no data_collator; build it with one (Trainer(data_collator=...)).")
+        task = TrainerTask(collator, description=f"{type(trainer).__name__}:{type(collator).__name__}")
     size = int(batch_size or getattr(trainer.args, "per_device_eval_batch_size", 8) or 8)
     logger.info("Collecting per-example gradients of the trainer's %s set (%d examples).", name, len(records))
     return collect_gradients(
