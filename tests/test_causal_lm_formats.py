@@ -184,8 +184,6 @@ def test_training_records_accept_trl_formats() -> None:
         training_records([{"id": 3, "sentence": "w1", "label": 0}])
 
 
-def test_describe_includes_the_chat_template_only_when_set() -> None:
-    plain = CausalLMTask(word_tokenizer("lm")).describe()
-    assert "chat_template" not in plain
-    assert "chat_template=" in CausalLMTask(chat_tokenizer()).describe()
-    assert CausalLMTask(chat_tokenizer(PLAIN)).describe() != CausalLMTask(chat_tokenizer(TAGGED)).describe()
+def test_describe_is_unchanged_by_a_chat_template() -> None:
+    # store fingerprints and cache keys stay those of earlier versions
+    assert CausalLMTask(chat_tokenizer()).describe() == CausalLMTask(chat_tokenizer(None)).describe()
