@@ -1,9 +1,9 @@
 """Benchmark: per-example gradients with a fine-tuner's large-model settings kept on (issue 14).
 
-Not a test. On a CPU-sized Llama-architecture model (random init, ``LlamaConfig``: hidden 256,
-4 layers, 8 heads / 4 KV heads, MLP 688, vocab 8,000) with LoRA r=8 on every linear layer
-(``target_modules="all-linear"``, as TRL users commonly set it), batches of 8 sequences of 128
-tokens (prompt 96 + response 32, loss on the response):
+Not a test. On a CPU-sized Llama-architecture model (random init, ``LlamaConfig``: hidden 128,
+4 layers, 8 heads / 4 KV heads, MLP 344, vocab 4,000; sized so the run finishes on a shared 2-core
+machine) with LoRA r=8 on every linear layer (``target_modules="all-linear"``, as TRL users commonly
+set it), batches of 4 sequences of 64 tokens (prompt 48 + response 16, loss on the response):
 
 1. throughput of ``datainf.collect_gradients`` (end to end into a RAM store, float32 gradients) and of a
    plain training step of the same settings (train mode, forward + backward + AdamW on the LoRA
@@ -12,7 +12,7 @@ tokens (prompt 96 + response 32, loss on the response):
    Settings are interleaved over rounds; the median of each is reported.
 2. peak memory of gradient collection with checkpointing off vs on: each in its own subprocess, the
    growth of peak RSS (``VmHWM``) over the RSS after the model is built, for longer sequences
-   (512 tokens) so activations dominate.
+   (256 tokens) so activations dominate.
 
     nice -n 15 .venv/bin/python benchmarks/bench_finetuner.py   # writes benchmarks/results_finetuner.md
 """
@@ -35,9 +35,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 HERE = Path(__file__).resolve().parent
-VOCAB = 8000
-BATCH = 8
-PROMPT, RESPONSE = 96, 32
+VOCAB = 4000
+BATCH = 4
+PROMPT, RESPONSE = 48, 16
+MEM_PROMPT, MEM_RESPONSE = 224, 32
 
 
 def _model(dtype: torch.dtype, checkpointing: bool) -> Any:
@@ -49,8 +50,8 @@ def _model(dtype: torch.dtype, checkpointing: bool) -> Any:
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=256,
-        intermediate_size=688,
+        hidden_size=128,
+        intermediate_size=344,
         num_hidden_layers=4,
         num_attention_heads=8,
         num_key_value_heads=4,
@@ -112,9 +113,7 @@ def throughput(rounds: int) -> list[dict[str, Any]]:
     batch = {"input_ids": collated["input_ids"], "attention_mask": collated["attention_mask"], "labels": labels}
     settings = [(d, c) for d in (torch.float32, torch.bfloat16) for c in (False, True)]
     models = {s: _model(*s) for s in settings}
-    opts = {
-        s: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for s, m in models.items()
-    }
+    opts = {s: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for s, m in models.items()}
     times: dict[Any, dict[str, list[float]]] = {s: {"grads": [], "train": []} for s in settings}
     for s in settings:  # warm-up
         _train_step_seconds(models[s], batch, opts[s])
@@ -148,7 +147,7 @@ def _vm(key: str) -> int:
 
 def memory_child(checkpointing: bool, dtype: str) -> dict[str, Any]:
     model = _model(getattr(torch, dtype), checkpointing)
-    records = _records(BATCH, prompt=448, response=64, seed=1)
+    records = _records(BATCH, prompt=MEM_PROMPT, response=MEM_RESPONSE, seed=1)
     before = _vm("VmRSS")
     _grads_seconds(model, records)
     return {"checkpointing": checkpointing, "dtype": dtype, "growth_bytes": _vm("VmHWM") - before}
@@ -169,7 +168,7 @@ def write(rows: list[dict[str, Any]], mem: list[dict[str, Any]], load: tuple[str
         "## Per-example gradients with a fine-tuner's settings: bfloat16 base, gradient checkpointing (issue 14)",
         "",
         "`nice -n 15 .venv/bin/python benchmarks/bench_finetuner.py` (benchmarks/bench_finetuner.py). Llama "
-        "architecture, random init (hidden 256, 4 layers, 8 heads / 4 KV heads, MLP 688, vocab 8,000), LoRA r=8 "
+        "architecture, random init (hidden 128, 4 layers, 8 heads / 4 KV heads, MLP 344, vocab 4,000), LoRA r=8 "
         f"on all linear layers (all-linear), batches of {BATCH} x {PROMPT + RESPONSE} tokens (loss on the last "
         f"{RESPONSE}), {torch.get_num_threads()} threads, median of {rounds} interleaved rounds. *ratio* = time of "
         "`collect_gradients` on a batch (end to end, float32 gradients into a RAM store) / time of one training "
@@ -191,7 +190,7 @@ def write(rows: list[dict[str, Any]], mem: list[dict[str, Any]], load: tuple[str
     on = next(m for m in mem if m["checkpointing"])
     lines += [
         "",
-        f"Peak memory of gradient collection (float32 base, batch {BATCH} x 512 tokens, each in its own "
+        f"Peak memory of gradient collection (float32 base, batch {BATCH} x {MEM_PROMPT + MEM_RESPONSE} tokens, each in its own "
         "subprocess; growth of peak RSS over the RSS after building the model): checkpointing off "
         f"**{off['growth_bytes'] / 2**20:.0f} MiB**, on **{on['growth_bytes'] / 2**20:.0f} MiB** "
         f"({on['growth_bytes'] / max(off['growth_bytes'], 1):.2f}x). The hooks keep every LoRA module's input "
@@ -206,15 +205,31 @@ def main() -> None:
     parser.add_argument("--memory-child", action="store_true")
     parser.add_argument("--ckpt", action="store_true")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--part",
+        choices=("all", "memory"),
+        default="all",
+        help="memory: rerun only the memory part (throughput rows and their load averages from results_finetuner.json)",
+    )
     args = parser.parse_args()
     if args.memory_child:
         print(json.dumps(memory_child(args.ckpt, args.dtype)))
         return
-    load_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    rows = throughput(args.rounds)
-    mem = memory()
-    load_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    text = write(rows, mem, (load_before, load_after), args.rounds)
+    sidecar = HERE / "results_finetuner.json"
+    if args.part == "memory":
+        saved = json.loads(sidecar.read_text())
+        rows, loads, rounds = saved["throughput"], tuple(saved["load"]), saved["rounds"]
+        mem_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+        mem = memory()
+        loads = (loads[0], loads[1] + f"; memory part rerun: {mem_before}")
+    else:
+        load_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+        rows = throughput(args.rounds)
+        loads = (load_before, subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+        rounds = args.rounds
+        sidecar.write_text(json.dumps({"throughput": rows, "load": loads, "rounds": rounds}, indent=1))
+        mem = memory()
+    text = write(rows, mem, loads, rounds)
     (HERE / "results_finetuner.md").write_text(text)
     print(text)
 
