@@ -18,6 +18,7 @@ PARTS = (
     "results_scale.md",
     "results_sd.md",
     "results_lds.md",
+    "results_finetuner.md",
 )
 
 HEADER = """# Benchmarks

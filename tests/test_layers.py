@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tasks", "scores", "runs", "factors"),
     ("models", "gradients", "methods"),
     ("finetune", "influence", "testing", "reference", "report", "baselines"),
-    ("explain", "workflows", "relabel"),
+    ("explain", "workflows", "relabel", "integrations"),
     ("counterfactual",),
     ("clean",),
     ("demos",),

@@ -49,7 +49,7 @@ def test_built_in_kinds_in_registration_order() -> None:
     assert (cls.task_class, lm.task_class, diff.task_class) == (SequenceClassificationTask, CausalLMTask, DiffusionTask)
     # the CLI's data requirements and label handling, per kind
     assert cls.required_fields == ("text", "label") and cls.encodes_labels and not cls.decoder
-    assert lm.required_fields == ("response",) and not lm.encodes_labels and lm.decoder
+    assert lm.required_fields == () and not lm.encodes_labels and lm.decoder
     assert (cls.peft_task_type, lm.peft_task_type, diff.peft_task_type) == ("SEQ_CLS", "CAUSAL_LM", None)
     assert cls.model_class().__name__ == "AutoModelForSequenceClassification"
     assert lm.model_class().__name__ == "AutoModelForCausalLM"

@@ -30,10 +30,12 @@ __all__ = [
     "available_methods",
     "block_lambdas",
     "collect_gradients",
+    "from_trainer",
     "influence",
     "influence_from_config",
     "lds",
     "register_method",
+    "scores_from_trainer",
     "__version__",
 ]
 
@@ -51,6 +53,10 @@ def __getattr__(name: str) -> object:
         from datainf.evaluation import lds
 
         return lds
+    if name in ("from_trainer", "scores_from_trainer"):
+        from datainf import integrations
+
+        return getattr(integrations, name)
     if name == "OnTheFlyGradients":
         from datainf.gradients import OnTheFlyGradients
 

@@ -146,12 +146,61 @@ def resolve_model_dir(base: str | os.PathLike[str]) -> Path:
     return path
 
 
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _checkpoints(path: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of the ``checkpoint-N`` sub-folders of a Trainer ``output_dir`` that hold a peft
+    adapter, by step."""
+    found: list[tuple[int, Path]] = []
+    for child in path.iterdir():
+        m = _CHECKPOINT.match(child.name)
+        if m and child.is_dir() and (child / "adapter_config.json").is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def _best_checkpoint(path: Path, checkpoints: list[tuple[int, Path]]) -> Path | None:
+    """The ``best_model_checkpoint`` the newest checkpoint's ``trainer_state.json`` records (HF Trainer with
+    ``load_best_model_at_end`` / ``metric_for_best_model``), when it is one of ``checkpoints``."""
+    state_file = checkpoints[-1][1] / "trainer_state.json"
+    if not state_file.is_file():
+        return None
+    try:
+        best = json.loads(state_file.read_text()).get("best_model_checkpoint")
+    except (OSError, json.JSONDecodeError):
+        logger.warning("%s is unreadable; choosing the newest checkpoint instead of the best.", state_file)
+        return None
+    if not best:
+        return None
+    name = Path(str(best)).name
+    for _, folder in checkpoints:
+        if folder.name == name:
+            return folder
+    logger.warning(
+        "%s records best checkpoint %r, which is not among the checkpoints in %s; choosing the newest.",
+        state_file,
+        best,
+        path,
+    )
+    return None
+
+
 def resolve_adapter_dir(adapter: str | os.PathLike[str]) -> Path:
-    """The folder holding ``adapter_config.json``: ``adapter`` itself, or its ``adapter/`` sub-folder
-    (the layout ``datainf finetune --out RUN`` writes).
+    """The folder holding ``adapter_config.json``.
+
+    Accepts, in this order:
+
+    1. the adapter folder itself (``peft_model.save_pretrained``, a Trainer ``checkpoint-N`` folder,
+       or a Trainer / TRL ``output_dir`` after ``trainer.save_model()``: the final adapter);
+    2. its ``adapter/`` sub-folder (the layout ``datainf finetune --out RUN`` writes);
+    3. a Trainer ``output_dir`` with only ``checkpoint-N`` sub-folders: the best checkpoint when the
+       newest one's ``trainer_state.json`` records ``best_model_checkpoint``, else the newest (largest
+       ``N``). The choice is logged at INFO level; pass the ``checkpoint-N`` folder to choose another.
 
     Raises:
-        ModelLoadError: the folder does not exist or holds no peft adapter.
+        ModelLoadError: the folder does not exist or holds no peft adapter (a full or merged model
+            folder is named as such).
     """
     name = os.fspath(adapter)
     path = Path(name).expanduser()
@@ -161,14 +210,31 @@ def resolve_adapter_dir(adapter: str | os.PathLike[str]) -> Path:
         return path
     if path.is_dir() and (path / "adapter" / "adapter_config.json").is_file():
         return path / "adapter"
+    checkpoints = _checkpoints(path) if path.is_dir() else []
+    if checkpoints:
+        best = _best_checkpoint(path, checkpoints)
+        chosen = best or checkpoints[-1][1]
+        logger.info(
+            "%s holds no final adapter but %d checkpoint(s) (%s); using %s, the %s. Pass a checkpoint-N folder to "
+            "choose another.",
+            path,
+            len(checkpoints),
+            ", ".join(f.name for _, f in checkpoints[-5:]),
+            chosen.name,
+            "best one recorded in trainer_state.json" if best else "newest",
+        )
+        return chosen
     if path.is_dir() and (path / "config.json").is_file():
         raise ModelLoadError(
-            f"{name!r} is a full model folder, not a peft adapter (no adapter_config.json). Pass it as the model, "
-            "or pass the folder that adapter.save_pretrained(...) wrote as the adapter."
+            f"{name!r} is a full model folder, not a peft adapter (no adapter_config.json). A merged adapter "
+            "(merge_and_unload) is a full model too: its LoRA update is inside the base weights, so there is nothing "
+            "to differentiate. Pass it as the model, or pass the unmerged adapter folder that "
+            "adapter.save_pretrained(...) (or a Trainer run's output_dir / checkpoint-N) wrote as the adapter."
         )
     raise ModelLoadError(
         f"{name!r} holds no adapter_config.json, so it is not a peft adapter folder. Pass the folder written by "
-        "peft_model.save_pretrained(...) or by `datainf finetune`."
+        "peft_model.save_pretrained(...), a Trainer / TRL output_dir or one of its checkpoint-N folders, or the "
+        "output of `datainf finetune`."
     )
 
 
@@ -311,6 +377,18 @@ def load_tokenizer(base: str | os.PathLike[str], *, kind: ModelKind = "classific
     return tokenizer
 
 
+#: Why the non-LoRA peft adapter types cannot be differentiated (messages of :func:`_read_peft_config`).
+_NON_LORA = {
+    "PROMPT_TUNING": "prompt tuning trains virtual token embeddings, not weight matrices",
+    "P_TUNING": "p-tuning trains a prompt encoder, not LoRA blocks",
+    "PREFIX_TUNING": "prefix tuning trains per-layer key/value prefixes, not LoRA blocks",
+    "IA3": "IA3 trains scaling vectors multiplied into activations, with no lora_A / lora_B module",
+    "ADALORA": "AdaLoRA's SVD-shaped update (lora_E) has no lora_A / lora_B module pair to hook",
+    "LOHA": "LoHa's Hadamard-product update has no lora_A / lora_B module",
+    "LOKR": "LoKr's Kronecker-product update has no lora_A / lora_B module",
+}
+
+
 def _read_peft_config(adapter_dir: Path) -> dict[str, Any]:
     try:
         data = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -318,8 +396,16 @@ def _read_peft_config(adapter_dir: Path) -> dict[str, Any]:
         raise ModelLoadError(f"{adapter_dir / 'adapter_config.json'} is unreadable ({err}).") from err
     peft_type = str(data.get("peft_type", "")).upper()
     if peft_type != "LORA":
+        why = _NON_LORA.get(peft_type, "it is not a LoRA adapter")
         raise ModelLoadError(
-            f"The adapter in {adapter_dir} is of type {data.get('peft_type')!r}; datainf supports LoRA adapters only."
+            f"The adapter in {adapter_dir} is of type {data.get('peft_type')!r}: {why}. datainf takes per-example "
+            "gradients through the lora_A / lora_B modules of LoRA adapters only; retrain with peft.LoraConfig."
+        )
+    if data.get("use_dora"):
+        raise ModelLoadError(
+            f"The adapter in {adapter_dir} is a DoRA adapter (use_dora=true): its magnitude vector rescales the "
+            "whole weight and has no lora_A / lora_B module to hook, so per-example gradients cannot be taken. "
+            "Retrain with use_dora=False."
         )
     return data
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from datainf.cli.explain import cmd_explain
 from datainf.distributed import is_main_process
 from datainf.errors import ConfigError
 from datainf.scores import SIGN_CONVENTION
@@ -342,4 +343,5 @@ HANDLERS: dict[str, Callable[[dict[str, Any]], int]] = {
     "report": cmd_report,
     "evaluate": cmd_evaluate,
     "clean": cmd_clean,
+    "explain": cmd_explain,
 }

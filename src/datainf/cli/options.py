@@ -598,6 +598,12 @@ def _clean_options() -> list[Option]:
     ]
 
 
+def _explain_options() -> list[Option]:
+    from datainf.cli.explain import explain_options  # its own module (it imports Option from here)
+
+    return explain_options()
+
+
 COMMANDS: dict[str, tuple[str, Callable[[], list[Option]]]] = {
     "finetune": ("LoRA-fine-tune a local model on a dataset (writes <out>/adapter)", _finetune_options),
     "grads": ("per-example LoRA gradients of a dataset into a gradient store (<out>)", _grads_options),
@@ -609,6 +615,10 @@ COMMANDS: dict[str, tuple[str, Callable[[], list[Option]]]] = {
         _clean_options,
     ),
     "demo": ("the end-to-end demo (default: BBC News with flipped labels, four methods)", _demo_options),
+    "explain": (
+        "explain answers: generate for each prompt, show its most helpful / harmful training examples",
+        _explain_options,
+    ),
 }
 
 

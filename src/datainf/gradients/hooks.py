@@ -143,6 +143,7 @@ class PerExampleGradients:
         self._calls: dict[int, int] = dict.fromkeys(self._modules, 0)
         self._handles: list[Any] = []
         self._open = False
+        self._in_backward = False  # activation checkpointing re-runs forwards inside the backward: not recorded
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> PerExampleGradients:
@@ -188,7 +189,9 @@ class PerExampleGradients:
 
     # ------------------------------------------------------------------ hook
     def _record(self, key: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+        if self._in_backward or not torch.is_grad_enabled():
+            return
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         if not args or not isinstance(args[0], torch.Tensor):
             return
@@ -230,12 +233,16 @@ class PerExampleGradients:
                 )
             result: dict[str, torch.Tensor] = {}
             if records:
-                grad_outs = torch.autograd.grad(
-                    losses.sum(),
-                    [out for _, _, out in records],
-                    retain_graph=bool(self._fallback),
-                    allow_unused=True,
-                )
+                self._in_backward = True
+                try:
+                    grad_outs = torch.autograd.grad(
+                        losses.sum(),
+                        [out for _, _, out in records],
+                        retain_graph=bool(self._fallback),
+                        allow_unused=True,
+                    )
+                finally:
+                    self._in_backward = False
                 for (key, x, _), go in zip(records, grad_outs):
                     if go is None:
                         continue

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from datainf.errors import LoRAValidationError
@@ -437,7 +438,35 @@ def find_lora_blocks(model: nn.Module, *, adapter_name: str | None = None) -> Lo
         raise LoRAValidationError(
             f"Adapter {chosen!r} has no lora_A/lora_B tensor in this model; check target_modules."
         )
+    _warn_large_dense_blocks(blocks)
     return LoRABlocks(adapter_name=chosen, blocks=tuple(blocks))
+
+
+#: ``modules_to_save`` copies holding more than this many times the LoRA tensors' parameters are warned about.
+DENSE_BLOCK_RATIO = 4.0
+
+
+def _warn_large_dense_blocks(blocks: Sequence[GradientBlock]) -> None:
+    """Warn when the ``modules_to_save`` copies (full modules trained densely, e.g. a TRL run's
+    ``modules_to_save=["lm_head", "embed_tokens"]``) outweigh the LoRA tensors: they are kept as dense
+    blocks, so each example's gradient holds every one of their parameters."""
+    lora = sum(b.numel for b in blocks if b.role in ("lora_A", "lora_B"))
+    dense = [b for b in blocks if b.role == "modules_to_save"]
+    n_dense = sum(b.numel for b in dense)
+    if not dense or n_dense <= DENSE_BLOCK_RATIO * lora:
+        return
+    modules = sorted({b.module_name.split(".modules_to_save.")[0].rsplit(".", 1)[-1] for b in dense})
+    logger.warning(
+        "The adapter's modules_to_save (%s) are full modules, not LoRA blocks: their %s parameters are "
+        "differentiated as dense blocks, %.1fx the %s LoRA parameters (%.1f MB per example in float32). Fine for a "
+        "small head; for an lm_head or embeddings of a large model, retrain without them in modules_to_save, or "
+        "project the gradients.",
+        ", ".join(modules),
+        f"{n_dense:,}",
+        n_dense / max(lora, 1),
+        f"{lora:,}",
+        4 * (n_dense + lora) / 2**20,
+    )
 
 
 def model_fingerprint(model: nn.Module, blocks: LoRABlocks) -> str:
@@ -459,21 +488,54 @@ def model_fingerprint(model: nn.Module, blocks: LoRABlocks) -> str:
     return digest.hexdigest()[:16]
 
 
+def _non_reentrant(module: nn.Module) -> bool:
+    """Whether ``module``'s activation checkpointing is non-reentrant (``torch.utils.checkpoint`` with
+    ``use_reentrant=False``, the default transformers sets): its first forward pass runs with autograd, so
+    the hooks see the activations they differentiate, and the recomputation in the backward pass only
+    replaces saved tensors. Unknown checkpoint functions count as reentrant."""
+    func = getattr(module, "_gradient_checkpointing_func", None)
+    keywords = getattr(func, "keywords", None)
+    return (
+        isinstance(keywords, dict)
+        and keywords.get("use_reentrant") is False
+        and getattr(func, "func", None) is torch.utils.checkpoint.checkpoint
+    )
+
+
+def _hf_checkpoint_layer(module: nn.Module) -> bool:
+    """A transformers ``GradientCheckpointingLayer``: it checkpoints only while ``module.training``."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers: no such layer class
+        return False
+    return isinstance(module, GradientCheckpointingLayer)
+
+
 @contextmanager
 def gradient_mode(model: nn.Module, blocks: LoRABlocks | Sequence[GradientBlock]) -> Iterator[None]:
     """Put ``model`` in eval mode (LoRA dropout and all other dropout off), switch ``requires_grad`` on
-    for the block tensors and gradient checkpointing off (its recomputed forward passes would bypass
-    the cached activations); restore every module's previous train/eval and checkpointing flags and
-    every tensor's previous ``requires_grad`` on exit, also when the body raises.
+    for the block tensors; restore every module's previous train/eval and checkpointing flags and every
+    tensor's previous ``requires_grad`` on exit, also when the body raises.
+
+    Activation checkpointing: *non-reentrant* checkpointing (``use_reentrant=False``, transformers'
+    default for ``gradient_checkpointing_enable()``) is kept on, so large models keep its memory savings:
+    the hooks record each LoRA module's input and output in the first forward pass, which runs with
+    autograd, and the backward pass only recomputes saved tensors (the same gradients; tested). The
+    checkpointed transformers layers stay flagged ``training`` (they checkpoint only in training
+    mode) while everything inside them, dropout included, is in eval mode. *Reentrant* (or unknown)
+    checkpointing runs its first forward pass without autograd, which the hooks cannot see, so it is
+    switched off while gradients are taken (logged; lower the batch size if memory runs short).
 
     Gradients are taken at the fine-tuned weights with the model in eval mode (docs/gradients.md section 1).
     The switch is logged at INFO level.
     """
     modes = [(m, m.training) for m in model.modules()]
     grads = [(b.parameter, b.parameter.requires_grad) for b in blocks]
-    # activation checkpointing re-runs forward passes inside the backward pass (diffusers does so even in
-    # eval mode): the hooks would see the recomputed activations, not the ones they differentiate
-    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
+    # reentrant activation checkpointing runs the first forward pass under no_grad (diffusers does so even in
+    # eval mode): the hooks would see only the recomputed activations; non-reentrant checkpointing is kept
+    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
+    kept = [m for m in flagged if _non_reentrant(m)]
+    checkpointed = [m for m in flagged if not _non_reentrant(m)]
     n_train = sum(1 for _, t in modes if t)
     logger.info(
         "Taking gradients in eval mode (LoRA dropout and all other dropout off)%s.",
@@ -481,9 +543,16 @@ def gradient_mode(model: nn.Module, blocks: LoRABlocks | Sequence[GradientBlock]
     )
     if checkpointed:
         logger.info(
-            "Turning gradient checkpointing off on %d modules while taking gradients (restored afterwards); "
-            "lower batch_size if memory runs short.",
+            "Turning reentrant gradient checkpointing off on %d modules while taking gradients (restored "
+            "afterwards; enable it with gradient_checkpointing_kwargs={'use_reentrant': False} to keep it on); lower "
+            "batch_size if memory runs short.",
             len(checkpointed),
+        )
+    if kept:
+        logger.info(
+            "Keeping non-reentrant gradient checkpointing on for %d modules (activations recomputed in the backward "
+            "pass; the same gradients).",
+            len(kept),
         )
     turned_on = [p for p, flag in grads if not flag]
     if turned_on:
@@ -492,6 +561,9 @@ def gradient_mode(model: nn.Module, blocks: LoRABlocks | Sequence[GradientBlock]
         )
     try:
         model.eval()
+        for m in kept:
+            if _hf_checkpoint_layer(m):
+                m.training = True  # the layer's own flag only: its submodules (dropout) stay in eval mode
         for p in turned_on:
             p.requires_grad_(True)
         for m in checkpointed:

@@ -262,7 +262,7 @@ register_task_kind(
         task_class=CausalLMTask,
         config_class=CausalLMConfig,
         description="causal language modelling: mean NLL of each example's response tokens",
-        required_fields=("response",),
+        required_fields=(),  # the task detects the record format (datainf.data.formats) and names what is missing
         auto_model="AutoModelForCausalLM",
         decoder=True,
         peft_task_type="CAUSAL_LM",
