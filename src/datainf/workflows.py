@@ -205,6 +205,10 @@ class GradientsSettings:
         grad_batch_size: examples per forward/backward pass.
         dtype: storage dtype of the gradients.
         shard_size: examples per gradient shard file.
+        project_dim: store a seeded random sketch of at most this many numbers per block instead of
+            the block (:class:`datainf.gradients.projection.ProjectionConfig`); ``None``: full gradients.
+            Recorded in ``config.json`` only when set.
+        project_seed: the projection's seed (train and test gradients need the same dimension and seed).
         data: the examples to differentiate.
         text_column, label_column, prompt_column, response_column, id_column: as in :class:`FinetuneSettings`.
     """
@@ -220,6 +224,8 @@ class GradientsSettings:
     grad_batch_size: int = 16
     dtype: str = "float32"
     shard_size: int = 1024
+    project_dim: int | None = None
+    project_seed: int = 0
     data: str | None = None
     text_column: str | None = None
     label_column: str | None = None
@@ -230,6 +236,26 @@ class GradientsSettings:
     def __post_init__(self) -> None:
         _normalise(self, ("model", "adapter", "data"), {"kind": _loadable_kinds(), "dtype": _DTYPES})
         _normalise_label_names(self)
+        _projection_of(self)  # refuses a bad dimension or seed now
+
+
+def _projection_of(settings: GradientsSettings | ScoreSettings) -> Any:
+    """The settings' :class:`~datainf.gradients.projection.ProjectionConfig`, or ``None`` (no ``project_dim``)."""
+    if settings.project_dim is None:
+        return None
+    from datainf.gradients.projection import ProjectionConfig
+
+    return ProjectionConfig(dim=settings.project_dim, seed=settings.project_seed)
+
+
+def _without_projection_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """``config.json`` keeps the projection settings only when a projection is asked for (older run
+    folders, written before they existed, still resume)."""
+    if saved.get("project_dim") is None:
+        saved.pop("project_dim", None)
+        if saved.get("project_seed") == 0:
+            saved.pop("project_seed", None)
+    return saved
 
 
 @dataclass(frozen=True)
@@ -243,7 +269,9 @@ class ScoreSettings:
         out: the run folder.
         train_grads, test_grads: gradient stores of the training and test examples.
         model, adapter, kind, max_length, device, num_labels, label_names, grad_batch_size, dtype,
-            shard_size: as in :class:`GradientsSettings` (used with ``train_data`` / ``test_data``).
+            shard_size, project_dim, project_seed: as in :class:`GradientsSettings` (used with
+            ``train_data`` / ``test_data``: the on-the-fly training gradients and the test store are
+            projected alike).
         train_data, test_data: training and test data. ``test_grads`` may replace ``test_data``.
         keep_train_store: with ``train_data``, compute the training gradients once into
             ``<out>/grads-train`` (a store of ``4 n sum_l d_l`` bytes in float32) and stream them from
@@ -282,6 +310,8 @@ class ScoreSettings:
     grad_batch_size: int = 16
     dtype: str = "float32"
     shard_size: int = 1024
+    project_dim: int | None = None
+    project_seed: int = 0
     train_data: str | None = None
     test_data: str | None = None
     text_column: str | None = None
@@ -312,6 +342,7 @@ class ScoreSettings:
             },
         )
         _normalise_label_names(self)
+        _projection_of(self)
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"normalize must be True or False, got {self.normalize!r}.")
         if not isinstance(self.keep_train_store, bool):
@@ -622,7 +653,7 @@ def gradients_run(settings: GradientsSettings, *, overwrite: bool = False, progr
             lambda: RunDir.claim(
                 settings.out,
                 kind="grads",
-                settings=_saved(settings),
+                settings=_without_projection_defaults(_saved(settings)),
                 overwrite=overwrite,
                 write_config=False,
                 allow_foreign=lambda path: (path / "manifest.json").is_file(),  # a bare gradient store
@@ -856,6 +887,7 @@ def _score_inputs_from_data(
                 dtype=settings.dtype,
                 work_dir=run.stage("onthefly"),
                 progress=progress,
+                projection=_projection_of(settings),
             )
         test_store: GradientStore | None = None
         if test is not None:
@@ -891,7 +923,7 @@ def _saved_score(settings: ScoreSettings) -> dict[str, Any]:
         del saved["label_names"]
     if saved.get("keep_train_store") is False:
         del saved["keep_train_store"]
-    return saved
+    return _without_projection_defaults(saved)
 
 
 def _methods(settings: ScoreSettings) -> list[str]:
@@ -1094,15 +1126,17 @@ def _compute_store(
     computes its share of the missing examples (:func:`~datainf.gradients.collect_gradients`).
     """
     from datainf.gradients import collect_gradients, find_lora_blocks, gradient_fingerprint
+    from datainf.gradients.collect import gradient_block_dims
 
     blocks = find_lora_blocks(model)
+    projection = _projection_of(settings)
 
     def prepare() -> GradientStore:
         store = GradientStore.create(
             path,
-            block_dims=blocks.block_dims,
+            block_dims=gradient_block_dims(blocks, task, projection),
             dtype=settings.dtype,
-            fingerprint=gradient_fingerprint(model, task, blocks),
+            fingerprint=gradient_fingerprint(model, task, blocks, projection),
             shard_size=int(settings.shard_size),
             overwrite=False,
             expected_examples=len(records),
@@ -1136,6 +1170,7 @@ def _compute_store(
         dtype=settings.dtype,
         shard_size=int(settings.shard_size),
         progress=progress,
+        projection=projection,
     )
 
 

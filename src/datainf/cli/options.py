@@ -275,6 +275,19 @@ def _model_options(adapter_required: bool) -> list[Option]:
             )
         )
         opts.append(Option("shard_size", ("--shard-size",), _to_int, 1024, "examples per gradient shard file"))
+        opts.append(
+            Option(
+                "project_dim",
+                ("--project-dim",),
+                _optional(_to_int),
+                None,
+                "store a seeded random sketch of at most K numbers per gradient block (LoRA blocks: the activation "
+                "or output side projected to K/r); store bytes fall to about 4 K per block and example; test and "
+                "training gradients need the same K and seed. Default: full gradients",
+                metavar="K",
+            )
+        )
+        opts.append(Option("project_seed", ("--project-seed",), _to_int, 0, "seed of --project-dim's projection"))
     return opts
 
 
