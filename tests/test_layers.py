@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("settings", "distributed", "store", "data", "evaluation"),
     ("tasks", "scores", "runs", "factors"),
     ("models", "gradients", "methods"),
-    ("finetune", "influence", "testing", "reference", "report", "baselines"),
+    ("finetune", "influence", "testing", "reference", "report", "baselines", "plan"),
     ("explain", "workflows", "relabel"),
     ("demos",),
     ("cli",),

@@ -32,7 +32,7 @@ from datainf.workflows import (
     settings_from_mapping,
 )
 
-__all__ = ["cmd_finetune", "cmd_grads", "cmd_score", "cmd_report", "cmd_demo", "HANDLERS", "scores_files"]
+__all__ = ["cmd_finetune", "cmd_grads", "cmd_score", "cmd_report", "cmd_plan", "cmd_demo", "HANDLERS", "scores_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -289,9 +289,30 @@ def _demo_summary(config: dict[str, Any]) -> dict[str, Any]:
 
 
 #: The subcommands that take only their resolved settings (``demo`` also gets the parsed arguments).
+def cmd_plan(config: dict[str, Any]) -> int:
+    """``datainf plan``: the memory, disk and time figures of :func:`datainf.plan.make_plan`, printed."""
+    from dataclasses import fields
+
+    from datainf.errors import ConfigError
+    from datainf.plan import PlanSettings, make_plan
+
+    for flag, key in (("--model", "model"), ("--n", "n"), ("--seq-len", "seq_len")):
+        if config.get(key) is None:
+            raise ConfigError(f"datainf plan needs {flag}.")
+    names = {f.name for f in fields(PlanSettings)}
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
+    plan = make_plan(PlanSettings(**values))
+    if config.get("json"):
+        _print_json({"command": "plan", **plan.to_dict()})
+    else:
+        print(plan.format())
+    return 0
+
+
 HANDLERS: dict[str, Callable[[dict[str, Any]], int]] = {
     "finetune": cmd_finetune,
     "grads": cmd_grads,
     "score": cmd_score,
     "report": cmd_report,
+    "plan": cmd_plan,
 }

@@ -305,6 +305,7 @@ def collect_gradients(
             fingerprint=fingerprint,
             shard_size=shard_size,
             overwrite=overwrite,
+            expected_examples=n,  # a disk store refuses to start when the disk cannot hold it
         )
     elif isinstance(store, GradientStore):
         out = store
