@@ -44,7 +44,9 @@ RESULTS_JSON = HERE / "results_scale.json"
 RESULTS_MD = HERE / "results_scale.md"
 WORK = Path(os.environ.get("DATAINF_BENCH_WORK", "/tmp/datainf-bench-scale"))
 VOCAB_WORDS = 2000
-MAX_LENGTH = 32
+MAX_LENGTH = 16
+SHARD_SIZE = 256
+SCORE_BATCH = 256
 TEST_M = 32
 GRAD_BATCH = 16
 THREADS = 2
@@ -118,7 +120,7 @@ def records(n: int, seed: int) -> list[dict[str, Any]]:
         count = int(torch.randint(low, high + 1, (1,), generator=gen))
         return " ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB_WORDS, (count,), generator=gen))
 
-    return [{"id": f"s{seed}-{i}", "prompt": words(6, 16), "response": words(4, 10)} for i in range(n)]
+    return [{"id": f"s{seed}-{i}", "prompt": words(3, 8), "response": words(2, 6)} for i in range(n)]
 
 
 def _model_and_task(folder: Path) -> tuple[Any, Any]:
@@ -156,18 +158,25 @@ def worker(mode: str, n: int, k: int, folder: Path) -> dict[str, Any]:
         shutil.rmtree(path, ignore_errors=True)
         start = time.perf_counter()
         store = collect_gradients(
-            model, task, train, store=path, batch_size=GRAD_BATCH, projection=projection, progress=False
+            model,
+            task,
+            train,
+            store=path,
+            batch_size=GRAD_BATCH,
+            shard_size=SHARD_SIZE,
+            projection=projection,
+            progress=False,
         )
         out["collect_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
-        scores = datainf.influence(store, test_store, progress=False)
+        scores = datainf.influence(store, test_store, batch_size=SCORE_BATCH, progress=False)
         out["score_seconds"] = time.perf_counter() - start
         out["train_bytes"] = _folder_bytes(path)
         out["numbers_per_example"] = sum(store.block_dims.values())
     else:
         source = OnTheFlyGradients(model, task, train, batch_size=GRAD_BATCH, progress=False)
         start = time.perf_counter()
-        scores = datainf.influence(source, test_store, progress=False)
+        scores = datainf.influence(source, test_store, batch_size=SCORE_BATCH, progress=False)
         out["score_seconds"] = time.perf_counter() - start
         out["train_bytes"] = 0
         out["gradient_passes"] = source.passes
@@ -239,6 +248,8 @@ def plan_worker(mode: str, n: int, k: int, folder: Path) -> dict[str, Any]:
             project_dim=k if mode == "projected" else None,
             test_examples=TEST_M,
             batch_size=GRAD_BATCH,
+            shard_size=SHARD_SIZE,
+            score_batch_size=SCORE_BATCH,
             measure=True,
         )
     )
@@ -346,9 +357,10 @@ def render(results: dict[str, Any]) -> str:
         lines += [
             "",
             f"Model: random-init Llama ({setting['model']}), LoRA r=8 on q_proj / v_proj, D = "
-            f"{setting['numbers_per_example']:,} numbers per example, response-loss task (prompt 6-16 words, "
-            f"response 4-10, at most {MAX_LENGTH} tokens), m = {TEST_M} test examples, DataInf in average mode, "
-            f"gradient batches of {GRAD_BATCH}. Projection k = {setting['k']}.",
+            f"{setting['numbers_per_example']:,} numbers per example, response-loss task (prompt 3-8 words, "
+            f"response 2-6, at most {MAX_LENGTH} tokens), m = {TEST_M} test examples, DataInf in average mode, "
+            f"gradient batches of {GRAD_BATCH}, shards of {SHARD_SIZE} examples, DataInf reading {SCORE_BATCH} rows per "
+            f"batch (`--shard-size` / `--score-batch-size`: what keeps memory flat in n). Projection k = {setting['k']}.",
             "",
             "| n | store: collection s | store: DataInf s | on the fly: DataInf s | ratio (goal <= 1.6) | "
             "store bytes | on-the-fly bytes | projected store bytes (ratio) | projected: collection + DataInf s | "
