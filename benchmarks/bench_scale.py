@@ -479,6 +479,7 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=1024)
     parser.add_argument("--modes", nargs="*", default=["store", "onthefly", "projected"])
     parser.add_argument("--demo-only", action="store_true")
+    parser.add_argument("--curve-n", type=int, help="the n whose stores the k curve sketches (default: the first --n)")
     parser.add_argument("--no-demo", action="store_true")
     parser.add_argument("--render-only", action="store_true")
     parser.add_argument("--plans-only", action="store_true", help="recompute the plan rows of the measured runs")
@@ -544,11 +545,12 @@ def main() -> int:
             entry = _spawn("--worker", f"plan-{mode}", "--worker-n", str(n), "--k", str(args.k))
             results["plans"] = [p for p in results["plans"] if not (p["n"] == n and p["mode"] == mode)] + [entry]
         write(results)
-    if "store" in args.modes:
-        print(f"curve n={args.n[0]}", flush=True)
-        results["curve"] = _spawn("--worker", "curve", "--worker-n", str(args.n[0]))
+    curve_n = args.curve_n or args.n[0]
+    if (WORK / f"store-store-{curve_n}").is_dir():
+        print(f"curve n={curve_n}", flush=True)
+        results["curve"] = _spawn("--worker", "curve", "--worker-n", str(curve_n))
         write(results)
-    for n in args.n:
+    for n in {*args.n, curve_n}:
         for mode in ("store", "projected"):
             shutil.rmtree(WORK / f"store-{mode}-{n}", ignore_errors=True)
     return 0

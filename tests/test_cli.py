@@ -811,6 +811,11 @@ def test_projected_grads_and_scores(env, stores, capsys, tmp_path):
     )  # fmt: skip
     assert code == 2 and "dim=16:seed=1" in err and "'none'" in err
     code, _, err = run(
+        capsys, "score", "--train-grads", tmp_path / "p-train", "--test-grads", tmp_path / "p-test", *projection,
+        "--out", tmp_path / "s4", "-q",
+    )  # fmt: skip
+    assert code == 2 and "--project-dim applies where gradients are computed" in err
+    code, _, err = run(
         capsys, "score", *common, *projection, "--train-data", env["train"], "--test-grads", tmp_path / "p-test",
         "--out", tmp_path / "s3",
     )  # fmt: skip

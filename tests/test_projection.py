@@ -226,3 +226,28 @@ def test_bad_projection_settings_are_refused(lm) -> None:
     with pytest.raises(ConfigError, match="collect_factors and a projection"):
         collect_gradients(model, task, train, projection=ProjectionConfig(dim=8), collect_factors=True, progress=False)
     assert ProjectionConfig.from_dict({"dim": 8, "seed": 1}) == ProjectionConfig(8, 1)
+
+
+def test_unet_conv_lora_and_timestep_blocks_float64() -> None:
+    """Convolution LoRA (formed-gradient path) and per-timestep row blocks, against the projected full gradient."""
+    from gradient_fixtures import diffusion_text_data, scheduler, unet_cond
+
+    from datainf.gradients import DiffusionTask, DiffusionTaskConfig
+
+    model = unet_cond().double()
+    task = DiffusionTask(scheduler(), DiffusionTaskConfig(timesteps=(25, 925)))
+    data = diffusion_text_data(2, seed=4)
+    config = ProjectionConfig(dim=12, seed=5)
+    full = collect_gradients(model, task, data, batch_size=2, dtype="float64", progress=False).to_dict()
+    sketched = collect_gradients(
+        model, task, data, batch_size=2, dtype="float64", progress=False, projection=config
+    ).to_dict()
+    blocks = find_lora_blocks(model).blocks
+    projector = GradientProjector(config, blocks)
+    conv = [b for b in blocks if isinstance(b.module, nn.Conv2d)]
+    assert conv and any(projector.block_plan(b.name)[0] == "kron" for b in conv)
+    for block in blocks:
+        for row in ("t25", "t925"):
+            name = f"{block.name}@{row}"
+            expected = _reference(projector, block, full[name])
+            torch.testing.assert_close(sketched[name], expected, rtol=1e-9, atol=1e-12, msg=name)

@@ -825,6 +825,11 @@ def _score_inputs_from_stores(
     self_mode = settings.mode == "self"
     if not settings.train_grads or not (settings.test_grads or self_mode):
         raise ConfigError("Pass both --train-grads and --test-grads (or --mode self, which needs --train-grads only).")
+    if settings.project_dim is not None:
+        raise ConfigError(
+            "--project-dim applies where gradients are computed (datainf grads, score --train-data); the stores "
+            "given keep the projection they were collected with (their manifest's fingerprint says which)."
+        )
     _check_same_run(ctx, "score", settings, {})  # the gradients themselves are compared by influence
     train_grads, test_grads = settings.train_grads, settings.test_grads
 
