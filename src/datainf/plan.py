@@ -281,7 +281,9 @@ def _meta_model(settings: PlanSettings) -> Any:
     with torch.device("meta"):
         base = auto.from_config(config).to(getattr(torch, settings.model_dtype))
     if settings.adapter is not None:
-        lora = LoraConfig.from_pretrained(settings.adapter)
+        from datainf.models import resolve_adapter_dir
+
+        lora = LoraConfig.from_pretrained(str(resolve_adapter_dir(settings.adapter)))
     else:
         targets: Sequence[str] | None = settings.target_modules
         if targets is None:
