@@ -449,9 +449,71 @@ def render(results: dict[str, Any]) -> str:
                 f"| {k} | {row['numbers_per_example']:,} | {row['bytes_ratio']:.1f}x | {row['spearman']:.4f} |"
                 + (f" {row['auc']:.4f} |" if has_auc else "")
             )
+    lines += ["", *_verdicts(results)]
     for note in results.get("notes", []):
         lines += ["", note]
     return "\n".join(lines) + "\n"
+
+
+def _verdicts(results: dict[str, Any]) -> list[str]:
+    """One line per goal of issue 13, computed from the numbers above."""
+    out = ["Verdicts (computed from the rows above):", ""]
+    runs = results.get("runs", [])
+    ns = sorted({r["n"] for r in runs})
+    ratios = []
+    for n in ns:
+        by = {r["mode"]: r for r in runs if r["n"] == n}
+        if "store" in by and "onthefly" in by:
+            s = by["store"]
+            ratios.append((n, by["onthefly"]["score_seconds"] / (s["collect_seconds"] + s["score_seconds"])))
+    if ratios:
+        text = ", ".join(f"{r:.2f} at n={n:,}" for n, r in ratios)
+        met = all(r <= 1.6 for _, r in ratios)
+        out.append(f"* on-the-fly / (collection + DataInf): {text} (goal <= 1.6: {'met' if met else 'missed'}).")
+    for key, what in (("curve", "this model"), ("demo", "the demo")):
+        block = results.get(key)
+        if block:
+            good = [r for r in block["curve"] if r["k"] is not None and r["spearman"] >= 0.9]
+            best = max(good, key=lambda r: r["bytes_ratio"], default=None)
+            if best is None:
+                out.append(f"* projected store on {what}: no k reaches Spearman 0.9.")
+            else:
+                verdict = "met" if best["bytes_ratio"] >= 16 else "missed"
+                out.append(
+                    f"* projected store on {what}: largest reduction at Spearman >= 0.9 is {best['bytes_ratio']:.1f}x "
+                    f"(k={best['k']}, Spearman {best['spearman']:.3f}); goal >= 16x: {verdict}."
+                )
+    if len(ns) > 1:
+        for mode in ("store", "onthefly", "projected"):
+            values = [r["peak_rss"] for r in runs if r["mode"] == mode]
+            if len(values) > 1:
+                spread = max(values) / min(values)
+                out.append(
+                    f"* peak RSS, {mode}: largest / smallest over n = {ns[0]:,}..{ns[-1]:,} is {spread:.2f} "
+                    f"(goal: within 1.20: {'met' if spread <= 1.2 else 'missed'})."
+                )
+    elif ns:
+        out.append(f"* peak RSS vs n: only n = {ns[0]:,} was measured, so flatness in n is not shown.")
+    plans = results.get("plans", [])
+    worst = []
+    for entry in plans:
+        run = next((r for r in runs if r["n"] == entry["n"] and r["mode"] == entry["mode"]), None)
+        if run is None:
+            continue
+        plan = entry["plan"]
+        peak = plan["methods"][0]["peak_bytes"]
+        if entry["mode"] != "onthefly":
+            peak = max(peak, plan["collection_peak_bytes"])
+        worst.append(abs(peak / run["peak_rss"] - 1))
+        if run["train_bytes"]:
+            worst.append(abs(plan["store_bytes"] / run["train_bytes"] - 1))
+    if worst:
+        out.append(
+            f"* `datainf plan` against the measurements: largest relative error of its bytes and peak RSS figures "
+            f"{max(worst):.0%} (goal: within 20 %: {'met' if max(worst) <= 0.2 else 'missed'}); its seconds come from "
+            "one batch timed on the same busy machine, so they are a rough guide only."
+        )
+    return out
 
 
 def _hand_run_section() -> str:
