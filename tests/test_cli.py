@@ -838,3 +838,44 @@ def test_kfac_from_stores_needs_grads_factors_and_score_from_data_collects_them(
         from_stores = Scores.load(tmp_path / "from-stores" / f"scores-{method}.safetensors").values
         from_data = Scores.load(tmp_path / "from-data" / f"scores-{method}.safetensors").values
         torch.testing.assert_close(from_data, from_stores, rtol=1e-4, atol=1e-6)
+
+
+def test_projected_grads_and_scores(env, stores, capsys, tmp_path):
+    """--project-dim / --project-seed: recorded in the store, refused against unprojected test gradients, and the
+    on-the-fly training gradients of ``score --train-data`` get the same projection."""
+    common = ["--model", env["model"], "--adapter", env["ft"], *COLUMNS, "-q"]
+    projection = ["--project-dim", "16", "--project-seed", "1"]
+    for name, data in (("p-train", env["train"]), ("p-test", env["test"])):
+        code, _, err = run(capsys, "grads", *common, *projection, "--data", data, "--out", tmp_path / name)
+        assert code == 0, err
+    train = GradientStore.open(tmp_path / "p-train")
+    assert train.fingerprint["projection"] == "kron-gaussian-v1:dim=16:seed=1"
+    assert max(train.block_dims.values()) <= 16 < max(GradientStore.open(stores["train"]).block_dims.values())
+    config = json.loads((tmp_path / "p-train" / "config.json").read_text())
+    assert config["project_dim"] == 16 and config["project_seed"] == 1
+    assert "project_dim" not in json.loads((stores["train"] / "config.json").read_text())
+    code, _, err = run(
+        capsys, "score", "--train-grads", tmp_path / "p-train", "--test-grads", tmp_path / "p-test", "--out",
+        tmp_path / "s1", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    code, _, err = run(
+        capsys, "score", "--train-grads", tmp_path / "p-train", "--test-grads", stores["test"], "--out",
+        tmp_path / "s2", "-q",
+    )  # fmt: skip
+    assert code == 2 and "dim=16:seed=1" in err and "'none'" in err
+    code, _, err = run(
+        capsys, "score", "--train-grads", tmp_path / "p-train", "--test-grads", tmp_path / "p-test", *projection,
+        "--out", tmp_path / "s4", "-q",
+    )  # fmt: skip
+    assert code == 2 and "--project-dim applies where gradients are computed" in err
+    code, _, err = run(
+        capsys, "score", *common, *projection, "--train-data", env["train"], "--test-grads", tmp_path / "p-test",
+        "--out", tmp_path / "s3",
+    )  # fmt: skip
+    assert code == 0, err
+    a, b = (
+        Scores.load(tmp_path / "s1" / "scores-datainf.safetensors"),
+        Scores.load(tmp_path / "s3" / "scores-datainf.safetensors"),
+    )
+    torch.testing.assert_close(b.values, a.values, rtol=1e-4, atol=1e-6 * float(a.values.abs().max()))

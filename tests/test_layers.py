@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("settings", "distributed", "store", "data", "evaluation", "diffusers_io"),
     ("tasks", "scores", "runs", "factors"),
     ("models", "gradients", "methods"),
-    ("finetune", "influence", "testing", "reference", "report", "baselines"),
+    ("finetune", "influence", "testing", "reference", "report", "baselines", "plan"),
     ("explain", "workflows", "relabel", "integrations"),
     ("counterfactual",),
     ("clean",),

@@ -18,6 +18,7 @@ __all__ = [
     "StoreMismatchError",
     "FingerprintMismatchError",
     "GradientSourceChangedError",
+    "ProjectionMismatchError",
     "LoRAValidationError",
     "DatasetError",
     "TaskInputError",
@@ -69,6 +70,10 @@ class FingerprintMismatchError(StoreError):
 
 class GradientSourceChangedError(FingerprintMismatchError):
     """The model's adapter weights or the records of an on-the-fly gradient source changed between passes."""
+
+
+class ProjectionMismatchError(FingerprintMismatchError):
+    """Train and test gradients were projected differently (dimension, seed, or one of them not at all)."""
 
 
 class LoRAValidationError(DataInfError, ValueError):

@@ -170,6 +170,9 @@ def _as_store(gradients: GradientsLike, role: str) -> GradientSource:
 
 
 def _check_compatible(train: GradientSource, test: GradientSource) -> None:
+    from datainf.gradients.projection import check_same_projection
+
+    check_same_projection(train.fingerprint, test.fingerprint)  # first: a projection changes the block sizes too
     train_dims, test_dims = train.block_dims, test.block_dims
     only_train = sorted(set(train_dims) - set(test_dims))
     only_test = sorted(set(test_dims) - set(train_dims))

@@ -205,6 +205,10 @@ class GradientsSettings:
         grad_batch_size: examples per forward/backward pass.
         dtype: storage dtype of the gradients.
         shard_size: examples per gradient shard file.
+        project_dim: store a seeded random sketch of at most this many numbers per block instead of
+            the block (:class:`datainf.gradients.projection.ProjectionConfig`); ``None``: full gradients.
+            Recorded in ``config.json`` only when set.
+        project_seed: the projection's seed (train and test gradients need the same dimension and seed).
         data: the examples to differentiate.
         text_column, label_column, prompt_column, response_column, id_column: as in :class:`FinetuneSettings`.
         factors: also collect the Kronecker factors of the ``kfac`` / ``ekfac`` methods into
@@ -224,6 +228,8 @@ class GradientsSettings:
     grad_batch_size: int = 16
     dtype: str = "float32"
     shard_size: int = 1024
+    project_dim: int | None = None
+    project_seed: int = 0
     data: str | None = None
     text_column: str | None = None
     label_column: str | None = None
@@ -237,6 +243,26 @@ class GradientsSettings:
         _normalise_label_names(self)
         if not isinstance(self.factors, bool):
             raise ConfigError(f"factors must be True or False, got {self.factors!r}.")
+        _projection_of(self)  # refuses a bad dimension or seed now
+
+
+def _projection_of(settings: GradientsSettings | ScoreSettings) -> Any:
+    """The settings' :class:`~datainf.gradients.projection.ProjectionConfig`, or ``None`` (no ``project_dim``)."""
+    if settings.project_dim is None:
+        return None
+    from datainf.gradients.projection import ProjectionConfig
+
+    return ProjectionConfig(dim=settings.project_dim, seed=settings.project_seed)
+
+
+def _without_projection_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """``config.json`` keeps the projection settings only when a projection is asked for (older run
+    folders, written before they existed, still resume)."""
+    if saved.get("project_dim") is None:
+        saved.pop("project_dim", None)
+        if saved.get("project_seed") == 0:
+            saved.pop("project_seed", None)
+    return saved
 
 
 @dataclass(frozen=True)
@@ -250,7 +276,9 @@ class ScoreSettings:
         out: the run folder.
         train_grads, test_grads: gradient stores of the training and test examples.
         model, adapter, kind, max_length, device, num_labels, label_names, grad_batch_size, dtype,
-            shard_size: as in :class:`GradientsSettings` (used with ``train_data`` / ``test_data``).
+            shard_size, project_dim, project_seed: as in :class:`GradientsSettings` (used with
+            ``train_data`` / ``test_data``: the on-the-fly training gradients and the test store are
+            projected alike).
         train_data, test_data: training and test data. ``test_grads`` may replace ``test_data``.
         keep_train_store: with ``train_data``, compute the training gradients once into
             ``<out>/grads-train`` (a store of ``4 n sum_l d_l`` bytes in float32) and stream them from
@@ -289,6 +317,8 @@ class ScoreSettings:
     grad_batch_size: int = 16
     dtype: str = "float32"
     shard_size: int = 1024
+    project_dim: int | None = None
+    project_seed: int = 0
     train_data: str | None = None
     test_data: str | None = None
     text_column: str | None = None
@@ -319,6 +349,7 @@ class ScoreSettings:
             },
         )
         _normalise_label_names(self)
+        _projection_of(self)
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"normalize must be True or False, got {self.normalize!r}.")
         if not isinstance(self.keep_train_store, bool):
@@ -637,7 +668,7 @@ def gradients_run(settings: GradientsSettings, *, overwrite: bool = False, progr
             lambda: RunDir.claim(
                 settings.out,
                 kind="grads",
-                settings=_saved_grads(settings),
+                settings=_without_projection_defaults(_saved_grads(settings)),
                 overwrite=overwrite,
                 write_config=False,
                 compare_ignore=("out", "factors"),
@@ -825,6 +856,11 @@ def _score_inputs_from_stores(
     self_mode = settings.mode == "self"
     if not settings.train_grads or not (settings.test_grads or self_mode):
         raise ConfigError("Pass both --train-grads and --test-grads (or --mode self, which needs --train-grads only).")
+    if settings.project_dim is not None:
+        raise ConfigError(
+            "--project-dim applies where gradients are computed (datainf grads, score --train-data); the stores "
+            "given keep the projection they were collected with (their manifest's fingerprint says which)."
+        )
     _check_same_run(ctx, "score", settings, {})  # the gradients themselves are compared by influence
     train_grads, test_grads = settings.train_grads, settings.test_grads
 
@@ -895,6 +931,7 @@ def _score_inputs_from_data(
                 dtype=settings.dtype,
                 work_dir=run.stage("onthefly"),
                 progress=progress,
+                projection=_projection_of(settings),
             )
             if with_factors:
                 from datainf.factors import attach_factors
@@ -957,7 +994,7 @@ def _saved_score(settings: ScoreSettings) -> dict[str, Any]:
         del saved["label_names"]
     if saved.get("keep_train_store") is False:
         del saved["keep_train_store"]
-    return saved
+    return _without_projection_defaults(saved)
 
 
 def _methods(settings: ScoreSettings) -> list[str]:
@@ -1218,16 +1255,18 @@ def _compute_store(
     Under torchrun rank 0 alone creates the store (and runs ``before_compute``); every rank then
     computes its share of the missing examples (:func:`~datainf.gradients.collect_gradients`).
     """
-    from datainf.gradients import collect_gradients, find_lora_blocks, gradient_fingerprint, split_block_dims
+    from datainf.gradients import collect_gradients, find_lora_blocks, gradient_fingerprint
+    from datainf.gradients.collect import gradient_block_dims
 
     blocks = find_lora_blocks(model)
+    projection = _projection_of(settings)
 
     def prepare() -> GradientStore:
         store = GradientStore.create(
             path,
-            block_dims=split_block_dims(blocks.block_dims, task.row_labels()),  # a block per row (timestep) label
+            block_dims=gradient_block_dims(blocks, task, projection),
             dtype=settings.dtype,
-            fingerprint=gradient_fingerprint(model, task, blocks),
+            fingerprint=gradient_fingerprint(model, task, blocks, projection),
             shard_size=int(settings.shard_size),
             overwrite=False,
             expected_examples=len(records),
@@ -1262,6 +1301,7 @@ def _compute_store(
         shard_size=int(settings.shard_size),
         progress=progress,
         collect_factors=collect_factors,
+        projection=projection,
     )
 
 

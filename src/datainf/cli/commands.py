@@ -40,6 +40,7 @@ __all__ = [
     "cmd_report",
     "cmd_evaluate",
     "cmd_clean",
+    "cmd_plan",
     "cmd_demo",
     "HANDLERS",
     "scores_files",
@@ -336,6 +337,26 @@ def cmd_clean(config: dict[str, Any]) -> int:
 
 
 #: The subcommands that take only their resolved settings (``demo`` also gets the parsed arguments).
+def cmd_plan(config: dict[str, Any]) -> int:
+    """``datainf plan``: the memory, disk and time figures of :func:`datainf.plan.make_plan`, printed."""
+    from dataclasses import fields
+
+    from datainf.errors import ConfigError
+    from datainf.plan import PlanSettings, make_plan
+
+    for flag, key in (("--model", "model"), ("--n", "n"), ("--seq-len", "seq_len")):
+        if config.get(key) is None:
+            raise ConfigError(f"datainf plan needs {flag}.")
+    names = {f.name for f in fields(PlanSettings)}
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
+    plan = make_plan(PlanSettings(**values))
+    if config.get("json"):
+        _print_json({"command": "plan", **plan.to_dict()})
+    else:
+        print(plan.format())
+    return 0
+
+
 HANDLERS: dict[str, Callable[[dict[str, Any]], int]] = {
     "finetune": cmd_finetune,
     "grads": cmd_grads,
@@ -344,4 +365,5 @@ HANDLERS: dict[str, Callable[[dict[str, Any]], int]] = {
     "evaluate": cmd_evaluate,
     "clean": cmd_clean,
     "explain": cmd_explain,
+    "plan": cmd_plan,
 }

@@ -136,6 +136,7 @@ class Option:
 
 #: ``--out`` help of the commands that have a default output folder (the others require ``--out``).
 _OUT_HELP = {
+    "plan": "where the store would go: its free space is compared with the planned bytes (nothing is written)",
     "demo": "output folder (default: datainf-out/demo for the mislabel demo, "
     "datainf-out/demo-<task>-<dataset> for the others)",
 }
@@ -275,6 +276,19 @@ def _model_options(adapter_required: bool) -> list[Option]:
             )
         )
         opts.append(Option("shard_size", ("--shard-size",), _to_int, 1024, "examples per gradient shard file"))
+        opts.append(
+            Option(
+                "project_dim",
+                ("--project-dim",),
+                _optional(_to_int),
+                None,
+                "store a seeded random sketch of at most K numbers per gradient block (LoRA blocks: the activation "
+                "or output side projected to K/r); store bytes fall to about 4 K per block and example; test and "
+                "training gradients need the same K and seed. Default: full gradients",
+                metavar="K",
+            )
+        )
+        opts.append(Option("project_seed", ("--project-seed",), _to_int, 0, "seed of --project-dim's projection"))
     return opts
 
 
@@ -604,6 +618,79 @@ def _explain_options() -> list[Option]:
     return explain_options()
 
 
+def _plan_options() -> list[Option]:
+    return [
+        Option(
+            "model", ("--model",), _optional(_to_path), None, "base model folder or its config.json (weights optional)"
+        ),
+        Option(
+            "adapter", ("--adapter",), _optional(_to_path), None, "LoRA adapter folder (else --r / --target-modules)"
+        ),
+        Option("kind", ("--kind",), _to_str, "causal-lm", "task kind", choices=("causal-lm", "classification")),
+        Option("r", ("--r", "--rank"), _to_int, 8, "LoRA rank (without --adapter)"),
+        Option(
+            "target_modules",
+            ("--target-modules",),
+            _optional(_to_list),
+            None,
+            "LoRA target modules (without --adapter; default: peft's for the model type)",
+        ),
+        Option("modules_to_save", ("--modules-to-save",), _to_list, [], "modules trained whole (e.g. classifier)"),
+        Option("num_labels", ("--num-labels",), _to_int, 2, "classes of a classification head"),
+        Option("n", ("--n", "--num-examples"), _optional(_to_int), None, "training examples (required)"),
+        Option("test_examples", ("--test-examples",), _to_int, 100, "test examples"),
+        Option("seq_len", ("--seq-len",), _optional(_to_int), None, "tokens per example (required)"),
+        Option(
+            "mode",
+            ("--mode",),
+            _to_str,
+            "store",
+            "store: training gradients written once; on-the-fly: recomputed every pass, nothing written; "
+            "projected: a store of --project-dim sketches",
+            choices=("store", "on-the-fly", "projected"),
+        ),
+        Option("pairwise", ("--pairwise",), _to_bool, False, "plan pairwise scores (m x D state)", action="flag"),
+        Option("project_dim", ("--project-dim",), _optional(_to_int), None, "numbers kept per block (projected)"),
+        Option("project_seed", ("--project-seed",), _to_int, 0, "the projection's seed"),
+        Option("batch_size", ("--grad-batch-size",), _to_int, 16, "examples per forward/backward pass"),
+        Option("score_batch_size", ("--score-batch-size",), _to_int, 1024, "training rows per streamed batch"),
+        Option("shard_size", ("--shard-size",), _to_int, 1024, "examples per gradient shard file"),
+        Option(
+            "dtype",
+            ("--dtype",),
+            _to_str,
+            "float32",
+            "storage dtype",
+            choices=("float32", "float64", "bfloat16", "float16"),
+        ),
+        Option(
+            "model_dtype",
+            ("--model-dtype",),
+            _to_str,
+            "float32",
+            "dtype of the model's weights and activations",
+            choices=("float32", "float64", "bfloat16", "float16"),
+        ),
+        Option(
+            "methods",
+            ("--method",),
+            _to_list,
+            ["datainf"],
+            "methods to plan: datainf, hessian_free, lissa, diagonal",
+            action="append",
+        ),
+        Option(
+            "measure",
+            ("--measure",),
+            _optional(_to_bool),
+            None,
+            "time one batch here (default: when the folder has weights and under 500M parameters)",
+            action="switch",
+        ),
+        Option("json", ("--json",), _to_bool, False, "print the plan as one JSON object", action="flag", saved=False),
+    ]
+
+
 COMMANDS: dict[str, tuple[str, Callable[[], list[Option]]]] = {
     "finetune": ("LoRA-fine-tune a local model on a dataset (writes <out>/adapter)", _finetune_options),
     "grads": ("per-example LoRA gradients of a dataset into a gradient store (<out>)", _grads_options),
@@ -614,6 +701,7 @@ COMMANDS: dict[str, tuple[str, Callable[[], list[Option]]]] = {
         "write the dataset without its most harmful examples (or relabelled), and a review table",
         _clean_options,
     ),
+    "plan": ("memory, disk and time of a run before any work (from a config.json)", _plan_options),
     "demo": ("the end-to-end demo (default: BBC News with flipped labels, four methods)", _demo_options),
     "explain": (
         "explain answers: generate for each prompt, show its most helpful / harmful training examples",

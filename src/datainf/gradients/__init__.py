@@ -7,6 +7,8 @@
   :class:`GradientTask`.
 * :class:`OnTheFlyGradients` -- the same gradients recomputed on every pass (no store on disk),
   usable as ``train`` in :func:`datainf.influence`.
+* :class:`ProjectionConfig` -- seeded random sketches of every block instead of the block
+  (``projection=`` of both; :mod:`datainf.gradients.projection`).
 * :func:`find_lora_blocks` -- discovery and validation of the adapter's trainable tensors.
 * :class:`PerExampleGradients` -- the hook machinery (one forward, one backward per batch).
 
@@ -23,6 +25,7 @@ from datainf.gradients.collect import (
 )
 from datainf.gradients.hooks import PerExampleGradients, row_block_name, split_block_dims
 from datainf.gradients.lora import GradientBlock, LoRABlocks, find_lora_blocks, gradient_mode, model_fingerprint
+from datainf.gradients.projection import GradientProjector, ProjectionConfig
 from datainf.gradients.source import OnTheFlyGradients
 from datainf.tasks import (
     DEFAULT_DIFFUSION_TIMESTEPS,
@@ -40,6 +43,8 @@ __all__ = [
     "collect_gradients",
     "collect_kronecker_factors",
     "OnTheFlyGradients",
+    "ProjectionConfig",
+    "GradientProjector",
     "batch_gradients",
     "example_ids",
     "dataset_fingerprint",

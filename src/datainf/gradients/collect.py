@@ -34,6 +34,7 @@ from datainf.factors import FACTORS_FOLDER, FactorFolder, KroneckerFactors, atta
 from datainf.gradients.factors import FactorAccumulator, factor_shapes
 from datainf.gradients.hooks import PerExampleGradients, split_block_dims
 from datainf.gradients.lora import LoRABlocks, find_lora_blocks, gradient_mode, model_fingerprint
+from datainf.gradients.projection import PROJECTION_KEY, GradientProjector, ProjectionConfig, projector_for
 from datainf.store import DiskGradientStore, GradientStore, _checked_seconds
 from datainf.tasks import GradientTask, TaskBatch
 
@@ -44,6 +45,7 @@ __all__ = [
     "batch_gradients",
     "gradient_fingerprint",
     "dataset_fingerprint",
+    "gradient_block_dims",
     "GradientSession",
 ]
 
@@ -85,9 +87,24 @@ def example_ids(dataset: Sequence[Mapping[str, Any]]) -> list[str]:
     return ids
 
 
-def gradient_fingerprint(model: nn.Module, task: GradientTask, blocks: LoRABlocks) -> dict[str, str]:
-    """The store fingerprint: ``{"model": hash of base model + adapter, "task": task.describe(), "adapter": name}``."""
-    return {"model": model_fingerprint(model, blocks), "task": task.describe(), "adapter": blocks.adapter_name}
+def gradient_fingerprint(
+    model: nn.Module, task: GradientTask, blocks: LoRABlocks, projection: ProjectionConfig | None = None
+) -> dict[str, str]:
+    """The store fingerprint: ``{"model": hash of base model + adapter, "task": task.describe(), "adapter": name}``,
+    plus ``"projection"`` (:meth:`ProjectionConfig.describe`) for projected gradients."""
+    fingerprint = {"model": model_fingerprint(model, blocks), "task": task.describe(), "adapter": blocks.adapter_name}
+    if projection is not None:
+        fingerprint[PROJECTION_KEY] = projection.describe()
+    return fingerprint
+
+
+def gradient_block_dims(
+    blocks: LoRABlocks, task: GradientTask, projection: ProjectionConfig | None = None
+) -> dict[str, int]:
+    """The ``block_dims`` of the gradients of ``blocks`` under ``task``: per row label when the task labels
+    rows, projected sizes with ``projection``."""
+    dims = blocks.block_dims if projection is None else GradientProjector(projection, blocks.blocks).block_dims()
+    return split_block_dims(dims, task.row_labels())
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -181,6 +198,7 @@ def collect_gradients(
     collect_factors: bool = False,
     factor_memory_gb: float = 4.0,
     checkpoint_seconds: float | None = None,
+    projection: ProjectionConfig | None = None,
 ) -> GradientStore:
     """Per-example gradients ``g_il`` of every example and block, written into a gradient store.
 
@@ -212,6 +230,9 @@ def collect_gradients(
             10 s), ``0`` checkpoints after every batch. An interrupted run (an exception, Ctrl-C)
             always checkpoints what it computed. The finished store is the same, bit for bit, however
             often the run was interrupted (same batch size).
+        projection: store a seeded random sketch of at most ``projection.dim`` numbers per block
+            instead of each block (:mod:`datainf.gradients.projection`); recorded in the store's
+            fingerprint (``"projection"``), and test gradients must use the same one.
 
     Under ``torchrun`` (``torch.distributed`` with more than one process) every rank calls this
     with the same arguments and ``store`` must be a folder: the missing examples are split into one
@@ -244,13 +265,16 @@ def collect_gradients(
             raise EmptyInputError("The dataset is empty: there are no examples to compute gradients for.")
         ids = example_ids(dataset)
         blocks = find_lora_blocks(model, adapter_name=adapter_name)
-        fingerprint = gradient_fingerprint(model, task, blocks)
+        fingerprint = gradient_fingerprint(model, task, blocks, projection)
+        if projection is not None and collect_factors:
+            raise ConfigError("collect_factors and a projection do not combine: K-FAC factors need the full blocks.")
     except Exception as err:
         if not ctx.is_distributed:
             raise
         ctx.raise_if_any(err, "Reading the data and the adapter")  # stop every rank, not just this one
     ctx.raise_if_any(None, "Reading the data and the adapter")
-    block_dims = split_block_dims(blocks.block_dims, task.row_labels())
+    block_dims = gradient_block_dims(blocks, task, projection)
+    projector = projector_for(projection, blocks.blocks)
     if collect_factors:
         shapes, uncovered = factor_shapes(blocks.blocks, task.row_labels())
         check_factor_memory(shapes, factor_memory_gb, what="collect_factors")
@@ -279,6 +303,7 @@ def collect_gradients(
             overwrite=overwrite,
             progress=progress,
             collect_factors=collect_factors,
+            projector=projector,
         )
 
     if store is None or isinstance(store, (str, os.PathLike)):
@@ -289,6 +314,7 @@ def collect_gradients(
             fingerprint=fingerprint,
             shard_size=shard_size,
             overwrite=overwrite,
+            expected_examples=n,  # a disk store refuses to start when the disk cannot hold it
         )
     elif isinstance(store, GradientStore):
         out = store
@@ -357,6 +383,7 @@ def collect_gradients(
             factors=folder,
             piece_size=shard_size,
             already_done=n - len(pending),
+            projector=projector,
         )
     if isinstance(out, DiskGradientStore):
         out.sort_shards(ids)
@@ -518,8 +545,10 @@ class GradientSession:
         *,
         device: torch.device | str | None = None,
         observer: Any = None,
+        projector: GradientProjector | None = None,
     ) -> None:
         self.model, self.task, self.blocks, self._device, self._observer = model, task, blocks, device, observer
+        self._projector = projector
         self._stack: ExitStack | None = None
         self._capture: PerExampleGradients | None = None
         self.device: torch.device = _model_device(model)
@@ -531,7 +560,12 @@ class GradientSession:
             stack.enter_context(gradient_mode(self.model, self.blocks))
             self.task.setup(self.model)
             self._capture = stack.enter_context(
-                PerExampleGradients(self.blocks.blocks, row_labels=self.task.row_labels(), observer=self._observer)
+                PerExampleGradients(
+                    self.blocks.blocks,
+                    row_labels=self.task.row_labels(),
+                    observer=self._observer,
+                    projector=self._projector,
+                )
             )
         except BaseException:
             stack.close()
@@ -594,6 +628,7 @@ def _compute_into(
     append: bool = True,
     piece_size: int = 1024,
     already_done: int = 0,
+    projector: GradientProjector | None = None,
 ) -> None:
     """Gradients of ``dataset[i]`` for ``i`` in ``indices`` (increasing) appended to ``out``.
 
@@ -613,7 +648,7 @@ def _compute_into(
     try:
         accumulator = None if factors is None else FactorAccumulator(blocks.blocks, task.row_labels())
         observer = None if accumulator is None else accumulator.observe
-        with GradientSession(model, task, blocks, device=device, observer=observer) as session:
+        with GradientSession(model, task, blocks, device=device, observer=observer, projector=projector) as session:
             _validate_all(task, dataset, ids, list(indices))
             buffered = out.buffered_ids
             if append and buffered and indices and (indices[0] == 0 or ids[indices[0] - 1] != buffered[-1]):
@@ -713,6 +748,7 @@ def _collect_distributed(
     overwrite: bool,
     progress: bool,
     collect_factors: bool = False,
+    projector: GradientProjector | None = None,
 ) -> DiskGradientStore:
     """:func:`collect_gradients` under ``torch.distributed`` (every rank calls it with the same arguments).
 
@@ -734,7 +770,7 @@ def _collect_distributed(
             "writes its share of the examples into it."
         )
     path = Path(store)
-    block_dims = split_block_dims(blocks.block_dims, task.row_labels())
+    block_dims = split_block_dims(blocks.block_dims if projector is None else projector.block_dims(), task.row_labels())
     ctx.check_same(
         {
             "model": fingerprint,
@@ -830,6 +866,7 @@ def _collect_distributed(
                     progress=progress and ctx.is_main,
                     factors=folder,
                     piece_size=shard_size,
+                    projector=projector,
                 )
             part.finalize()
         except Exception as err:

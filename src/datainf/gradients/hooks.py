@@ -49,6 +49,7 @@ from datainf.gradients.modules import (
     rows_per_example,
     supported_modules,
 )
+from datainf.gradients.projection import GradientProjector
 
 __all__ = [
     "PerExampleGradients",
@@ -94,6 +95,11 @@ class PerExampleGradients:
             for two diffusion timesteps): each row's gradient becomes its own block
             ``"<block>@<label>"``, shape ``(b, d_l)``. Empty (default): one block per tensor, the
             sum over the example's rows.
+        observer: called with each hooked module's input and output gradient (e.g. Kronecker factors).
+        projector: a random projection of every block (:mod:`datainf.gradients.projection`): the
+            blocks come out as ``(b, k_l)`` sketches. ``nn.Linear`` modules project their cached input
+            and output gradient before the einsum, so their full gradient is never formed; other
+            modules and the fallback project the formed gradient.
 
     Raises:
         ConfigError: ``row_labels`` repeat a label; some block is not covered by hooks (the
@@ -108,9 +114,12 @@ class PerExampleGradients:
         row_labels: Sequence[str] = (),
         observer: Callable[[nn.Module, Sequence[GradientBlock], torch.Tensor, torch.Tensor, int, int], None]
         | None = None,
+        projector: GradientProjector | None = None,
     ) -> None:
         self._blocks = list(blocks)
         self._observer = observer
+        self._projector = projector
+        self._dims = {b.name: b.numel for b in self._blocks} if projector is None else projector.block_dims()
         self._row_labels = tuple(str(label) for label in row_labels)
         if len(set(self._row_labels)) != len(self._row_labels):
             raise ConfigError(f"row_labels {self._row_labels} repeat a label; give each row its own.")
@@ -255,8 +264,8 @@ class PerExampleGradients:
                     tensor = result.get(name)
                     if tensor is None:  # the block did not take part in this batch: zero gradient
                         dtype = compute_dtype(block.parameter.dtype)
-                        tensor = torch.zeros(b, block.numel, dtype=dtype, device=losses.device)
-                    out[name] = tensor.reshape(b, block.numel)
+                        tensor = torch.zeros(b, self._dims[block.name], dtype=dtype, device=losses.device)
+                    out[name] = tensor.reshape(b, self._dims[block.name])
             return out
         finally:
             self._records.clear()
@@ -277,7 +286,12 @@ class PerExampleGradients:
             self._observer(
                 module, blocks, x, go, b, k if self._row_labels else rows_per_example(x.shape[0], b, module_name)
             )
+        projector = self._projector
+        if projector is not None and isinstance(module, nn.Linear):  # activation side: G is never formed
+            x, go = projector.project_linear_inputs(module_name, x, go)
         gw, gb = self._types[key].grads(module, x, go, units, weight=want_w, bias=want_b, module_name=module_name)
+        if projector is not None and not isinstance(module, nn.Linear):
+            gw, gb = projector.project_formed(module_name, gw, gb)
         for block in blocks:
             g = gw if block.attr == "weight" else gb
             assert g is not None
@@ -302,5 +316,7 @@ class PerExampleGradients:
                 rows[j].append(torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1))
         for block, parts in zip(self._fallback, rows):
             g = torch.stack(parts).to(compute_dtype(block.parameter.dtype))
+            if self._projector is not None:
+                g = self._projector.project_rows(block.name, g)
             prev = result.get(block.name)
             result[block.name] = g if prev is None else prev + g

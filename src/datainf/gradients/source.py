@@ -49,10 +49,11 @@ from datainf.gradients.collect import (
     _validate_all,
     dataset_fingerprint,
     example_ids,
+    gradient_block_dims,
     gradient_fingerprint,
 )
-from datainf.gradients.hooks import split_block_dims
 from datainf.gradients.lora import find_lora_blocks, model_fingerprint
+from datainf.gradients.projection import ProjectionConfig, projector_for
 from datainf.store import STORAGE_DTYPES, atomic_write_bytes, row_squared_norms
 from datainf.tasks import GradientTask
 
@@ -90,6 +91,9 @@ class OnTheFlyGradients:
         work_dir: folder for the norms checkpoint and the engine's pass checkpoints (resume), or
             ``None`` (nothing written).
         progress: show a progress bar for the norms pass.
+        projection: serve seeded random sketches of at most ``projection.dim`` numbers per block
+            (:mod:`datainf.gradients.projection`), as a projected store would hold; the test
+            gradients must use the same projection.
 
     Raises:
         EmptyInputError: no records.
@@ -110,6 +114,7 @@ class OnTheFlyGradients:
         adapter_name: str | None = None,
         work_dir: str | os.PathLike[str] | None = None,
         progress: bool = True,
+        projection: ProjectionConfig | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size}; use a positive number of examples per batch.")
@@ -125,12 +130,14 @@ class OnTheFlyGradients:
         self.work_dir = None if work_dir is None else Path(work_dir)
         self._ids = example_ids(records)
         self._blocks = find_lora_blocks(model, adapter_name=adapter_name)
-        self._block_dims = split_block_dims(self._blocks.block_dims, task.row_labels())
+        self._block_dims = gradient_block_dims(self._blocks, task, projection)
+        self._projector = projector_for(projection, self._blocks.blocks)
+        self.projection = projection
         task.setup(model)
         _validate_all(task, records, self._ids, list(range(len(self._ids))))
         self._model_key = model_fingerprint(model, self._blocks)
         self._data_key = dataset_fingerprint(records, self._ids)
-        self._fingerprint = gradient_fingerprint(model, task, self._blocks)
+        self._fingerprint = gradient_fingerprint(model, task, self._blocks, projection)
         self._norms: torch.Tensor | None = None
         self._session: GradientSession | None = None
         self.passes = 0  # gradient passes made (the norms pass included), counted by :meth:`iter_batches`
@@ -237,7 +244,9 @@ class OnTheFlyGradients:
         if self._session is not None:
             yield self._session
             return
-        with GradientSession(self._model, self._task, self._blocks, device=self.device) as session:
+        with GradientSession(
+            self._model, self._task, self._blocks, device=self.device, projector=self._projector
+        ) as session:
             self._session = session
             try:
                 yield session

@@ -1,0 +1,501 @@
+"""``datainf plan``: memory, disk and time of a run, before any work.
+
+From a base model's ``config.json`` (the model is built on the meta device: no weights are read or
+allocated), an adapter folder or a LoRA configuration (rank, target modules), a dataset size, a
+sequence length and a mode (``store``, ``on-the-fly`` or ``projected``), :func:`make_plan` works out
+what the code will allocate:
+
+* the blocks (:func:`datainf.gradients.find_lora_blocks` on the meta model): their count ``L``, the
+  numbers per example ``D = sum_l d_l``, the largest block; with a projection the stored sizes
+  ``k_l`` (:class:`~datainf.gradients.projection.GradientProjector`);
+* store bytes: ``n (D_s s + 8 L)`` plus shard headers and the manifest (``s`` the storage dtype's
+  size; the store's own :meth:`~datainf.store.DiskGradientStore.expected_bytes`), the test store's,
+  and, on the fly, only the ``n x L`` float64 norms checkpoint;
+* peak memory of gradient collection: the runtime already in this process (Python, torch,
+  transformers, peft and the model's classes: its resident size once the meta model is built), the model's weights, the activations autograd
+  saves for one batch (counted exactly by running one batch of ``seq_len`` tokens through the meta
+  model under :func:`torch.autograd.graph.saved_tensors_hooks`, so attention's ``T^2`` terms are in),
+  the logits' gradient, two copies of one batch of per-example gradients, the store's shard buffer
+  (twice: it is concatenated when written) and the projection matrices;
+* peak memory of each method: one streamed batch of ``score_batch_size`` rows (from a store: plus
+  the shard it is read from; on the fly: plus the collection's own peak, since the model runs in the
+  same process), the test gradients and the method's own state (a multiple of ``m D_s``, below);
+* streaming passes over the training gradients, and how many forward/backward passes over the
+  training data they cost (on the fly: one per pass plus one for the norms);
+* when the model's weights are in the folder and it is small enough to run here, seconds per
+  example, measured on one batch of random tokens through the real hooks.
+
+The figures are estimates of what the code allocates, not measurements of a run: ``benchmarks/bench_scale.py``
+puts them next to measured peak RSS and disk bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from datainf.errors import ConfigError, LoRAValidationError
+
+__all__ = ["PLAN_MODES", "PlanSettings", "GradientPlan", "MethodPlan", "make_plan", "format_bytes"]
+
+logger = logging.getLogger(__name__)
+
+PLAN_MODES = ("store", "on-the-fly", "projected")
+
+#: Per method: ``(state multiple of m * D_s * 4 bytes, extra multiple of D_s * 4 bytes, streaming passes)``
+#: (scoring pass not included), from what each method allocates (``src/datainf/methods/``).
+_METHODS: dict[str, tuple[int, int, str]] = {
+    "datainf": (2, 0, "1"),  # V_l and the running sum C_l X_l
+    "hessian_free": (1, 0, "0"),  # R = V
+    "lissa": (3, 0, "iterations"),  # V, the estimate, one Hessian-vector product
+    "diagonal": (2, 1, "1"),  # V and R, plus the per-parameter sum of squares
+}
+
+_DTYPE_SIZES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+
+
+def format_bytes(count: float) -> str:
+    """``1536 -> '1.5 KiB'`` (binary units)."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """What to plan (``datainf plan``'s options).
+
+    Attributes:
+        model: a base model folder holding ``config.json`` (weights optional), or the ``config.json`` itself.
+        n: training examples.
+        seq_len: tokens per example (the padded length of a batch).
+        mode: ``store`` (training gradients written once, then streamed), ``on-the-fly`` (recomputed on
+            every pass, nothing written) or ``projected`` (a store of projected gradients, ``project_dim``).
+        kind: task kind: ``causal-lm`` or ``classification``.
+        adapter: a LoRA adapter folder (its ``adapter_config.json``); else ``r`` / ``target_modules``.
+        r: LoRA rank (without ``adapter``).
+        target_modules: LoRA target module names (without ``adapter``); ``None``: peft's defaults for
+            the model type.
+        modules_to_save: modules trained whole (e.g. a classifier head).
+        num_labels: classes of a classification head.
+        test_examples: test examples ``m`` (``pairwise`` mode keeps all of them; ``average`` uses 1).
+        pairwise: plan the pairwise mode (state ``m x D`` instead of ``1 x D``).
+        project_dim, project_seed: the projection of ``projected`` mode.
+        batch_size: examples per forward/backward pass.
+        score_batch_size: training rows per streamed batch.
+        shard_size: examples per store shard.
+        dtype: storage dtype of the gradients.
+        model_dtype: dtype of the model's weights and activations.
+        methods: influence methods to plan (``datainf``, ``hessian_free``, ``lissa``, ``diagonal``).
+        lissa_iterations: LiSSA's passes.
+        measure: time one batch here (``None``: when the folder has weights and the model has under
+            500 million parameters).
+        out: where the store would go: its free space is compared with the store bytes.
+    """
+
+    model: str
+    n: int
+    seq_len: int
+    mode: str = "store"
+    kind: str = "causal-lm"
+    adapter: str | None = None
+    r: int = 8
+    target_modules: tuple[str, ...] | None = None
+    modules_to_save: tuple[str, ...] = ()
+    num_labels: int = 2
+    test_examples: int = 100
+    pairwise: bool = False
+    project_dim: int | None = None
+    project_seed: int = 0
+    batch_size: int = 16
+    score_batch_size: int = 1024
+    shard_size: int = 1024
+    dtype: str = "float32"
+    model_dtype: str = "float32"
+    methods: tuple[str, ...] = ("datainf",)
+    lissa_iterations: int = 10
+    measure: bool | None = None
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in PLAN_MODES:
+            raise ConfigError(f"mode must be one of {PLAN_MODES}, got {self.mode!r}.")
+        if self.mode == "projected" and self.project_dim is None:
+            raise ConfigError("mode 'projected' needs project_dim (--project-dim K).")
+        for name in ("n", "seq_len", "r", "batch_size", "score_batch_size", "shard_size", "test_examples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        for name in ("dtype", "model_dtype"):
+            if getattr(self, name) not in _DTYPE_SIZES:
+                raise ConfigError(f"{name} must be one of {sorted(_DTYPE_SIZES)}, got {getattr(self, name)!r}.")
+        unknown = [m for m in self.methods if m not in _METHODS]
+        if unknown:
+            raise ConfigError(f"plan covers the methods {sorted(_METHODS)}; not {unknown}.")
+        if self.kind not in ("causal-lm", "classification"):
+            raise ConfigError(f"plan covers the kinds causal-lm and classification, not {self.kind!r}.")
+
+
+@dataclass
+class MethodPlan:
+    """One method's figures: ``passes`` over the training gradients (scoring included), the forward /
+    backward passes over the training data they cost, and peak memory in bytes."""
+
+    name: str
+    passes: int
+    gradient_passes: int
+    peak_bytes: int
+    seconds: float | None = None
+
+
+@dataclass
+class GradientPlan:
+    """What :func:`make_plan` works out (bytes unless named otherwise); :meth:`format` prints it."""
+
+    settings: dict[str, Any]
+    model_type: str
+    parameters: int
+    blocks: int
+    numbers_per_example: int
+    largest_block: tuple[str, int]
+    stored_per_example: int
+    weights_bytes: int
+    runtime_bytes: int
+    activation_bytes_per_example: int
+    store_bytes: int
+    test_store_bytes: int
+    norms_bytes: int
+    projection_bytes: int
+    collection_peak_bytes: int
+    methods: list[MethodPlan] = field(default_factory=list)
+    seconds_per_example: float | None = None
+    free_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def format(self) -> str:
+        """The plan as lines of text (one stage per line)."""
+        s = self.settings
+        lines = [
+            f"Plan: {self.model_type}, {s['kind']}, n={s['n']:,} training examples, m={s['test_examples']:,} test, "
+            f"{s['seq_len']} tokens, mode {s['mode']}"
+            + (f" (k={s['project_dim']})" if s["mode"] == "projected" else ""),
+            f"  model: {self.parameters:,} parameters, weights {format_bytes(self.weights_bytes)} ({s['model_dtype']})",
+            f"  blocks: {self.blocks}, D = sum_l d_l = {self.numbers_per_example:,} numbers per example, largest "
+            f"{self.largest_block[1]:,} ({self.largest_block[0]})",
+        ]
+        if s["mode"] == "projected":
+            lines.append(
+                f"  projected: {self.stored_per_example:,} numbers per example "
+                f"({self.numbers_per_example / max(self.stored_per_example, 1):.1f}x fewer), projection matrices "
+                f"{format_bytes(self.projection_bytes)}"
+            )
+        if s["mode"] == "on-the-fly":
+            lines.append(
+                f"  training-gradient store: none (0 B on disk; norms checkpoint {format_bytes(self.norms_bytes)})"
+            )
+        else:
+            lines.append(
+                f"  training-gradient store: {format_bytes(self.store_bytes)} ({self.store_bytes:,} bytes, {s['dtype']})"
+            )
+        lines.append(f"  test-gradient store: {format_bytes(self.test_store_bytes)}")
+        if self.free_bytes is not None:
+            needed = (self.store_bytes if s["mode"] != "on-the-fly" else 0) + self.test_store_bytes
+            verdict = "fits" if self.free_bytes >= needed else "DOES NOT FIT"
+            lines.append(f"  disk at {s['out']}: {format_bytes(self.free_bytes)} free, {verdict}")
+        lines.append(
+            f"  gradient collection peak memory: {format_bytes(self.collection_peak_bytes)} "
+            f"(runtime {format_bytes(self.runtime_bytes)} + weights + activations "
+            f"{format_bytes(self.activation_bytes_per_example)} per example x {s['batch_size']} + buffers)"
+        )
+        for method in self.methods:
+            cost = f"{method.gradient_passes} forward/backward passes over the training data"
+            when = "" if method.seconds is None else f", about {_duration(method.seconds)}"
+            lines.append(
+                f"  {method.name}: {method.passes} streaming passes (scoring included), {cost}{when}; peak memory "
+                f"{format_bytes(method.peak_bytes)}"
+            )
+        if self.seconds_per_example is not None:
+            lines.append(
+                f"  measured here: {self.seconds_per_example * 1000:.1f} ms per example per gradient pass "
+                f"(one batch of {s['batch_size']})"
+            )
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _resident_bytes() -> int:
+    """This process's resident set size now (Linux ``/proc/self/statm``; 0 where unknown)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _config_dir(model: str) -> Path:
+    path = Path(model)
+    if path.is_file() and path.name.endswith(".json"):
+        return path.parent if path.name == "config.json" else path
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{model} holds no config.json; pass a model folder (save_pretrained) or its config.json.")
+    return path
+
+
+def _meta_model(settings: PlanSettings) -> Any:
+    """The base model with its LoRA adapter, on the meta device (no memory for weights)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    source = _config_dir(settings.model)
+    if source.is_file():  # a config file under another name
+        values = json.loads(source.read_text())
+        config = AutoConfig.for_model(values.pop("model_type"), **values)
+    else:
+        config = AutoConfig.from_pretrained(str(source))
+    if settings.kind == "classification":
+        config.num_labels = settings.num_labels
+    auto = AutoModelForCausalLM if settings.kind == "causal-lm" else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        base = auto.from_config(config).to(getattr(torch, settings.model_dtype))
+    if settings.adapter is not None:
+        from datainf.models import resolve_adapter_dir
+
+        lora = LoraConfig.from_pretrained(str(resolve_adapter_dir(settings.adapter)))
+    else:
+        targets: Sequence[str] | None = settings.target_modules
+        if targets is None:
+            from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+            targets = defaults.get(config.model_type)
+            if targets is None:
+                raise LoRAValidationError(
+                    f"peft knows no default LoRA target modules for model type {config.model_type!r}; name them "
+                    f"(--target-modules, e.g. {_linear_names(base)[:4]})."
+                )
+        lora = LoraConfig(
+            r=settings.r,
+            target_modules=list(targets),
+            modules_to_save=list(settings.modules_to_save) or None,
+            task_type="CAUSAL_LM" if settings.kind == "causal-lm" else "SEQ_CLS",
+        )
+    try:
+        return get_peft_model(base, lora), config
+    except ValueError as err:
+        raise LoRAValidationError(
+            f"No LoRA targets found in {config.model_type!r} ({err}). Its linear layers are named e.g. "
+            f"{_linear_names(base)[:6]}; pass those (--target-modules) or an adapter trained on this model."
+        ) from err
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    return names
+
+
+def _saved_activation_bytes(model: torch.nn.Module, settings: PlanSettings, vocab: int) -> int:
+    """Bytes autograd saves for one example of ``seq_len`` tokens, gradients on the adapter only (meta run)."""
+    parameters = {id(p) for p in model.parameters()}
+    seen: set[int] = set()
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        base = tensor._base if tensor._base is not None else tensor
+        if id(base) in parameters or id(tensor) in parameters or id(base) in seen:
+            return tensor
+        seen.add(id(base))
+        total += base.numel() * base.element_size()
+        return tensor
+
+    from datainf.gradients import find_lora_blocks, gradient_mode
+
+    blocks = find_lora_blocks(model)
+    ids = torch.zeros(1, settings.seq_len, dtype=torch.long, device="meta")
+    with gradient_mode(model, blocks), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids)
+    return total
+
+
+def _measure_seconds(settings: PlanSettings, folder: Path, projection: Any) -> float:
+    """Seconds per example of one gradient batch (random tokens) through the real hooks, on the CPU."""
+    from datainf.gradients import find_lora_blocks
+    from datainf.gradients.collect import GradientSession
+    from datainf.gradients.projection import projector_for
+    from datainf.models import load_model
+    from datainf.tasks import GradientTask, TaskBatch
+
+    loaded = load_model(str(folder), kind=settings.kind, adapter=settings.adapter, num_labels=settings.num_labels)
+    model = loaded[0]
+    if settings.adapter is None:
+        from peft import LoraConfig, get_peft_model
+
+        targets = settings.target_modules or _meta_model(settings)[0].peft_config["default"].target_modules
+        model = get_peft_model(model, LoraConfig(r=settings.r, target_modules=list(targets), init_lora_weights=False))
+    model_config: Any = model.config
+    vocab = int(model_config.vocab_size)
+    kind = settings.kind
+
+    class RandomTokens(GradientTask):
+        def collate(self, examples: Any, ids: Any) -> TaskBatch:
+            gen = torch.Generator().manual_seed(0)
+            tokens = torch.randint(0, vocab, (len(ids), settings.seq_len), generator=gen)
+            return TaskBatch(ids=list(ids), inputs={"input_ids": tokens})
+
+        def per_example_loss(self, model: torch.nn.Module, batch: TaskBatch) -> torch.Tensor:
+            tokens = batch.inputs["input_ids"]
+            logits = model(input_ids=tokens).logits
+            if kind == "classification":
+                return torch.nn.functional.cross_entropy(
+                    logits, torch.zeros(len(tokens), dtype=torch.long), reduction="none"
+                )
+            flat = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none"
+            )
+            return flat.reshape(len(tokens), -1).mean(dim=1)
+
+    blocks = find_lora_blocks(model)
+    records = [{"id": str(i)} for i in range(settings.batch_size)]
+    ids = [r["id"] for r in records]
+    with GradientSession(model, RandomTokens(), blocks, projector=projector_for(projection, blocks.blocks)) as session:
+        session.compute(records, ids)  # warm-up
+        start = time.perf_counter()
+        session.compute(records, ids)
+        return (time.perf_counter() - start) / settings.batch_size
+
+
+def make_plan(settings: PlanSettings) -> GradientPlan:
+    """Work out the blocks, bytes, peak memory, passes and (when possible) time of a run; nothing is written.
+
+    Raises:
+        ConfigError: no ``config.json``, bad settings.
+        LoRAValidationError: no LoRA targets found in the model type (the message lists its linear layers).
+    """
+    from datainf.gradients import find_lora_blocks
+    from datainf.gradients.projection import GradientProjector, ProjectionConfig
+    from datainf.store import DiskGradientStore
+
+    model, config = _meta_model(settings)
+    runtime = _resident_bytes()  # with torch, transformers, peft and the model's classes imported
+    blocks = find_lora_blocks(model)
+    dims = blocks.block_dims
+    numbers = sum(dims.values())
+    largest = max(dims.items(), key=lambda item: item[1])
+    projection = None
+    projection_bytes = 0
+    stored_dims = dict(dims)
+    if settings.mode == "projected":
+        assert settings.project_dim is not None
+        projection = ProjectionConfig(dim=settings.project_dim, seed=settings.project_seed)
+        projector = GradientProjector(projection, blocks.blocks)
+        stored_dims = projector.block_dims()
+        projection_bytes = projector.matrix_numbers() * _DTYPE_SIZES[settings.model_dtype]
+    stored = sum(stored_dims.values())
+    n, m_test, b = settings.n, settings.test_examples, settings.batch_size
+    item = _DTYPE_SIZES[settings.dtype]
+    compute = 4 if settings.dtype != "float64" else 8
+
+    def store_bytes(count: int) -> int:
+        disk = DiskGradientStore(
+            Path("."), block_dims=stored_dims, dtype=settings.dtype, fingerprint=None, shard_size=settings.shard_size
+        )
+        manifest = 1024 + 64 * len(stored_dims) + count * 12 + (-(-count // settings.shard_size)) * 200
+        return disk.expected_bytes(count) + manifest
+
+    parameters = sum(p.numel() for p in model.parameters())
+    weights = parameters * _DTYPE_SIZES[settings.model_dtype]
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    activations = _saved_activation_bytes(model, settings, vocab)
+    logits_grad = b * settings.seq_len * vocab * 4 if settings.kind == "causal-lm" else 0
+    batch_grads = 2 * b * stored * compute
+    shard_buffer = 2 * min(settings.shard_size, n) * stored * item if settings.mode != "on-the-fly" else 0
+    collection = runtime + weights + b * activations + logits_grad + batch_grads + shard_buffer + projection_bytes
+
+    m = m_test if settings.pairwise else 1
+    rows = min(settings.score_batch_size, n)
+    test_grads = m_test * stored * item if settings.pairwise else stored * compute
+    methods: list[MethodPlan] = []
+    for name in settings.methods:
+        state, extra, passes_text = _METHODS[name]
+        passes = (settings.lissa_iterations if passes_text == "iterations" else int(passes_text)) + 1
+        streamed = rows * stored * compute
+        if settings.mode == "on-the-fly":
+            # the model runs in this process; one pass's batches are assembled into streamed batches (concatenated)
+            reading = collection + 2 * streamed
+            gradient_passes = passes + 1  # plus the norms pass
+        else:
+            reading = runtime + streamed + min(settings.shard_size, n) * stored * item
+            gradient_passes = 1  # the collection
+        peak = reading + test_grads + state * m * stored * compute + extra * stored * compute + n * 8 * (m + 2)
+        methods.append(MethodPlan(name=name, passes=passes, gradient_passes=gradient_passes, peak_bytes=int(peak)))
+
+    notes: list[str] = []
+    seconds = None
+    folder = _config_dir(settings.model) if Path(settings.model).is_dir() else None
+    has_weights = (
+        folder is not None and any(folder.glob("*.safetensors")) or (folder is not None and any(folder.glob("*.bin")))
+    )
+    measure = settings.measure
+    if measure is None:
+        measure = bool(has_weights) and parameters < 500_000_000
+    if measure:
+        if not has_weights or folder is None:
+            notes.append("not measured: the model folder holds no weights")
+        else:
+            seconds = _measure_seconds(settings, folder, projection)
+            for method in methods:
+                method.seconds = seconds * n * method.gradient_passes
+    free = None
+    if settings.out is not None:
+        target = Path(settings.out).absolute()
+        while not target.exists() and target.parent != target:
+            target = target.parent
+        free = shutil.disk_usage(target).free
+    plan = GradientPlan(
+        settings=asdict(settings),
+        model_type=str(config.model_type),
+        parameters=int(parameters),
+        blocks=len(dims),
+        numbers_per_example=int(numbers),
+        largest_block=(largest[0], int(largest[1])),
+        stored_per_example=int(stored),
+        weights_bytes=int(weights),
+        runtime_bytes=int(runtime),
+        activation_bytes_per_example=int(activations),
+        store_bytes=int(store_bytes(n)) if settings.mode != "on-the-fly" else 0,
+        test_store_bytes=int(store_bytes(m_test)),
+        norms_bytes=n * len(dims) * 8,
+        projection_bytes=int(projection_bytes),
+        collection_peak_bytes=int(collection),
+        methods=methods,
+        seconds_per_example=seconds,
+        free_bytes=free,
+        notes=notes,
+    )
+    if settings.mode == "on-the-fly":
+        plan.notes.append(
+            "on the fly, every method's passes recompute the training gradients (collection peak each time)"
+        )
+    return plan
