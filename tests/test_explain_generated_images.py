@@ -120,62 +120,36 @@ def test_explain_refuses_a_store_of_another_lora_and_missing_training_images(set
         )
 
 
-def test_the_explain_command_explainer(setup, tmp_path, monkeypatch):
-    """``explain_text_to_image``: the text-to-image branch of ``datainf explain`` (its settings -> explain_images)."""
-    import dataclasses
-    import importlib
-    import sys
-    import types
+def test_the_explain_command_explains_images(setup, tmp_path, capsys):
+    """``datainf explain --kind text-to-image``: the command's settings reach explain_images, the generated image
+    is written beside its training images, and explanations.json lists them (positive influence = harmful)."""
+    from datainf.cli import main
 
-    from datainf.explain.generated_images import explain_text_to_image
-
-    try:
-        prompts_module = importlib.import_module("datainf.explain.prompts")
-    except ImportError:  # the command lives on another branch until the merge: stand in for its records
-
-        @dataclasses.dataclass(frozen=True)
-        class TrainingExample:
-            id: str
-            influence: float
-            text: str
-
-        @dataclasses.dataclass(frozen=True)
-        class PromptExplanation:
-            id: str
-            prompt: str
-            response: str
-            generated: bool
-            helpful: list
-            harmful: list
-            extra: dict
-
-        prompts_module = types.ModuleType("datainf.explain.prompts")
-        prompts_module.TrainingExample = TrainingExample  # type: ignore[attr-defined]
-        prompts_module.PromptExplanation = PromptExplanation  # type: ignore[attr-defined]
-        monkeypatch.setitem(sys.modules, "datainf.explain.prompts", prompts_module)
     (tmp_path / "prompts.jsonl").write_text('{"id": "p1", "prompt": "a blue dog"}\n')
-    settings = types.SimpleNamespace(
-        out=str(tmp_path / "out"),
-        model=str(setup["pipe"]),
-        adapter=str(setup["lora"]),
-        train_store=str(setup["root"] / "grads"),
-        train_data=str(setup["images"]),
-        prompts=str(tmp_path / "prompts.jsonl"),
-        prompt="a cat",
-        prompt_column=None,
-        k=2,
-        method="datainf",
-        damping=0.1,
-        device="cpu",
-        grad_batch_size=2,
-    )
-    explanations, n_train = explain_text_to_image(settings, False)
-    assert n_train == 4 and [e.id for e in explanations] == ["p1", "prompt"]
-    assert [e.prompt for e in explanations] == ["a blue dog", "a cat"]
+    out = tmp_path / "out"
+    argv = [
+        "explain", "--kind", "text-to-image", "--model", str(setup["pipe"]), "--adapter", str(setup["lora"]),
+        "--train-store", str(setup["root"] / "grads"), "--train-data", str(setup["images"]),
+        "--prompts", str(tmp_path / "prompts.jsonl"), "--prompt", "a cat", "--k", "2", "--grad-batch-size", "2",
+        "--out", str(out), "-q",
+    ]  # fmt: skip
+    code = main(argv)
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "explanations.json").read_text())
+    explanations = summary["explanations"]
+    assert summary["n_train"] == 4 and [e["id"] for e in explanations] == ["p1", "prompt"]
+    assert [e["prompt"] for e in explanations] == ["a blue dog", "a cat"]
     first = explanations[0]
-    assert first.generated and first.extra["image"] == "generated-0.png"
-    assert (tmp_path / "out" / "generated-1.png").is_file() and (tmp_path / "out" / "explain.html").is_file()
-    assert len(first.helpful) == len(first.harmful) == 2
-    assert first.helpful[0].influence <= first.helpful[1].influence <= first.harmful[1].influence
-    assert first.helpful[0].text == CAPTIONS[first.helpful[0].id]
-    assert first.extra["helpful_images"][0] == first.helpful[0].id  # imagefolder ids are the file names
+    assert first["generated"] and first["extra"]["image"] == "generated-0.png"
+    assert (out / "generated-1.png").is_file() and (out / "explain.html").is_file()
+    assert len(first["helpful"]) == len(first["harmful"]) == 2
+    influences = [e["influence"] for e in first["helpful"]] + [e["influence"] for e in reversed(first["harmful"])]
+    assert influences == sorted(influences)
+    assert first["helpful"][0]["text"] == CAPTIONS[first["helpful"][0]["id"]]
+    assert first["extra"]["helpful_images"][0] == first["helpful"][0]["id"]  # imagefolder ids are the file names
+
+    # without the training images' gradient store: one clear error, exit 2
+    no_store = [*argv[: argv.index("--train-store")], *argv[argv.index("--train-data") :]]
+    no_store[no_store.index(str(out))] = str(tmp_path / "out-no-store")
+    code = main(no_store)
+    assert code == 2 and "--train-store" in capsys.readouterr().err
