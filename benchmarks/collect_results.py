@@ -10,6 +10,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PARTS = (
     "results_engine.md",
+    "results_store_build.md",
     "results_gradients.md",
     "results_mislabel.md",
     "results_generation.md",

@@ -112,7 +112,7 @@ def test_half_precision_base_accumulates_in_float32(half: torch.dtype) -> None:
 
 @pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None,
-    reason="bitsandbytes is not installed (it runs on CPU from 0.50: pip install bitsandbytes)",
+    reason="bitsandbytes is not installed (a dev extra; it runs on CPU from 0.50)",
 )
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_base_qlora(bits: int, tmp_path: Any) -> None:
