@@ -16,6 +16,7 @@ PARTS = (
     "results_distributed.md",
     "results_redesign.md",
     "results_scale.md",
+    "results_paper.md",
 )
 
 HEADER = """# Benchmarks
