@@ -20,6 +20,7 @@ PARTS = (
     "results_sd.md",
     "results_lds.md",
     "results_finetuner.md",
+    "results_paper.md",
 )
 
 HEADER = """# Benchmarks
