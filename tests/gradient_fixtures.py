@@ -114,22 +114,31 @@ def roberta_classifier(seed: int = 0) -> nn.Module:
     )
 
 
+def tiny_llama_config(**overrides: Any) -> Any:
+    """A tiny random-init ``LlamaConfig`` over :data:`VOCAB` (hidden 32, 2 layers, 4 heads / 2 KV heads);
+    ``overrides`` replace any field (e.g. ``hidden_size=64, intermediate_size=128``)."""
+    from transformers import LlamaConfig
+
+    fields: dict[str, Any] = {
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "pad_token_id": 0,
+        "bos_token_id": 4,
+        "eos_token_id": 5,
+    }
+    return LlamaConfig(**{**fields, **overrides})
+
+
 def llama_lm(seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=4,
-        eos_token_id=5,
-    )
+    cfg = tiny_llama_config()
     return get_peft_model(
         LlamaForCausalLM(cfg), _lora(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     )

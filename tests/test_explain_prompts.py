@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from gradient_fixtures import VOCAB, lm_data, word_tokenizer
+from gradient_fixtures import lm_data, tiny_llama_config, word_tokenizer
 from peft import LoraConfig, get_peft_model
 
 from datainf.cli import main
@@ -29,22 +29,11 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 @pytest.fixture(scope="module")
 def run_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("explain")
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=4,
-        eos_token_id=5,
-    )
+    cfg = tiny_llama_config()
     base = root / "base"
     LlamaForCausalLM(cfg).save_pretrained(str(base))
     tok = word_tokenizer("lm")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from gradient_fixtures import VOCAB, lm_data, word_tokenizer
+from gradient_fixtures import lm_data, tiny_llama_config, word_tokenizer
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -17,21 +17,10 @@ from datainf.testing import check_per_example_gradients
 
 
 def _llama(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=4,
-        eos_token_id=5,
-    )
+    cfg = tiny_llama_config(num_hidden_layers=3)
     base = LlamaForCausalLM(cfg).to(dtype)
     lora = LoraConfig(
         r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.3, init_lora_weights=False, task_type="CAUSAL_LM"
@@ -118,21 +107,10 @@ def test_half_precision_base_accumulates_in_float32(half: torch.dtype) -> None:
 def test_quantized_base_qlora(bits: int, tmp_path: Any) -> None:
     """QLoRA: LoRA on a 4-bit / 8-bit bitsandbytes base; lora_A / lora_B stay plain nn.Linear, so the
     hooks match the per-example loop (bitsandbytes 0.50.2 on CPU: max error ~1e-6)."""
-    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=4,
-        eos_token_id=5,
-    )
+    cfg = tiny_llama_config(hidden_size=64, intermediate_size=128)
     LlamaForCausalLM(cfg).save_pretrained(str(tmp_path))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     quant = (

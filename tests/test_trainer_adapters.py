@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gradient_fixtures import VOCAB, lm_data, word_tokenizer
+from gradient_fixtures import lm_data, tiny_llama_config, word_tokenizer
 from peft import IA3Config, LoraConfig, PromptTuningConfig, get_peft_model
 from torch import nn
 
@@ -20,21 +20,10 @@ from datainf.testing import check_per_example_gradients
 
 
 def _llama(hidden: int = 32, seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=4,
-        eos_token_id=5,
-    )
+    cfg = tiny_llama_config(hidden_size=hidden, intermediate_size=2 * hidden)
     return LlamaForCausalLM(cfg)
 
 
