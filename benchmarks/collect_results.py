@@ -13,6 +13,7 @@ PARTS = (
     "results_store_build.md",
     "results_gradients.md",
     "results_mislabel.md",
+    "results_factors.md",
     "results_generation.md",
     "results_distributed.md",
     "results_redesign.md",
