@@ -14,20 +14,18 @@ import contextlib
 import io
 import json
 import os
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from gradient_fixtures import bert_classifier, classification_data, word_tokenizer
 
 import datainf
 from datainf.distributed import DistributedContext, dist_context, shard_range
 from datainf.errors import ConfigError, DistributedMismatchError
 from datainf.store import GradientStore
+from two_ranks import free_port, launch, set_rank_env
 
 WORLD = 2
 DEADLINE_S = 240.0
@@ -47,26 +45,9 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
 # ---------------------------------------------------------------------------------------------- launching
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _entry(rank: int, job: str, port: int, root: str) -> None:
     """One spawned rank: torchrun's environment, one thread, then the named job."""
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(WORLD),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "DATAINF_DIST_TIMEOUT_S": "90",
-            "DATAINF_DIST_BACKEND": "gloo",
-        }
-    )
-    torch.set_num_threads(1)
+    set_rank_env(rank, port, WORLD)
     JOBS[job](rank, Path(root))
 
 
@@ -76,22 +57,9 @@ def _launch(job: str, root: Path) -> list[int | None]:
     A rank that dies makes torch.multiprocessing stop the other one (like torchrun); a hang past
     ``DEADLINE_S`` kills both and fails the test.
     """
-    context = mp.start_processes(
-        _entry, args=(job, _free_port(), str(root)), nprocs=WORLD, join=False, start_method="spawn"
+    return launch(
+        _entry, (job, free_port(), str(root)), world=WORLD, deadline_s=DEADLINE_S, what=f"distributed job {job!r}"
     )
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed job {job!r} hung for more than {DEADLINE_S} s")
-    except mp.ProcessExitedException:
-        pass
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-            process.join()
-    return [p.exitcode or None for p in context.processes]
 
 
 # ---------------------------------------------------------------------------------------------- data

@@ -8,15 +8,11 @@ environment variables, like ``tests/test_distributed.py``.
 
 from __future__ import annotations
 
-import os
-import socket
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import datainf
 from datainf.methods import (
@@ -28,6 +24,7 @@ from datainf.methods import (
     register_method,
     unregister_method,
 )
+from two_ranks import free_port, launch, set_rank_env
 
 WORLD = 2
 DEADLINE_S = 240.0
@@ -71,18 +68,7 @@ def _every_score(n: int) -> dict[str, torch.Tensor]:
 
 
 def _job(rank: int, port: int, root: str) -> None:
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(WORLD),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "DATAINF_DIST_TIMEOUT_S": "90",
-            "DATAINF_DIST_BACKEND": "gloo",
-        }
-    )
-    torch.set_num_threads(1)
+    set_rank_env(rank, port, WORLD)
     register_method(DoubledHessianFree)
     try:
         assert datainf.distributed.dist_context().world_size == WORLD
@@ -92,26 +78,11 @@ def _job(rank: int, port: int, root: str) -> None:
     torch.save(results, Path(root) / f"methods-rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
     root = tmp_path_factory.mktemp("dist-methods")
-    context = mp.start_processes(_job, args=(_free_port(), str(root)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the distributed job hung for more than {DEADLINE_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-            process.join()
+    codes = launch(_job, (free_port(), str(root)), world=WORLD, deadline_s=DEADLINE_S, what="the distributed job")
+    assert codes == [None] * WORLD, f"a rank failed: exit codes {codes}"
     return [torch.load(root / f"methods-rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
