@@ -675,6 +675,7 @@ def influence(
     batch_size: int = 1024,
     device: str = "cpu",
     normalize: bool = False,
+    fuse_norms_pass: bool = True,
     progress: bool = True,
 ) -> Scores:
     """Influence of every training example on the test loss (positive = harmful).
@@ -696,6 +697,9 @@ def influence(
         device: where the arithmetic runs.
         normalize: unit-normalise every training and test gradient first (cosine-style scores;
             see :class:`InfluenceConfig`).
+        fuse_norms_pass: with training gradients recomputed on every pass, let DataInf record their
+            norms in its own pass (2 gradient passes plus a pilot instead of 3; docs/method.md
+            section 6.1). ``False``: a separate norms pass.
         progress: show progress bars.
 
     Returns:
@@ -716,5 +720,6 @@ def influence(
         batch_size=batch_size,
         device=device,
         normalize=normalize,
+        fuse_norms_pass=fuse_norms_pass,
     )
     return influence_from_config(train, test, config, progress=progress)
