@@ -180,6 +180,10 @@ def test_fixed_lambda_needs_no_pilot_and_no_norms_pass(setup) -> None:
     info = fused.diagnostics["fused_norms_pass"]
     assert info["used"] and info["worst_bound"] == 0.0 and info["pilot_rows"] == 0  # lambda0 = lambda: exact
     assert source.rows_computed == 2 * N_TRAIN
+    unfused = datainf.influence(
+        _source(setup), test, fixed_lambda=0.01, batch_size=7, fuse_norms_pass=False, progress=False
+    )
+    assert torch.equal(fused.values, unfused.values)  # delta = 0: the fused sums are the ordinary ones, bit for bit
 
 
 def test_other_methods_and_self_mode_keep_the_norms_pass(setup) -> None:

@@ -101,11 +101,14 @@ class DataInf(InfluenceMethod):
                 denominators = provisional + torch.linalg.vector_norm(grads, dim=1).square()  # (b,)
                 dots = grads @ test[name].T  # (b, m): V_l g_il
                 coefficients = dots / denominators.unsqueeze(1)  # (b, m): c0_il
-                rho = provisional / denominators  # (b,)
-                powers = torch.stack([rho.pow(k) for k in range(order + 1)])  # (K + 1, b)
-                weighted = (powers.unsqueeze(2) * coefficients.unsqueeze(0)).transpose(1, 2)  # (K + 1, m, b)
-                flat = sums[name].view(-1, grads.shape[1])  # ((K + 1) m, d_l)
-                flat.addmm_(weighted.reshape(-1, grads.shape[0]), grads)  # += sum_i c0 rho^k g_i
+                # k = 0 exactly as precondition() adds it: with lambda0 = lambda the sums are its own, bit for bit
+                sums[name][0].addmm_(coefficients.T, grads)
+                if order > 0:
+                    rho = provisional / denominators  # (b,)
+                    powers = torch.stack([rho.pow(k) for k in range(1, order + 1)])  # (K, b)
+                    weighted = (powers.unsqueeze(2) * coefficients.unsqueeze(0)).transpose(1, 2)  # (K, m, b)
+                    flat = sums[name][1:].view(-1, grads.shape[1])  # (K m, d_l)
+                    flat.addmm_(weighted.reshape(-1, grads.shape[0]), grads)  # += sum_i c0 rho^k g_i
                 peaks[name] = dots.abs().amax(dim=1).to("cpu", torch.float64)
 
         def rows_of(batch: Batch, norms: torch.Tensor) -> dict[str, torch.Tensor]:
