@@ -4,7 +4,11 @@ Pipeline of :func:`influence` (docs/method.md sections 4-6):
 
 1. validate the inputs (non-empty, same blocks and sizes, same model fingerprint, finite);
 2. ``lambda_l = damping * mean_i ||g_il||^2 / d_l`` per block from the *training* gradients (read
-   from the store's recorded norms: no pass over the gradients), or one fixed ``lambda``;
+   from the store's recorded norms: no pass over the gradients), or one fixed ``lambda``; for
+   training gradients recomputed on every pass whose norms are not known yet, a method that can
+   (DataInf in ``average`` / ``pairwise`` mode) records them in its own first pass, made with a
+   provisional damping from a pilot of a few rows and corrected afterwards under a computed bound
+   (docs/method.md section 6.1; ``InfluenceConfig.fuse_norms_pass``);
 3. test matrix ``V_l``: the mean test gradient (``average`` mode, ``m = 1``) or every test gradient
    (``pairwise`` mode);
 4. the method's preconditioning, ``R_l ~= V_l (G_l + lambda_l I)^-1`` (its own streaming passes);
