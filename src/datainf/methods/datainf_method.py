@@ -186,7 +186,7 @@ class DataInf(InfluenceMethod):
             sums[name] = combine_taylor_terms(terms[name], (ctx.lambdas[name] - provisional[name]) / provisional[name])
             sums[name] = sums[name].to(ctx.compute_dtype)
         ctx.record_pass(sums)  # checkpointed as the pass precondition() would have made
-        return Preconditioned(_finish(sums, test, ctx), {"fused_norms_pass": dict(fused.diagnostics)})
+        return Preconditioned(_finish(sums, test, ctx))
 
     def _order(self, dtype: torch.dtype) -> int:
         """``K`` of the fused pass for arithmetic in ``dtype``."""
