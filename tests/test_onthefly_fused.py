@@ -147,15 +147,11 @@ def test_fused_scores_equal_the_store_with_two_passes_and_a_pilot(setup, mode: s
 
     unfused_source = _source(setup)
     unfused = datainf.influence(
-        unfused_source, test, mode=mode, batch_size=7, progress=False, **_off()
+        unfused_source, test, mode=mode, batch_size=7, progress=False, fuse_norms_pass=False
     )  # today's path: norms pass + DataInf + scoring
     assert unfused_source.rows_computed == 3 * N_TRAIN and "fused_norms_pass" not in unfused.diagnostics
     assert unfused.settings["lambdas"] == fused.settings["lambdas"]  # the recorded norms are the norms pass's
     _close(fused.values, unfused.values, f"fused vs unfused {mode}", rtol=1e-5)
-
-
-def _off() -> dict[str, Any]:
-    return {"fuse_norms_pass": False}
 
 
 @pytest.mark.parametrize("normalize", [False, True])
