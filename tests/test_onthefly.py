@@ -147,13 +147,19 @@ def test_every_method_and_mode_equals_the_store(regression, method: str) -> None
                 assert actual.diagnostics["exact_branches"]["woodbury"] == 0
 
 
-def test_datainf_costs_one_norms_pass_plus_its_two_passes(regression) -> None:
+def test_datainf_costs_a_pilot_plus_its_two_passes(regression) -> None:
     model, task, train, _, test = regression
     source = OnTheFlyGradients(model, task, train, batch_size=5, progress=False)
     scores = datainf.influence(source, test, batch_size=7, progress=False)
-    assert scores.diagnostics["passes"] == 2 and source.passes == 3  # norms + DataInf's sum + scoring
+    assert scores.diagnostics["passes"] == 2 and source.passes == 3  # pilot + DataInf's fused sum + scoring
+    assert source.rows_computed == 3 * N_TRAIN  # the default pilot (128 rows) covers all 24: lambda0 is exact
+    assert scores.diagnostics["fused_norms_pass"]["used"] and scores.diagnostics["fused_norms_pass"]["worst_bound"] == 0
     datainf.influence(source, test, method="hessian_free", progress=False)
     assert source.passes == 4  # the norms are kept: Hessian-free adds its scoring pass only
+    unfused = OnTheFlyGradients(model, task, train, batch_size=5, progress=False)
+    off = datainf.influence(unfused, test, batch_size=7, fuse_norms_pass=False, progress=False)
+    assert unfused.passes == 3 and "fused_norms_pass" not in off.diagnostics  # norms + DataInf's sum + scoring
+    assert torch.equal(off.values, scores.values)  # delta = 0: the fused sums are the ordinary ones, bit for bit
 
 
 def test_bert_datainf_and_exact_woodbury(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 One launch of two spawned ranks with torchrun's environment variables (like ``tests/test_distributed.py``).
 Each rank scores the tiny regressor of ``tests/test_onthefly.py`` with every registered method in
 ``average`` and ``self`` mode, counts the gradients it computed, and reruns DataInf with a shared
-work folder (norms and passes read back).
+work folder (norms and passes read back); then DataInf's fused norms pass (a pilot of 3 rows per rank)
+on the small classifier of ``tests/test_onthefly_fused.py``, average and pairwise.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import datainf
 from datainf.methods import available_methods, get_method
 from test_onthefly import HalfSquaredError, regression_records, regressor
+from test_onthefly_fused import CrossEntropy, class_records, classifier
 from two_ranks import free_port, launch, set_rank_env
 
 WORLD = 2
@@ -67,7 +69,7 @@ def _job(rank: int, port: int, root: str) -> None:
 
     source._batches = counted  # type: ignore[method-assign]
     datainf.influence(source, test, progress=False)
-    rows_of_datainf = list(computed)  # norms, DataInf's sum, scoring: this rank's 12 rows each
+    rows_of_datainf = list(computed)  # pilot (all 12: the default 128 > 12), fused pass, scoring: 12 rows each
     results: dict[str, Any] = _scores(source, test)
 
     work = Path(root) / "work"  # shared by both ranks: rank 0 writes, both read
@@ -82,7 +84,32 @@ def _job(rank: int, port: int, root: str) -> None:
         "replayed": again.diagnostics["replayed_passes"],
         "passes_after_resume": again_source.passes,
     }
+    results["fused"] = _fused_scores(
+        lambda: datainf.OnTheFlyGradients(
+            classifier(),
+            CrossEntropy(),
+            class_records(N_TRAIN, 0),
+            batch_size=5,
+            pilot_rows=FUSED_PILOT,
+            progress=False,
+        )
+    )
     torch.save(results, Path(root) / f"onthefly-rank{rank}.pt")
+
+
+FUSED_PILOT = 3
+
+
+def _fused_scores(make_source: Any) -> dict[str, Any]:
+    """DataInf average and pairwise on fresh sources: values, the fused-pass diagnostics, rows computed (this rank)."""
+    test_records = class_records(N_TEST, 1)
+    test = datainf.OnTheFlyGradients(classifier(), CrossEntropy(), test_records, progress=False).to_dict()
+    out: dict[str, Any] = {}
+    for mode in ("average", "pairwise"):
+        source = make_source()
+        scores = datainf.influence(source, test, mode=mode, batch_size=7, progress=False)
+        out[mode] = (scores.values, scores.diagnostics.get("fused_norms_pass"), source.rows_computed)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +134,31 @@ def test_two_ranks_on_the_fly_equal_one_process_store(ranks) -> None:
         assert torch.equal(ranks[1][key], ranks[0][key]), key  # every rank returns the same scores
 
 
+def test_two_ranks_fused_norms_pass_equals_one_process(ranks) -> None:
+    single = _fused_scores(
+        lambda: datainf.OnTheFlyGradients(
+            classifier(),
+            CrossEntropy(),
+            class_records(N_TRAIN, 0),
+            batch_size=5,
+            pilot_rows=FUSED_PILOT,
+            progress=False,
+        )
+    )
+    for mode, (values, info, rows) in single.items():
+        assert info["used"] and rows == 2 * N_TRAIN + FUSED_PILOT
+        scale = float(values.abs().max())
+        for rank in ranks:
+            got, got_info, got_rows = rank["fused"][mode]
+            torch.testing.assert_close(got, values, rtol=1e-4, atol=1e-5 * scale, msg=mode)
+            assert got_info["used"] and got_info["pilot_rows"] == WORLD * FUSED_PILOT
+            assert got_rows == 2 * (N_TRAIN // WORLD) + FUSED_PILOT  # each rank: its pilot, its share twice
+        assert torch.equal(ranks[1]["fused"][mode][0], ranks[0]["fused"][mode][0])
+
+
 def test_each_rank_computes_its_own_rows_only_and_resumes(ranks) -> None:
     for rank in ranks:
         checks = rank["checks"]
-        assert checks["rows_of_datainf"] == [N_TRAIN // WORLD] * 3  # norms + DataInf + scoring, local rows only
+        assert checks["rows_of_datainf"] == [N_TRAIN // WORLD] * 3  # pilot + fused + scoring, local rows only
         # a finished run read back whole: norms, DataInf's sum and the scoring pass, no gradient recomputed
         assert checks["resumed_equal"] and checks["replayed"] == 2 and checks["passes_after_resume"] == 0

@@ -4,7 +4,11 @@ Pipeline of :func:`influence` (docs/method.md sections 4-6):
 
 1. validate the inputs (non-empty, same blocks and sizes, same model fingerprint, finite);
 2. ``lambda_l = damping * mean_i ||g_il||^2 / d_l`` per block from the *training* gradients (read
-   from the store's recorded norms: no pass over the gradients), or one fixed ``lambda``;
+   from the store's recorded norms: no pass over the gradients), or one fixed ``lambda``; for
+   training gradients recomputed on every pass whose norms are not known yet, a method that can
+   (DataInf in ``average`` / ``pairwise`` mode) records them in its own first pass, made with a
+   provisional damping from a pilot of a few rows and corrected afterwards under a computed bound
+   (docs/method.md section 6.1; ``InfluenceConfig.fuse_norms_pass``);
 3. test matrix ``V_l``: the mean test gradient (``average`` mode, ``m = 1``) or every test gradient
    (``pairwise`` mode);
 4. the method's preconditioning, ``R_l ~= V_l (G_l + lambda_l I)^-1`` (its own streaming passes);
@@ -37,14 +41,14 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, cast
 
 import torch
 
-from datainf.distributed import describe_ids, dist_context
+from datainf.distributed import DistributedContext, describe_ids, dist_context
 from datainf.errors import (
     BlockMismatchError,
     ConfigError,
@@ -53,21 +57,27 @@ from datainf.errors import (
     NonFiniteGradientError,
     StoreError,
 )
-from datainf.methods import MethodContext, get_method
+from datainf.methods import FusedPass, InfluenceMethod, MethodContext, get_method
+from datainf.methods.base import unit_scales
 from datainf.methods.checkpoints import PassCheckpoints
 from datainf.scores import Scores
-from datainf.store import GradientSource, GradientStore
+from datainf.store import GradientSource, GradientStore, row_squared_norms
 
 __all__ = [
     "InfluenceConfig",
     "influence",
     "influence_from_config",
     "block_lambdas",
+    "lambdas_from_norms",
     "GradientsLike",
     "SELF_SIGN_CONVENTION",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Examples per process whose gradients a fused norms pass computes twice, for a source without a
+#: ``pilot_rows`` attribute (docs/method.md section 6.1).
+DEFAULT_PILOT_ROWS = 128
 
 #: A store, any other :class:`~datainf.store.GradientSource` (e.g. :class:`datainf.gradients.OnTheFlyGradients`,
 #: gradients recomputed on every pass), or in-memory ``{block: (n, d_l)}`` tensors.
@@ -106,6 +116,12 @@ class InfluenceConfig:
             is then no longer the influence on the test loss (an example's gradient magnitude,
             e.g. a large loss, no longer counts): it ranks by the *direction* of the gradients.
             Examples whose gradient is all zero stay zero.
+        fuse_norms_pass: for training gradients recomputed on every pass whose norms are not known
+            yet (:class:`datainf.gradients.OnTheFlyGradients`), let a method that can (DataInf, in
+            ``average`` / ``pairwise`` mode) record the norms during its own first pass instead of a
+            separate norms pass: 2 gradient passes plus a small pilot instead of 3, the same scores
+            to round-off, guaranteed by a computed bound with a fallback (docs/method.md section
+            6.1). ``False``: always the separate norms pass. No effect on a store.
     """
 
     method: str = "datainf"
@@ -117,12 +133,15 @@ class InfluenceConfig:
     compute_dtype: str | None = None
     device: str = "cpu"
     normalize: bool = False
+    fuse_norms_pass: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("average", "pairwise", "self"):
             raise ConfigError(f"mode must be 'average', 'pairwise' or 'self', got {self.mode!r}.")
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"normalize must be True or False, got {self.normalize!r}.")
+        if not isinstance(self.fuse_norms_pass, bool):
+            raise ConfigError(f"fuse_norms_pass must be True or False, got {self.fuse_norms_pass!r}.")
         if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping > 0):
             raise ConfigError(
                 f"damping must be a finite number > 0 (the paper uses 0.1), got {self.damping!r}: "
@@ -218,8 +237,39 @@ def block_lambdas(
 
     With ``normalize``, the norms are those of the unit-normalised gradients,
     ``||g_il||^2 / sum_l' ||g_il'||^2`` (see :class:`InfluenceConfig`).
+
+    The same rule on a norms tensor instead of a store: :func:`lambdas_from_norms`.
     """
-    norms = store.squared_norms()  # (n, L)
+    return lambdas_from_norms(
+        store.squared_norms(),
+        store.block_dims,
+        damping=damping,
+        fixed_lambda=fixed_lambda,
+        sum_over_processes=sum_over_processes,
+        rows=rows,
+        normalize=normalize,
+        ids=store.ids,
+    )
+
+
+def lambdas_from_norms(
+    norms: torch.Tensor,
+    block_dims: Mapping[str, int],
+    *,
+    damping: float = 0.1,
+    fixed_lambda: float | None = None,
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rows: range | None = None,
+    normalize: bool = False,
+    ids: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """:func:`block_lambdas` from squared norms ``||g_il||^2``: float64 ``(n, L)``, columns in ``block_dims`` order.
+
+    ``rows`` selects this process's rows of ``norms`` (``None``: every row given); ``sum_over_processes``
+    sums the per-block totals and the count over processes, so ``norms`` may also be one process's
+    rows only (e.g. a pilot, docs/method.md section 6.1). ``ids`` (of the rows of ``norms``) name the
+    examples in the error about non-finite norms.
+    """
     if normalize:
         norms = norms * unit_scales(norms).square().unsqueeze(1)
     offset = 0
@@ -227,15 +277,14 @@ def block_lambdas(
         norms, offset = norms[rows.start : rows.stop], rows.start
     if not torch.isfinite(norms).all():
         bad = (~torch.isfinite(norms)).any(dim=1).nonzero().flatten().tolist()
-        raise NonFiniteGradientError(
-            f"Non-finite gradients for training examples {[store.ids[offset + i] for i in bad[:10]]}; recompute them."
-        )
+        names = [ids[offset + i] for i in bad[:10]] if ids is not None else [offset + i for i in bad[:10]]
+        raise NonFiniteGradientError(f"Non-finite gradients for training examples {names}; recompute them.")
     totals = norms.sum(dim=0)
     count = torch.tensor(float(norms.shape[0]), dtype=torch.float64)
     if sum_over_processes is not None:
         totals, count = sum_over_processes(totals), sum_over_processes(count)
     out: dict[str, float] = {}
-    for j, (name, dim) in enumerate(store.block_dims.items()):
+    for j, (name, dim) in enumerate(block_dims.items()):
         if float(totals[j]) == 0.0:
             out[name] = 0.0
         elif fixed_lambda is not None:
@@ -243,12 +292,6 @@ def block_lambdas(
         else:
             out[name] = damping * float(totals[j]) / (float(count) * dim)
     return out
-
-
-def unit_scales(squared_norms: torch.Tensor) -> torch.Tensor:
-    """``1 / ||g_i||`` per example from per-block squared norms ``(n, L)`` (float64 ``(n,)``; 0 for an all-zero gradient)."""
-    totals = squared_norms.sum(dim=1)
-    return torch.where(totals > 0, totals.rsqrt(), torch.zeros_like(totals))
 
 
 def _zero_gradient_ids(store: GradientSource, role: str) -> list[str]:
@@ -274,13 +317,30 @@ def _default_compute_dtype(store: GradientSource, requested: str | None) -> torc
 def _store_identity(store: GradientSource) -> dict[str, Any]:
     """What must agree between processes about one gradient store: ids, blocks, dtype, fingerprint and
     the per-block sums of the recorded squared norms (a cheap checksum of the values)."""
-    return {
+    out: dict[str, Any] = {
         "ids": describe_ids(store.ids),
         "blocks": store.block_dims,
         "dtype": store.dtype,
         "fingerprint": store.fingerprint,
-        "norm_sums": store.squared_norms().sum(dim=0).tolist(),
     }
+    norms = _known_norms(store)
+    if norms is not None:  # a source recomputing its rows covers them by its checkpoint key instead
+        out["norm_sums"] = norms.sum(dim=0).tolist()
+    return out
+
+
+class _DeferredNorms(Protocol):
+    """A gradient source whose squared norms may be unknown until a pass (:class:`datainf.gradients.OnTheFlyGradients`)."""
+
+    def known_squared_norms(self) -> torch.Tensor | None: ...
+
+    def record_norms(self, norms: torch.Tensor) -> None: ...
+
+
+def _known_norms(store: GradientSource) -> torch.Tensor | None:
+    """The recorded squared norms ``(n, L)``, or ``None`` when a source would need a pass to know them."""
+    known = getattr(store, "known_squared_norms", None)
+    return known() if callable(known) else store.squared_norms()
 
 
 def _pass_checkpoints(
@@ -296,9 +356,11 @@ def _pass_checkpoints(
     if not isinstance(folder, Path):
         return None
     digest = hashlib.sha256()
+    settings = config.to_dict()
+    settings.pop("fuse_norms_pass")  # the same computation either way: a fused run's passes serve an unfused rerun
     payload = {
         "train": str(getattr(train, "checkpoint_key", "")),
-        "config": config.to_dict(),
+        "config": settings,
         "lambdas": dict(lambdas),
     }
     digest.update(json.dumps(payload, sort_keys=True, default=str).encode())
@@ -307,6 +369,84 @@ def _pass_checkpoints(
         digest.update(f"{name}|{tuple(vector.shape)}|{vector.dtype}\n".encode())
         digest.update(vector.view(torch.uint8).numpy().tobytes() if vector.numel() else b"")
     return PassCheckpoints(folder, digest.hexdigest()[:16], dist_context())
+
+
+def _fusion_applies(
+    train: GradientSource, method: InfluenceMethod, config: InfluenceConfig, compute_dtype: torch.dtype
+) -> bool:
+    """Whether the norms pass is fused into the method's first pass (docs/method.md section 6.1; collective).
+
+    Needs: the setting on, ``average`` / ``pairwise`` mode, a method that can, a source that takes
+    recorded norms (``record_norms``) and does not know them yet, and a compute dtype that holds the
+    served rows exactly (so that the norms recorded on the way are the norms pass's, bit for bit).
+    """
+    if not config.fuse_norms_pass or config.mode == "self" or not method.fuses_norms_pass:
+        return False
+    if not callable(getattr(train, "record_norms", None)) or not callable(getattr(train, "known_squared_norms", None)):
+        return False
+    if compute_dtype == torch.float32 and train.torch_dtype == torch.float64:
+        return False
+    return _known_norms(train) is None
+
+
+def _pilot_lambdas(
+    train: GradientSource, config: InfluenceConfig, rows: range, ctx: DistributedContext
+) -> tuple[dict[str, float], int]:
+    """``lambda0_l`` by the damping rule from the first ``pilot_rows`` rows of this process's share, and the pilot's size.
+
+    The pilot's squared norms (``(p, L)`` float64, as a store records them) are summed over
+    processes like :func:`block_lambdas`'s; its rows are computed once more by the fused pass.
+    """
+    size = min(len(rows), int(getattr(train, "pilot_rows", DEFAULT_PILOT_ROWS)))
+    pilot = range(rows.start, rows.start + size)
+    names = list(train.block_dims)
+    parts: list[torch.Tensor] = []
+    error: Exception | None = None
+    try:
+        for _, batch in train.iter_batches(config.batch_size, rows=pilot):
+            parts.append(torch.stack([row_squared_norms(batch[name].cpu()) for name in names], dim=1))
+        norms = torch.cat(parts) if parts else torch.zeros(0, len(names), dtype=torch.float64)
+        if not torch.isfinite(norms).all():
+            bad = (~torch.isfinite(norms)).any(dim=1).nonzero().flatten().tolist()
+            raise NonFiniteGradientError(
+                f"Non-finite gradients for training examples {[train.ids[pilot.start + i] for i in bad[:10]]}; "
+                "recompute them."
+            )
+    except Exception as err:
+        if not ctx.is_distributed:
+            raise
+        error = err
+    ctx.raise_if_any(error, "The pilot of the fused norms pass")
+    lambdas = lambdas_from_norms(
+        norms,
+        train.block_dims,
+        damping=config.damping,
+        sum_over_processes=ctx.all_reduce_sum,
+        normalize=config.normalize,
+    )
+    total = int(ctx.all_reduce_sum(torch.tensor(float(size), dtype=torch.float64)))
+    return lambdas, total
+
+
+def _test_vectors(
+    test: GradientSource,
+    names: Sequence[str],
+    config: InfluenceConfig,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """``V_l`` for ``names``: the test gradients ``(m, d_l)`` (unit-normalised when asked), or their mean ``(1, d_l)``."""
+    test_grads = test.to_dict()
+    test_scales = unit_scales(test.squared_norms()) if config.normalize else None
+    vectors: dict[str, torch.Tensor] = {}
+    for name in names:
+        v = test_grads.pop(name)
+        if test_scales is not None:
+            v = v.to(torch.float64) * test_scales.unsqueeze(1)
+        if config.mode == "average":
+            v = v.mean(dim=0, keepdim=True, dtype=torch.float64)
+        vectors[name] = v.to(device=device, dtype=compute_dtype)
+    return vectors
 
 
 def _replayed(ctx: MethodContext) -> dict[str, int]:
@@ -361,6 +501,34 @@ def influence_from_config(
     compute_dtype = _default_compute_dtype(train_store, config.compute_dtype)
     device = ctx.resolve_device(config.device) or torch.device("cpu")
     rows = ctx.shard(train_store.num_examples)
+
+    fused: FusedPass | None = None
+    fused_vectors: dict[str, torch.Tensor] = {}
+    pilot_size = 0
+    if _fusion_applies(train_store, method, config, compute_dtype):
+        # docs/method.md section 6.1: provisional damping, one pass that also records the norms
+        assert test_store is not None
+        if config.fixed_lambda is not None:  # the damping is known: no pilot, the fused sums are exact
+            provisional = {name: float(config.fixed_lambda) for name in train_store.block_dims}
+        else:
+            provisional, pilot_size = _pilot_lambdas(train_store, config, rows, ctx)
+        every_block = sorted(train_store.block_dims)
+        fused_vectors = _test_vectors(test_store, every_block, config, device, compute_dtype)
+        provisional_ctx = MethodContext(
+            train=train_store,
+            lambdas=provisional,
+            blocks=every_block,
+            batch_size=config.batch_size,
+            compute_dtype=compute_dtype,
+            device=device,
+            progress=progress and ctx.is_main,
+            total_examples=train_store.num_examples,
+            rows=rows,
+            processes=ctx,
+            normalize_rows=config.normalize,
+        )
+        fused = method.fused_norms_pass(fused_vectors, provisional_ctx)
+        cast(_DeferredNorms, train_store).record_norms(fused.norms)  # no norms pass: block_lambdas reads these
 
     lambdas = block_lambdas(
         train_store,
@@ -436,19 +604,33 @@ def influence_from_config(
         )
 
     assert test_store is not None
-    test_grads = test_store.to_dict()
-    test_scales = unit_scales(test_store.squared_norms()) if config.normalize else None
-    vectors: dict[str, torch.Tensor] = {}
-    for name in blocks:
-        v = test_grads.pop(name)
-        if test_scales is not None:
-            v = v.to(torch.float64) * test_scales.unsqueeze(1)
-        if config.mode == "average":
-            v = v.mean(dim=0, keepdim=True, dtype=torch.float64)
-        vectors[name] = v.to(device=device, dtype=compute_dtype)
+    if fused is not None:
+        vectors = {name: fused_vectors[name] for name in blocks}
+    else:
+        vectors = _test_vectors(test_store, blocks, config, device, compute_dtype)
 
     method_ctx.checkpoints = _pass_checkpoints(train_store, config, lambdas, vectors)
-    preconditioned = method.precondition(vectors, method_ctx)
+    fused_passes: dict[str, Any] = {}
+    passes_description = f"{method.passes_description} + 1 scoring pass"
+    if fused is not None:
+        finished = method.finish_fused(fused, vectors, method_ctx)
+        # full passes of gradient computation (the fused pass, the method's, scoring), beside the pilot's rows
+        gradient_passes = 2 if finished is not None else 3
+        fused_passes = {
+            "fused_norms_pass": {**fused.diagnostics, "pilot_rows": pilot_size, "gradient_passes": gradient_passes}
+        }
+        pilot_text = f"a pilot of {pilot_size} rows, " if config.fixed_lambda is None else ""
+        if finished is None:  # the bound does not hold: the method's ordinary pass, with the exact damping
+            preconditioned = method.precondition(vectors, method_ctx)
+            passes_description = (
+                f"{pilot_text}1 fused norms pass (its sums unused: bound not met), {method.passes_description}"
+                " + 1 scoring pass"
+            )
+        else:
+            preconditioned = finished
+            passes_description = f"{pilot_text}1 fused norms pass ({method.passes_description}) + 1 scoring pass"
+    else:
+        preconditioned = method.precondition(vectors, method_ctx)
     precondition_seconds = time.perf_counter() - started
 
     test_rows = next(iter(preconditioned.vectors.values())).shape[0]
@@ -468,8 +650,9 @@ def influence_from_config(
         "precondition_seconds": precondition_seconds,
         "passes": method_ctx.passes,
         **_replayed(method_ctx),
+        **fused_passes,
         "processes": ctx.world_size,
-        "passes_description": f"{method.passes_description} + 1 scoring pass",
+        "passes_description": passes_description,
         "zero_gradient_blocks": zero_blocks,
         **({"zero_gradient_examples": zero_examples} if config.normalize else {}),
     }
@@ -496,6 +679,7 @@ def influence(
     batch_size: int = 1024,
     device: str = "cpu",
     normalize: bool = False,
+    fuse_norms_pass: bool = True,
     progress: bool = True,
 ) -> Scores:
     """Influence of every training example on the test loss (positive = harmful).
@@ -517,6 +701,9 @@ def influence(
         device: where the arithmetic runs.
         normalize: unit-normalise every training and test gradient first (cosine-style scores;
             see :class:`InfluenceConfig`).
+        fuse_norms_pass: with training gradients recomputed on every pass, let DataInf record their
+            norms in its own pass (2 gradient passes plus a pilot instead of 3; docs/method.md
+            section 6.1). ``False``: a separate norms pass.
         progress: show progress bars.
 
     Returns:
@@ -537,5 +724,6 @@ def influence(
         batch_size=batch_size,
         device=device,
         normalize=normalize,
+        fuse_norms_pass=fuse_norms_pass,
     )
     return influence_from_config(train, test, config, progress=progress)

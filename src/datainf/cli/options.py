@@ -399,7 +399,8 @@ def _score_options() -> list[Option]:
             _optional(_to_path),
             None,
             "training data: its gradients are recomputed on every streaming pass and never written (no disk; "
-            "DataInf: 1 norms pass + 2 passes of forward/backward over the data; each other method: 1 norms pass + "
+            "DataInf average/pairwise: 2 passes of forward/backward over the data + a pilot of 128 rows (the norms are "
+            "recorded in its first pass; 3 passes if its accuracy bound fails); each other method: 1 norms pass + "
             "its passes; norms and finished passes checkpointed in <out>/onthefly for resuming)",
             metavar="PATH",
         ),

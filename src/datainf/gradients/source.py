@@ -5,12 +5,16 @@ engine and the methods make (:class:`~datainf.methods.MethodContext`): batches o
 over a row range, and each example's recorded squared norms ``||g_il||^2``. Every streaming pass
 recomputes the gradients batch by batch with the same hooks as :func:`collect_gradients`
 (:class:`~datainf.gradients.collect.GradientSession`); the norms come from one extra pass, made the
-first time they are asked for and kept in memory. No training gradient is ever written to disk.
+first time they are asked for and kept in memory, unless a method records them on the way
+(:meth:`OnTheFlyGradients.record_norms`: DataInf's fused norms pass, docs/method.md section 6.1).
+No training gradient is ever written to disk.
 
 Cost, with ``P`` the method's streaming passes (DataInf 1 + 1 scoring pass, see
 :mod:`datainf.influence`): ``1 + P`` forward/backward passes over the training data instead of one
-collection, and ``0`` bytes of gradients on disk instead of ``4 n sum_l d_l`` (float32). Peak memory:
-one batch of gradients and activations.
+collection, and ``0`` bytes of gradients on disk instead of ``4 n sum_l d_l`` (float32). DataInf in
+``average`` / ``pairwise`` mode fuses the norms pass into its own: ``2`` passes plus a pilot of
+``pilot_rows`` examples per process (``3`` passes when its accuracy bound sends it back to the
+separate pass). Peak memory: one batch of gradients and activations.
 
 Resume: with ``work_dir`` the norms are checkpointed to ``<work_dir>/train-norms-<key>.safetensors``
 (``n x L`` float64: a few bytes per example) and reloaded by a later run with the same model,
@@ -94,6 +98,8 @@ class OnTheFlyGradients:
         projection: serve seeded random sketches of at most ``projection.dim`` numbers per block
             (:mod:`datainf.gradients.projection`), as a projected store would hold; the test
             gradients must use the same projection.
+        pilot_rows: training examples per process whose gradients are computed once more to guess
+            the damping before a fused norms pass (docs/method.md section 6.1; at least 1).
 
     Raises:
         EmptyInputError: no records.
@@ -115,15 +121,19 @@ class OnTheFlyGradients:
         work_dir: str | os.PathLike[str] | None = None,
         progress: bool = True,
         projection: ProjectionConfig | None = None,
+        pilot_rows: int = 128,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size}; use a positive number of examples per batch.")
+        if isinstance(pilot_rows, bool) or not isinstance(pilot_rows, int) or pilot_rows < 1:
+            raise ConfigError(f"pilot_rows={pilot_rows!r}; use a positive number of examples (default 128).")
         if dtype not in STORAGE_DTYPES:
             raise ConfigError(f"dtype {dtype!r} is not supported; use one of {sorted(STORAGE_DTYPES)}.")
         if len(records) == 0:
             raise EmptyInputError("The training records are empty: there are no examples to compute gradients for.")
         self._model, self._task, self._records = model, task, records
         self.batch_size = int(batch_size)
+        self.pilot_rows = pilot_rows
         self.device = device
         self._dtype_name = dtype
         self.progress = progress
@@ -141,6 +151,7 @@ class OnTheFlyGradients:
         self._norms: torch.Tensor | None = None
         self._session: GradientSession | None = None
         self.passes = 0  # gradient passes made (the norms pass included), counted by :meth:`iter_batches`
+        self.rows_computed = 0  # examples whose gradients were computed (by this process), over every pass
 
     # ------------------------------------------------------------------ GradientSource
     @property
@@ -204,6 +215,40 @@ class OnTheFlyGradients:
             loaded = self._load_norms()
             self._norms = loaded if loaded is not None else self._norms_pass()
         return self._norms
+
+    def known_squared_norms(self) -> torch.Tensor | None:
+        """The squared norms if they are known without a pass (in memory or checkpointed), else ``None``.
+
+        Float64 ``(n, L)`` like :meth:`squared_norms`. Under ``torch.distributed`` every rank must
+        call this at the same point (it agrees on the checkpoint).
+        """
+        if self._norms is None:
+            self._norms = self._load_norms()
+        return self._norms
+
+    def record_norms(self, norms: torch.Tensor) -> None:
+        """Take ``||g_il||^2`` computed by someone else's pass (float64 ``(n, L)``, every example).
+
+        What a fused norms pass hands over (docs/method.md section 6.1), so that no separate norms
+        pass is made: kept in memory and checkpointed like the norms pass's own (a resumed run
+        reads them back). They must be the norms of the rows this source serves, taken with
+        :func:`datainf.store.row_squared_norms`. Under ``torch.distributed`` every rank calls it
+        with the same (gathered) norms; rank 0 writes the checkpoint.
+
+        Raises:
+            ConfigError: wrong shape or dtype.
+            NonFiniteGradientError: a non-finite norm (an overflowing gradient).
+        """
+        expected = (self.num_examples, len(self._block_dims))
+        if tuple(norms.shape) != expected or norms.dtype != torch.float64:
+            raise ConfigError(
+                f"record_norms needs float64 norms of shape {expected} (examples x blocks), got "
+                f"{norms.dtype} {tuple(norms.shape)}."
+            )
+        norms = norms.detach().to("cpu").contiguous()
+        self._check_finite(norms, range(self.num_examples))
+        self._norms = norms
+        self._save_norms(norms)
 
     def iter_batches(
         self, batch_size: int = 1024, blocks: Sequence[str] | None = None, rows: range | None = None
@@ -276,6 +321,7 @@ class OnTheFlyGradients:
             for start in range(wanted.start, wanted.stop, self.batch_size):
                 chunk = range(start, min(start + self.batch_size, wanted.stop))
                 batch, grads = session.compute([self._records[i] for i in chunk], [self._ids[i] for i in chunk])
+                self.rows_computed += len(chunk)
                 truncated.extend(batch.truncated_ids)
                 for name in names:
                     buffered[name].append(grads[name].detach().to(target))
@@ -369,21 +415,29 @@ class OnTheFlyGradients:
                         local[position : position + len(ids), j] = row_squared_norms(batch[name].cpu())
                     position += len(ids)
                     bar.update(len(ids))
-            if not torch.isfinite(local).all():
-                bad = (~torch.isfinite(local)).any(dim=1).nonzero().flatten().tolist()
-                raise NonFiniteGradientError(
-                    f"Training gradients of examples {_ids_text([self._ids[local_rows.start + i] for i in bad])} "
-                    f"overflow the dtype {self._dtype_name}; use dtype='float32'."
-                )
+            self._check_finite(local, local_rows)
         except Exception as err:
             if not ctx.is_distributed:
                 raise
             error = err
         ctx.raise_if_any(error, "The norms pass of the on-the-fly training gradients")
         norms = ctx.all_gather_cat(local)
+        self._save_norms(norms)
+        return norms
+
+    def _check_finite(self, norms: torch.Tensor, rows: range) -> None:
+        """Refuse non-finite norms ``(len(rows), L)`` of the examples ``rows``, naming them."""
+        if not torch.isfinite(norms).all():
+            bad = (~torch.isfinite(norms)).any(dim=1).nonzero().flatten().tolist()
+            raise NonFiniteGradientError(
+                f"Training gradients of examples {_ids_text([self._ids[rows.start + i] for i in bad])} "
+                f"overflow the dtype {self._dtype_name}; use dtype='float32'."
+            )
+
+    def _save_norms(self, norms: torch.Tensor) -> None:
+        """Checkpoint the norms of every example (rank 0 writes; nothing without a work folder)."""
         path = self._norms_path()
-        if path is not None and ctx.is_main:
+        if path is not None and dist_context().is_main:
             metadata = {"format": _NORMS_FORMAT, "key": self._norms_key(), "ids": json.dumps(self._ids[:3])}
             atomic_write_bytes(path, save_safetensors({"norms": norms.contiguous()}, metadata=metadata))
             logger.info("Checkpointed the training gradients' squared norms to %s.", path)
-        return norms

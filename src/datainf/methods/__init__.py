@@ -4,6 +4,7 @@ How to add one: see :mod:`datainf.methods.base` (one file here, one :func:`regis
 """
 
 from datainf.methods.base import (
+    FusedPass,
     InfluenceMethod,
     MethodContext,
     Preconditioned,
@@ -23,6 +24,7 @@ from datainf.methods.kfac import EKFAC, KFAC
 from datainf.methods.lissa import Lissa, LissaDivergenceWarning
 
 __all__ = [
+    "FusedPass",
     "InfluenceMethod",
     "MethodContext",
     "Preconditioned",

@@ -37,7 +37,10 @@ A method reads the training gradients **only** through the :class:`MethodContext
 * :meth:`MethodContext.squared_norms` / :meth:`MethodContext.squared_norm_total`: the recorded
   ``||g_il||^2`` of every example, by block name (no pass);
 * :meth:`MethodContext.training_chunks`: every training row in chunks, for using training
-  gradients as test vectors (self-influence).
+  gradients as test vectors (self-influence);
+* :meth:`MethodContext.streamed_pass_with_norms`: a pass that also records every example's
+  ``||g_il||^2``, for a method that fuses the engine's norms pass into its own
+  (:attr:`InfluenceMethod.fuses_norms_pass`, docs/method.md section 6.1).
 
 Under ``torch.distributed`` (``torchrun``; :mod:`datainf.distributed`) each process streams only its
 share of the rows: the helpers all-reduce the sums and all-gather the per-example rows before they
@@ -81,10 +84,11 @@ from tqdm.auto import tqdm
 from datainf.distributed import DistributedContext
 from datainf.errors import ConfigError
 from datainf.methods.checkpoints import PassCheckpoints
-from datainf.store import GradientSource
+from datainf.store import GradientSource, row_squared_norms
 
 __all__ = [
     "Batch",
+    "FusedPass",
     "InfluenceMethod",
     "MethodContext",
     "Preconditioned",
@@ -95,10 +99,17 @@ __all__ = [
     "available_methods",
     "unknown_methods",
     "check_method_names",
+    "unit_scales",
 ]
 
 #: One streamed batch: block name -> ``(b, d_l)`` rows in ``compute_dtype`` on the context's device.
 Batch = dict[str, torch.Tensor]
+
+
+def unit_scales(squared_norms: torch.Tensor) -> torch.Tensor:
+    """``1 / ||g_i||`` per example from per-block squared norms ``(n, L)`` (float64 ``(n,)``; 0 for an all-zero gradient)."""
+    totals = squared_norms.sum(dim=1)
+    return torch.where(totals > 0, totals.rsqrt(), torch.zeros_like(totals))
 
 
 @dataclass
@@ -127,6 +138,9 @@ class MethodContext:
         checkpoints: where :meth:`streamed_pass` keeps each finished pass's results and replays them
             on a rerun (:class:`~datainf.methods.checkpoints.PassCheckpoints`; set by the engine for
             training gradients recomputed on every pass), or ``None``.
+        normalize_rows: unit-normalise every row inside its batch (``g_i / ||g_i||``, the norm over
+            every block of the source) in :meth:`streamed_pass_with_norms`: set by the engine for a
+            fused norms pass with ``normalize=True``, where :attr:`example_scales` is not known yet.
     """
 
     train: GradientSource
@@ -142,6 +156,7 @@ class MethodContext:
     processes: DistributedContext = field(default_factory=DistributedContext)
     example_scales: torch.Tensor | None = None
     checkpoints: PassCheckpoints | None = None
+    normalize_rows: bool = False
     _norms: torch.Tensor | None = field(default=None, init=False, repr=False)
     _norm_totals: torch.Tensor | None = field(default=None, init=False, repr=False)
 
@@ -323,6 +338,82 @@ class MethodContext:
         _, rows = self.streamed_pass(description, rows_of=rows_of, blocks=blocks, dim=dim)
         return rows
 
+    def streamed_pass_with_norms(
+        self,
+        description: str,
+        *,
+        sums: dict[str, torch.Tensor],
+        add: Callable[[dict[str, torch.Tensor], Batch, torch.Tensor], None],
+        rows_of: Callable[[Batch, torch.Tensor], Mapping[str, torch.Tensor]] | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+        """One pass over **every** block of the source that also records each example's squared norms.
+
+        For training gradients whose norms are not known before the pass (a source that recomputes
+        them, docs/method.md section 6.1): the method accumulates its sums and, in the same pass, the
+        engine gets the ``||g_il||^2`` a separate norms pass would have recorded.
+
+        Args:
+            description: progress-bar label.
+            sums: accumulators, summed over every example of every process (as :meth:`streamed_pass`).
+            add: ``add(sums, batch, norms)`` per batch: ``batch = {block: (b, d_l)}`` for every block
+                of the source (unit-normalised rows when :attr:`normalize_rows`), ``norms`` float64
+                ``(b, L)``: ``||g_il||^2`` of the rows *as given to add* (normalised ones too), columns
+                in ``train.block_dims`` order.
+            rows_of: ``rows_of(batch, norms)`` per batch, called after ``add`` with the same two
+                arguments; per-example outputs along dimension 0 (as :meth:`streamed_pass`).
+
+        Returns:
+            ``(totals, rows, recorded)``: as :meth:`streamed_pass`, plus ``recorded``, float64
+            ``(n, L)``: the squared norms of the rows as the source serves them (before any
+            normalisation; what :meth:`GradientSource.squared_norms` returns), every process's rows
+            in store order. They are those of the ``compute_dtype`` rows, taken like a store takes
+            them (:func:`datainf.store.row_squared_norms` on the CPU): the same numbers bit for bit
+            when ``compute_dtype`` holds the storage dtype exactly.
+        """
+        names = list(self.train.block_dims)
+        current: dict[str, Any] = {}
+
+        def add_with_norms(accumulators: dict[str, torch.Tensor], batch: Batch) -> None:
+            raw = torch.stack([row_squared_norms(batch[name].cpu()) for name in names], dim=1)  # (b, L)
+            seen = raw
+            if self.normalize_rows:
+                scales = unit_scales(raw)  # (b,) float64
+                factor = scales.to(device=self.device, dtype=self.compute_dtype).unsqueeze(1)
+                batch = {name: t * factor for name, t in batch.items()}
+                seen = raw * scales.square().unsqueeze(1)
+            current.update(batch=batch, raw=raw, seen=seen)
+            add(accumulators, batch, seen)
+
+        def rows_with_norms(batch: Batch) -> dict[str, torch.Tensor]:
+            if "raw" not in current:  # the empty batch of a process without rows: shapes only
+                raw = torch.zeros(0, len(names), dtype=torch.float64)
+                out = {"__norms__": raw}
+                if rows_of is not None:
+                    out.update(rows_of(batch, raw))
+                return out
+            out = {"__norms__": current.pop("raw")}
+            if rows_of is not None:
+                out.update(rows_of(current.pop("batch"), current.pop("seen")))
+            current.clear()
+            return out
+
+        totals, rows = self.streamed_pass(
+            description, sums=sums, add=add_with_norms, rows_of=rows_with_norms, blocks=names
+        )
+        recorded = rows.pop("__norms__")
+        return totals, rows, recorded
+
+    def record_pass(self, sums: dict[str, torch.Tensor], rows: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Count a pass whose results were computed outside this context, and checkpoint them as that pass.
+
+        For a fused pass (docs/method.md section 6.1): ``sums`` / ``rows`` (already combined over
+        processes) are what this context's next :meth:`streamed_pass` would have returned, so a
+        rerun with the same checkpoints replays them there.
+        """
+        self.passes += 1
+        if self.checkpoints is not None:
+            self.checkpoints.save(self.passes, sums, dict(rows or {}))
+
     def training_chunks(self, description: str, blocks: Sequence[str] | None = None) -> Iterator[tuple[range, Batch]]:
         """Every training row (not only this process's), ``batch_size`` at a time: ``(rows, {block: (c, d_l)})``.
 
@@ -347,6 +438,24 @@ class Preconditioned:
     """A method's output: ``vectors[block]`` is ``R_l`` of shape ``(m, d_l)``; ``diagnostics`` is JSON-able."""
 
     vectors: dict[str, torch.Tensor]
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FusedPass:
+    """What :meth:`InfluenceMethod.fused_norms_pass` returns (docs/method.md section 6.1).
+
+    Attributes:
+        norms: ``||g_il||^2`` of every training example as served, float64 ``(n, L)`` in
+            ``train.block_dims`` order (what a norms pass records; the engine derives the exact
+            ``lambda_l`` from them and hands them to the source).
+        state: the method's own results of the pass, read back by :meth:`InfluenceMethod.finish_fused`.
+        diagnostics: JSON-able entries about the fused pass (filled by ``finish_fused``, also when it
+            falls back; the engine records them as ``Scores.diagnostics["fused_norms_pass"]``).
+    """
+
+    norms: torch.Tensor
+    state: Any = None
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -388,6 +497,11 @@ class InfluenceMethod(ABC):
     #: True when the method needs more than the gradients (``kfac`` / ``ekfac``: the Kronecker factors
     #: collected beside the store); it refuses gradients given as plain tensors.
     needs_factors: ClassVar[bool] = False
+    #: True when the method implements :meth:`fused_norms_pass` / :meth:`finish_fused`: its first
+    #: pass can run before ``lambda_l`` is known, recording the training norms on the way (for
+    #: training gradients recomputed on every pass, where the engine's norms pass is a full pass of
+    #: gradient computation; docs/method.md section 6.1).
+    fuses_norms_pass: ClassVar[bool] = False
 
     @dataclass(frozen=True)
     class Options:
@@ -411,6 +525,33 @@ class InfluenceMethod(ABC):
                 ``ctx.device`` (read-only).
             ctx: training store, damping, settings and the streaming helpers.
         """
+
+    def fused_norms_pass(self, test: Mapping[str, torch.Tensor], ctx: MethodContext) -> FusedPass:
+        """The method's first pass made with provisional damping, recording the training norms (optional).
+
+        Called by the engine (only when :attr:`fuses_norms_pass`) instead of a separate norms pass
+        followed by :meth:`precondition`. ``ctx.lambdas`` are then *provisional* values
+        ``lambda0_l`` (from a pilot of a few rows, or the fixed ``lambda``), ``ctx.blocks`` every
+        block (a block with ``lambda0_l = 0`` saw only zero gradients in the pilot), and the method
+        streams through :meth:`MethodContext.streamed_pass_with_norms`.
+
+        Args:
+            test: block -> ``V_l`` of shape ``(m, d_l)`` for every block of ``ctx.blocks``.
+            ctx: the provisional context (no checkpoints).
+        """
+        raise NotImplementedError(f"Method {self.name!r} does not fuse the norms pass.")
+
+    def finish_fused(
+        self, fused: FusedPass, test: Mapping[str, torch.Tensor], ctx: MethodContext
+    ) -> Preconditioned | None:
+        """``R_l`` from a :meth:`fused_norms_pass`, now that ``ctx.lambdas`` are exact; ``None``: fall back.
+
+        ``ctx`` is the ordinary context (exact ``lambda_l``, the blocks with non-zero gradients,
+        checkpoints): the method records the pass it replaces with :meth:`MethodContext.record_pass`
+        when it returns ``R_l``. On ``None`` (its accuracy guarantee does not hold) the engine calls
+        :meth:`precondition` with the same context, one more pass.
+        """
+        raise NotImplementedError(f"Method {self.name!r} does not fuse the norms pass.")
 
     def self_influence(self, ctx: MethodContext) -> SelfInfluence:
         """``s_k = sum_l g_kl^T P_l g_kl`` for every training example ``k`` (``P_l`` this method's inverse).
