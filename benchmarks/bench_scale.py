@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file, save_file
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS_JSON = HERE / "results_scale.json"
@@ -173,15 +175,23 @@ def worker(mode: str, n: int, k: int, folder: Path) -> dict[str, Any]:
         out["score_seconds"] = time.perf_counter() - start
         out["train_bytes"] = _folder_bytes(path)
         out["numbers_per_example"] = sum(store.block_dims.values())
-    else:
+    else:  # "onthefly": DataInf's fused norms pass (the default); "onthefly-unfused": norms pass + sum pass
         source = OnTheFlyGradients(model, task, train, batch_size=GRAD_BATCH, progress=False)
         start = time.perf_counter()
-        scores = datainf.influence(source, test_store, batch_size=SCORE_BATCH, progress=False)
+        scores = datainf.influence(
+            source,
+            test_store,
+            batch_size=SCORE_BATCH,
+            progress=False,
+            fuse_norms_pass=mode == "onthefly",
+        )
         out["score_seconds"] = time.perf_counter() - start
         out["train_bytes"] = 0
         out["gradient_passes"] = source.passes
+        out["rows_computed"] = source.rows_computed
+        out["fused_norms_pass"] = scores.diagnostics.get("fused_norms_pass")
         out["numbers_per_example"] = sum(source.block_dims.values())
-    torch.save({"ids": scores.train_ids, "values": scores.values}, folder / f"scores-{mode}-{n}.pt")
+    save_file({"values": scores.values.contiguous()}, str(folder / f"scores-{mode}-{n}.safetensors"))
     out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out["load_after"] = _uptime()
     return out
@@ -203,7 +213,7 @@ def curve_worker(n: int, folder: Path) -> dict[str, Any]:
     blocks = find_lora_blocks(model).blocks
     store = GradientStore.open(folder / f"store-store-{n}")
     full = store.to_dict()
-    reference = torch.load(folder / f"scores-store-{n}.pt")["values"]
+    reference = load_file(str(folder / f"scores-store-{n}.safetensors"))["values"]
     test_full = collect_gradients(model, task, records(TEST_M, 1), batch_size=GRAD_BATCH, progress=False).to_dict()
     rows = []
     for k in CURVE_K:
@@ -362,24 +372,34 @@ def render(results: dict[str, Any]) -> str:
             f"gradient batches of {GRAD_BATCH}, shards of {SHARD_SIZE} examples, DataInf reading {SCORE_BATCH} rows per "
             f"batch (`--shard-size` / `--score-batch-size`: what keeps memory flat in n). Projection k = {setting['k']}.",
             "",
-            "| n | store: collection s | store: DataInf s | on the fly: DataInf s | ratio (goal <= 1.6) | "
+            "| n | store: collection s | store: DataInf s | on the fly, fused norms pass: DataInf s (gradient passes) "
+            "| ratio (goal <= 1.6) | on the fly, separate norms pass: s (passes) | its ratio | "
             "store bytes | on-the-fly bytes | projected store bytes (ratio) | projected: collection + DataInf s | "
             "Spearman projected vs full | load before / after |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for n in sorted({r["n"] for r in runs}):
             by = {r["mode"]: r for r in runs if r["n"] == n}
-            s, o, p = by.get("store"), by.get("onthefly"), by.get("projected")
-            if s is None or o is None:
+            s, p = by.get("store"), by.get("projected")
+            fused, unfused = by.get("onthefly"), by.get("onthefly-unfused")
+            if s is None or (fused is None and unfused is None):
                 continue
-            ratio = o["score_seconds"] / (s["collect_seconds"] + s["score_seconds"])
+            base = s["collect_seconds"] + s["score_seconds"]
+
+            def cells(run: dict[str, Any] | None, base: float = base) -> str:
+                if run is None:
+                    return "- | -"
+                passes = f" ({run['gradient_passes']})" if "gradient_passes" in run else ""
+                return f"{run['score_seconds']:.1f}{passes} | **{run['score_seconds'] / base:.2f}**"
+
             proj = f"{p['train_bytes']:,} ({s['train_bytes'] / p['train_bytes']:.1f}x)" if p else "-"
             proj_s = f"{p['collect_seconds'] + p['score_seconds']:.1f}" if p else "-"
             rho = f"{p['spearman']:.4f}" if p and "spearman" in p else "-"
+            last = fused or unfused
+            assert last is not None
             lines.append(
-                f"| {n:,} | {s['collect_seconds']:.1f} | {s['score_seconds']:.2f} | {o['score_seconds']:.1f} | "
-                f"**{ratio:.2f}** | {s['train_bytes']:,} | 0 | {proj} | {proj_s} | {rho} | "
-                f"{s['load_before']} / {o['load_after']} |"
+                f"| {n:,} | {s['collect_seconds']:.1f} | {s['score_seconds']:.2f} | {cells(fused)} | {cells(unfused)} | "
+                f"{s['train_bytes']:,} | 0 | {proj} | {proj_s} | {rho} | {s['load_before']} / {last['load_after']} |"
             )
         lines += [
             "",
@@ -391,7 +411,7 @@ def render(results: dict[str, Any]) -> str:
             "| mode | " + " | ".join(f"n={n:,}" for n in ns) + " | largest / smallest |",
             "|---" * (len(ns) + 2) + "|",
         ]
-        for mode in ("store", "onthefly", "projected"):
+        for mode in ("store", "onthefly", "onthefly-unfused", "projected"):
             values = [next((r["peak_rss"] for r in runs if r["n"] == n and r["mode"] == mode), None) for n in ns]
             present = [v for v in values if v]
             spread = f"{max(present) / min(present):.2f}" if len(present) > 1 else "-"
@@ -414,7 +434,7 @@ def render(results: dict[str, Any]) -> str:
                 plan = entry["plan"]
                 method = plan["methods"][0]
                 planned_bytes = plan["store_bytes"]
-                if entry["mode"] == "onthefly" or entry["mode"] == "on-the-fly":
+                if entry["mode"].startswith("onthefly") or entry["mode"] == "on-the-fly":
                     planned_peak = method["peak_bytes"]
                     measured_s = run["score_seconds"]
                 else:
@@ -463,13 +483,18 @@ def _verdicts(results: dict[str, Any]) -> list[str]:
     ratios = []
     for n in ns:
         by = {r["mode"]: r for r in runs if r["n"] == n}
-        if "store" in by and "onthefly" in by:
-            s = by["store"]
-            ratios.append((n, by["onthefly"]["score_seconds"] / (s["collect_seconds"] + s["score_seconds"])))
-    if ratios:
-        text = ", ".join(f"{r:.2f} at n={n:,}" for n, r in ratios)
-        met = all(r <= 1.6 for _, r in ratios)
-        out.append(f"* on-the-fly / (collection + DataInf): {text} (goal <= 1.6: {'met' if met else 'missed'}).")
+        for mode in ("onthefly", "onthefly-unfused"):
+            if "store" in by and mode in by:
+                s = by["store"]
+                ratios.append((mode, n, by[mode]["score_seconds"] / (s["collect_seconds"] + s["score_seconds"])))
+    for mode, what in (("onthefly", "fused norms pass"), ("onthefly-unfused", "separate norms pass")):
+        mine = [(n, r) for m, n, r in ratios if m == mode]
+        if mine:
+            text = ", ".join(f"{r:.2f} at n={n:,}" for n, r in mine)
+            met = all(r <= 1.6 for _, r in mine)
+            out.append(
+                f"* on-the-fly ({what}) / (collection + DataInf): {text} (goal <= 1.6: {'met' if met else 'missed'})."
+            )
     for key, what in (("curve", "this model"), ("demo", "the demo")):
         block = results.get(key)
         if block:
@@ -484,7 +509,7 @@ def _verdicts(results: dict[str, Any]) -> list[str]:
                     f"(k={best['k']}, Spearman {best['spearman']:.3f}); goal >= 16x: {verdict}."
                 )
     if len(ns) > 1:
-        for mode in ("store", "onthefly", "projected"):
+        for mode in ("store", "onthefly", "onthefly-unfused", "projected"):
             values = [r["peak_rss"] for r in runs if r["mode"] == mode]
             if len(values) > 1:
                 spread = max(values) / min(values)
@@ -502,7 +527,7 @@ def _verdicts(results: dict[str, Any]) -> list[str]:
             continue
         plan = entry["plan"]
         peak = plan["methods"][0]["peak_bytes"]
-        if entry["mode"] != "onthefly":
+        if not entry["mode"].startswith("onthefly"):
             peak = max(peak, plan["collection_peak_bytes"])
         worst.append(abs(peak / run["peak_rss"] - 1))
         if run["train_bytes"]:
@@ -539,7 +564,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, nargs="*", default=[1000])
     parser.add_argument("--k", type=int, default=1024)
-    parser.add_argument("--modes", nargs="*", default=["store", "onthefly", "projected"])
+    parser.add_argument("--modes", nargs="*", default=["store", "onthefly", "onthefly-unfused", "projected"])
     parser.add_argument("--demo-only", action="store_true")
     parser.add_argument("--curve-n", type=int, help="the n whose stores the k curve sketches (default: the first --n)")
     parser.add_argument("--no-demo", action="store_true")
@@ -553,7 +578,7 @@ def main() -> int:
             result = curve_worker(args.worker_n, WORK)
         elif args.worker.startswith("plan-"):
             mode = args.worker[len("plan-") :]
-            result = plan_worker("on-the-fly" if mode == "onthefly" else mode, args.worker_n, args.k, WORK)
+            result = plan_worker("on-the-fly" if mode.startswith("onthefly") else mode, args.worker_n, args.k, WORK)
             result["mode"] = mode
         else:
             result = worker(args.worker, args.worker_n, args.k, WORK)
@@ -594,11 +619,10 @@ def main() -> int:
                 else None
             )
             write(results)
-        import torch
 
         if "projected" in args.modes and "store" in args.modes:
-            full = torch.load(WORK / f"scores-store-{n}.pt")["values"]
-            sketch = torch.load(WORK / f"scores-projected-{n}.pt")["values"]
+            full = load_file(str(WORK / f"scores-store-{n}.safetensors"))["values"]
+            sketch = load_file(str(WORK / f"scores-projected-{n}.safetensors"))["values"]
             for r in results["runs"]:
                 if r["n"] == n and r["mode"] == "projected":
                     r["spearman"] = _spearman(sketch, full)
