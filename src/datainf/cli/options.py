@@ -676,8 +676,26 @@ def _plan_options() -> list[Option]:
             ("--method",),
             _to_list,
             ["datainf"],
-            "methods to plan: datainf, hessian_free, lissa, diagonal",
+            f"methods to plan: {', '.join(_method_names())} (repeat or comma list; a registered method plan does "
+            "not model is named in the notes)",
             action="append",
+        ),
+        Option(
+            "max_memory_gb",
+            ("--max-memory-gb",),
+            _to_float,
+            4.0,
+            "the methods' max_memory_gb option: exact's float64 budget per group of blocks (one pass per group), "
+            "kfac / ekfac's limit on the float64 Kronecker factors (above it they refuse)",
+            metavar="GB",
+        ),
+        Option(
+            "memory_gb",
+            ("--memory-gb",),
+            _optional(_to_float),
+            None,
+            "memory the run may use: each peak is marked fits / DOES NOT FIT (default: no verdict)",
+            metavar="GB",
         ),
         Option(
             "measure",
