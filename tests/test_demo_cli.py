@@ -35,10 +35,15 @@ def recorded(monkeypatch, tmp_path: Path) -> list[dict[str, Any]]:
 def test_defaults_run_the_demo_as_before(recorded, capsys, tmp_path: Path) -> None:
     assert main(["demo", "--out", str(tmp_path / "d"), "-q"]) == 0
     assert main(["demo", "--out", str(tmp_path / "d"), "-q", "--json"]) == 0
-    for call in recorded:
-        assert call["methods"] == METHODS and call["variants"] == VARIANTS
-        assert call["relabel_rank_by"] == RELABEL_RANK_BY and call["cleaning_shares"] is None
+    assert main(["demo", "--out", str(tmp_path / "d"), "-q", "--json", "--cleaning"]) == 0
+    text, json_call, cleaning = recorded
+    assert text["cleaning_shares"] is None  # as before: the text path always passed it
+    assert {"methods", "variants", "relabel_rank_by", "cleaning_shares"}.isdisjoint(json_call)
+    assert cleaning["cleaning_shares"] == mislabel.CLEANING_SHARES  # --json now honours --cleaning too
+    for call in recorded:  # no row flag: run_mislabel_demo's own defaults, METHODS and VARIANTS
+        assert {"methods", "variants", "relabel_rank_by"}.isdisjoint(call)
         assert call["config"] == mislabel.MislabelDemoConfig()  # the cache key, cache-6786655285, is unchanged
+    assert demo_rows() == {"methods": METHODS, "variants": VARIANTS, "relabel_rank_by": RELABEL_RANK_BY}
 
 
 def test_methods_and_variants_reach_the_demo(recorded, capsys, tmp_path: Path) -> None:

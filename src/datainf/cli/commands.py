@@ -292,14 +292,19 @@ def _demo_summary(config: dict[str, Any]) -> dict[str, Any]:
     if task == "mislabel":
         from datainf.demos.mislabel import CLEANING_SHARES, demo_rows
 
-        rows = demo_rows(config.get("methods"), config.get("variants"), no_variants=bool(config.get("no_variants")))
+        chosen: dict[str, Any] = {}  # only what the flags change: without them the demo runs exactly as before
+        if any(config.get(key) for _, key in _DEMO_ROW_FLAGS):
+            chosen = demo_rows(
+                config.get("methods"), config.get("variants"), no_variants=bool(config.get("no_variants"))
+            )
+        if config.get("cleaning"):
+            chosen["cleaning_shares"] = CLEANING_SHARES
         result = demos.run_mislabel_demo(
             demos.MislabelDemoConfig(seed=seed),
             out_dir=config.get("out") or "datainf-out/demo",
             recompute=recompute,
             progress=progress,
-            cleaning_shares=CLEANING_SHARES if config.get("cleaning") else None,
-            **rows,
+            **chosen,
         )
         return {
             "command": "demo",

@@ -652,9 +652,10 @@ def main_mislabel_demo(args: argparse.Namespace) -> int:
     """``datainf demo`` (``--task mislabel``, the default): run the demo, print the table and the report's path."""
     config = MislabelDemoConfig(seed=getattr(args, "seed", 0) or 0)
     progress = not getattr(args, "quiet", False)
-    rows = demo_rows(
-        getattr(args, "methods", None), getattr(args, "variants", None), no_variants=getattr(args, "no_variants", False)
-    )
+    methods, variants = getattr(args, "methods", None), getattr(args, "variants", None)
+    no_variants = bool(getattr(args, "no_variants", False))
+    given = methods is not None or variants is not None or no_variants
+    rows = demo_rows(methods, variants, no_variants=no_variants) if given else {}  # none given: the defaults
     started = time.perf_counter()
     result = run_mislabel_demo(
         config,
