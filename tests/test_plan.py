@@ -1,14 +1,19 @@
-"""``datainf plan``: block counts and store bytes against a real store, the Llama-2-13B plan from its public
-config values (``tests/data/llama-2-13b/config.json``), and the refusals."""
+"""``datainf plan``: block counts and store bytes against a real store, every method's memory against what it
+allocates, the Llama-2-13B plan from its public config values (``tests/data/llama-2-13b/config.json``), and
+the refusals."""
 
 from __future__ import annotations
 
+import copy
 import json
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from gradient_fixtures import llama_lm, lm_data, word_tokenizer
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import datainf.store
 from datainf.cli import main
@@ -123,3 +128,151 @@ def test_a_store_too_big_for_the_disk_is_refused_before_any_work(tmp_path: Path,
     model.base_model.model.config.save_pretrained(tmp_path / "base")
     plan = make_plan(PlanSettings(model=str(tmp_path / "base"), n=1000, seq_len=8, r=4, out=str(tmp_path)))
     assert "DOES NOT FIT" in plan.format()
+
+
+class _PeakTensorBytes(TorchDispatchMode):
+    """Peak bytes of the CPU tensors created while active (each storage counted once, until its tensor dies)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(tensor, self._free, key)
+        return out
+
+
+def test_exact_and_kronecker_memory_match_what_the_methods_allocate(monkeypatch, one_thread) -> None:
+    """method_bytes against the tensors Exact / K-FAC / EK-FAC really create (both Exact routes, a block without
+    factors). The scoring pass (one batch of every block) is Hessian-free's peak; a method's own phase adds
+    what method_bytes counts beyond that batch."""
+    import datainf.methods.kfac as kfac_module
+    from datainf.factors import BlockFactorSums, KroneckerFactors, attach_factors
+    from datainf.influence import influence
+    from datainf.plan import method_bytes
+    from datainf.store import GradientStore
+
+    torch.manual_seed(0)
+    n, m = 300, 1
+    shapes = {"a.lora_A": (600, 2), "a.lora_B": (2, 400), "b.lora_A": (250, 1)}  # 1200, 800 > n: Woodbury
+    dims = {**{name: p * q for name, (p, q) in shapes.items()}, "norm": 200}  # 250, 200 <= n: direct
+    train = GradientStore.from_tensors({name: torch.randn(n, d) for name, d in dims.items()})
+    test = GradientStore.from_tensors({name: torch.randn(m, d) for name, d in dims.items()})
+
+    def spd(k: int) -> torch.Tensor:
+        a = torch.randn(k, k + 2, dtype=torch.float64)
+        return a @ a.T
+
+    sums = {name: BlockFactorSums(spd(p), spd(q), float(n)) for name, (p, q) in shapes.items()}
+    attach_factors(train, KroneckerFactors(dict(train.fingerprint), shapes, sums, list(train.ids)))
+    attached = kfac_module.load_factors
+    # a disk store's factors are read into new tensors: copy the attached ones inside the measurement
+    monkeypatch.setattr(kfac_module, "load_factors", lambda store, path=None: copy.deepcopy(attached(store, path)))
+    measured = {}
+    for method in ("hessian_free", "exact", "kfac", "ekfac"):
+        with _PeakTensorBytes() as tracker:
+            influence(train, test, method=method, progress=False)
+        measured[method] = tracker.peak
+    streamed = n * sum(dims.values()) * 4  # the scoring pass's batch (score_batch_size >= n: one batch)
+    assert measured["hessian_free"] >= streamed
+    for method in ("exact", "kfac", "ekfac"):
+        own = method_bytes(method, dims, n, test_rows=m, rows=n, factor_shapes=shapes)
+        planned = measured["hessian_free"] + max(0, own - streamed)
+        assert own > streamed / 2, (method, own)  # the method's own matrices matter at this size
+        assert abs(planned / measured[method] - 1) < 0.2, (method, planned, measured[method])
+
+
+def test_every_registered_method_is_planned_or_named(tmp_path: Path) -> None:
+    from datainf.methods import HessianFree, available_methods, register_method, unregister_method
+
+    llama_lm().base_model.model.config.save_pretrained(tmp_path)
+
+    @register_method
+    class Unplanned(HessianFree):
+        name = "unplanned_toy"
+
+    try:
+        plan = make_plan(
+            PlanSettings(
+                model=str(tmp_path), n=50, seq_len=8, r=4, target_modules=("q_proj", "v_proj"),
+                methods=tuple(available_methods()),
+            )
+        )  # fmt: skip
+    finally:
+        unregister_method("unplanned_toy")
+    rows = {row.name: row for row in plan.methods}
+    assert set(rows) == set(available_methods()) and "unplanned_toy" not in rows
+    assert any(note.startswith("unplanned_toy: not modelled") for note in plan.notes)
+    assert "not modelled" in plan.format()
+    # hidden 32, 2 layers, v_proj 16 wide, r = 4: blocks of 128 (q_A, q_B, v_A) and 64 (v_B) numbers, all > n = 50:
+    # Woodbury, one group; kfac covers every LoRA block (A 32 x 32 and S 4 x 4, or 4 x 4 and 32 x 32 / 16 x 16)
+    assert rows["exact"].passes == 2 and rows["kfac"].passes == 1 and rows["ekfac"].passes == 2
+    assert rows["exact"].own_bytes >= 8 * 50 * plan.numbers_per_example  # the rows X_l of every block, float64
+    assert plan.factor_bytes == 8 * 2 * (3 * (32**2 + 4**2) + 16**2 + 4**2) and not rows["kfac"].refused
+    with pytest.raises(ConfigError, match="Unknown method"):
+        PlanSettings(model="x", n=10, seq_len=8, methods=("magic",))
+
+
+def test_plan_factor_bytes_match_collected_factors(tmp_path: Path) -> None:
+    from datainf.factors import factor_bytes, load_factors
+
+    model = llama_lm()
+    model.base_model.model.config.save_pretrained(tmp_path / "base")
+    store = collect_gradients(
+        model,
+        CausalLMTask(word_tokenizer("lm")),
+        lm_data(8),
+        store=tmp_path / "g",
+        collect_factors=True,
+        progress=False,
+    )
+    plan = make_plan(
+        PlanSettings(model=str(tmp_path / "base"), n=8, seq_len=8, r=4, target_modules=("q_proj", "v_proj"),
+                     methods=("ekfac",))
+    )  # fmt: skip
+    factors = load_factors(store)
+    assert plan.factor_bytes == factor_bytes(factors.shapes) > 0
+
+
+def test_llama_2_13b_exact_and_kfac_verdicts() -> None:
+    """Exact's 40,960 x 40,960 Gram matrices (12.5 GiB each) exceed the 4 GB budget: one pass per block;
+    K-FAC's 160 blocks of 5120 x 5120 factors (31.25 GB) are refused as the method refuses them."""
+    settings = PlanSettings(
+        model=str(DATA / "llama-2-13b"),
+        n=100_000,
+        seq_len=16,
+        target_modules=("q_proj", "v_proj"),
+        model_dtype="bfloat16",
+        batch_size=1,
+        methods=("exact", "kfac", "ekfac"),
+        memory_gb=16,
+    )
+    plan = make_plan(settings)
+    exact, kfac, ekfac = plan.methods
+    d = 40_960
+    assert exact.passes == 160 + 1 and exact.gradient_passes == 1
+    assert exact.own_bytes >= 2 * 8 * d * d  # the Gram matrix and the product X^T X being added to it
+    assert exact.fits is False and exact.peak_bytes > 16 * 2**30
+    assert "160 block(s) alone need more than max_memory_gb 4" in (exact.note or "")
+    assert plan.factor_bytes == 160 * 8 * (5120**2 + 8**2)
+    for row in (kfac, ekfac):
+        assert row.refused is not None and "need 31.25 GB in float64, more than the 4.0 GB limit" in row.refused
+    text = plan.format()
+    assert "REFUSED: kfac/ekfac" in text and "DOES NOT FIT" in text
+    projected = make_plan(PlanSettings(**{**settings.__dict__, "mode": "projected", "project_dim": 1024}))
+    assert "a projection do not combine" in (projected.methods[1].refused or "")
+    assert projected.methods[0].note is None and projected.methods[0].passes == 2  # 160 x 1024^2 x 8 B: 1.25 GiB

@@ -19,9 +19,15 @@ what the code will allocate:
   (twice: it is concatenated when written) and the projection matrices;
 * peak memory of each method: one streamed batch of ``score_batch_size`` rows (from a store: plus
   the shard it is read from; on the fly: plus the collection's own peak, since the model runs in the
-  same process), the test gradients and the method's own state (a multiple of ``m D_s``, below);
+  same process), the test gradients and the method's own state (a multiple of ``m D_s``,
+  :data:`METHOD_COSTS`); Exact's per-group ``d_l x d_l`` Gram matrices (or ``n x d_l`` rows) and
+  K-FAC / EK-FAC's factors, eigenbases and eigenvalues as their code allocates them
+  (:func:`method_bytes`), with the verdicts the methods reach themselves: K-FAC / EK-FAC refuse
+  factors above ``max_memory_gb`` or on a projected store, Exact solves a block above its budget in
+  a pass of its own; with ``memory_gb`` every peak is marked as fitting or not;
 * streaming passes over the training gradients, and how many forward/backward passes over the
-  training data they cost (on the fly: one per pass plus one for the norms);
+  training data they cost (on the fly: one per pass plus the norms pass and, for K-FAC / EK-FAC, the
+  pass that collects the factors; one table, :data:`METHOD_COSTS`);
 * when the model's weights are in the folder and it is small enough to run here, seconds per
   example, measured on one batch of random tokens through the real hooks.
 
@@ -36,7 +42,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,23 +50,132 @@ from typing import Any
 import torch
 
 from datainf.errors import ConfigError, LoRAValidationError
+from datainf.methods import check_method_names
+from datainf.methods.exact import exact_block_numbers, exact_groups
 
-__all__ = ["PLAN_MODES", "PlanSettings", "GradientPlan", "MethodPlan", "make_plan", "format_bytes"]
+__all__ = [
+    "PLAN_MODES",
+    "METHOD_COSTS",
+    "MethodCost",
+    "PlanSettings",
+    "GradientPlan",
+    "MethodPlan",
+    "make_plan",
+    "method_bytes",
+    "format_bytes",
+]
 
 logger = logging.getLogger(__name__)
 
 PLAN_MODES = ("store", "on-the-fly", "projected")
 
-#: Per method: ``(state multiple of m * D_s * 4 bytes, extra multiple of D_s * 4 bytes, streaming passes)``
-#: (scoring pass not included), from what each method allocates (``src/datainf/methods/``).
-_METHODS: dict[str, tuple[int, int, str]] = {
-    "datainf": (2, 0, "1"),  # V_l and the running sum C_l X_l
-    "hessian_free": (1, 0, "0"),  # R = V
-    "lissa": (3, 0, "iterations"),  # V, the estimate, one Hessian-vector product
-    "diagonal": (2, 1, "1"),  # V and R, plus the per-parameter sum of squares
+
+@dataclass(frozen=True)
+class MethodCost:
+    """How :func:`make_plan` models one method (a row of :data:`METHOD_COSTS`), from what its code allocates.
+
+    Attributes:
+        state: multiples of ``m D_s`` numbers (compute dtype) the method keeps: ``V``, ``R``, running sums.
+        extra: multiples of ``D_s`` numbers (compute dtype), e.g. a per-parameter sum.
+        passes: streaming passes over the training gradients before the scoring pass: a number, or
+            ``"iterations"`` (LiSSA's ``lissa_iterations``), ``"groups"`` (Exact: one per group of blocks
+            that fits ``max_memory_gb``, :func:`datainf.methods.exact.exact_groups`), ``"uncovered"`` (K-FAC:
+            1 when some block has no Kronecker factors, else 0).
+        norms_passes: on the fly, forward/backward passes over the training data for the recorded squared
+            norms (the damping needs them before the method's first pass).
+        factor_passes: on the fly, forward/backward passes that collect the Kronecker factors (kfac / ekfac).
+        needs_factors: the method reads the Kronecker factors collected beside the store.
+    """
+
+    state: int
+    extra: int
+    passes: int | str
+    norms_passes: int = 1
+    factor_passes: int = 0
+    needs_factors: bool = False
+
+
+#: The one table of every modelled method's state and pass counts (``src/datainf/methods/``). Exact,
+#: K-FAC and EK-FAC also get their own float64 matrices counted by :func:`method_bytes`.
+METHOD_COSTS: dict[str, MethodCost] = {
+    "datainf": MethodCost(2, 0, 1),  # V_l and the running sum C_l X_l
+    "hessian_free": MethodCost(1, 0, 0),  # R = V
+    "lissa": MethodCost(3, 0, "iterations"),  # V, the estimate, one Hessian-vector product
+    "diagonal": MethodCost(2, 1, 1),  # V and R, plus the per-parameter sum of squares
+    "exact": MethodCost(1, 0, "groups"),  # R, plus the d_l x d_l Gram matrices (or n x d_l rows): method_bytes
+    "kfac": MethodCost(1, 0, "uncovered", factor_passes=1, needs_factors=True),  # R, plus factors and eigenbases
+    "ekfac": MethodCost(1, 0, 1, factor_passes=1, needs_factors=True),  # R, plus factors, eigenbases, D_l
 }
 
 _DTYPE_SIZES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+
+
+def method_bytes(
+    name: str,
+    block_dims: Mapping[str, int],
+    n: int,
+    *,
+    test_rows: int,
+    rows: int,
+    compute: int = 4,
+    factor_shapes: Mapping[str, tuple[int, int]] | None = None,
+    max_memory_gb: float = 4.0,
+) -> int:
+    """Peak bytes of the preconditioning phase of ``exact`` / ``kfac`` / ``ekfac`` (0 for the other methods).
+
+    What the phase holds at its worst moment, counted from the code, including the streamed batch
+    (``rows`` training rows of the blocks that pass reads, in the compute dtype) while it streams:
+
+    * ``exact``: per group of blocks (:func:`datainf.methods.exact.exact_groups`) the matrices it keeps,
+      ``d_l^2`` (direct, ``d_l <= n``) or the rows ``n d_l`` (Woodbury). Streaming adds the batch, its
+      Woodbury blocks in float64 (``rows d_l`` each, together) and the worst direct block's ``X^T X``
+      and float64 batch (``d_l^2 + rows d_l``); solving adds the Cholesky factor and ``2 m d_l``
+      (direct) or the kernel and its factor ``2 n^2`` plus ``2 n m + 3 m d_l`` (Woodbury);
+    * ``kfac`` / ``ekfac``: the factor sums ``F = sum_l (p^2 + q^2)`` (read from their files), as much
+      for the eigenvectors, the eigenvalues ``D_l`` (``P = sum_l p q``; EK-FAC's pass keeps a second ``P``
+      for its sums) and the largest factor's copy while it is decomposed; when they stream (EK-FAC
+      always, K-FAC for blocks without factors): the batch, EK-FAC's rotated rows ``Q_S^T g Q_A``
+      (2 copies of ``rows x p q``) and, for blocks without factors, the damped diagonal (``d_l``) and its
+      batch in float64 (2 copies of ``rows x d_l``).
+
+    All figures are float64 numbers times 8 bytes.
+
+    Args:
+        name: the method.
+        block_dims: ``d_l`` per block.
+        n: training examples.
+        test_rows: ``m``, the test rows preconditioned (1 in ``average`` mode).
+        rows: training rows per streamed batch.
+        compute: bytes per number of the compute dtype (4: float32).
+        factor_shapes: ``(p, q)`` per block with Kronecker factors (K-FAC / EK-FAC; the others are
+            preconditioned by their diagonal).
+        max_memory_gb: the methods' ``max_memory_gb`` option (Exact's group budget).
+    """
+    m = test_rows
+    if name == "exact":
+        peak = 0
+        for group in exact_groups(block_dims, sorted(block_dims), n, max_memory_gb):
+            dims = [block_dims[b] for b in group]
+            held = sum(8 * d * d if d <= n else 8 * n * d for d in dims)
+            streamed = compute * rows * sum(dims)  # a group's pass reads only its blocks
+            woodbury_rows = sum(8 * rows * d for d in dims if d > n)
+            direct_pass = max((8 * d * d + 8 * rows * d for d in dims if d <= n), default=0)
+            solve = max(8 * d * d + 16 * m * d if d <= n else 16 * n * n + 16 * n * m + 24 * m * d for d in dims)
+            peak = max(peak, held + max(streamed + woodbury_rows + direct_pass, solve))
+        return peak
+    if name not in ("kfac", "ekfac"):
+        return 0
+    shapes = dict(factor_shapes or {})
+    uncovered = [d for b, d in block_dims.items() if b not in shapes]
+    factors = 8 * sum(p * p + q * q for p, q in shapes.values())
+    values = 8 * sum(p * q for p, q in shapes.values())
+    decompose = 8 * max((max(p * p, q * q) for p, q in shapes.values()), default=0)
+    diagonal = 8 * sum(uncovered) + 16 * rows * max(uncovered, default=0) if uncovered else 0
+    if name == "kfac":  # its pass (if any) reads only the blocks without factors
+        return 2 * factors + values + max(decompose, compute * rows * sum(uncovered) + diagonal if uncovered else 0)
+    rotated = 16 * rows * max((p * q for p, q in shapes.values()), default=0)
+    streamed = compute * rows * sum(block_dims.values())
+    return 2 * factors + 2 * values + max(decompose, streamed + max(rotated, diagonal))
 
 
 def format_bytes(count: float) -> str:
@@ -98,8 +213,13 @@ class PlanSettings:
         shard_size: examples per store shard.
         dtype: storage dtype of the gradients.
         model_dtype: dtype of the model's weights and activations.
-        methods: influence methods to plan (``datainf``, ``hessian_free``, ``lissa``, ``diagonal``).
+        methods: influence methods to plan: any registered method (:func:`datainf.methods.available_methods`);
+            those :data:`METHOD_COSTS` does not model are named in the notes, without figures.
         lissa_iterations: LiSSA's passes.
+        max_memory_gb: the methods' ``max_memory_gb`` option: Exact's float64 budget per group of blocks
+            (one pass per group), K-FAC / EK-FAC's limit on the float64 factors (above it they refuse; so
+            does the collection's ``factor_memory_gb``, default the same 4).
+        memory_gb: memory the run may use: every peak is compared with it (``None``: no verdict).
         measure: time one batch here (``None``: when the folder has weights and the model has under
             500 million parameters).
         out: where the store would go: its free space is compared with the store bytes.
@@ -126,6 +246,8 @@ class PlanSettings:
     model_dtype: str = "float32"
     methods: tuple[str, ...] = ("datainf",)
     lissa_iterations: int = 10
+    max_memory_gb: float = 4.0
+    memory_gb: float | None = None
     measure: bool | None = None
     out: str | None = None
 
@@ -141,9 +263,11 @@ class PlanSettings:
         for name in ("dtype", "model_dtype"):
             if getattr(self, name) not in _DTYPE_SIZES:
                 raise ConfigError(f"{name} must be one of {sorted(_DTYPE_SIZES)}, got {getattr(self, name)!r}.")
-        unknown = [m for m in self.methods if m not in _METHODS]
-        if unknown:
-            raise ConfigError(f"plan covers the methods {sorted(_METHODS)}; not {unknown}.")
+        check_method_names(self.methods, what="the planned methods")
+        if not self.max_memory_gb > 0:
+            raise ConfigError(f"max_memory_gb must be positive, got {self.max_memory_gb}.")
+        if self.memory_gb is not None and not self.memory_gb > 0:
+            raise ConfigError(f"memory_gb must be positive, got {self.memory_gb}.")
         if self.kind not in ("causal-lm", "classification"):
             raise ConfigError(f"plan covers the kinds causal-lm and classification, not {self.kind!r}.")
 
@@ -151,13 +275,23 @@ class PlanSettings:
 @dataclass
 class MethodPlan:
     """One method's figures: ``passes`` over the training gradients (scoring included), the forward /
-    backward passes over the training data they cost, and peak memory in bytes."""
+    backward passes over the training data they cost, and peak memory in bytes.
+
+    ``own_bytes``: the method's own float64 matrices at their peak (:func:`method_bytes`; Exact,
+    K-FAC, EK-FAC). ``refused``: the message the method (or the collection of its factors) would stop
+    with, ``None`` when it runs. ``note``: a remark on the figures (e.g. an Exact block larger than the
+    budget). ``fits``: the peak against :attr:`PlanSettings.memory_gb` (``None``: not compared).
+    """
 
     name: str
     passes: int
     gradient_passes: int
     peak_bytes: int
     seconds: float | None = None
+    own_bytes: int = 0
+    refused: str | None = None
+    note: str | None = None
+    fits: bool | None = None
 
 
 @dataclass
@@ -180,6 +314,7 @@ class GradientPlan:
     projection_bytes: int
     collection_peak_bytes: int
     methods: list[MethodPlan] = field(default_factory=list)
+    factor_bytes: int = 0
     seconds_per_example: float | None = None
     free_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
@@ -222,13 +357,28 @@ class GradientPlan:
             f"(runtime {format_bytes(self.runtime_bytes)} + weights + activations "
             f"{format_bytes(self.activation_bytes_per_example)} per example x {s['batch_size']} + buffers)"
         )
+        if self.factor_bytes:
+            lines.append(
+                f"  Kronecker factors (kfac / ekfac): {format_bytes(self.factor_bytes)} float64 "
+                f"(collected with the gradients: 3 sets while collecting)"
+            )
+        limit = s.get("memory_gb")
+        if limit is not None:
+            verdict = "fits" if self.collection_peak_bytes <= limit * 2**30 else "DOES NOT FIT"
+            lines.append(f"  gradient collection in {limit:g} GiB of memory: {verdict}")
         for method in self.methods:
             cost = f"{method.gradient_passes} forward/backward passes over the training data"
             when = "" if method.seconds is None else f", about {_duration(method.seconds)}"
+            own = f" (its float64 matrices {format_bytes(method.own_bytes)})" if method.own_bytes else ""
+            fits = "" if method.fits is None else f"; in {limit:g} GiB: " + ("fits" if method.fits else "DOES NOT FIT")
             lines.append(
                 f"  {method.name}: {method.passes} streaming passes (scoring included), {cost}{when}; peak memory "
-                f"{format_bytes(method.peak_bytes)}"
+                f"{format_bytes(method.peak_bytes)}{own}{fits}"
             )
+            if method.note:
+                lines.append(f"    {method.note}")
+            if method.refused:
+                lines.append(f"    REFUSED: {method.refused}")
         if self.seconds_per_example is not None:
             lines.append(
                 f"  measured here: {self.seconds_per_example * 1000:.1f} ms per example per gradient pass "
@@ -393,7 +543,9 @@ def make_plan(settings: PlanSettings) -> GradientPlan:
         ConfigError: no ``config.json``, bad settings.
         LoRAValidationError: no LoRA targets found in the model type (the message lists its linear layers).
     """
+    from datainf.factors import check_factor_memory, factor_bytes
     from datainf.gradients import find_lora_blocks
+    from datainf.gradients.factors import factor_shapes
     from datainf.gradients.projection import GradientProjector, ProjectionConfig
     from datainf.store import DiskGradientStore
 
@@ -433,25 +585,83 @@ def make_plan(settings: PlanSettings) -> GradientPlan:
     shard_buffer = 2 * min(settings.shard_size, n) * stored * item if settings.mode != "on-the-fly" else 0
     collection = runtime + weights + b * activations + logits_grad + batch_grads + shard_buffer + projection_bytes
 
+    # Kronecker factors (kfac / ekfac): collected with the store (3 sets of float64 sums while collecting)
+    shapes, _ = factor_shapes(blocks.blocks)
+    factor_sums = factor_bytes(shapes)
+    wants_factors = any(METHOD_COSTS[x].needs_factors for x in settings.methods if x in METHOD_COSTS)
+    factor_refusal = None
+    if wants_factors and settings.mode == "projected":
+        factor_refusal = (
+            "collect_factors and a projection do not combine: K-FAC factors need the full blocks (plan mode store "
+            "or on-the-fly, or use the 'diagonal' method)"
+        )
+    elif wants_factors:
+        try:
+            check_factor_memory(shapes, settings.max_memory_gb, what="kfac/ekfac")
+        except ConfigError as err:
+            factor_refusal = str(err)
+    factor_collection = 3 * factor_sums if wants_factors and factor_refusal is None else 0
+    if settings.mode == "store":
+        collection += factor_collection
+
     m = m_test if settings.pairwise else 1
     rows = min(settings.score_batch_size, n)
     test_grads = m_test * stored * item if settings.pairwise else stored * compute
+    budget = settings.max_memory_gb * 2**30
+    groups = exact_groups(stored_dims, sorted(stored_dims), n, settings.max_memory_gb)
+    uncovered = [b for b in stored_dims if b not in shapes]
+    notes: list[str] = []
     methods: list[MethodPlan] = []
     for name in settings.methods:
-        state, extra, passes_text = _METHODS[name]
-        passes = (settings.lissa_iterations if passes_text == "iterations" else int(passes_text)) + 1
+        cost = METHOD_COSTS.get(name)
+        if cost is None:
+            notes.append(f"{name}: not modelled (no row in datainf.plan.METHOD_COSTS), no figures")
+            continue
+        before = {"iterations": settings.lissa_iterations, "groups": len(groups), "uncovered": int(bool(uncovered))}
+        passes = (before[cost.passes] if isinstance(cost.passes, str) else cost.passes) + 1
         streamed = rows * stored * compute
         if settings.mode == "on-the-fly":
             # the model runs in this process; one pass's batches are assembled into streamed batches (concatenated)
             reading = collection + 2 * streamed
-            gradient_passes = passes + 1  # plus the norms pass
+            gradient_passes = passes + cost.norms_passes + cost.factor_passes
         else:
             reading = runtime + streamed + min(settings.shard_size, n) * stored * item
             gradient_passes = 1  # the collection
-        peak = reading + test_grads + state * m * stored * compute + extra * stored * compute + n * 8 * (m + 2)
-        methods.append(MethodPlan(name=name, passes=passes, gradient_passes=gradient_passes, peak_bytes=int(peak)))
+        own = method_bytes(
+            name, stored_dims, n, test_rows=m, rows=rows, compute=compute, factor_shapes=shapes,
+            max_memory_gb=settings.max_memory_gb,
+        )  # fmt: skip
+        peak = (
+            reading + test_grads + cost.state * m * stored * compute + cost.extra * stored * compute + n * 8 * (m + 2)
+        )
+        peak += max(0, own - streamed)  # the method's own phase, while no scoring batch is held
+        if settings.mode == "on-the-fly" and cost.needs_factors:
+            peak = max(peak, collection + factor_collection)  # the pass that collects the factors
+        note = None
+        if name == "exact":
+            alone = [b for b in stored_dims if 8.0 * exact_block_numbers(stored_dims[b], n) > budget]
+            if alone:
+                big = max(alone, key=lambda b: stored_dims[b])
+                d = stored_dims[big]
+                what = f"{d:,} x {d:,}" if d <= n else f"{n:,} x {d:,} rows"
+                note = (
+                    f"{len(alone)} block(s) alone need more than max_memory_gb {settings.max_memory_gb:g} (largest "
+                    f"{big}: {what} float64, {format_bytes(8 * exact_block_numbers(d, n))}); Exact solves each in a pass of its "
+                    "own, above the budget"
+                )
+        plan_row = MethodPlan(
+            name=name,
+            passes=passes,
+            gradient_passes=gradient_passes,
+            peak_bytes=int(peak),
+            own_bytes=int(own),
+            refused=factor_refusal if cost.needs_factors else None,
+            note=note,
+        )
+        if settings.memory_gb is not None:
+            plan_row.fits = peak <= settings.memory_gb * 2**30
+        methods.append(plan_row)
 
-    notes: list[str] = []
     seconds = None
     folder = _config_dir(settings.model) if Path(settings.model).is_dir() else None
     has_weights = (
@@ -490,6 +700,7 @@ def make_plan(settings: PlanSettings) -> GradientPlan:
         projection_bytes=int(projection_bytes),
         collection_peak_bytes=int(collection),
         methods=methods,
+        factor_bytes=int(factor_sums) if wants_factors else 0,
         seconds_per_example=seconds,
         free_bytes=free,
         notes=notes,

@@ -256,11 +256,24 @@ def cmd_report(config: dict[str, Any]) -> int:
     return 0
 
 
+#: ``datainf demo``'s flags that choose the mislabel demo's rows (flag, setting).
+_DEMO_ROW_FLAGS = (("--methods", "methods"), ("--variants", "variants"), ("--no-variants", "no_variants"))
+
+
 def cmd_demo(config: dict[str, Any], args: argparse.Namespace) -> int:
     """``datainf demo``: delegates to :func:`datainf.demos.main_demo` (the mislabel demo or an explain demo);
-    with ``--json`` runs the demo and prints its summary as one JSON object instead."""
+    with ``--json`` runs the demo and prints its summary as one JSON object instead. ``--methods``,
+    ``--variants`` and ``--no-variants`` choose the mislabel demo's rows
+    (:func:`datainf.demos.mislabel.demo_rows`) and are refused with another ``--task``."""
     from datainf import demos
 
+    rows = [flag for flag, key in _DEMO_ROW_FLAGS if config.get(key)]
+    task = config.get("task") or "mislabel"
+    if rows and task != "mislabel":
+        raise ConfigError(
+            f"{' and '.join(rows)} choose the rows of the mislabel demo's table; --task {task} takes none of them "
+            "(drop them, or use --task mislabel)."
+        )
     if config.get("json"):
         _print_json(_demo_summary(config))
         return 0
@@ -277,11 +290,21 @@ def _demo_summary(config: dict[str, Any]) -> dict[str, Any]:
     progress = not config.get("quiet", False)
     recompute = bool(config.get("recompute", False))
     if task == "mislabel":
+        from datainf.demos.mislabel import CLEANING_SHARES, demo_rows
+
+        chosen: dict[str, Any] = {}  # only what the flags change: without them the demo runs exactly as before
+        if any(config.get(key) for _, key in _DEMO_ROW_FLAGS):
+            chosen = demo_rows(
+                config.get("methods"), config.get("variants"), no_variants=bool(config.get("no_variants"))
+            )
+        if config.get("cleaning"):
+            chosen["cleaning_shares"] = CLEANING_SHARES
         result = demos.run_mislabel_demo(
             demos.MislabelDemoConfig(seed=seed),
             out_dir=config.get("out") or "datainf-out/demo",
             recompute=recompute,
             progress=progress,
+            **chosen,
         )
         return {
             "command": "demo",

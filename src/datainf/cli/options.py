@@ -567,6 +567,38 @@ def _demo_options() -> list[Option]:
             action="flag",
         ),
         Option(
+            "methods",
+            ("--methods", "--method"),
+            _optional(_to_list),
+            None,
+            f"mislabel demo: the methods of the table's first rows, any of {', '.join(_method_names())} (comma "
+            "list or repeated; default datainf,exact,lissa,hessian_free); kfac / ekfac make the demo collect the "
+            "Kronecker factors with the training gradients",
+            action="append",
+            metavar="A,B,...",
+        ),
+        Option(
+            "variants",
+            ("--variants",),
+            _optional(_to_list),
+            None,
+            "mislabel demo: the rows after the training loss, METHOD[:self|normalized|self+normalized] as a comma "
+            "list, e.g. datainf:self,hessian_free:normalized (self: as `score --mode self`, each example's influence "
+            "on its own loss; normalized: as `score --normalize`); default: diagonal, then datainf, exact, "
+            "hessian_free and diagonal each with :self and with :normalized",
+            action="append",
+            metavar="LIST",
+        ),
+        Option(
+            "no_variants",
+            ("--no-variants",),
+            _to_bool,
+            False,
+            "mislabel demo: no rows after the training loss (without a datainf:self row there are no relabel "
+            "suggestions)",
+            action="flag",
+        ),
+        Option(
             "json", ("--json",), _to_bool, False, "print the summary as one JSON object", action="flag", saved=False
         ),
     ]
@@ -677,8 +709,26 @@ def _plan_options() -> list[Option]:
             ("--method",),
             _to_list,
             ["datainf"],
-            "methods to plan: datainf, hessian_free, lissa, diagonal",
+            f"methods to plan: {', '.join(_method_names())} (repeat or comma list; a registered method plan does "
+            "not model is named in the notes)",
             action="append",
+        ),
+        Option(
+            "max_memory_gb",
+            ("--max-memory-gb",),
+            _to_float,
+            4.0,
+            "the methods' max_memory_gb option: exact's float64 budget per group of blocks (one pass per group), "
+            "kfac / ekfac's limit on the float64 Kronecker factors (above it they refuse)",
+            metavar="GB",
+        ),
+        Option(
+            "memory_gb",
+            ("--memory-gb",),
+            _optional(_to_float),
+            None,
+            "memory the run may use: each peak is marked fits / DOES NOT FIT (default: no verdict)",
+            metavar="GB",
         ),
         Option(
             "measure",

@@ -37,7 +37,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +52,9 @@ __all__ = [
     "MislabelDemoConfig",
     "ScoreVariant",
     "VARIANTS",
+    "METHODS",
+    "parse_variants",
+    "demo_rows",
     "MislabelDemoResult",
     "run_mislabel_demo",
     "mislabel_cache",
@@ -62,6 +65,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: The table's first rows by default (``datainf demo --methods`` chooses others).
 METHODS = ("datainf", "exact", "lissa", "hessian_free")
 
 #: The training-loss baseline's row (after the ``METHODS`` rows, before the ``VARIANTS``).
@@ -114,6 +118,74 @@ VARIANTS: tuple[ScoreVariant, ...] = (
     ScoreVariant("hessian_free", normalize=True),
     ScoreVariant("diagonal", normalize=True),
 )
+
+
+#: The tags of a ``datainf demo --variants`` entry: ``method:self``, ``method:normalized``, ``method:self+normalized``.
+VARIANT_TAGS = ("self", "normalized")
+
+
+def parse_variants(specs: Sequence[str]) -> tuple[ScoreVariant, ...]:
+    """``datainf demo --variants`` entries as rows: ``["datainf:self", "hessian_free:normalized", "diagonal"]``.
+
+    Each entry is a registered method name, optionally followed by ``:`` and tags joined by ``+``:
+    ``self`` (each example's influence on its own loss, as ``datainf score --mode self``) and
+    ``normalized`` (unit-normalised gradients, as ``datainf score --normalize``; ``normalize`` is
+    accepted too). A bare method is its plain row (influence on the mean validation loss).
+
+    Raises:
+        ConfigError: an unknown method or tag, an empty entry, a tag given twice.
+    """
+    from datainf.methods import check_method_names
+
+    out: list[ScoreVariant] = []
+    for spec in specs:
+        method, _, tag_text = str(spec).strip().partition(":")
+        if not method:
+            raise ConfigError(f"Variant {spec!r} names no method; write METHOD[:self|normalized|self+normalized].")
+        (name,) = check_method_names([method], what=f"the variant {spec!r}")
+        tags = [t.strip().lower() for t in tag_text.split("+")] if tag_text else []
+        tags = ["normalized" if t == "normalize" else t for t in tags]
+        unknown = [t for t in tags if t not in VARIANT_TAGS]
+        if unknown or len(set(tags)) != len(tags):
+            raise ConfigError(
+                f"Variant {spec!r}: tags are {' and '.join(VARIANT_TAGS)}, joined by '+', each once "
+                f"(e.g. {name}:self, {name}:normalized, {name}:self+normalized); got {tags}."
+            )
+        out.append(ScoreVariant(name, mode="self" if "self" in tags else "average", normalize="normalized" in tags))
+    return tuple(out)
+
+
+def demo_rows(
+    methods: Sequence[str] | None = None, variants: Sequence[str] | None = None, *, no_variants: bool = False
+) -> dict[str, Any]:
+    """:func:`run_mislabel_demo`'s ``methods``, ``variants`` and ``relabel_rank_by`` from ``datainf demo``'s
+    ``--methods``, ``--variants`` and ``--no-variants`` (``None`` / ``False``: the defaults,
+    :data:`METHODS` and :data:`VARIANTS`).
+
+    Relabel suggestions rank by the ``datainf (self)`` row; when the chosen rows leave it out there are none.
+
+    Raises:
+        ConfigError: ``--variants`` with ``--no-variants``; a bad method or variant (:func:`parse_variants`).
+    """
+    from datainf.methods import check_method_names
+
+    if no_variants and variants is not None:
+        raise ConfigError("--variants and --no-variants contradict each other: give one of them.")
+    chosen_methods = METHODS if methods is None else check_method_names(methods, what="--methods")
+    chosen = () if no_variants else VARIANTS if variants is None else parse_variants(variants)
+    rows = [*chosen_methods, LOSS_ROW, *(v.name for v in chosen)]
+    rank_by = RELABEL_RANK_BY if RELABEL_RANK_BY in rows else None
+    if rank_by is None:
+        logger.info("No relabel suggestions: the table has no %r row.", RELABEL_RANK_BY)
+    return {"methods": tuple(chosen_methods), "variants": chosen, "relabel_rank_by": rank_by}
+
+
+def factors_needed(methods: Sequence[str], variants: Sequence[ScoreVariant]) -> bool:
+    """Whether some row's method reads Kronecker factors (``kfac``, ``ekfac``): the demo then collects them
+    with the training gradients (``collect_gradients(..., collect_factors=True)``)."""
+    from datainf.methods import get_method
+
+    return any(get_method(name).needs_factors for name in [*methods, *(v.method for v in variants)])
 
 
 @dataclass(frozen=True)
@@ -224,7 +296,10 @@ def run_mislabel_demo(
     The table's rows: one per entry of ``methods`` (influence on the mean validation loss), the
     ``training loss`` baseline, then one per entry of ``variants`` (:class:`ScoreVariant`, named
     like ``datainf (self)``). ``scores`` holds each row's :class:`~datainf.scores.Scores` under the
-    same name.
+    same name. Any registered method may appear; with ``kfac`` / ``ekfac`` the Kronecker factors are
+    collected with the training gradients (into the cached store: a store cached without them gets
+    only the factors computed). ``datainf demo --methods / --variants / --no-variants`` choose these
+    lists (:func:`demo_rows`).
 
     Stages of the cache folder :func:`mislabel_cache` (a :class:`~datainf.runs.RunDir`): ``adapter``
     (reused when its ``adapter_config.json`` exists), ``grads-train`` / ``grads-val`` (resumable
@@ -257,6 +332,18 @@ def run_mislabel_demo(
     names = [*methods, LOSS_ROW, *(v.name for v in variants)]
     if len(set(names)) != len(names):
         raise ConfigError(f"The demo's rows must have distinct names, got {names}.")
+    for variant in variants:
+        if variant.method == "kfac" and variant.normalize:
+            raise ConfigError(
+                f"The variant {variant.name!r}: kfac uses the Kronecker factors of the raw gradients, which do not "
+                "describe unit-normalised ones; use ekfac (it re-estimates them) for a normalized row."
+            )
+    if cleaning_shares and "datainf" not in methods:
+        raise ConfigError(
+            "The cleaning section retrains without the top examples by DataInf and by the training loss: "
+            f"include datainf in the methods (got {list(methods)})."
+        )
+    collect_factors = factors_needed(methods, variants)
     if relabel_rank_by is not None and relabel_rank_by not in names:
         raise ConfigError(f"relabel_rank_by={relabel_rank_by!r} is not a row of the demo's table {names}.")
     if not 0 < relabel_fraction <= 1:
@@ -314,7 +401,13 @@ def run_mislabel_demo(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*truncat.*")
             train_store = collect_gradients(
-                model, task, split.train, store=cache.stage("grads-train"), batch_size=32, progress=progress
+                model,
+                task,
+                split.train,
+                store=cache.stage("grads-train"),
+                batch_size=32,
+                progress=progress,
+                collect_factors=collect_factors,  # kfac / ekfac rows read the Kronecker factors
             )
             val_store = collect_gradients(
                 model, task, split.val, store=cache.stage("grads-val"), batch_size=32, progress=progress
@@ -559,6 +652,10 @@ def main_mislabel_demo(args: argparse.Namespace) -> int:
     """``datainf demo`` (``--task mislabel``, the default): run the demo, print the table and the report's path."""
     config = MislabelDemoConfig(seed=getattr(args, "seed", 0) or 0)
     progress = not getattr(args, "quiet", False)
+    methods, variants = getattr(args, "methods", None), getattr(args, "variants", None)
+    no_variants = bool(getattr(args, "no_variants", False))
+    given = methods is not None or variants is not None or no_variants
+    rows = demo_rows(methods, variants, no_variants=no_variants) if given else {}  # none given: the defaults
     started = time.perf_counter()
     result = run_mislabel_demo(
         config,
@@ -566,6 +663,7 @@ def main_mislabel_demo(args: argparse.Namespace) -> int:
         recompute=getattr(args, "recompute", False),
         progress=progress,
         cleaning_shares=CLEANING_SHARES if getattr(args, "cleaning", False) else None,
+        **rows,
     )
     print("\nMislabeled-data detection on BBC News (20% of training labels flipped).")
     print("Influence > 0 = harmful (raises the validation loss); flipped labels should rank first.")

@@ -36,6 +36,32 @@ def _spd_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return eigenvectors @ ((eigenvectors.T @ rhs) / eigenvalues.clamp_min(torch.finfo(matrix.dtype).tiny).unsqueeze(1))
 
 
+def exact_block_numbers(d: int, n: int) -> int:
+    """float64 numbers Exact budgets for one block of ``d`` numbers per example and ``n`` examples:
+    ``d^2`` (direct, ``d <= n``) or ``n d + n^2`` (Woodbury)."""
+    return d * d if d <= n else n * d + n * n
+
+
+def exact_groups(dims: Mapping[str, int], blocks: Sequence[str], n: int, max_memory_gb: float) -> list[list[str]]:
+    """``blocks`` cut into consecutive groups whose float64 working memory fits ``max_memory_gb`` (Exact's passes).
+
+    A block needs ``8 d_l^2`` bytes when ``d_l <= n`` (direct) and ``8 (n d_l + n^2)`` otherwise
+    (Woodbury); a block needing more than the budget alone gets a group of its own (it is not refused).
+    ``datainf plan`` counts Exact's passes with the same function.
+    """
+    budget = max_memory_gb * 2**30
+    groups: list[list[str]] = [[]]
+    used = 0.0
+    for name in blocks:
+        need = 8.0 * exact_block_numbers(dims[name], n)
+        if groups[-1] and used + need > budget:
+            groups.append([])
+            used = 0.0
+        groups[-1].append(name)
+        used += need
+    return groups
+
+
 @register_method
 class Exact(InfluenceMethod):
     """The estimand itself, per block, in float64 (docs/method.md section 7):
@@ -73,20 +99,7 @@ class Exact(InfluenceMethod):
 
     def _groups(self, ctx: MethodContext) -> list[list[str]]:
         """``ctx.blocks`` cut into consecutive groups whose float64 working memory fits ``max_memory_gb``."""
-        n = ctx.total_examples
-        dims = ctx.train.block_dims
-        budget = self.options.max_memory_gb * 2**30
-        groups: list[list[str]] = [[]]
-        used = 0.0
-        for name in ctx.blocks:
-            d = dims[name]
-            need = 8.0 * (d * d if d <= n else n * d + n * n)
-            if groups[-1] and used + need > budget:
-                groups.append([])
-                used = 0.0
-            groups[-1].append(name)
-            used += need
-        return groups
+        return exact_groups(ctx.train.block_dims, ctx.blocks, ctx.total_examples, self.options.max_memory_gb)
 
     def _read_group(
         self, group: Sequence[str], ctx: MethodContext, description: str
