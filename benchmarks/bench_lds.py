@@ -80,7 +80,12 @@ def main() -> None:
 
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    command = "HF_HUB_OFFLINE=1 nice -n 15 .venv/bin/python benchmarks/bench_lds.py " + " ".join(sys.argv[1:])
+    command = (
+        "HF_HUB_OFFLINE=1 "
+        + (f"nice -n {os.nice(0)} " if os.nice(0) else "")
+        + ".venv/bin/python benchmarks/bench_lds.py "
+        + " ".join(sys.argv[1:])
+    )
     load_before = _load()
     started = time.perf_counter()
     split = make_noisy_split(load_bbc_news(), n_train=args.n_train, n_val=args.n_test, flip_fraction=0.2, seed=0)

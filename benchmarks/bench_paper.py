@@ -817,8 +817,11 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     plan = build_plan(args)
-    command = "HF_HUB_OFFLINE=1 nice -n 15 .venv/bin/python benchmarks/bench_paper.py " + " ".join(
-        a for a in sys.argv[1:] if a != "--report-only"
+    command = (
+        "HF_HUB_OFFLINE=1 "
+        + (f"nice -n {os.nice(0)} " if os.nice(0) else "")
+        + ".venv/bin/python benchmarks/bench_paper.py "
+        + " ".join(a for a in sys.argv[1:] if a != "--report-only")
     )  # the command that computes what the report shows (a --report-only rerun only rewrites the file)
     results: dict[tuple[str, int], list[dict]] = {k: [] for k in plan.runs}
     selections: list[dict] = []

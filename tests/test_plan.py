@@ -100,7 +100,9 @@ def test_plan_command_prints_json(capsys, tmp_path: Path) -> None:
     assert code == 0
     summary = json.loads(out)
     assert summary["command"] == "plan" and summary["numbers_per_example"] == 896 and summary["store_bytes"] == 0
-    assert summary["methods"][0]["gradient_passes"] == 3  # the norms pass, DataInf's sum, the scoring pass
+    # DataInf's sum pass (the norms pass fused into it) and the scoring pass, plus the pilot
+    assert summary["methods"][0]["gradient_passes"] == 2
+    assert summary["methods"][0]["pilot_rows"] == 128
 
 
 def test_bad_plans_are_refused(tmp_path: Path, capsys) -> None:

@@ -57,6 +57,7 @@ from datainf.errors import (
     NonFiniteGradientError,
     StoreError,
 )
+from datainf.gradients.source import DEFAULT_PILOT_ROWS  # also the pilot of a source without ``pilot_rows``
 from datainf.methods import FusedPass, InfluenceMethod, MethodContext, get_method
 from datainf.methods.base import unit_scales
 from datainf.methods.checkpoints import PassCheckpoints
@@ -74,10 +75,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Examples per process whose gradients a fused norms pass computes twice, for a source without a
-#: ``pilot_rows`` attribute (docs/method.md section 6.1).
-DEFAULT_PILOT_ROWS = 128
 
 #: A store, any other :class:`~datainf.store.GradientSource` (e.g. :class:`datainf.gradients.OnTheFlyGradients`,
 #: gradients recomputed on every pass), or in-memory ``{block: (n, d_l)}`` tensors.

@@ -26,8 +26,9 @@ what the code will allocate:
   factors above ``max_memory_gb`` or on a projected store, Exact solves a block above its budget in
   a pass of its own; with ``memory_gb`` every peak is marked as fitting or not;
 * streaming passes over the training gradients, and how many forward/backward passes over the
-  training data they cost (on the fly: one per pass plus the norms pass and, for K-FAC / EK-FAC, the
-  pass that collects the factors; one table, :data:`METHOD_COSTS`);
+  training data they cost (on the fly: one per pass plus the norms pass, which DataInf fuses into its
+  sum pass at the cost of a small pilot, and, for K-FAC / EK-FAC, the pass that collects the factors;
+  one table, :data:`METHOD_COSTS`);
 * when the model's weights are in the folder and it is small enough to run here, seconds per
   example, measured on one batch of random tokens through the real hooks.
 
@@ -50,7 +51,9 @@ from typing import Any
 import torch
 
 from datainf.errors import ConfigError, LoRAValidationError
+from datainf.gradients.source import DEFAULT_PILOT_ROWS
 from datainf.methods import check_method_names
+from datainf.methods.datainf_method import DataInf
 from datainf.methods.exact import exact_block_numbers, exact_groups
 
 __all__ = [
@@ -85,6 +88,9 @@ class MethodCost:
             norms (the damping needs them before the method's first pass).
         factor_passes: on the fly, forward/backward passes that collect the Kronecker factors (kfac / ekfac).
         needs_factors: the method reads the Kronecker factors collected beside the store.
+        fused_terms: on the fly, the method fuses the norms pass into its first pass (DataInf,
+            docs/method.md section 6.1): no norms pass but a pilot of ``DEFAULT_PILOT_ROWS`` examples, and
+            this many more ``m D_s`` accumulators (the Taylor terms) during that pass; ``0``: no fusion.
     """
 
     state: int
@@ -93,12 +99,14 @@ class MethodCost:
     norms_passes: int = 1
     factor_passes: int = 0
     needs_factors: bool = False
+    fused_terms: int = 0
 
 
 #: The one table of every modelled method's state and pass counts (``src/datainf/methods/``). Exact,
 #: K-FAC and EK-FAC also get their own float64 matrices counted by :func:`method_bytes`.
 METHOD_COSTS: dict[str, MethodCost] = {
-    "datainf": MethodCost(2, 0, 1),  # V_l and the running sum C_l X_l
+    # V_l and the running sum C_l X_l; on the fly its K more Taylor terms replace the norms pass
+    "datainf": MethodCost(2, 0, 1, fused_terms=DataInf.taylor_order),
     "hessian_free": MethodCost(1, 0, 0),  # R = V
     "lissa": MethodCost(3, 0, "iterations"),  # V, the estimate, one Hessian-vector product
     "diagonal": MethodCost(2, 1, 1),  # V and R, plus the per-parameter sum of squares
@@ -275,7 +283,8 @@ class PlanSettings:
 @dataclass
 class MethodPlan:
     """One method's figures: ``passes`` over the training gradients (scoring included), the forward /
-    backward passes over the training data they cost, and peak memory in bytes.
+    backward passes over the training data they cost (``pilot_rows``: examples computed once more, on
+    the fly, by DataInf's fused norms pass), and peak memory in bytes.
 
     ``own_bytes``: the method's own float64 matrices at their peak (:func:`method_bytes`; Exact,
     K-FAC, EK-FAC). ``refused``: the message the method (or the collection of its factors) would stop
@@ -287,6 +296,7 @@ class MethodPlan:
     passes: int
     gradient_passes: int
     peak_bytes: int
+    pilot_rows: int = 0
     seconds: float | None = None
     own_bytes: int = 0
     refused: str | None = None
@@ -367,7 +377,9 @@ class GradientPlan:
             verdict = "fits" if self.collection_peak_bytes <= limit * 2**30 else "DOES NOT FIT"
             lines.append(f"  gradient collection in {limit:g} GiB of memory: {verdict}")
         for method in self.methods:
-            cost = f"{method.gradient_passes} forward/backward passes over the training data"
+            cost = f"{method.gradient_passes} forward/backward passes over the training data" + (
+                f" (+ a pilot of {method.pilot_rows} examples)" if method.pilot_rows else ""
+            )
             when = "" if method.seconds is None else f", about {_duration(method.seconds)}"
             own = f" (its float64 matrices {format_bytes(method.own_bytes)})" if method.own_bytes else ""
             fits = "" if method.fits is None else f"; in {limit:g} GiB: " + ("fits" if method.fits else "DOES NOT FIT")
@@ -620,10 +632,15 @@ def make_plan(settings: PlanSettings) -> GradientPlan:
         before = {"iterations": settings.lissa_iterations, "groups": len(groups), "uncovered": int(bool(uncovered))}
         passes = (before[cost.passes] if isinstance(cost.passes, str) else cost.passes) + 1
         streamed = rows * stored * compute
+        state = cost.state
+        pilot = 0
         if settings.mode == "on-the-fly":
             # the model runs in this process; one pass's batches are assembled into streamed batches (concatenated)
             reading = collection + 2 * streamed
-            gradient_passes = passes + cost.norms_passes + cost.factor_passes
+            norms_passes = cost.norms_passes
+            if cost.fused_terms:  # the norms pass fused into the first pass (falls back to 1 more pass on a bad pilot)
+                norms_passes, pilot, state = 0, min(DEFAULT_PILOT_ROWS, n), state + cost.fused_terms
+            gradient_passes = passes + norms_passes + cost.factor_passes
         else:
             reading = runtime + streamed + min(settings.shard_size, n) * stored * item
             gradient_passes = 1  # the collection
@@ -631,9 +648,7 @@ def make_plan(settings: PlanSettings) -> GradientPlan:
             name, stored_dims, n, test_rows=m, rows=rows, compute=compute, factor_shapes=shapes,
             max_memory_gb=settings.max_memory_gb,
         )  # fmt: skip
-        peak = (
-            reading + test_grads + cost.state * m * stored * compute + cost.extra * stored * compute + n * 8 * (m + 2)
-        )
+        peak = reading + test_grads + state * m * stored * compute + cost.extra * stored * compute + n * 8 * (m + 2)
         peak += max(0, own - streamed)  # the method's own phase, while no scoring batch is held
         if settings.mode == "on-the-fly" and cost.needs_factors:
             peak = max(peak, collection + factor_collection)  # the pass that collects the factors
@@ -653,6 +668,7 @@ def make_plan(settings: PlanSettings) -> GradientPlan:
             name=name,
             passes=passes,
             gradient_passes=gradient_passes,
+            pilot_rows=pilot,
             peak_bytes=int(peak),
             own_bytes=int(own),
             refused=factor_refusal if cost.needs_factors else None,
@@ -676,7 +692,7 @@ def make_plan(settings: PlanSettings) -> GradientPlan:
         else:
             seconds = _measure_seconds(settings, folder, projection)
             for method in methods:
-                method.seconds = seconds * n * method.gradient_passes
+                method.seconds = seconds * (n * method.gradient_passes + method.pilot_rows)
     free = None
     if settings.out is not None:
         target = Path(settings.out).absolute()

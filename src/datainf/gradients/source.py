@@ -68,6 +68,11 @@ logger = logging.getLogger(__name__)
 _NORMS_FORMAT = "datainf-train-norms"
 
 
+#: Training examples per process whose gradients DataInf's fused norms pass computes once more, to guess the damping
+#: before its pass (docs/method.md section 6.1).
+DEFAULT_PILOT_ROWS = 128
+
+
 class OnTheFlyGradients:
     """Per-example training gradients recomputed on every pass from ``(model, task, records)``.
 
@@ -121,12 +126,14 @@ class OnTheFlyGradients:
         work_dir: str | os.PathLike[str] | None = None,
         progress: bool = True,
         projection: ProjectionConfig | None = None,
-        pilot_rows: int = 128,
+        pilot_rows: int = DEFAULT_PILOT_ROWS,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size}; use a positive number of examples per batch.")
         if isinstance(pilot_rows, bool) or not isinstance(pilot_rows, int) or pilot_rows < 1:
-            raise ConfigError(f"pilot_rows={pilot_rows!r}; use a positive number of examples (default 128).")
+            raise ConfigError(
+                f"pilot_rows={pilot_rows!r}; use a positive number of examples (default {DEFAULT_PILOT_ROWS})."
+            )
         if dtype not in STORAGE_DTYPES:
             raise ConfigError(f"dtype {dtype!r} is not supported; use one of {sorted(STORAGE_DTYPES)}.")
         if len(records) == 0:
