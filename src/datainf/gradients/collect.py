@@ -14,6 +14,7 @@ import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -346,6 +347,7 @@ def collect_gradients(
             n,
             len(pending),
         )
+    examples = _Examples(model, task, dataset, ids, blocks, batch_size, device)
     folder = _factor_folder(out, blocks, task, fingerprint) if collect_factors else None
     if folder is not None:
         factor_only = _factors_missing(folder, out, ids)
@@ -355,14 +357,8 @@ def collect_gradients(
             )
             _compute_into(
                 out,
-                model,
-                task,
-                dataset,
-                ids,
+                examples,
                 factor_only,
-                blocks,
-                batch_size=batch_size,
-                device=device,
                 progress=progress,
                 factors=folder,
                 append=False,
@@ -371,14 +367,8 @@ def collect_gradients(
     if pending:
         _compute_into(
             out,
-            model,
-            task,
-            dataset,
-            ids,
+            examples,
             pending,
-            blocks,
-            batch_size=batch_size,
-            device=device,
             progress=progress,
             factors=folder,
             piece_size=shard_size,
@@ -462,19 +452,14 @@ def collect_kronecker_factors(
     if covered and ctx.is_main:
         logger.info("Resuming: %d of %d examples already have Kronecker factors.", len(ids) - len(missing), len(ids))
     mine = [missing[k] for k in ctx.shard(len(missing))]
+    examples = _Examples(model, task, dataset, ids, blocks, batch_size, device)
     error = None
     if mine:
         try:
             _compute_into(
                 dummy,
-                model,
-                task,
-                dataset,
-                ids,
+                examples,
                 mine,
-                blocks,
-                batch_size=batch_size,
-                device=device,
                 progress=progress and ctx.is_main,
                 factors=pieces,
                 append=False,
@@ -612,17 +597,24 @@ def _contiguous_runs(indices: Sequence[int]) -> list[list[int]]:
     return runs
 
 
+@dataclass(frozen=True)
+class _Examples:
+    """What every gradient computation of one collection shares: the model, task, data and batching."""
+
+    model: nn.Module
+    task: GradientTask
+    dataset: Sequence[Mapping[str, Any]]
+    ids: list[str]
+    blocks: LoRABlocks
+    batch_size: int
+    device: torch.device | str | None
+
+
 def _compute_into(
     out: GradientStore,
-    model: nn.Module,
-    task: GradientTask,
-    dataset: Sequence[Mapping[str, Any]],
-    ids: list[str],
+    examples: _Examples,
     indices: Sequence[int],
-    blocks: LoRABlocks,
     *,
-    batch_size: int,
-    device: torch.device | str | None,
     progress: bool,
     factors: FactorFolder | None = None,
     append: bool = True,
@@ -630,7 +622,7 @@ def _compute_into(
     already_done: int = 0,
     projector: GradientProjector | None = None,
 ) -> None:
-    """Gradients of ``dataset[i]`` for ``i`` in ``indices`` (increasing) appended to ``out``.
+    """Gradients of ``examples.dataset[i]`` for ``i`` in ``indices`` (increasing) appended to ``out``.
 
     With ``factors``, the Kronecker factors of the same batches are added to that folder as pieces
     of about ``piece_size`` examples (a piece counts only examples whose gradients reached ``out``);
@@ -644,11 +636,15 @@ def _compute_into(
     the rerun's shards are those of an uninterrupted run) and the exception propagates; the store is
     not finalized. ``already_done`` examples are shown as done on the progress bar.
     """
+    model, task, dataset, ids, blocks = examples.model, examples.task, examples.dataset, examples.ids, examples.blocks
+    batch_size = examples.batch_size
     truncated: list[str] = []
     try:
         accumulator = None if factors is None else FactorAccumulator(blocks.blocks, task.row_labels())
         observer = None if accumulator is None else accumulator.observe
-        with GradientSession(model, task, blocks, device=device, observer=observer, projector=projector) as session:
+        with GradientSession(
+            model, task, blocks, device=examples.device, observer=observer, projector=projector
+        ) as session:
             _validate_all(task, dataset, ids, list(indices))
             buffered = out.buffered_ids
             if append and buffered and indices and (indices[0] == 0 or ids[indices[0] - 1] != buffered[-1]):
@@ -832,6 +828,7 @@ def _collect_distributed(
             len(pending),
             -(-len(pending) // ctx.world_size),
         )
+    examples = _Examples(model, task, dataset, ids, blocks, batch_size, device)
     error = None
     if mine or mine_factor_only:
         try:
@@ -839,14 +836,8 @@ def _collect_distributed(
             if mine_factor_only:
                 _compute_into(
                     part,
-                    model,
-                    task,
-                    dataset,
-                    ids,
+                    examples,
                     mine_factor_only,
-                    blocks,
-                    batch_size=batch_size,
-                    device=device,
                     progress=progress and ctx.is_main,
                     factors=folder,
                     append=False,
@@ -855,14 +846,8 @@ def _collect_distributed(
             if mine:
                 _compute_into(
                     part,
-                    model,
-                    task,
-                    dataset,
-                    ids,
+                    examples,
                     mine,
-                    blocks,
-                    batch_size=batch_size,
-                    device=device,
                     progress=progress and ctx.is_main,
                     factors=folder,
                     piece_size=shard_size,
