@@ -373,7 +373,7 @@ def render(results: dict[str, Any]) -> str:
             f"batch (`--shard-size` / `--score-batch-size`: what keeps memory flat in n). Projection k = {setting['k']}.",
             "",
             "| n | store: collection s | store: DataInf s | on the fly, fused norms pass: DataInf s (gradient passes) "
-            "| ratio (goal <= 1.6) | on the fly, separate norms pass: s (passes) | its ratio | "
+            "| ratio (goal <= 1.6) | on the fly, separate norms pass: s (gradient passes) | its ratio | "
             "store bytes | on-the-fly bytes | projected store bytes (ratio) | projected: collection + DataInf s | "
             "Spearman projected vs full | load before / after |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -389,7 +389,10 @@ def render(results: dict[str, Any]) -> str:
             def cells(run: dict[str, Any] | None, base: float = base) -> str:
                 if run is None:
                     return "- | -"
-                passes = f" ({run['gradient_passes']})" if "gradient_passes" in run else ""
+                if "rows_computed" in run:  # gradient rows computed / n: the pilot counted as its share of a pass
+                    passes = f" ({run['rows_computed'] / run['n']:.2f})"
+                else:
+                    passes = f" ({run['gradient_passes']})" if "gradient_passes" in run else ""
                 return f"{run['score_seconds']:.1f}{passes} | **{run['score_seconds'] / base:.2f}**"
 
             proj = f"{p['train_bytes']:,} ({s['train_bytes'] / p['train_bytes']:.1f}x)" if p else "-"
