@@ -357,7 +357,7 @@ def render(results: dict[str, Any]) -> str:
     lines = [
         "## Influence at scale: on-the-fly training gradients, projected stores, `datainf plan` (issue 13)",
         "",
-        "Produced by `nice -n 15 .venv/bin/python benchmarks/bench_scale.py` (raw numbers: "
+        "Produced by `.venv/bin/python benchmarks/bench_scale.py` (commands below) (raw numbers: "
         "`benchmarks/results_scale.json`). 2 threads; each mode runs in its own process (peak RSS is its own, "
         "seconds exclude loading the model).",
     ]
