@@ -499,6 +499,21 @@ def influence_from_config(
     device = ctx.resolve_device(config.device) or torch.device("cpu")
     rows = ctx.shard(train_store.num_examples)
 
+    def method_context(lambdas: Mapping[str, float], blocks: Sequence[str], **extra: Any) -> MethodContext:
+        return MethodContext(
+            train=train_store,
+            lambdas=lambdas,
+            blocks=blocks,
+            batch_size=config.batch_size,
+            compute_dtype=compute_dtype,
+            device=device,
+            progress=progress and ctx.is_main,
+            total_examples=train_store.num_examples,
+            rows=rows,
+            processes=ctx,
+            **extra,
+        )
+
     fused: FusedPass | None = None
     fused_vectors: dict[str, torch.Tensor] = {}
     pilot_size = 0
@@ -511,19 +526,7 @@ def influence_from_config(
             provisional, pilot_size = _pilot_lambdas(train_store, config, rows, ctx)
         every_block = sorted(train_store.block_dims)
         fused_vectors = _test_vectors(test_store, every_block, config, device, compute_dtype)
-        provisional_ctx = MethodContext(
-            train=train_store,
-            lambdas=provisional,
-            blocks=every_block,
-            batch_size=config.batch_size,
-            compute_dtype=compute_dtype,
-            device=device,
-            progress=progress and ctx.is_main,
-            total_examples=train_store.num_examples,
-            rows=rows,
-            processes=ctx,
-            normalize_rows=config.normalize,
-        )
+        provisional_ctx = method_context(provisional, every_block, normalize_rows=config.normalize)
         fused = method.fused_norms_pass(fused_vectors, provisional_ctx)
         cast(_DeferredNorms, train_store).record_norms(fused.norms)  # no norms pass: block_lambdas reads these
 
@@ -554,18 +557,8 @@ def influence_from_config(
         zero_examples["train"] = _zero_gradient_ids(train_store, "training")
         if test_store is not None:
             zero_examples["test"] = _zero_gradient_ids(test_store, "test")
-    method_ctx = MethodContext(
-        train=train_store,
-        lambdas=lambdas,
-        blocks=blocks,
-        batch_size=config.batch_size,
-        compute_dtype=compute_dtype,
-        device=device,
-        progress=progress and ctx.is_main,
-        total_examples=train_store.num_examples,
-        rows=rows,
-        processes=ctx,
-        example_scales=unit_scales(train_store.squared_norms()) if config.normalize else None,
+    method_ctx = method_context(
+        lambdas, blocks, example_scales=unit_scales(train_store.squared_norms()) if config.normalize else None
     )
     settings = {
         **config.to_dict(),
