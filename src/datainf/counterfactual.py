@@ -221,9 +221,7 @@ class FinetuneTrainer:
             raise ConfigError("The recipe names no base model: pass --model DIR (or --recipe with a finetune run).")
         if not settings.data:
             raise ConfigError("The recipe names no training data: pass --data PATH (or --recipe with a finetune run).")
-        from datainf.finetune import FinetuneConfig
-
-        FinetuneConfig.from_dict(_finetune_config_values(settings))  # refuse bad values before any work
+        settings.finetune_config()  # refuse bad values before any work
         return cls(recipe=settings, test_data=str(Path(os.fspath(test_data)).absolute()))
 
     @property
@@ -266,13 +264,13 @@ class FinetuneTrainer:
 
         from datainf.baselines import training_losses
         from datainf.data.labels import LabelEncoder
-        from datainf.finetune import FinetuneConfig, finetune_lora
+        from datainf.finetune import finetune_lora
         from datainf.models import load_model
         from datainf.tasks import get_task_kind
 
         if self.threads is not None:
             torch.set_num_threads(self.threads)
-        config = FinetuneConfig.from_dict(_finetune_config_values(self.recipe))
+        config = self.recipe.finetune_config()
         kind = get_task_kind(self.kind)
         names = self.label_names()
         train = self.train_records
@@ -302,26 +300,6 @@ class FinetuneTrainer:
         task.validate(test, [str(r["id"]) for r in test])
         # finetune_lora trained the LoRA layers it put into `model` in place (dropout off after training)
         return training_losses(model, task, test, batch_size=config.batch_size).numpy()
-
-
-def _finetune_config_values(settings: FinetuneSettings) -> dict[str, Any]:
-    names = (
-        "r",
-        "alpha",
-        "target_modules",
-        "dropout",
-        "epochs",
-        "lr",
-        "batch_size",
-        "warmup_ratio",
-        "weight_decay",
-        "max_grad_norm",
-        "seed",
-    )
-    values = {name: getattr(settings, name) for name in names}
-    values["kind"] = settings.kind or "classification"
-    values["max_length"] = 128 if settings.max_length is None else settings.max_length
-    return values
 
 
 # ---------------------------------------------------------------------------------------------- the retrains

@@ -45,6 +45,7 @@ from datainf.scores import Scores
 from datainf.store import GradientSource, GradientStore
 
 if TYPE_CHECKING:
+    from datainf.finetune import FinetuneConfig
     from datainf.influence import InfluenceConfig
 
 __all__ = [
@@ -185,6 +186,17 @@ class FinetuneSettings:
         every = self.checkpoint_every
         if not isinstance(every, int) or isinstance(every, bool) or every < 0:
             raise ConfigError(f"checkpoint_every must be an integer >= 0 (0: at epoch ends only), got {every!r}.")
+
+    def finetune_config(self) -> FinetuneConfig:
+        """The recipe as a validated :class:`~datainf.finetune.FinetuneConfig` (``kind`` defaults to
+        ``classification``, ``max_length`` to 128): what :func:`finetune_run` and the LDS retrains train."""
+        from datainf.finetune import FinetuneConfig
+
+        names = ("r", "alpha", "target_modules", "dropout", "epochs", "lr", "batch_size", "warmup_ratio")
+        values = {name: getattr(self, name) for name in (*names, "weight_decay", "max_grad_norm", "seed")}
+        values["kind"] = "classification" if self.kind is None else self.kind
+        values["max_length"] = 128 if self.max_length is None else self.max_length
+        return FinetuneConfig.from_dict(values)
 
 
 @dataclass(frozen=True)
@@ -500,7 +512,7 @@ def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progres
         DatasetError: unreadable data, missing columns.
     """
     from datainf.data.labels import LabelEncoder
-    from datainf.finetune import FinetuneConfig, finetune_lora
+    from datainf.finetune import finetune_lora
     from datainf.models import load_model, resolve_model_dir
     from datainf.tasks import get_task_kind
 
@@ -513,26 +525,7 @@ def finetune_run(settings: FinetuneSettings, *, overwrite: bool = False, progres
         if not settings.model:
             raise ConfigError("No base model given: pass --model DIR (a local folder written by save_pretrained).")
         resolve_model_dir(settings.model)
-        ft = FinetuneConfig.from_dict(
-            {
-                name: getattr(settings, name)
-                for name in (
-                    "kind",
-                    "r",
-                    "alpha",
-                    "target_modules",
-                    "dropout",
-                    "epochs",
-                    "lr",
-                    "batch_size",
-                    "warmup_ratio",
-                    "max_length",
-                    "weight_decay",
-                    "max_grad_norm",
-                    "seed",
-                )
-            }
-        )
+        ft = settings.finetune_config()
         records = _load_data(settings.data, settings, ft.kind, "--data")
         eval_records = _load_data(settings.eval_data, settings, ft.kind, "--eval-data") if settings.eval_data else None
         run = RunDir.claim(settings.out, kind="finetune", settings=_saved_finetune(settings), overwrite=overwrite)
