@@ -328,7 +328,7 @@ def first_launch(tmp_path_factory) -> tuple[Path, list[int | None]]:
 @pytest.fixture(scope="module")
 def equivalence(first_launch) -> tuple[Path, list[dict[str, Any]]]:
     root, _ = first_launch
-    return root, [torch.load(root / f"equivalence-rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return root, [torch.load(root / f"equivalence-rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:

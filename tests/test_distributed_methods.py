@@ -83,7 +83,7 @@ def ranks(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
     root = tmp_path_factory.mktemp("dist-methods")
     codes = launch(_job, (free_port(), str(root)), world=WORLD, deadline_s=DEADLINE_S, what="the distributed job")
     assert codes == [None] * WORLD, f"a rank failed: exit codes {codes}"
-    return [torch.load(root / f"methods-rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(root / f"methods-rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 @pytest.mark.filterwarnings(
