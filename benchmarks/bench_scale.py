@@ -201,9 +201,7 @@ def curve_worker(n: int, folder: Path) -> dict[str, Any]:
     """Spearman of sketched-store DataInf scores with the unprojected ones, for each k in CURVE_K."""
     import torch
 
-    import datainf
     from datainf.gradients import find_lora_blocks
-    from datainf.gradients.projection import GradientProjector, ProjectionConfig
     from datainf.store import GradientStore
 
     torch.set_num_threads(THREADS)
@@ -217,11 +215,7 @@ def curve_worker(n: int, folder: Path) -> dict[str, Any]:
     test_full = collect_gradients(model, task, records(TEST_M, 1), batch_size=GRAD_BATCH, progress=False).to_dict()
     rows = []
     for k in CURVE_K:
-        projector = GradientProjector(ProjectionConfig(dim=k, seed=0), blocks)
-        train_k = GradientStore.from_tensors({name: projector.project_rows(name, t) for name, t in full.items()})
-        test_k = GradientStore.from_tensors({name: projector.project_rows(name, t) for name, t in test_full.items()})
-        scores = datainf.influence(train_k, test_k, progress=False)
-        numbers = sum(train_k.block_dims.values())
+        scores, numbers = _sketched_scores(blocks, k, full, test_full)
         rows.append(
             {
                 "k": k,
@@ -231,6 +225,19 @@ def curve_worker(n: int, folder: Path) -> dict[str, Any]:
             }
         )
     return {"n": n, "curve": rows}
+
+
+def _sketched_scores(blocks: Any, k: int, train: dict[str, Any], test: dict[str, Any]) -> tuple[Any, int]:
+    """DataInf scores on ``kron-gaussian-v1`` sketches (``dim = k``, seed 0) of in-memory ``{block: (n, d_l)}``
+    train / test gradients, and the numbers per example the sketch keeps."""
+    import datainf
+    from datainf.gradients.projection import GradientProjector, ProjectionConfig
+    from datainf.store import GradientStore
+
+    projector = GradientProjector(ProjectionConfig(dim=k, seed=0), blocks)
+    train_k = GradientStore.from_tensors({name: projector.project_rows(name, t) for name, t in train.items()})
+    test_k = GradientStore.from_tensors({name: projector.project_rows(name, t) for name, t in test.items()})
+    return datainf.influence(train_k, test_k, progress=False), sum(train_k.block_dims.values())
 
 
 def _spearman(a: Any, b: Any) -> float:
@@ -289,7 +296,6 @@ def demo_curve() -> dict[str, Any]:
     from datainf.demos.mislabel import MislabelDemoConfig, _minilm_path
     from datainf.evaluation import mislabel_detection_auc
     from datainf.gradients import find_lora_blocks
-    from datainf.gradients.projection import GradientProjector, ProjectionConfig
     from datainf.models import load_model
     from datainf.store import GradientStore
 
@@ -329,11 +335,7 @@ def demo_curve() -> dict[str, Any]:
         }
     ]
     for k in CURVE_K:
-        projector = GradientProjector(ProjectionConfig(dim=k, seed=0), blocks)
-        train_k = GradientStore.from_tensors({name: projector.project_rows(name, t) for name, t in full.items()})
-        val_k = GradientStore.from_tensors({name: projector.project_rows(name, t) for name, t in val_full.items()})
-        scores = datainf.influence(train_k, val_k, progress=False)
-        kept = sum(train_k.block_dims.values())
+        scores, kept = _sketched_scores(blocks, k, full, val_full)
         rows.append(
             {
                 "k": k,
