@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -53,6 +54,7 @@ TEST_M = 32
 GRAD_BATCH = 16
 THREADS = 2
 CURVE_K = (64, 128, 256, 512, 1024, 2048)
+MODES = ("store", "onthefly", "onthefly-unfused", "onthefly-lossdiff", "projected")
 DEMO_CACHE = Path("/work/main/datainf-out/demo/cache-6786655285")
 HAND_RUN_TITLE = "## Scoring without a training store (on-the-fly gradients): one measurement, no script yet"
 KEPT_TITLE = "### Part 1's hand-run measurement (kept as recorded)"
@@ -175,7 +177,8 @@ def worker(mode: str, n: int, k: int, folder: Path) -> dict[str, Any]:
         out["score_seconds"] = time.perf_counter() - start
         out["train_bytes"] = _folder_bytes(path)
         out["numbers_per_example"] = sum(store.block_dims.values())
-    else:  # "onthefly": DataInf's fused norms pass (the default); "onthefly-unfused": norms pass + sum pass
+    else:  # "onthefly": DataInf's fused norms pass (the default); "onthefly-unfused": norms pass + sum pass;
+        # "onthefly-lossdiff": the fused pass, then the scoring pass by loss differences (docs/method.md 6.2)
         source = OnTheFlyGradients(model, task, train, batch_size=GRAD_BATCH, progress=False)
         start = time.perf_counter()
         scores = datainf.influence(
@@ -183,18 +186,93 @@ def worker(mode: str, n: int, k: int, folder: Path) -> dict[str, Any]:
             test_store,
             batch_size=SCORE_BATCH,
             progress=False,
-            fuse_norms_pass=mode == "onthefly",
+            fuse_norms_pass=mode != "onthefly-unfused",
+            scoring="loss-difference" if mode == "onthefly-lossdiff" else "gradients",
         )
         out["score_seconds"] = time.perf_counter() - start
         out["train_bytes"] = 0
         out["gradient_passes"] = source.passes
         out["rows_computed"] = source.rows_computed
+        out["forward_rows"] = source.forward_rows
         out["fused_norms_pass"] = scores.diagnostics.get("fused_norms_pass")
+        out["loss_difference"] = scores.diagnostics.get("loss_difference")
         out["numbers_per_example"] = sum(source.block_dims.values())
     save_file({"values": scores.values.contiguous()}, str(folder / f"scores-{mode}-{n}.safetensors"))
     out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out["load_after"] = _uptime()
     return out
+
+
+def second_pass_worker(n: int, folder: Path) -> dict[str, Any]:
+    """Seconds per example of three ways to get ``g_k . u`` for ``n`` examples (one direction ``u``).
+
+    The ways are: the gradient pass (per-example gradients through the hooks, then the dots), forward-mode AD
+    (``torch.autograd.forward_ad``; eager attention, since SDPA has no forward AD on the CPU), and one forward
+    pass at the moved weights (the loss difference, ``L(theta)`` taken as known). Each is timed as the fastest
+    of 3 passes (the machine is shared); each error is the largest difference from the gradient pass over its
+    largest value.
+    """
+    import torch
+    import torch.autograd.forward_ad as fwad
+    from torch.func import functional_call
+
+    from datainf.gradients import OnTheFlyGradients, find_lora_blocks
+    from datainf.gradients.collect import GradientSession
+
+    torch.set_num_threads(THREADS)
+    model, task = _model_and_task(folder)
+    train = records(n, 0)
+    blocks = find_lora_blocks(model).blocks
+    gen = torch.Generator().manual_seed(0)
+    direction = {b.name: torch.randn(b.numel, generator=gen) for b in blocks}
+    parts = [range(i, min(i + GRAD_BATCH, n)) for i in range(0, n, GRAD_BATCH)]
+
+    def timed(run: Any, repeats: int = 3) -> tuple[float, Any]:
+        """Seconds per example (the fastest of ``repeats`` passes) and the values ``(n,)``."""
+        run(parts[0])  # warm-up
+        best, out = math.inf, None
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = torch.cat([run(part) for part in parts])
+            best = min(best, (time.perf_counter() - start) / n)
+        return best, out
+
+    with GradientSession(model, task, find_lora_blocks(model)) as session:
+
+        def gradients(part: range) -> Any:
+            chunk = train[part.start : part.stop]
+            _, _, grads = session.compute(chunk, [r["id"] for r in chunk])
+            return sum(grads[b.name].double() @ direction[b.name].double() for b in blocks)
+
+        def forward_ad(part: range) -> Any:
+            chunk = train[part.start : part.stop]
+            batch = task.collate(chunk, [r["id"] for r in chunk])
+            with torch.no_grad(), fwad.dual_level():
+                duals = {b.name: fwad.make_dual(b.parameter.detach(), direction[b.name].view(b.shape)) for b in blocks}
+                losses = task.per_example_loss(lambda **kw: functional_call(model, duals, (), kw, strict=False), batch)
+                return fwad.unpack_dual(losses).tangent.double()
+
+        gradient_s, exact = timed(gradients)
+        model.config._attn_implementation = "eager"
+        forward_ad_s, tangents = timed(forward_ad)
+        model.config._attn_implementation = "sdpa"
+    source = OnTheFlyGradients(model, task, train, batch_size=GRAD_BATCH, progress=False)
+    source.to_dict()  # a gradient pass: the losses L(theta) recorded
+    step = source.loss_difference_step(direction)
+    difference_s, differences = timed(lambda part: source.directional_derivatives(direction, part, step=step))
+
+    def error(values: Any) -> float:
+        return float((values - exact).abs().max() / exact.abs().max())
+
+    return {
+        "n": n,
+        "gradient_pass_ms": 1000 * gradient_s,
+        "forward_ad_ms": 1000 * forward_ad_s,
+        "forward_ad_error": error(tangents),
+        "loss_difference_ms": 1000 * difference_s,
+        "loss_difference_error": error(differences),
+        "load": _uptime(),
+    }
 
 
 def curve_worker(n: int, folder: Path) -> dict[str, Any]:
@@ -246,7 +324,20 @@ def _spearman(a: Any, b: Any) -> float:
     return float(spearmanr(a.flatten().double().numpy(), b.flatten().double().numpy()).statistic)
 
 
-def plan_worker(mode: str, n: int, k: int, folder: Path) -> dict[str, Any]:
+def _accuracy(approx: Any, exact: Any) -> dict[str, float]:
+    """How close loss-difference scores are to the exact ones: largest error / largest score, Spearman, top-50."""
+    import torch
+
+    top = min(50, len(exact))
+    overlap = len(set(torch.topk(approx, top).indices.tolist()) & set(torch.topk(exact, top).indices.tolist()))
+    return {
+        "max_error": float((approx - exact).abs().max() / exact.abs().max()),
+        "spearman": _spearman(approx, exact),
+        "top50_overlap": overlap / top,
+    }
+
+
+def plan_worker(mode: str, n: int, k: int, folder: Path, scoring: str = "gradients") -> dict[str, Any]:
     """``datainf plan``'s figures for one mode (in a fresh process: the runtime baseline matches a worker's)."""
     import torch
 
@@ -268,6 +359,7 @@ def plan_worker(mode: str, n: int, k: int, folder: Path) -> dict[str, Any]:
             shard_size=SHARD_SIZE,
             score_batch_size=SCORE_BATCH,
             measure=True,
+            scoring=scoring,
         )
     )
     return {"mode": mode, "n": n, "plan": plan.to_dict(), "text": plan.format()}
@@ -351,6 +443,12 @@ def demo_curve() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- report
 
 
+def _baseline(run: dict[str, Any], store_seconds: float) -> float:
+    """The store's collection + DataInf seconds a run is compared with: those measured in the run's own session
+    (``run["baseline_seconds"]``, kept when the store row was measured again later), else the store row's."""
+    return float(run.get("baseline_seconds", store_seconds))
+
+
 def _mb(count: float) -> str:
     return f"{count / 2**20:,.1f}"
 
@@ -391,6 +489,7 @@ def render(results: dict[str, Any]) -> str:
             def cells(run: dict[str, Any] | None, base: float = base) -> str:
                 if run is None:
                     return "- | -"
+                base = _baseline(run, base)
                 if "rows_computed" in run:  # gradient rows computed / n: the pilot counted as its share of a pass
                     passes = f" ({run['rows_computed'] / run['n']:.2f})"
                 else:
@@ -416,11 +515,38 @@ def render(results: dict[str, Any]) -> str:
             "| mode | " + " | ".join(f"n={n:,}" for n in ns) + " | largest / smallest |",
             "|---" * (len(ns) + 2) + "|",
         ]
-        for mode in ("store", "onthefly", "onthefly-unfused", "projected"):
+        for mode in MODES:
             values = [next((r["peak_rss"] for r in runs if r["n"] == n and r["mode"] == mode), None) for n in ns]
             present = [v for v in values if v]
             spread = f"{max(present) / min(present):.2f}" if len(present) > 1 else "-"
             lines.append(f"| {mode} | " + " | ".join(_mb(v) if v else "-" for v in values) + f" | {spread} |")
+        approximate = sorted((r for r in runs if r["mode"] == "onthefly-lossdiff"), key=lambda r: r["n"])
+        if approximate:
+            lines += [
+                "",
+                'On the fly with the scoring pass by loss differences (`scoring="loss-difference"`, docs/method.md '
+                "section 6.2; approximate, checked on 64 rows at 3 steps): seconds against the same store row, and the "
+                "scores against the store path's exact ones:",
+                "",
+                "| n | store: collection + DataInf s | loss-difference scoring: DataInf s | ratio (goal <= 1.6) | "
+                "gradient rows / n | forward-only rows / n | check: error / largest score (rows) | largest error vs "
+                "store / largest score | Spearman vs store | top-50 overlap | load before / after |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            for run in approximate:
+                store = next((r for r in runs if r["n"] == run["n"] and r["mode"] == "store"), None)
+                if store is None:
+                    continue
+                base = store["collect_seconds"] + store["score_seconds"]
+                check = run["loss_difference"]
+                acc = run.get("accuracy", {})
+                lines.append(
+                    f"| {run['n']:,} | {base:.1f} | {run['score_seconds']:.1f} | **{run['score_seconds'] / base:.2f}** | "
+                    f"{run['rows_computed'] / run['n']:.2f} | {run['forward_rows'] / run['n']:.2f} | "
+                    f"{check['check_error']:.1e} ({check['check_rows']}) | {acc.get('max_error', float('nan')):.1e} | "
+                    f"{acc.get('spearman', float('nan')):.6f} | {acc.get('top50_overlap', float('nan')):.2f} | "
+                    f"{run['load_before']} / {run['load_after']} |"
+                )
         plans = results.get("plans", [])
         if plans:
             lines += [
@@ -474,6 +600,23 @@ def render(results: dict[str, Any]) -> str:
                 f"| {k} | {row['numbers_per_example']:,} | {row['bytes_ratio']:.1f}x | {row['spearman']:.4f} |"
                 + (f" {row['auc']:.4f} |" if has_auc else "")
             )
+    probe = results.get("second_pass")
+    if probe:
+        lines += [
+            "",
+            f"Ways of taking the scoring pass without a backward pass (n = {probe['n']}, one direction, "
+            f"`--second-pass-only`, load {probe['load']}); ms per example, error = largest difference from the "
+            "gradient pass / its largest value:",
+            "",
+            "| way | ms per example | / gradient pass | error |",
+            "|---|---|---|---|",
+            f"| per-example gradients, then the dot (the gradient pass) | {probe['gradient_pass_ms']:.2f} | 1.00 | 0 |",
+            f"| forward-mode AD (eager attention) | {probe['forward_ad_ms']:.2f} | "
+            f"{probe['forward_ad_ms'] / probe['gradient_pass_ms']:.2f} | {probe['forward_ad_error']:.1e} |",
+            f"| one forward pass at the moved weights (loss difference, `L(theta)` known) | "
+            f"{probe['loss_difference_ms']:.2f} | {probe['loss_difference_ms'] / probe['gradient_pass_ms']:.2f} | "
+            f"{probe['loss_difference_error']:.1e} |",
+        ]
     lines += ["", *_verdicts(results)]
     for note in results.get("notes", []):
         lines += ["", note]
@@ -488,11 +631,16 @@ def _verdicts(results: dict[str, Any]) -> list[str]:
     ratios = []
     for n in ns:
         by = {r["mode"]: r for r in runs if r["n"] == n}
-        for mode in ("onthefly", "onthefly-unfused"):
+        for mode in ("onthefly", "onthefly-unfused", "onthefly-lossdiff"):
             if "store" in by and mode in by:
                 s = by["store"]
-                ratios.append((mode, n, by[mode]["score_seconds"] / (s["collect_seconds"] + s["score_seconds"])))
-    for mode, what in (("onthefly", "fused norms pass"), ("onthefly-unfused", "separate norms pass")):
+                base = _baseline(by[mode], s["collect_seconds"] + s["score_seconds"])
+                ratios.append((mode, n, by[mode]["score_seconds"] / base))
+    for mode, what in (
+        ("onthefly", "fused norms pass"),
+        ("onthefly-unfused", "separate norms pass"),
+        ("onthefly-lossdiff", "fused norms pass, scoring by loss differences (approximate)"),
+    ):
         mine = [(n, r) for m, n, r in ratios if m == mode]
         if mine:
             text = ", ".join(f"{r:.2f} at n={n:,}" for n, r in mine)
@@ -514,7 +662,7 @@ def _verdicts(results: dict[str, Any]) -> list[str]:
                     f"(k={best['k']}, Spearman {best['spearman']:.3f}); goal >= 16x: {verdict}."
                 )
     if len(ns) > 1:
-        for mode in ("store", "onthefly", "onthefly-unfused", "projected"):
+        for mode in MODES:
             values = [r["peak_rss"] for r in runs if r["mode"] == mode]
             if len(values) > 1:
                 spread = max(values) / min(values)
@@ -569,10 +717,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, nargs="*", default=[1000])
     parser.add_argument("--k", type=int, default=1024)
-    parser.add_argument("--modes", nargs="*", default=["store", "onthefly", "onthefly-unfused", "projected"])
+    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     parser.add_argument("--demo-only", action="store_true")
     parser.add_argument("--curve-n", type=int, help="the n whose stores the k curve sketches (default: the first --n)")
     parser.add_argument("--no-demo", action="store_true")
+    parser.add_argument("--no-curve", action="store_true", help="keep the recorded k curve (do not sketch again)")
+    parser.add_argument(
+        "--second-pass-only",
+        action="store_true",
+        help="only time the ways of taking the scoring pass on 256 examples (gradients, forward AD, loss differences)",
+    )
     parser.add_argument("--render-only", action="store_true")
     parser.add_argument("--plans-only", action="store_true", help="recompute the plan rows of the measured runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -581,9 +735,13 @@ def main() -> int:
     if args.worker:
         if args.worker == "curve":
             result = curve_worker(args.worker_n, WORK)
+        elif args.worker == "second-pass":
+            result = second_pass_worker(args.worker_n, WORK)
         elif args.worker.startswith("plan-"):
             mode = args.worker[len("plan-") :]
-            result = plan_worker("on-the-fly" if mode.startswith("onthefly") else mode, args.worker_n, args.k, WORK)
+            scoring = "loss-difference" if mode == "onthefly-lossdiff" else "gradients"
+            planned = "on-the-fly" if mode.startswith("onthefly") else mode
+            result = plan_worker(planned, args.worker_n, args.k, WORK, scoring=scoring)
             result["mode"] = mode
         else:
             result = worker(args.worker, args.worker_n, args.k, WORK)
@@ -602,6 +760,12 @@ def main() -> int:
             ] + [entry]
             write(results)
         return 0
+    if args.second_pass_only:
+        WORK.mkdir(parents=True, exist_ok=True)
+        build_model(WORK)
+        results["second_pass"] = _spawn("--worker", "second-pass", "--worker-n", "256")
+        write(results)
+        return 0
     if not args.no_demo:
         print(f"demo curve (load {_uptime()})", flush=True)
         results["demo"] = demo_curve()
@@ -617,6 +781,16 @@ def main() -> int:
         for mode in args.modes:
             print(f"n={n} {mode} (load {_uptime()})", flush=True)
             run = _spawn("--worker", mode, "--worker-n", str(n), "--k", str(args.k))
+            if mode == "store":  # the on-the-fly runs not measured again keep the store seconds of their own session
+                for old in results["runs"]:
+                    if old["n"] == n and old["mode"] == "store":
+                        for other in results["runs"]:
+                            if (
+                                other["n"] == n
+                                and other["mode"].startswith("onthefly")
+                                and other["mode"] not in args.modes
+                            ):
+                                other.setdefault("baseline_seconds", old["collect_seconds"] + old["score_seconds"])
             results["runs"] = [r for r in results["runs"] if not (r["n"] == n and r["mode"] == mode)] + [run]
             results["setting"]["numbers_per_example"] = (
                 next(r["numbers_per_example"] for r in results["runs"] if r["mode"] != "projected")
@@ -625,6 +799,13 @@ def main() -> int:
             )
             write(results)
 
+        lossdiff = WORK / f"scores-onthefly-lossdiff-{n}.safetensors"
+        if "onthefly-lossdiff" in args.modes and (WORK / f"scores-store-{n}.safetensors").is_file():
+            full = load_file(str(WORK / f"scores-store-{n}.safetensors"))["values"]
+            approx = load_file(str(lossdiff))["values"]
+            for r in results["runs"]:
+                if r["n"] == n and r["mode"] == "onthefly-lossdiff":
+                    r["accuracy"] = _accuracy(approx, full)
         if "projected" in args.modes and "store" in args.modes:
             full = load_file(str(WORK / f"scores-store-{n}.safetensors"))["values"]
             sketch = load_file(str(WORK / f"scores-projected-{n}.safetensors"))["values"]
@@ -637,7 +818,7 @@ def main() -> int:
             results["plans"] = [p for p in results["plans"] if not (p["n"] == n and p["mode"] == mode)] + [entry]
         write(results)
     curve_n = args.curve_n or args.n[0]
-    if (WORK / f"store-store-{curve_n}").is_dir():
+    if not args.no_curve and (WORK / f"store-store-{curve_n}").is_dir():
         print(f"curve n={curve_n}", flush=True)
         results["curve"] = _spawn("--worker", "curve", "--worker-n", str(curve_n))
         write(results)

@@ -343,6 +343,46 @@ def test_score_from_model_and_data_matches_stores(env, stores, capsys, tmp_path)
     assert code == 2 and "drop --keep-train-store" in err and not bad.exists()
 
 
+def test_score_by_loss_differences(env, stores, capsys, tmp_path, monkeypatch):
+    from datainf.methods import scoring
+
+    monkeypatch.setattr(scoring, "LOSS_DIFFERENCE_CHECK_ROWS", 4)  # 16 training rows: 12 by loss differences
+    data_args = ["--model", env["model"], "--adapter", env["ft"], "--train-data", env["train"], *COLUMNS]
+    out = tmp_path / "ld"
+    code, _, err = run(
+        capsys, "score", *data_args, "--test-grads", stores["test"], "--scoring", "loss-difference", "--out", out, "-q"
+    )
+    assert code == 0, err
+    scores = Scores.load(out / "scores-datainf.safetensors")
+    assert scores.diagnostics["loss_difference"]["used"] and scores.settings["scoring"] == "loss-difference"
+    assert json.loads((out / "config.json").read_text())["scoring"] == "loss-difference"
+    exact = tmp_path / "exact"
+    code, _, err = run(
+        capsys, "score", "--train-grads", stores["train"], "--test-grads", stores["test"], "--out", exact, "-q"
+    )
+    assert code == 0, err
+    assert "scoring" not in json.loads((exact / "config.json").read_text())  # the default is not recorded
+    reference = Scores.load(exact / "scores-datainf.safetensors").values
+    scale = float(reference.abs().max())
+    # approximate (this tiny BERT's float32 losses round at about 1e-3 of a score): close, not equal
+    torch.testing.assert_close(scores.values, reference, rtol=5e-2, atol=5e-2 * scale)
+    assert not torch.equal(scores.values[4:], reference[4:])
+    for bad_args, message in (
+        (["--train-grads", stores["train"], "--test-grads", stores["test"]], "computed on the fly"),
+        ([*data_args, "--test-grads", stores["test"], "--keep-train-store"], "without --keep-train-store"),
+        ([*data_args, "--test-grads", stores["test"], "--mode", "pairwise"], "takes mode='average'"),
+        ([*data_args, "--test-grads", stores["test"], "--scoring", "finite"], "invalid choice"),
+    ):
+        bad = tmp_path / "bad"
+        args = (
+            [*bad_args, "--scoring", "loss-difference", "--out", bad]
+            if "finite" not in bad_args
+            else [*bad_args, "--out", bad]
+        )
+        code, _, err = run(capsys, "score", *args)
+        assert code == 2 and message in err and not bad.exists(), (bad_args, err)
+
+
 def test_score_self_mode_and_normalize_from_stores(env, stores, capsys, tmp_path):
     out = tmp_path / "self"
     code, stdout, err = run(

@@ -4,7 +4,8 @@ One launch of two spawned ranks with torchrun's environment variables (like ``te
 Each rank scores the tiny regressor of ``tests/test_onthefly.py`` with every registered method in
 ``average`` and ``self`` mode, counts the gradients it computed, and reruns DataInf with a shared
 work folder (norms and passes read back); then DataInf's fused norms pass (a pilot of 3 rows per rank)
-on the small classifier of ``tests/test_onthefly_fused.py``, average and pairwise.
+on the small classifier of ``tests/test_onthefly_fused.py``, average and pairwise, and once more with
+the scoring pass by loss differences (each rank checks its own rows).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def _job(rank: int, port: int, root: str) -> None:
             progress=False,
         )
     )
+    results["lossdiff"] = _loss_difference_scores()
     torch.save(results, Path(root) / f"onthefly-rank{rank}.pt")
 
 
@@ -110,6 +112,27 @@ def _fused_scores(make_source: Any) -> dict[str, Any]:
         scores = datainf.influence(source, test, mode=mode, batch_size=7, progress=False)
         out[mode] = (scores.values, scores.diagnostics.get("fused_norms_pass"), source.rows_computed)
     return out
+
+
+LOSS_DIFFERENCE_CHECK = 4  # rows checked per process: 8 of each rank's 12 rows are scored by loss differences
+
+
+def _loss_difference_scores() -> tuple[torch.Tensor, dict[str, Any], int, int]:
+    """DataInf average with the scoring pass by loss differences: values, diagnostics, gradient and forward rows."""
+    from datainf.methods import scoring
+
+    kept = scoring.LOSS_DIFFERENCE_CHECK_ROWS
+    scoring.LOSS_DIFFERENCE_CHECK_ROWS = LOSS_DIFFERENCE_CHECK
+    try:
+        model, task = classifier(), CrossEntropy()
+        test = datainf.OnTheFlyGradients(model, task, class_records(N_TEST, 1), progress=False).to_dict()
+        source = datainf.OnTheFlyGradients(
+            model, task, class_records(N_TRAIN, 0), batch_size=5, pilot_rows=FUSED_PILOT, progress=False
+        )
+        scores = datainf.influence(source, test, batch_size=7, scoring="loss-difference", progress=False)
+    finally:
+        scoring.LOSS_DIFFERENCE_CHECK_ROWS = kept
+    return scores.values, scores.diagnostics["loss_difference"], source.rows_computed, source.forward_rows
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +185,17 @@ def test_each_rank_computes_its_own_rows_only_and_resumes(ranks) -> None:
         assert checks["rows_of_datainf"] == [N_TRAIN // WORLD] * 3  # pilot + fused + scoring, local rows only
         # a finished run read back whole: norms, DataInf's sum and the scoring pass, no gradient recomputed
         assert checks["resumed_equal"] and checks["replayed"] == 2 and checks["passes_after_resume"] == 0
+
+
+def test_two_ranks_loss_difference_scoring_checks_every_rank_and_matches_one_process(ranks) -> None:
+    single, single_info, _, _ = _loss_difference_scores()
+    assert single_info["used"] and single_info["check_rows"] == LOSS_DIFFERENCE_CHECK
+    share = N_TRAIN // WORLD
+    for rank in ranks:
+        values, info, gradient_rows, forward_rows = rank["lossdiff"]
+        assert info["used"] and info["check_rows"] == WORLD * LOSS_DIFFERENCE_CHECK  # each rank checks its own rows
+        assert gradient_rows == FUSED_PILOT + share + LOSS_DIFFERENCE_CHECK
+        assert forward_rows == share + 2 * LOSS_DIFFERENCE_CHECK  # the checked rows at 3 steps
+        scale = float(single.abs().max())
+        torch.testing.assert_close(values, single, rtol=2e-2, atol=2e-2 * scale)  # both approximate
+    assert torch.equal(ranks[1]["lossdiff"][0], ranks[0]["lossdiff"][0])  # every rank returns the same scores

@@ -105,6 +105,23 @@ def test_plan_command_prints_json(capsys, tmp_path: Path) -> None:
     assert summary["methods"][0]["pilot_rows"] == 128
 
 
+def test_plan_of_the_loss_difference_scoring_pass(tmp_path: Path, capsys) -> None:
+    llama_lm().base_model.model.config.save_pretrained(tmp_path)
+    args = ["plan", "--model", str(tmp_path / "config.json"), "--n", "1000", "--seq-len", "16",
+            "--target-modules", "q_proj,v_proj", "--r", "4", "--mode", "on-the-fly"]  # fmt: skip
+    code = main([*args, "--scoring", "loss-difference", "--json"])
+    method = json.loads(capsys.readouterr().out)["methods"][0]
+    assert code == 0
+    # the fused pass only; pilot 128 + 64 checked rows with gradients; every row forward, the checked ones at 3 steps
+    assert method["gradient_passes"] == 1 and method["pilot_rows"] == 128 + 64
+    assert method["forward_rows"] == 1000 + 2 * 64
+    code = main([*args, "--scoring", "loss-difference"])
+    assert code == 0 and "1,128 forward-only examples" in capsys.readouterr().out
+    code = main([*args[:-1], "store", "--scoring", "loss-difference"])
+    err = capsys.readouterr().err
+    assert code == 2 and "with --mode on-the-fly" in err and err.count("\n") == 1
+
+
 def test_bad_plans_are_refused(tmp_path: Path, capsys) -> None:
     with pytest.raises(LoRAValidationError, match="no default LoRA target modules for model type 'ctrl'"):
         make_plan(PlanSettings(model=str(DATA / "ctrl-tiny"), n=10, seq_len=8))

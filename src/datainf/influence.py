@@ -12,7 +12,9 @@ Pipeline of :func:`influence` (docs/method.md sections 4-6):
 3. test matrix ``V_l``: the mean test gradient (``average`` mode, ``m = 1``) or every test gradient
    (``pairwise`` mode);
 4. the method's preconditioning, ``R_l ~= V_l (G_l + lambda_l I)^-1`` (its own streaming passes);
-5. one scoring pass: ``I[:, k] = - sum_l R_l g_kl``.
+5. one scoring pass: ``I[:, k] = - sum_l R_l g_kl`` (:mod:`datainf.methods.scoring`: over the training
+   gradients, or, for gradients recomputed on the fly in ``average`` mode, by forward differences of
+   the losses, ``InfluenceConfig.scoring``).
 
 ``mode="self"`` replaces steps 3-5 by the method's self-influence ``s_k = sum_l g_kl^T P_l g_kl``
 (``P_l`` its approximation of ``(G_l + lambda_l I)^-1``): how much up-weighting example ``k`` lowers
@@ -61,6 +63,7 @@ from datainf.gradients.source import DEFAULT_PILOT_ROWS  # also the pilot of a s
 from datainf.methods import FusedPass, InfluenceMethod, MethodContext, get_method
 from datainf.methods.base import unit_scales
 from datainf.methods.checkpoints import PassCheckpoints
+from datainf.methods.scoring import gradient_scores, loss_difference_problem, loss_difference_scores
 from datainf.scores import Scores
 from datainf.store import GradientSource, GradientStore, row_squared_norms
 
@@ -79,6 +82,9 @@ logger = logging.getLogger(__name__)
 #: A store, any other :class:`~datainf.store.GradientSource` (e.g. :class:`datainf.gradients.OnTheFlyGradients`,
 #: gradients recomputed on every pass), or in-memory ``{block: (n, d_l)}`` tensors.
 GradientsLike = GradientSource | Mapping[str, torch.Tensor]
+
+#: The ways of taking the scoring pass (:attr:`InfluenceConfig.scoring`, :mod:`datainf.methods.scoring`).
+SCORING_PASSES = ("gradients", "loss-difference")
 
 #: What the values of ``mode="self"`` scores mean (recorded as their ``sign_convention``).
 SELF_SIGN_CONVENTION = (
@@ -119,6 +125,15 @@ class InfluenceConfig:
             separate norms pass: 2 gradient passes plus a small pilot instead of 3, the same scores
             to round-off, guaranteed by a computed bound with a fallback (docs/method.md section
             6.1). ``False``: always the separate norms pass. No effect on a store.
+        scoring: how the last pass turns the preconditioned test rows into scores.
+            ``"gradients"`` (default): one pass over the training gradients, exact.
+            ``"loss-difference"``: for training gradients recomputed on every pass
+            (:class:`datainf.gradients.OnTheFlyGradients`) in ``average`` mode only, each example's
+            score is a forward difference of its loss along the preconditioned direction. That is one
+            forward pass per example without autograd instead of a forward and a backward pass.
+            The result is approximate, so it is first checked against exact scores on a few rows, and
+            the gradient pass is made when the check fails (:mod:`datainf.methods.scoring`, docs/method.md
+            section 6.2). Other inputs are refused.
     """
 
     method: str = "datainf"
@@ -131,8 +146,16 @@ class InfluenceConfig:
     device: str = "cpu"
     normalize: bool = False
     fuse_norms_pass: bool = True
+    scoring: Literal["gradients", "loss-difference"] = "gradients"
 
     def __post_init__(self) -> None:
+        if self.scoring not in SCORING_PASSES:
+            raise ConfigError(f"scoring must be one of {list(SCORING_PASSES)}, got {self.scoring!r}.")
+        if self.scoring == "loss-difference" and self.mode != "average":
+            raise ConfigError(
+                f"scoring='loss-difference' takes mode='average' (one direction per training pass), got "
+                f"mode={self.mode!r}; use scoring='gradients'."
+            )
         if self.mode not in ("average", "pairwise", "self"):
             raise ConfigError(f"mode must be 'average', 'pairwise' or 'self', got {self.mode!r}.")
         if not isinstance(self.normalize, bool):
@@ -355,6 +378,7 @@ def _pass_checkpoints(
     digest = hashlib.sha256()
     settings = config.to_dict()
     settings.pop("fuse_norms_pass")  # the same computation either way: a fused run's passes serve an unfused rerun
+    settings.pop("scoring")  # the preconditioning passes are the same whichever scoring pass follows
     payload = {
         "train": str(getattr(train, "checkpoint_key", "")),
         "config": settings,
@@ -494,6 +518,10 @@ def influence_from_config(
         test_store = None if test is None else _as_store(test, "test")
     if test_store is not None:
         _check_compatible(train_store, test_store)
+    if config.scoring == "loss-difference":
+        problem = loss_difference_problem(train_store, config.mode)
+        if problem is not None:
+            raise ConfigError(f"scoring='loss-difference' cannot be used here: {problem}.")
     method = get_method(config.method, config.method_options)
     compute_dtype = _default_compute_dtype(train_store, config.compute_dtype)
     device = ctx.resolve_device(config.device) or torch.device("cpu")
@@ -623,16 +651,15 @@ def influence_from_config(
         preconditioned = method.precondition(vectors, method_ctx)
     precondition_seconds = time.perf_counter() - started
 
-    test_rows = next(iter(preconditioned.vectors.values())).shape[0]
-
-    def score_columns(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        size = next(iter(batch.values())).shape[0]
-        partial = torch.zeros(size, test_rows, dtype=compute_dtype, device=device)  # (b, m)
-        for name in blocks:
-            partial.addmm_(batch[name], preconditioned.vectors[name].T, alpha=-1.0)  # -= X_b R_l^T
-        return {"scores": partial.T.to("cpu", torch.float64)}  # (m, b)
-
-    values = method_ctx.streamed_rows(f"Scores ({method.name})", score_columns, dim=1)["scores"]  # (m, n), store order
+    scoring: dict[str, Any] = {"scoring": config.scoring}
+    values: torch.Tensor | None = None
+    if config.scoring == "loss-difference":
+        values, checked = loss_difference_scores(method_ctx, preconditioned.vectors)
+        scoring["loss_difference"] = checked
+        if values is not None:
+            passes_description = passes_description.replace("1 scoring pass", "1 scoring pass of loss differences")
+    if values is None:
+        values = gradient_scores(method_ctx, preconditioned.vectors, f"Scores ({method.name})")  # (m, n), store order
 
     diagnostics = {
         **preconditioned.diagnostics,
@@ -641,6 +668,7 @@ def influence_from_config(
         "passes": method_ctx.passes,
         **_replayed(method_ctx),
         **fused_passes,
+        **scoring,
         "processes": ctx.world_size,
         "passes_description": passes_description,
         "zero_gradient_blocks": zero_blocks,
@@ -670,6 +698,7 @@ def influence(
     device: str = "cpu",
     normalize: bool = False,
     fuse_norms_pass: bool = True,
+    scoring: Literal["gradients", "loss-difference"] = "gradients",
     progress: bool = True,
 ) -> Scores:
     """Influence of every training example on the test loss (positive = harmful).
@@ -694,6 +723,10 @@ def influence(
         fuse_norms_pass: with training gradients recomputed on every pass, let DataInf record their
             norms in its own pass (2 gradient passes plus a pilot instead of 3; docs/method.md
             section 6.1). ``False``: a separate norms pass.
+        scoring: ``"gradients"`` (exact) or ``"loss-difference"`` (training gradients computed on
+            the fly, ``average`` mode: the scoring pass by forward differences of the losses, one
+            forward pass per example instead of a forward and a backward pass, checked against exact
+            scores on a few rows; see :class:`InfluenceConfig`).
         progress: show progress bars.
 
     Returns:
@@ -715,5 +748,6 @@ def influence(
         device=device,
         normalize=normalize,
         fuse_norms_pass=fuse_norms_pass,
+        scoring=scoring,
     )
     return influence_from_config(train, test, config, progress=progress)

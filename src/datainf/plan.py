@@ -55,6 +55,7 @@ from datainf.gradients.source import DEFAULT_PILOT_ROWS
 from datainf.methods import check_method_names
 from datainf.methods.datainf_method import DataInf
 from datainf.methods.exact import exact_block_numbers, exact_groups
+from datainf.methods.scoring import LOSS_DIFFERENCE_CHECK_ROWS, STEP_FACTORS
 
 __all__ = [
     "PLAN_MODES",
@@ -231,6 +232,9 @@ class PlanSettings:
         measure: time one batch here (``None``: when the folder has weights and the model has under
             500 million parameters).
         out: where the store would go: its free space is compared with the store bytes.
+        scoring: the scoring pass (:attr:`datainf.influence.InfluenceConfig.scoring`): ``gradients``, or
+            ``loss-difference`` (on the fly, average mode: forward-only passes instead of the last
+            gradient pass, plus the check's rows; docs/method.md section 6.2).
     """
 
     model: str
@@ -258,10 +262,18 @@ class PlanSettings:
     memory_gb: float | None = None
     measure: bool | None = None
     out: str | None = None
+    scoring: str = "gradients"
 
     def __post_init__(self) -> None:
         if self.mode not in PLAN_MODES:
             raise ConfigError(f"mode must be one of {PLAN_MODES}, got {self.mode!r}.")
+        if self.scoring not in ("gradients", "loss-difference"):
+            raise ConfigError(f"scoring must be 'gradients' or 'loss-difference', got {self.scoring!r}.")
+        if self.scoring == "loss-difference" and (self.mode != "on-the-fly" or self.pairwise):
+            raise ConfigError(
+                "scoring 'loss-difference' is the scoring pass of on-the-fly training gradients in average mode: plan "
+                "it with --mode on-the-fly and without --pairwise, or use --scoring gradients."
+            )
         if self.mode == "projected" and self.project_dim is None:
             raise ConfigError("mode 'projected' needs project_dim (--project-dim K).")
         for name in ("n", "seq_len", "r", "batch_size", "score_batch_size", "shard_size", "test_examples"):
@@ -284,7 +296,8 @@ class PlanSettings:
 class MethodPlan:
     """One method's figures: ``passes`` over the training gradients (scoring included), the forward /
     backward passes over the training data they cost (``pilot_rows``: examples computed once more, on
-    the fly, by DataInf's fused norms pass), and peak memory in bytes.
+    the fly, by DataInf's fused norms pass and by the loss-difference check), ``forward_rows``: examples
+    run forward only (the scoring pass by loss differences), and peak memory in bytes.
 
     ``own_bytes``: the method's own float64 matrices at their peak (:func:`method_bytes`; Exact,
     K-FAC, EK-FAC). ``refused``: the message the method (or the collection of its factors) would stop
@@ -297,6 +310,7 @@ class MethodPlan:
     gradient_passes: int
     peak_bytes: int
     pilot_rows: int = 0
+    forward_rows: int = 0
     seconds: float | None = None
     own_bytes: int = 0
     refused: str | None = None
@@ -378,8 +392,10 @@ class GradientPlan:
             lines.append(f"  gradient collection in {limit:g} GiB of memory: {verdict}")
         for method in self.methods:
             cost = f"{method.gradient_passes} forward/backward passes over the training data" + (
-                f" (+ a pilot of {method.pilot_rows} examples)" if method.pilot_rows else ""
+                f" (+ {method.pilot_rows} examples computed twice: pilot / check)" if method.pilot_rows else ""
             )
+            if method.forward_rows:
+                cost += f", {method.forward_rows:,} forward-only examples (the scoring pass by loss differences)"
             when = "" if method.seconds is None else f", about {_duration(method.seconds)}"
             own = f" (its float64 matrices {format_bytes(method.own_bytes)})" if method.own_bytes else ""
             fits = "" if method.fits is None else f"; in {limit:g} GiB: " + ("fits" if method.fits else "DOES NOT FIT")
@@ -501,8 +517,9 @@ def _saved_activation_bytes(model: torch.nn.Module, settings: PlanSettings, voca
     return total
 
 
-def _measure_seconds(settings: PlanSettings, folder: Path, projection: Any) -> float:
-    """Seconds per example of one gradient batch (random tokens) through the real hooks, on the CPU."""
+def _measure_seconds(settings: PlanSettings, folder: Path, projection: Any) -> tuple[float, float]:
+    """Seconds per example of one gradient batch (random tokens) through the real hooks, and of one
+    forward pass without autograd (what a loss difference costs), on the CPU."""
     from datainf.gradients import find_lora_blocks
     from datainf.gradients.collect import GradientSession
     from datainf.gradients.projection import projector_for
@@ -545,7 +562,10 @@ def _measure_seconds(settings: PlanSettings, folder: Path, projection: Any) -> f
         session.compute(records, ids)  # warm-up
         start = time.perf_counter()
         session.compute(records, ids)
-        return (time.perf_counter() - start) / settings.batch_size
+        gradient = (time.perf_counter() - start) / settings.batch_size
+        start = time.perf_counter()
+        session.forward_losses(records, ids)
+        return gradient, (time.perf_counter() - start) / settings.batch_size
 
 
 def make_plan(settings: PlanSettings) -> GradientPlan:
@@ -634,6 +654,7 @@ def make_plan(settings: PlanSettings) -> GradientPlan:
         streamed = rows * stored * compute
         state = cost.state
         pilot = 0
+        forward_rows = 0
         if settings.mode == "on-the-fly":
             # the model runs in this process; one pass's batches are assembled into streamed batches (concatenated)
             reading = collection + 2 * streamed
@@ -641,6 +662,11 @@ def make_plan(settings: PlanSettings) -> GradientPlan:
             if cost.fused_terms:  # the norms pass fused into the first pass (falls back to 1 more pass on a bad pilot)
                 norms_passes, pilot, state = 0, min(DEFAULT_PILOT_ROWS, n), state + cost.fused_terms
             gradient_passes = passes + norms_passes + cost.factor_passes
+            if settings.scoring == "loss-difference":  # the scoring pass forward only, after a checked sample
+                check = min(LOSS_DIFFERENCE_CHECK_ROWS, n)
+                gradient_passes -= 1
+                pilot += check
+                forward_rows = n + (len(STEP_FACTORS) - 1) * check
         else:
             reading = runtime + streamed + min(settings.shard_size, n) * stored * item
             gradient_passes = 1  # the collection
@@ -669,6 +695,7 @@ def make_plan(settings: PlanSettings) -> GradientPlan:
             passes=passes,
             gradient_passes=gradient_passes,
             pilot_rows=pilot,
+            forward_rows=forward_rows,
             peak_bytes=int(peak),
             own_bytes=int(own),
             refused=factor_refusal if cost.needs_factors else None,
@@ -690,9 +717,10 @@ def make_plan(settings: PlanSettings) -> GradientPlan:
         if not has_weights or folder is None:
             notes.append("not measured: the model folder holds no weights")
         else:
-            seconds = _measure_seconds(settings, folder, projection)
+            seconds, forward_seconds = _measure_seconds(settings, folder, projection)
             for method in methods:
                 method.seconds = seconds * (n * method.gradient_passes + method.pilot_rows)
+                method.seconds += forward_seconds * method.forward_rows
     free = None
     if settings.out is not None:
         target = Path(settings.out).absolute()

@@ -297,6 +297,10 @@ class ScoreSettings:
             there, instead of recomputing them on every pass (the default: no bytes on disk, one
             forward/backward pass over the training data per streaming pass plus one for the norms;
             :class:`datainf.gradients.OnTheFlyGradients`). Recorded in ``config.json`` only when on.
+        scoring: the scoring pass (:attr:`datainf.influence.InfluenceConfig.scoring`): ``gradients``
+            (exact), or ``loss-difference`` (training gradients computed on the fly, ``average``
+            mode: a forward difference of each example's loss, checked on a few rows). Recorded in
+            ``config.json`` only when not ``gradients``.
         text_column, label_column, prompt_column, response_column, id_column: as in :class:`FinetuneSettings`.
         method: influence method names (see :func:`datainf.methods.available_methods`).
         mode: ``average`` (one score per training example, on the mean test loss), ``pairwise``
@@ -343,6 +347,7 @@ class ScoreSettings:
     normalize: bool = False
     loss_baseline: bool | None = None
     keep_train_store: bool = False
+    scoring: Literal["gradients", "loss-difference"] = "gradients"
     damping: float = 0.1
     fixed_lambda: float | None = None
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -358,6 +363,7 @@ class ScoreSettings:
                 "dtype": _DTYPES,
                 "mode": ("average", "pairwise", "self"),
                 "table_format": ("csv", "parquet"),
+                "scoring": ("gradients", "loss-difference"),
             },
         )
         _normalise_label_names(self)
@@ -750,6 +756,12 @@ def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: boo
                 "--keep-train-store keeps the training gradients computed from --train-data; with --train-grads they "
                 "are a store already: drop --keep-train-store."
             )
+        if settings.scoring == "loss-difference" and (not settings.train_data or settings.keep_train_store):
+            raise ConfigError(
+                "--scoring loss-difference replaces a pass of forward/backward over the training data by forward "
+                "passes, so it needs training gradients computed on the fly: give --train-data (with --model and "
+                "--adapter) without --keep-train-store, or use --scoring gradients."
+            )
         self_mode = settings.mode == "self"
         if self_mode and (settings.test_grads or settings.test_data):
             given = "--test-grads" if settings.test_grads else "--test-data"
@@ -778,6 +790,7 @@ def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: boo
                 batch_size=settings.score_batch_size,
                 device=settings.device,
                 normalize=settings.normalize,
+                scoring=settings.scoring,
             )
             for name in methods
         }
@@ -987,6 +1000,8 @@ def _saved_score(settings: ScoreSettings) -> dict[str, Any]:
         del saved["label_names"]
     if saved.get("keep_train_store") is False:
         del saved["keep_train_store"]
+    if saved.get("scoring") == "gradients":
+        del saved["scoring"]
     return _without_projection_defaults(saved)
 
 
@@ -1023,6 +1038,11 @@ def _same_scores(
     if scores.mode != config.mode or bool(scores.settings.get("normalize", False)) != config.normalize:
         logger.info(
             "The %s scores in the output folder have another mode or normalisation; recomputing them.", scores.method
+        )
+        return False
+    if scores.settings.get("scoring", "gradients") != config.scoring:
+        logger.info(
+            "The %s scores in the output folder come from another scoring pass; recomputing them.", scores.method
         )
         return False
     return True

@@ -138,6 +138,24 @@ def _non_finite_rows(g: torch.Tensor) -> list[int]:
     return torch.nonzero(~torch.isfinite(g).all(dim=1)).flatten().tolist()
 
 
+def _checked_losses(task: GradientTask, batch: TaskBatch, losses: Any) -> torch.Tensor:
+    """``losses`` when it is one finite loss per example of ``batch``, else one clear error."""
+    if not isinstance(losses, torch.Tensor) or losses.shape != (len(batch),):
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise TaskInputError(
+            f"{type(task).__name__}.per_example_loss returned {shape} for {len(batch)} examples; it must return one "
+            "loss per example, shape (b,) (a per-example mean, never a batch mean)."
+        )
+    finite = torch.isfinite(losses.detach())
+    if not bool(finite.all()):
+        bad = [batch.ids[i] for i in torch.nonzero(~finite).flatten().tolist()]
+        raise NonFiniteGradientError(
+            f"Non-finite loss for examples {_ids_text(bad)}. Check these examples (extreme inputs, empty targets) and "
+            "the model's weights (a diverged fine-tune gives NaN losses)."
+        )
+    return losses
+
+
 def batch_gradients(
     model: nn.Module,
     task: GradientTask,
@@ -153,20 +171,7 @@ def batch_gradients(
         NonFiniteGradientError: a loss or gradient is NaN/inf (the message names the example ids).
     """
     capture.clear()
-    losses = task.per_example_loss(model, batch)
-    if not isinstance(losses, torch.Tensor) or losses.shape != (len(batch),):
-        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise TaskInputError(
-            f"{type(task).__name__}.per_example_loss returned {shape} for {len(batch)} examples; it must return one "
-            "loss per example, shape (b,) (a per-example mean, never a batch mean)."
-        )
-    finite = torch.isfinite(losses.detach())
-    if not bool(finite.all()):
-        bad = [batch.ids[i] for i in torch.nonzero(~finite).flatten().tolist()]
-        raise NonFiniteGradientError(
-            f"Non-finite loss for examples {_ids_text(bad)}. Check these examples (extreme inputs, empty targets) and "
-            "the model's weights (a diverged fine-tune gives NaN losses)."
-        )
+    losses = _checked_losses(task, batch, task.per_example_loss(model, batch))
     grads = capture.compute(losses)
     bad_blocks: dict[str, list[str]] = {}
     for name, g in grads.items():
@@ -573,8 +578,10 @@ class GradientSession:
 
     def compute(
         self, records: Sequence[Mapping[str, Any]], ids: Sequence[str]
-    ) -> tuple[TaskBatch, dict[str, torch.Tensor]]:
-        """``b`` records -> ``(their collated batch (CPU), {block: (b, d_l) gradients on the session's device})``.
+    ) -> tuple[TaskBatch, torch.Tensor, dict[str, torch.Tensor]]:
+        """``b`` records -> ``(their collated batch (CPU), losses (b,), {block: (b, d_l) gradients})``.
+
+        The losses and gradients are on the session's device.
 
         Raises:
             TaskInputError / NonFiniteGradientError: see :func:`batch_gradients`.
@@ -582,8 +589,22 @@ class GradientSession:
         if self._capture is None:
             raise RuntimeError("GradientSession.compute is only usable inside `with GradientSession(...)`.")
         batch = self.task.collate(records, list(ids))
-        _, grads = batch_gradients(self.model, self.task, batch.to(self.device), self._capture)
-        return batch, grads
+        losses, grads = batch_gradients(self.model, self.task, batch.to(self.device), self._capture)
+        return batch, losses, grads
+
+    def forward_losses(self, records: Sequence[Mapping[str, Any]], ids: Sequence[str]) -> torch.Tensor:
+        """``b`` records -> their losses ``(b,)`` from one forward pass without autograd (no hook records).
+
+        Raises:
+            TaskInputError: the loss vector has the wrong shape.
+            NonFiniteGradientError: a loss is NaN/inf.
+        """
+        if self._capture is None:
+            raise RuntimeError("GradientSession.forward_losses is only usable inside `with GradientSession(...)`.")
+        batch = self.task.collate(records, list(ids)).to(self.device)
+        with torch.no_grad():
+            losses = self.task.per_example_loss(self.model, batch)
+        return _checked_losses(self.task, batch, losses)
 
 
 def _contiguous_runs(indices: Sequence[int]) -> list[list[int]]:
@@ -656,7 +677,7 @@ def _compute_into(
                         chunk = run[start : start + batch_size]
                         if accumulator is not None:
                             accumulator.begin_batch()
-                        batch, grads = session.compute([dataset[i] for i in chunk], [ids[i] for i in chunk])
+                        batch, _, grads = session.compute([dataset[i] for i in chunk], [ids[i] for i in chunk])
                         truncated.extend(batch.truncated_ids)
                         if append:
                             out.append(batch.ids, grads)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -156,9 +157,12 @@ class OnTheFlyGradients:
         self._data_key = dataset_fingerprint(records, self._ids)
         self._fingerprint = gradient_fingerprint(model, task, self._blocks, projection)
         self._norms: torch.Tensor | None = None
+        # each example's loss L_k(theta) from its last gradient pass (NaN: not computed yet), for loss differences
+        self._losses = torch.full((len(self._ids),), math.nan, dtype=torch.float64)
         self._session: GradientSession | None = None
         self.passes = 0  # gradient passes made (the norms pass included), counted by :meth:`iter_batches`
         self.rows_computed = 0  # examples whose gradients were computed (by this process), over every pass
+        self.forward_rows = 0  # examples run forward only (loss differences), by this process
 
     # ------------------------------------------------------------------ GradientSource
     @property
@@ -289,6 +293,92 @@ class OnTheFlyGradients:
                 parts[name].append(tensor.cpu())
         return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
+    # ------------------------------------------------------------------ loss differences
+    def loss_difference_problem(self) -> str | None:
+        """Why :meth:`directional_derivatives` cannot serve this source's rows, or ``None`` when it can.
+
+        A loss difference moves the adapter's own tensors, so it gives ``g_k . u`` for the gradient
+        ``g_k`` of the whole example in the tensors' own coordinates: not a projected sketch, and not
+        the gradient through one labelled row (diffusion's per-timestep blocks).
+        """
+        if self._projector is not None:
+            return (
+                "the rows are random projections of the gradients (project_dim), and a loss difference moves the "
+                "adapter's own tensors"
+            )
+        if self._task.row_labels():
+            return (
+                f"each example's gradient is split into per-row blocks ({len(self._task.row_labels())} rows per "
+                "example), and a loss difference sees the whole example"
+            )
+        return None
+
+    def loss_difference_step(self, direction: Mapping[str, torch.Tensor]) -> float:
+        """The default step ``h`` of :meth:`directional_derivatives` along ``direction``
+        (:func:`~datainf.gradients.directional.forward_difference_step`)."""
+        from datainf.gradients.directional import forward_difference_step
+
+        return forward_difference_step(self._blocks.blocks, direction)
+
+    def directional_derivatives(
+        self, direction: Mapping[str, torch.Tensor], rows: range, *, step: float | None = None, progress: bool = False
+    ) -> torch.Tensor:
+        """``g_k . u`` for every example ``k`` in ``rows``, by a forward difference of its loss (docs/method.md 6.2).
+
+        ``(L_k(theta + h u) - L_k(theta)) / h``: one forward pass without autograd per example at the
+        moved weights (:func:`~datainf.gradients.directional.perturbed_blocks`); ``L_k(theta)`` is the
+        loss of the example's last gradient pass when there was one, else one more forward pass.
+
+        Args:
+            direction: block name -> ``u_l`` (``d_l`` numbers, the served rows' layout); blocks left
+                out do not move.
+            rows: a contiguous range of rows.
+            step: ``h``; default :func:`~datainf.gradients.directional.forward_difference_step`.
+            progress: show a progress bar.
+
+        Returns:
+            float64 ``(len(rows),)``, an approximation of ``g_k . u`` (its error: docs/method.md 6.2).
+
+        Raises:
+            ConfigError: :meth:`loss_difference_problem` names a reason, a bad direction or range.
+            GradientSourceChangedError: the adapter or the records changed since the source was created.
+            NonFiniteGradientError: a non-finite loss.
+        """
+        from tqdm.auto import tqdm
+
+        from datainf.gradients.directional import perturbed_blocks
+
+        problem = self.loss_difference_problem()
+        if problem is not None:
+            raise ConfigError(f"Loss differences cannot score these training gradients: {problem}.")
+        n = self.num_examples
+        if rows.step != 1 or rows.start < 0 or rows.stop > n or rows.start > rows.stop:
+            raise ConfigError(f"rows must be a contiguous range inside range({n}), got {rows!r}.")
+        blocks = self._blocks.blocks
+        h = self.loss_difference_step(direction) if step is None else float(step)
+        if not (math.isfinite(h) and h > 0):
+            raise ConfigError(f"The loss-difference step must be a finite number > 0, got {step!r}.")
+        self._check_unchanged("before a loss-difference pass")
+        out = torch.empty(len(rows), dtype=torch.float64)
+        with (
+            self._opened() as session,
+            tqdm(total=len(rows), desc="loss differences", unit="ex", disable=not progress, leave=False) as bar,
+        ):
+            for start in range(rows.start, rows.stop, self.batch_size):
+                chunk = range(start, min(start + self.batch_size, rows.stop))
+                records, ids = [self._records[i] for i in chunk], [self._ids[i] for i in chunk]
+                base = self._losses[chunk.start : chunk.stop]
+                if bool(base.isnan().any()):
+                    base = session.forward_losses(records, ids).to("cpu", torch.float64)
+                    self.forward_rows += len(chunk)
+                with perturbed_blocks(blocks, direction, h):
+                    moved = session.forward_losses(records, ids).to("cpu", torch.float64)
+                self.forward_rows += len(chunk)
+                out[chunk.start - rows.start : chunk.stop - rows.start] = (moved - base) / h
+                bar.update(len(chunk))
+        self._check_unchanged("after a loss-difference pass")
+        return out
+
     # ------------------------------------------------------------------ computing
     @contextmanager
     def _opened(self) -> Iterator[GradientSession]:
@@ -327,8 +417,9 @@ class OnTheFlyGradients:
         with self._opened() as session:
             for start in range(wanted.start, wanted.stop, self.batch_size):
                 chunk = range(start, min(start + self.batch_size, wanted.stop))
-                batch, grads = session.compute([self._records[i] for i in chunk], [self._ids[i] for i in chunk])
+                batch, losses, grads = session.compute([self._records[i] for i in chunk], [self._ids[i] for i in chunk])
                 self.rows_computed += len(chunk)
+                self._losses[chunk.start : chunk.stop] = losses.detach().to("cpu", torch.float64)
                 truncated.extend(batch.truncated_ids)
                 for name in names:
                     buffered[name].append(grads[name].detach().to(target))
