@@ -146,7 +146,8 @@ def test_loss_difference_scores_follow_the_store_path(setup, small_check, normal
     assert source.rows_computed == PILOT + N_TRAIN + CHECK
     assert source.forward_rows == N_TRAIN + (len(scoring.STEP_FACTORS) - 1) * CHECK
     assert len(checked["steps_tried"]) == len(scoring.STEP_FACTORS)
-    assert checked["check_error"] == min(checked["steps_tried"].values())
+    assert checked["check_error"] == min(tried["check_error"] for tried in checked["steps_tried"])
+    assert checked["step"] in [tried["step"] for tried in checked["steps_tried"]]
 
 
 def test_a_failed_check_falls_back_to_the_exact_gradient_pass(setup, small_check, monkeypatch, caplog) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from datainf.distributed import DistributedContext
+from datainf.distributed import DistributedContext, on_every_rank
 from datainf.errors import ConfigError, NonFiniteGradientError
 from datainf.methods.base import MethodContext
 
@@ -147,19 +147,16 @@ def loss_difference_scores(
 
     # the checked rows, exactly: this process's own rows only (no gathering), arithmetic as gradient_scores
     alone = replace(ctx, rows=check, processes=DistributedContext(), checkpoints=None, progress=False, passes=0)
-    exact = torch.zeros(0, dtype=torch.float64)
-    report: tuple[list[float], float, int] = ([0.0] * len(steps), 0.0, 0)
-    failure: Exception | None = None
-    try:
+
+    def check_rows() -> tuple[torch.Tensor, tuple[list[float], float, int]]:
+        """This process's exact scores of the checked rows, and (each step's largest error, largest score, rows)."""
         exact = gradient_scores(alone, vectors, "loss-difference check")[0]  # (C,)
-        if len(check):
-            errors = [float((estimate(check, step, progress=False) - exact).abs().max()) for step in steps]
-            report = (errors, float(exact.abs().max()), len(check))
-    except Exception as err:
-        if not processes.is_distributed:
-            raise
-        failure = err
-    processes.raise_if_any(failure, "Checking the loss differences")
+        if not len(check):
+            return exact, ([0.0] * len(steps), 0.0, 0)
+        errors = [float((estimate(check, step, progress=False) - exact).abs().max()) for step in steps]
+        return exact, (errors, float(exact.abs().max()), len(check))
+
+    exact, report = on_every_rank(processes, "Checking the loss differences", check_rows)
     reports = processes.all_gather_object(report)
     scale = max(r[1] for r in reports)
     relative = []
@@ -170,7 +167,7 @@ def loss_difference_scores(
     step = steps[best]
     diagnostics: dict[str, Any] = {
         "step": step,
-        "steps_tried": dict(zip(steps, relative)),
+        "steps_tried": [{"step": h, "check_error": e} for h, e in zip(steps, relative)],
         "check_rows": sum(r[2] for r in reports),
         "check_error": relative[best],
         "tolerance": LOSS_DIFFERENCE_TOLERANCE,
@@ -188,13 +185,10 @@ def loss_difference_scores(
             step,
         )
         return None, diagnostics
-    rest = torch.zeros(0, dtype=torch.float64)
-    try:
-        rest = estimate(range(check.stop, rows.stop), step, progress=ctx.progress)
-    except Exception as err:
-        if not processes.is_distributed:
-            raise
-        failure = err
-    processes.raise_if_any(failure, "Scoring by loss differences")
+    rest = on_every_rank(
+        processes,
+        "Scoring by loss differences",
+        lambda: estimate(range(check.stop, rows.stop), step, progress=ctx.progress),
+    )
     local = torch.cat([exact, rest]).unsqueeze(0)  # (1, rows of this process)
     return processes.all_gather_cat(local, dim=1), diagnostics
