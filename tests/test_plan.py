@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import weakref
 from pathlib import Path
 
@@ -15,7 +16,6 @@ from gradient_fixtures import llama_lm, lm_data, word_tokenizer
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import datainf.store
 from datainf.cli import main
 from datainf.errors import ConfigError, DiskFullError, LoRAValidationError
 from datainf.gradients import CausalLMTask, collect_gradients
@@ -137,7 +137,7 @@ def test_bad_plans_are_refused(tmp_path: Path, capsys) -> None:
 
 def test_a_store_too_big_for_the_disk_is_refused_before_any_work(tmp_path: Path, monkeypatch) -> None:
     free = 5000
-    monkeypatch.setattr(datainf.store.shutil, "disk_usage", lambda path: type("U", (), {"free": free})())
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: type("U", (), {"free": free})())
     model, task = llama_lm(), CausalLMTask(word_tokenizer("lm"))
     calls = []
     monkeypatch.setattr(task, "per_example_loss", lambda *a: calls.append(1) or torch.zeros(1))

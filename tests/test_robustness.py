@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -19,7 +20,7 @@ import safetensors
 import torch
 
 import datainf.runs
-import datainf.store
+import datainf.store.disk
 from datainf.cli import main
 from datainf.data.tabular import load_records
 from datainf.errors import (
@@ -144,7 +145,7 @@ Usage = namedtuple("Usage", "total used free")
 
 
 def test_free_space_is_checked_before_a_store_is_written(tmp_path, monkeypatch):
-    monkeypatch.setattr(datainf.store.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 5000, 5000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 5000, 5000))
     path = tmp_path / "g"
     with pytest.raises(DiskFullError) as info:
         GradientStore.create(path, block_dims=DIMS, fingerprint={"model": "m"}, expected_examples=10_000)
@@ -163,7 +164,7 @@ def test_disk_full_while_writing_a_shard_is_one_error_and_the_store_resumes(tmp_
     generator = torch.Generator().manual_seed(0)
     grads = {name: torch.randn(12, d, generator=generator) for name, d in DIMS.items()}
     ids = [f"ex{i}" for i in range(12)]
-    real_save = datainf.store.save_file
+    real_save = datainf.store.disk.save_file
     calls = {"n": 0}
 
     def save_until_full(tensors, filename, metadata=None):
@@ -175,7 +176,7 @@ def test_disk_full_while_writing_a_shard_is_one_error_and_the_store_resumes(tmp_
             )
         return real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(datainf.store, "save_file", save_until_full)
+    monkeypatch.setattr(datainf.store.disk, "save_file", save_until_full)
     store = GradientStore.create(path, block_dims=DIMS, fingerprint={"model": "m"}, shard_size=4)
     with pytest.raises(DiskFullError, match="The disk is full: writing .*shard-00001.safetensors failed") as info:
         store.append(ids[:8], {k: v[:8] for k, v in grads.items()})
@@ -194,7 +195,7 @@ def test_disk_full_in_an_atomic_write_is_one_error(tmp_path, monkeypatch):
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(datainf.store.os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(DiskFullError, match="The disk is full"):
         atomic_write_bytes(tmp_path / "x.json", b"{}")
     assert list(tmp_path.iterdir()) == []
@@ -204,7 +205,7 @@ def test_cli_disk_full_is_one_line_and_leaves_nothing(stores, capsys, tmp_path, 
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(datainf.store.os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full)
     code, _, err = run_cli(capsys, *score_args(stores, tmp_path / "s"))
     assert code == 2 and "The disk is full" in one_error_line(err)
     assert not (tmp_path / "s").exists()
@@ -285,16 +286,16 @@ def test_each_shard_is_hashed_once_per_process(tmp_path, monkeypatch):
     path = tmp_path / "g"
     fill_store(path, 10, seed=4)
     hashed: list[str] = []
-    real = datainf.store._sha256
+    real = datainf.store.disk.file_sha256
 
     def counting(file: Path) -> str:
         hashed.append(Path(file).name)
         return real(file)
 
-    monkeypatch.setattr(datainf.store, "_sha256", counting)
+    monkeypatch.setattr(datainf.store.disk, "file_sha256", counting)
     GradientStore.open(path).to_dict()
     assert hashed == []  # written by this process: already known
-    datainf.store._VERIFIED_SHARDS.clear()  # as in a new process
+    datainf.store.disk._VERIFIED_SHARDS.clear()  # as in a new process
     store = GradientStore.open(path)
     store.squared_norms()
     store.to_dict()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import time
 from pathlib import Path
 
 import pytest
 
-import datainf.store
 from datainf import __version__
 from datainf.errors import ConfigError, DatasetError
 from datainf.runs import CONFIG_FILE, RUN_CONFIG_FORMAT, RunDir, has_progress, removed_on_error, settings_key
@@ -129,7 +129,7 @@ def test_config_is_written_atomically(tmp_path: Path, monkeypatch: pytest.Monkey
     def interrupted(src: str, dst: str) -> None:  # the process dies between writing and renaming
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(datainf.store.os, "replace", interrupted)
+    monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         RunDir.claim(tmp_path, kind="score", settings=SETTINGS)  # resumes, rewriting config.json
     monkeypatch.undo()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from datainf.errors import NonFiniteGradientError
-from datainf.store import GradientStore, _row_squared_norms
+from datainf.store import GradientStore
+from datainf.store.base import _row_squared_norms
 
 
 @pytest.mark.parametrize("threads", [1, 2])

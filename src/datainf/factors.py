@@ -35,7 +35,6 @@ its file is complete. :meth:`FactorFolder.consolidate` sums every piece into one
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -53,6 +52,7 @@ from safetensors.torch import save_file
 
 from datainf.errors import ConfigError, FingerprintMismatchError, StoreCorruptedError, StoreError
 from datainf.store import GradientSource, atomic_write_json
+from datainf.store.files import file_sha256
 
 __all__ = [
     "FACTORS_FOLDER",
@@ -173,14 +173,6 @@ def _empty_sums(shapes: Mapping[str, tuple[int, int]]) -> dict[str, BlockFactorS
     }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class FactorFolder:
     """Factor pieces of one gradient store: on disk (``path``) or in memory (``path=None``).
 
@@ -295,7 +287,7 @@ class FactorFolder:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata={"format": _FORMAT})
-            entry = {"file": file_name, "ids": ids, "bytes": os.path.getsize(tmp), "sha256": _sha256(Path(tmp))}
+            entry = {"file": file_name, "ids": ids, "bytes": os.path.getsize(tmp), "sha256": file_sha256(Path(tmp))}
             os.replace(tmp, self.path / file_name)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -70,7 +70,8 @@ from typing import Any, TypeVar
 
 from datainf.distributed import is_main_process
 from datainf.errors import ConfigError, DataInfError, DeviceError, OutputLockedError
-from datainf.store import RUN_LOCK_FILE, _sha256, atomic_write_json, file_mode, output_error
+from datainf.store import RUN_LOCK_FILE, atomic_write_json, file_mode, output_error
+from datainf.store.files import clear_folder, file_sha256, has_content
 
 __all__ = [
     "RunDir",
@@ -123,11 +124,7 @@ def has_progress(path: str | os.PathLike[str]) -> bool:
 
 def _is_empty_or_missing(path: Path) -> bool:
     """Missing, or a folder holding nothing but a lock file."""
-    return not path.exists() or (path.is_dir() and not _has_content(path))
-
-
-def _has_content(path: Path) -> bool:
-    return any(entry.name != LOCK_FILE for entry in path.iterdir())
+    return not path.exists() or (path.is_dir() and not has_content(path))
 
 
 def check_device(device: str | None) -> None:
@@ -536,10 +533,10 @@ class RunDir:
                 )
             if overwrite:
                 logger.info("Clearing %s (--overwrite).", out)
-                _clear_folder(out)
+                clear_folder(out)
             else:
                 same = True
-        elif _has_content(out):
+        elif has_content(out):
             if allow_foreign is None or not allow_foreign(out):
                 raise ConfigError(
                     f"{out} is not empty and was not written by `datainf {kind}` (no {CONFIG_FILE}); choose a new or "
@@ -547,7 +544,7 @@ class RunDir:
                 )
             if overwrite:
                 logger.info("Clearing %s (--overwrite).", out)
-                _clear_folder(out)
+                clear_folder(out)
         return cls(out, kind=kind, settings=record, is_resumed=same)
 
     @classmethod
@@ -749,7 +746,7 @@ def _input_digests(settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         value = settings.get(key)
         if isinstance(value, str) and os.path.isfile(value):
             file = Path(value)
-            out[key] = {"path": os.path.realpath(file), "bytes": file.stat().st_size, "sha256": _sha256(file)}
+            out[key] = {"path": os.path.realpath(file), "bytes": file.stat().st_size, "sha256": file_sha256(file)}
     return out
 
 
@@ -795,14 +792,3 @@ def _remove_if_empty(created: Path | None, out: Path) -> None:
         if current == created or current.parent == current:
             break
         current = current.parent
-
-
-def _clear_folder(path: Path) -> None:
-    """Delete everything in ``path`` but the lock file (the run clearing it holds the lock)."""
-    for entry in path.iterdir():
-        if entry.name == LOCK_FILE:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()

@@ -36,7 +36,8 @@ from datainf.gradients.factors import FactorAccumulator, factor_shapes
 from datainf.gradients.hooks import PerExampleGradients, split_block_dims
 from datainf.gradients.lora import LoRABlocks, find_lora_blocks, gradient_mode, model_fingerprint
 from datainf.gradients.projection import PROJECTION_KEY, GradientProjector, ProjectionConfig, projector_for
-from datainf.store import DiskGradientStore, GradientStore, _checked_seconds
+from datainf.store import DiskGradientStore, GradientStore
+from datainf.store.base import _checked_seconds
 from datainf.tasks import GradientTask, TaskBatch
 
 __all__ = [

@@ -1,55 +1,17 @@
-"""Per-example gradient storage: a RAM backend for small runs and a sharded disk backend for large ones.
-
-A store holds, for ``n`` examples, one flattened gradient per *block* (one trainable tensor, e.g. a
-``lora_A`` weight): block ``l`` is an ``(n, d_l)`` matrix ``X_l`` whose row ``i`` is ``g_il``
-(docs/method.md section 1; format: docs/gradients.md section 7). Alongside the gradients it keeps each example's squared norm per block,
-``||g_il||^2`` (float64, computed from the *stored* values), so that the per-block damping
-``lambda_l`` and DataInf's denominators cost no extra pass over the gradients.
-
-Disk layout (one folder)::
-
-    manifest.json                     format, block names and sizes, storage dtype, fingerprint,
-                                      shard list (file, ids, bytes), complete flag
-    shard-00000.safetensors           one tensor per block, (k, d_l) in the storage dtype, plus
-                                      "__sq_norms__" (k, L) float64 in block order
-    ...
-    unsharded/index.json              examples appended but not yet in a full shard, kept durable
-    unsharded/shard-pending-<t>.safetensors  between shards (:meth:`DiskGradientStore.checkpoint`;
-                                      same tensors as a shard); removed once they are in a shard
-    parts/<run>-r00001/               written by one rank of a multi-process (torchrun) collection:
-                                      its own manifest.json and shards; rank 0 lists these shards in
-                                      the main manifest (file "parts/<run>-r00001/shard-00000...")
-                                      and removes the part manifest (see :meth:`DiskGradientStore.adopt_parts`)
-
-Writes are atomic: a shard is written to a temporary file and renamed, then the manifest is
-rewritten the same way. An interrupted run therefore leaves only finished shards listed; reopening
-the folder with :meth:`GradientStore.create` and the same configuration resumes after them (the
-examples already stored are in :attr:`GradientStore.ids`). Nothing is ever unpickled.
-
-Between shards, the examples buffered for the next shard are checkpointed too: every
-:attr:`DiskGradientStore.checkpoint_seconds` (default 10 s) the ones not yet durable are written
-to ``unsharded/`` (a file of those rows, then its index, both atomically), so a killed run loses at
-most that long of work, not a whole shard. Reopening the store to write it (:meth:`GradientStore.create`)
-puts them back in the buffer; the shard they end up in is the one an uninterrupted run writes (same
-rows, same bytes). Readers (:meth:`GradientStore.open`) see listed shards only.
-"""
+"""The sharded disk store: safetensors shards plus a JSON manifest, resumable and checked (layout: :mod:`datainf.store`)."""
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
 import uuid
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -58,39 +20,26 @@ from safetensors.torch import save_file
 from datainf.errors import (
     BlockMismatchError,
     ConfigError,
-    DataInfError,
-    DiskFullError,
-    EmptyInputError,
-    NonFiniteGradientError,
-    OutputError,
     StoreCorruptedError,
     StoreError,
     StoreMismatchError,
 )
-
-__all__ = [
-    "GradientSource",
-    "GradientStore",
-    "RamGradientStore",
-    "DiskGradientStore",
-    "STORAGE_DTYPES",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "row_squared_norms",
-    "RUN_LOCK_FILE",
-    "check_free_space",
-    "file_mode",
-    "output_error",
-]
+from datainf.store.base import (
+    GradientStore,
+    _check_rows,
+)
+from datainf.store.files import (
+    atomic_write_bytes,
+    check_free_space,
+    clear_folder,
+    file_mode,
+    file_sha256,
+    has_content,
+    output_error,
+)
 
 logger = logging.getLogger(__name__)
 
-STORAGE_DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 _FORMAT = "datainf-gradient-store"
 _VERSION = 1
 _NORMS_KEY = "__sq_norms__"
@@ -99,162 +48,6 @@ _PARTS = "parts"
 _PENDING = "unsharded"  # durable copies of buffered examples not yet in a shard (see DiskGradientStore.checkpoint)
 _PENDING_INDEX = "index.json"
 _PENDING_FORMAT = "datainf-unsharded-examples"
-
-
-#: Name of the lock file a claimed run folder holds while a run writes it (see :mod:`datainf.runs`);
-#: never counts as content of a folder.
-RUN_LOCK_FILE = ".datainf.lock"
-
-#: errno values of a full disk / exceeded quota, and of a folder that may not be written.
-_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
-_DENIED_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
-#: Free space kept in reserve beyond an output's estimated size (manifests, headers, file-system slack).
-_SPACE_RESERVE = 1 << 20
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where the OS allows (Linux ``/proc``)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # elsewhere: set and restore (the POSIX way to read it)
-    os.umask(mask)
-    return mask
-
-
-def file_mode(*, folder: bool = False) -> int:
-    """The permission bits :func:`open` (``folder=False``) or :func:`os.mkdir` (``folder=True``) would give a
-    new file under the current umask: ``0o666 & ~umask`` or ``0o777 & ~umask`` (e.g. 0o644 / 0o755 under 022).
-
-    Temporary files (:func:`tempfile.mkstemp`, ``mkdtemp``) are private (0o600 / 0o700); datainf sets this
-    mode on them before they are renamed into place, so that a team can share its stores and scores.
-    """
-    return (0o777 if folder else 0o666) & ~_umask()
-
-
-def _errno_of(err: BaseException) -> int | None:
-    """The OS error number behind ``err``: an :class:`OSError`'s ``errno``, or the ``os error N`` /
-    ``code: N`` that safetensors (a Rust library) puts in its messages."""
-    if isinstance(err, OSError) and err.errno is not None:
-        return int(err.errno)
-    match = re.search(r"(?:os error|code:)\s*(\d+)", str(err))
-    return int(match.group(1)) if match else None
-
-
-def _format_bytes(count: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if abs(count) < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"  # pragma: no cover - unreachable
-
-
-def output_error(err: BaseException, path: str | os.PathLike[str], what: str = "") -> DataInfError | None:
-    """The datainf error for a failed write of ``path``, or ``None`` when ``err`` is no known write failure.
-
-    A full disk (``ENOSPC``, ``EDQUOT``) gives a :class:`~datainf.errors.DiskFullError`; a read-only folder
-    or missing permission (``EROFS``, ``EACCES``, ``EPERM``) an :class:`~datainf.errors.OutputError`. Both
-    say what to do. ``what`` names the output (e.g. ``"the gradient store"``).
-    """
-    if isinstance(err, DataInfError):
-        return err
-    code = _errno_of(err)
-    target = Path(path)
-    name = f"{what} {target}" if what else str(target)
-    if code in _FULL_ERRNOS:
-        try:
-            free = f" ({_format_bytes(shutil.disk_usage(_existing_parent(target)).free)} free now)"
-        except OSError:
-            free = ""
-        return DiskFullError(
-            f"The disk is full: writing {name} failed{free}. Free some space or choose an --out folder on a larger "
-            "disk, then rerun the same command: finished parts are kept and it resumes."
-        )
-    if code in _DENIED_ERRNOS:
-        reason = "is on a read-only file system" if code == errno.EROFS else "may not be written by this user"
-        return OutputError(
-            f"{name} {reason} ({os.strerror(code)}). Choose an --out folder you can write to, or fix its permissions."
-        )
-    return None
-
-
-def _existing_parent(path: Path) -> Path:
-    """``path`` itself or its nearest existing ancestor (where a new file or folder would go)."""
-    current = path.absolute()
-    while not current.exists() and current.parent != current:
-        current = current.parent
-    return current
-
-
-def check_free_space(folder: str | os.PathLike[str], needed: int, what: str) -> None:
-    """Refuse to start writing ``needed`` bytes of ``what`` into ``folder`` when the disk has less free space.
-
-    ``folder`` need not exist yet (its nearest existing ancestor is asked). A small reserve (1 MiB) is
-    added for manifests and file headers.
-
-    Raises:
-        DiskFullError: the free space is below ``needed`` plus the reserve; the message says how much is
-            needed and how much is free.
-    """
-    if needed <= 0:
-        return
-    try:
-        free = shutil.disk_usage(_existing_parent(Path(folder))).free
-    except OSError:  # no answer (e.g. an unusual file system): let the write itself tell
-        return
-    if free < needed + _SPACE_RESERVE:
-        raise DiskFullError(
-            f"Not enough free space for {what} in {folder}: it needs about {_format_bytes(needed)}, "
-            f"{_format_bytes(free)} is free. Free {_format_bytes(needed + _SPACE_RESERVE - free)} or more, choose an "
-            "--out folder on a larger disk, or store fewer bytes per number (--dtype bfloat16)."
-        )
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
-
-    The file gets the mode :func:`open` would give it under the current umask (:func:`file_mode`). A full
-    disk or a read-only folder raises the :func:`output_error` for it (the temporary file is removed).
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise (output_error(err, path) or err) from err
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), file_mode())
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        converted = output_error(err, path) if isinstance(err, OSError) else None
-        if converted is not None:
-            raise converted from err
-        raise
-
-
-def atomic_write_json(path: Path, data: Any, *, default: Callable[[Any], Any] = str) -> None:
-    """Write ``data`` as indented JSON (plus a final newline) with :func:`atomic_write_bytes`.
-
-    ``default`` converts what JSON cannot hold (``str`` by default; ``float`` keeps numpy numbers numeric).
-    """
-    atomic_write_bytes(Path(path), (json.dumps(data, indent=2, default=default) + "\n").encode())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 #: Shards whose SHA-256 this process has checked (or written): ``(real path, bytes, mtime_ns, sha256)``.
@@ -267,429 +60,6 @@ def _shard_key(file: Path, sha256: str) -> tuple[str, int, int, str] | None:
     except OSError:
         return None
     return (os.path.realpath(file), stat.st_size, stat.st_mtime_ns, sha256)
-
-
-def _non_finite_ids(values: torch.Tensor, ids: Sequence[str], limit: int = 10) -> list[str]:
-    bad_rows = (~torch.isfinite(values)).reshape(values.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
-    return [ids[i] for i in bad_rows[:limit]] + (["..."] if len(bad_rows) > limit else [])
-
-
-_NORM_CHUNK_ELEMENTS = 1 << 17  # float64 numbers per row chunk of _row_squared_norms (1 MiB: stays in cache)
-
-
-def _row_squared_norms(block: torch.Tensor) -> torch.Tensor:
-    """``||row||^2`` of every row of a ``(b, d)`` block, float64 ``(b,)``, accumulated in float64.
-
-    Taken in row chunks of about ``_NORM_CHUNK_ELEMENTS`` numbers, so that the float64 copy is one
-    chunk, not the whole block. Each row's reduction is the same whatever the chunk (same values,
-    bit for bit, as one call on the block); a chunk never holds a lone row of a larger block (a
-    single-row reduction may be split across threads, which rounds differently).
-    """
-    rows, dim = block.shape
-    out = torch.empty(rows, dtype=torch.float64)
-    step = max(2, _NORM_CHUNK_ELEMENTS // max(dim, 1))
-    start = 0
-    while start < rows:
-        stop = min(rows, start + step)
-        if rows - stop == 1:
-            stop = rows
-        out[start:stop] = torch.linalg.vector_norm(block[start:stop], dim=1, dtype=torch.float64).square()
-        start = stop
-    return out
-
-
-#: The public name of :func:`_row_squared_norms` (what every gradient source records as ``||g_il||^2``).
-row_squared_norms = _row_squared_norms
-
-
-def _checked_seconds(value: float | None) -> float | None:
-    """A checkpoint interval: ``None`` or a number of seconds ``>= 0``."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ConfigError(f"checkpoint_seconds must be a number of seconds >= 0 (or None), got {value!r}.")
-    return float(value)
-
-
-def _check_rows(rows: range | None, n: int) -> range:
-    """``rows`` checked against a store of ``n`` examples (``None`` -> every row)."""
-    if rows is None:
-        return range(n)
-    if rows.step != 1 or rows.start < 0 or rows.stop > n or rows.start > rows.stop:
-        raise ConfigError(f"rows must be a contiguous range inside range({n}), got {rows!r}.")
-    return rows
-
-
-def _validate_block_dims(block_dims: Mapping[str, int]) -> dict[str, int]:
-    if not block_dims:
-        raise ConfigError("A gradient store needs at least one block (a mapping block name -> size d_l); got none.")
-    out: dict[str, int] = {}
-    for name, dim in block_dims.items():
-        if not isinstance(name, str) or not name or name.startswith("__"):
-            raise ConfigError(
-                f"Block name {name!r} is not usable: names must be non-empty strings not starting with '__'."
-            )
-        if int(dim) <= 0:
-            raise ConfigError(f"Block {name!r} has size {dim}; every block needs at least one parameter.")
-        out[name] = int(dim)
-    return out
-
-
-@runtime_checkable
-class GradientSource(Protocol):
-    """What the influence engine and the methods read from training gradients: a store, or anything alike.
-
-    :class:`GradientStore` satisfies it; so does :class:`datainf.gradients.OnTheFlyGradients`, which
-    computes the gradients again on every pass instead of reading them from disk. ``n`` examples,
-    block ``l`` an ``(n, d_l)`` matrix ``X_l``; every read is a streaming pass over row ranges.
-    """
-
-    @property
-    def ids(self) -> list[str]:
-        """The ``n`` example ids, in row order."""
-        ...
-
-    @property
-    def block_dims(self) -> dict[str, int]:
-        """Block name -> ``d_l``, in a fixed order (the column order of :meth:`squared_norms`)."""
-        ...
-
-    @property
-    def num_examples(self) -> int: ...
-
-    @property
-    def dtype(self) -> str:
-        """Name of the dtype the rows come in (a key of :data:`STORAGE_DTYPES`)."""
-        ...
-
-    @property
-    def torch_dtype(self) -> torch.dtype: ...
-
-    @property
-    def fingerprint(self) -> dict[str, str]:
-        """Strings identifying what produced the gradients (key ``"model"``: base model + adapter)."""
-        ...
-
-    @property
-    def is_complete(self) -> bool: ...
-
-    def squared_norms(self) -> torch.Tensor:
-        """``||g_il||^2`` of every example and block: float64 ``(n, L)`` in :attr:`block_dims` order."""
-        ...
-
-    def iter_batches(
-        self, batch_size: int = 1024, blocks: Sequence[str] | None = None, rows: range | None = None
-    ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
-        """One pass: ``(ids, {block: (b, d_l)})`` in row order, ``b <= batch_size``, over ``rows`` (default all)."""
-        ...
-
-    def to_dict(self) -> dict[str, torch.Tensor]:
-        """Every block as one ``(n, d_l)`` tensor (everything in memory: for small test sets)."""
-        ...
-
-
-class GradientStore(ABC):
-    """Per-example gradients of ``n`` examples, block by block; appendable and readable in batches.
-
-    Create one with :meth:`create` (``path=None`` gives the RAM backend), :meth:`open` an existing
-    disk store, or wrap in-memory tensors with :meth:`from_tensors`.
-    """
-
-    def __init__(self, block_dims: Mapping[str, int], dtype: str, fingerprint: Mapping[str, str] | None) -> None:
-        if dtype not in STORAGE_DTYPES:
-            raise ConfigError(f"Storage dtype {dtype!r} is not supported; use one of {sorted(STORAGE_DTYPES)}.")
-        self._block_dims = _validate_block_dims(block_dims)
-        self._dtype_name = dtype
-        self._fingerprint = {str(k): str(v) for k, v in (fingerprint or {}).items()}
-        self._ids: list[str] = []
-        self._id_set: set[str] = set()
-        self._complete = False
-        #: Examples this store object found already written when it was reopened to be written
-        #: (:meth:`create` resuming an unfinished disk store: its shards and its checkpointed
-        #: unsharded examples); ``0`` for a new store or one opened to read.
-        self.resumed_examples = 0
-
-    # ------------------------------------------------------------------ construction
-    @staticmethod
-    def create(
-        path: str | os.PathLike[str] | None = None,
-        *,
-        block_dims: Mapping[str, int],
-        dtype: str = "float32",
-        fingerprint: Mapping[str, str] | None = None,
-        shard_size: int = 1024,
-        overwrite: bool = False,
-        expected_examples: int | None = None,
-        checkpoint_seconds: float | None = None,
-    ) -> GradientStore:
-        """Make a new store, or reopen an unfinished disk store with the same configuration.
-
-        Args:
-            path: folder of a disk store, or ``None`` for the RAM backend.
-            block_dims: block name -> number of parameters ``d_l``, in a fixed order.
-            dtype: storage dtype, one of ``float32`` (default), ``bfloat16``, ``float16``, ``float64``.
-            fingerprint: strings identifying what produced the gradients; key ``"model"`` identifies
-                the base model + adapter and must agree between train and test stores.
-            shard_size: examples per shard file (disk backend).
-            overwrite: delete an existing store at ``path`` instead of resuming it.
-            expected_examples: how many examples the store will hold when finished (disk backend): the
-                free disk space is checked against the size of those not stored yet before anything is
-                written (:meth:`DiskGradientStore.expected_bytes`). ``None`` skips that check; every shard
-                is still checked before it is written.
-            checkpoint_seconds: (disk backend) write the examples buffered for the next shard to
-                ``unsharded/`` at most this many seconds after the last durable write
-                (:meth:`DiskGradientStore.checkpoint`); ``0`` after every append, ``None`` keeps the
-                default (:attr:`DiskGradientStore.checkpoint_seconds`, 10 s). Reopening an unfinished
-                store picks those examples up again (:attr:`GradientStore.resumed_examples` counts
-                everything kept).
-
-        Raises:
-            DiskFullError: less free space than ``expected_examples`` need.
-        """
-        seconds = _checked_seconds(checkpoint_seconds)
-        if path is None:
-            return RamGradientStore(block_dims=block_dims, dtype=dtype, fingerprint=fingerprint)
-        store = DiskGradientStore._create(
-            Path(path),
-            block_dims=block_dims,
-            dtype=dtype,
-            fingerprint=fingerprint,
-            shard_size=shard_size,
-            overwrite=overwrite,
-            expected_examples=expected_examples,
-        )
-        if seconds is not None:
-            store.checkpoint_seconds = seconds
-        return store
-
-    @staticmethod
-    def open(path: str | os.PathLike[str]) -> DiskGradientStore:
-        """Open an existing disk store for reading (refuses corrupted or unknown folders).
-
-        Each shard's SHA-256 is checked against the manifest the first time this process reads it
-        (:attr:`DiskGradientStore.verify_checksums`)."""
-        return DiskGradientStore._open(Path(path))
-
-    @staticmethod
-    def from_tensors(
-        grads: Mapping[str, torch.Tensor],
-        *,
-        ids: Sequence[str] | None = None,
-        fingerprint: Mapping[str, str] | None = None,
-    ) -> RamGradientStore:
-        """Wrap in-memory gradients: block name -> tensor of shape ``(n, d_l)`` (or ``(n, *shape)``).
-
-        The dtype is kept when it is a storage dtype (float64 stays float64), else float32.
-        """
-        if not grads:
-            raise EmptyInputError("No gradient blocks were given: pass a mapping block name -> tensor (n, d_l).")
-        first = next(iter(grads.values()))
-        n = int(first.shape[0]) if first.dim() > 0 else 0
-        if n == 0:
-            raise EmptyInputError("The gradients hold no examples (n = 0).")
-        dims: dict[str, int] = {}
-        flat: dict[str, torch.Tensor] = {}
-        for name, tensor in grads.items():
-            if not isinstance(tensor, torch.Tensor):
-                raise ConfigError(f"Block {name!r} is a {type(tensor).__name__}, not a torch.Tensor of shape (n, d_l).")
-            if tensor.dim() < 2 or tensor.shape[0] != n:
-                raise BlockMismatchError(
-                    f"Block {name!r} has shape {tuple(tensor.shape)}; every block must be (n, d_l) with the same n "
-                    f"(the first block has n={n})."
-                )
-            flat[name] = tensor.reshape(n, -1)
-            dims[name] = flat[name].shape[1]
-        dtype = next((k for k, v in STORAGE_DTYPES.items() if v == first.dtype), "float32")
-        store = RamGradientStore(block_dims=dims, dtype=dtype, fingerprint=fingerprint)
-        store.append([str(i) for i in range(n)] if ids is None else list(ids), flat)
-        store.finalize()
-        return store
-
-    # ------------------------------------------------------------------ properties
-    @property
-    def block_dims(self) -> dict[str, int]:
-        """Block name -> size ``d_l``, in storage order."""
-        return dict(self._block_dims)
-
-    @property
-    def dtype(self) -> str:
-        """Storage dtype name."""
-        return self._dtype_name
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return STORAGE_DTYPES[self._dtype_name]
-
-    @property
-    def fingerprint(self) -> dict[str, str]:
-        return dict(self._fingerprint)
-
-    @property
-    def ids(self) -> list[str]:
-        """Ids of the stored examples, in storage order (buffered, unflushed ones included)."""
-        return list(self._ids)
-
-    @property
-    def num_examples(self) -> int:
-        return len(self._ids)
-
-    @property
-    def is_complete(self) -> bool:
-        return self._complete
-
-    @property
-    def buffered_ids(self) -> list[str]:
-        """Ids appended but not yet written into a shard (disk backend; always empty for the RAM backend),
-        in append order: the last rows of :attr:`ids`."""
-        return []
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def __enter__(self) -> GradientStore:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.finalize()
-        else:
-            self.flush()
-
-    # ------------------------------------------------------------------ writing
-    def append(self, ids: Sequence[str], grads: Mapping[str, torch.Tensor]) -> None:
-        """Add a batch of ``b`` examples: ``grads[name]`` has shape ``(b, d_l)`` (or ``(b, *shape)``).
-
-        Raises:
-            BlockMismatchError: block names or sizes differ from the store's.
-            NonFiniteGradientError: a value is NaN/inf (before or after the cast to the storage dtype).
-            StoreError: an id is already stored, or the store is finalized.
-        """
-        if self._complete:
-            raise StoreError(
-                "This gradient store is finalized; create a new one (or pass overwrite=True) to add examples."
-            )
-        ids = [str(i) for i in ids]
-        b = len(ids)
-        if b == 0:
-            return
-        missing = [k for k in self._block_dims if k not in grads]
-        extra = [k for k in grads if k not in self._block_dims]
-        if missing or extra:
-            raise BlockMismatchError(
-                f"The batch's blocks do not match the store's: missing {missing[:5]}, unexpected {extra[:5]}. "
-                "Collect gradients with the same model and adapter as the store was created for."
-            )
-        dupes = [i for i in ids if i in self._id_set]
-        if dupes or len(set(ids)) != b:
-            raise StoreError(f"Example ids must be unique; already stored or repeated: {dupes[:10] or ids[:10]}.")
-        target = self.torch_dtype
-        stored: dict[str, torch.Tensor] = {}
-        norms = torch.empty(b, len(self._block_dims), dtype=torch.float64)
-        for j, (name, dim) in enumerate(self._block_dims.items()):
-            tensor = grads[name].detach()
-            if tensor.shape[0] != b or tensor[0].numel() != dim:
-                raise BlockMismatchError(
-                    f"Block {name!r}: got shape {tuple(tensor.shape)} for {b} examples, expected ({b}, {dim})."
-                )
-            tensor = tensor.reshape(b, dim)
-            cast = tensor.to(device="cpu", dtype=target).contiguous()
-            # A row holds NaN/inf exactly when its squared norm (float64, no overflow for 16/32-bit values) does.
-            squared = _row_squared_norms(cast)
-            if not torch.isfinite(squared).all():
-                original_finite = torch.isfinite(tensor).all() if cast is not tensor else False
-                if original_finite:
-                    raise NonFiniteGradientError(
-                        f"Block {name!r} overflows the storage dtype {self._dtype_name} for examples "
-                        f"{_non_finite_ids(cast, ids)}; use dtype='bfloat16' or 'float32'."
-                    )
-                raise NonFiniteGradientError(
-                    f"Non-finite gradient in block {name!r} for examples {_non_finite_ids(tensor, ids)}. "
-                    "Check these examples' losses (empty targets, extreme values) or lower the learning rate of the fine-tune."
-                )
-            stored[name] = cast
-            norms[:, j] = squared
-        self._write(ids, stored, norms)
-        self._ids.extend(ids)
-        self._id_set.update(ids)
-
-    def flush(self) -> None:  # noqa: B027 - a hook: the disk backend overrides it, the RAM backend has nothing to do
-        """Write buffered examples out (disk backend); a no-op for the RAM backend."""
-
-    def finalize(self) -> None:
-        """Flush and mark the store complete; further appends are refused."""
-        self.flush()
-        self._complete = True
-
-    @abstractmethod
-    def _write(self, ids: list[str], grads: dict[str, torch.Tensor], sq_norms: torch.Tensor) -> None: ...
-
-    # ------------------------------------------------------------------ reading
-    @abstractmethod
-    def iter_batches(
-        self, batch_size: int = 1024, blocks: Sequence[str] | None = None, rows: range | None = None
-    ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
-        """Yield ``(ids, {block: tensor (b, d_l)})`` in storage order, ``b <= batch_size``, storage dtype.
-
-        Batches never span two shards, so their sizes may vary. ``blocks`` restricts what is read;
-        ``rows`` (a contiguous ``range`` of row indices, step 1) restricts which examples are read,
-        e.g. one process's share under ``torch.distributed``.
-        """
-
-    @abstractmethod
-    def squared_norms(self) -> torch.Tensor:
-        """``||g_il||^2`` of every stored example and block: float64 tensor of shape ``(n, L)`` (block order)."""
-
-    def to_dict(self) -> dict[str, torch.Tensor]:
-        """Every block as one ``(n, d_l)`` tensor in the storage dtype (loads everything into RAM)."""
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in self._block_dims}
-        for _, batch in self.iter_batches(batch_size=1 << 30):
-            for name, tensor in batch.items():
-                parts[name].append(tensor)
-        return {
-            name: (torch.cat(chunks) if chunks else torch.empty(0, self._block_dims[name], dtype=self.torch_dtype))
-            for name, chunks in parts.items()
-        }
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(n={self.num_examples}, blocks={len(self._block_dims)}, "
-            f"params={sum(self._block_dims.values())}, dtype={self._dtype_name}, complete={self._complete})"
-        )
-
-
-class RamGradientStore(GradientStore):
-    """Gradients kept in memory as a list of appended chunks."""
-
-    def __init__(
-        self, *, block_dims: Mapping[str, int], dtype: str = "float32", fingerprint: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(block_dims, dtype, fingerprint)
-        self._chunks: list[tuple[list[str], dict[str, torch.Tensor]]] = []
-        self._norm_chunks: list[torch.Tensor] = []
-
-    def _write(self, ids: list[str], grads: dict[str, torch.Tensor], sq_norms: torch.Tensor) -> None:
-        self._chunks.append((ids, grads))
-        self._norm_chunks.append(sq_norms)
-
-    def iter_batches(
-        self, batch_size: int = 1024, blocks: Sequence[str] | None = None, rows: range | None = None
-    ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
-        if batch_size <= 0:
-            raise ConfigError(f"batch_size must be positive, got {batch_size}.")
-        wanted = _check_rows(rows, self.num_examples)
-        names = list(self._block_dims) if blocks is None else list(blocks)
-        offset = 0
-        for ids, grads in self._chunks:
-            first, last = max(wanted.start - offset, 0), min(wanted.stop - offset, len(ids))
-            offset += len(ids)
-            for start in range(first, last, batch_size):
-                stop = min(start + batch_size, last)
-                yield ids[start:stop], {name: grads[name][start:stop] for name in names}
-
-    def squared_norms(self) -> torch.Tensor:
-        if not self._norm_chunks:
-            return torch.empty(0, len(self._block_dims), dtype=torch.float64)
-        return torch.cat(self._norm_chunks)
 
 
 class DiskGradientStore(GradientStore):
@@ -788,8 +158,8 @@ class DiskGradientStore(GradientStore):
         store = cls(path, block_dims=block_dims, dtype=dtype, fingerprint=fingerprint, shard_size=shard_size)
         manifest_path = path / _MANIFEST
         if path.exists() and overwrite:
-            if manifest_path.exists() or not _has_content(path):
-                _clear_folder(path)
+            if manifest_path.exists() or not has_content(path):
+                clear_folder(path)
             else:
                 raise StoreError(
                     f"{path} exists and is not a gradient store; refusing to delete it. Choose another folder."
@@ -817,7 +187,7 @@ class DiskGradientStore(GradientStore):
                 check_free_space(path, existing.expected_bytes(remaining), "the gradient store")
             existing._complete = False
             return existing
-        if path.exists() and _has_content(path):
+        if path.exists() and has_content(path):
             raise StoreError(
                 f"{path} exists, is not empty and holds no gradient store manifest; choose another folder."
             )
@@ -980,7 +350,7 @@ class DiskGradientStore(GradientStore):
                 "file": file_name,
                 "num_examples": len(ids),
                 "bytes": os.path.getsize(tmp),
-                "sha256": _sha256(Path(tmp)),
+                "sha256": file_sha256(Path(tmp)),
             }
             os.replace(tmp, folder / file_name)
         except BaseException as err:
@@ -1050,7 +420,11 @@ class DiskGradientStore(GradientStore):
             seen = set(self._id_set)
             for entry in entries:
                 file = folder / str(entry["file"])
-                if not file.is_file() or file.stat().st_size != int(entry["bytes"]) or _sha256(file) != entry["sha256"]:
+                if (
+                    not file.is_file()
+                    or file.stat().st_size != int(entry["bytes"])
+                    or file_sha256(file) != entry["sha256"]
+                ):
                     raise ValueError(f"{file.name} is missing or changed")
                 with safe_open(str(file), framework="pt") as handle:
                     ids = [str(i) for i in json.loads((handle.metadata() or {})["ids"])]
@@ -1113,7 +487,7 @@ class DiskGradientStore(GradientStore):
         try:
             save_file(tensors, tmp, metadata={"format": _FORMAT})
             os.chmod(tmp, file_mode())  # safetensors makes its own (private) file
-            digest = _sha256(Path(tmp))
+            digest = file_sha256(Path(tmp))
             size = os.path.getsize(tmp)
             os.replace(tmp, final)
         except BaseException as err:
@@ -1142,7 +516,7 @@ class DiskGradientStore(GradientStore):
         if key is not None and key in _VERIFIED_SHARDS:
             return
         try:
-            actual = _sha256(file)
+            actual = file_sha256(file)
         except OSError as err:
             raise StoreCorruptedError(f"Shard {file} cannot be read ({err}). {_shard_remedy(file, self.path)}") from err
         if actual != shard["sha256"]:
@@ -1324,7 +698,7 @@ class DiskGradientStore(GradientStore):
         """Check every shard's SHA-256 against the manifest (reads the whole store once)."""
         for shard in self._shards:
             file = self.path / shard["file"]
-            if _sha256(file) != shard["sha256"]:
+            if file_sha256(file) != shard["sha256"]:
                 raise StoreCorruptedError(
                     f"Shard {file} does not match its recorded checksum: its contents changed after it was written. "
                     f"{_shard_remedy(file, self.path)}"
@@ -1341,19 +715,3 @@ def _shard_remedy(file: Path, store: Path) -> str:
         f"Delete {file} and rerun the command that wrote {store} (datainf grads / score, same settings): it computes "
         "that shard's examples again. Or delete the whole store folder to recompute everything."
     )
-
-
-def _has_content(path: Path) -> bool:
-    """Whether the folder ``path`` holds anything besides a run's lock file (:data:`RUN_LOCK_FILE`)."""
-    return any(entry.name != RUN_LOCK_FILE for entry in path.iterdir())
-
-
-def _clear_folder(path: Path) -> None:
-    """Delete everything in ``path`` but a run's lock file (the run holding it keeps it); the folder stays."""
-    for entry in path.iterdir():
-        if entry.name == RUN_LOCK_FILE:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
