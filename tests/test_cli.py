@@ -467,6 +467,7 @@ def test_score_from_data_writes_the_training_loss_baseline(env, stores, capsys, 
     assert loss.method == "loss" and loss.mode == "self" and loss.test_ids == [] and loss.values.shape == (16,)
     hand = _hand_losses(env)
     torch.testing.assert_close(loss.values, torch.tensor([hand[t] for t in loss.train_ids], dtype=torch.float64))
+    assert loss.diagnostics["recorded_losses"]  # taken from the gradient passes: no forward pass of its own
     assert loss.matches(GradientStore.open(stores["train"]), None)  # the fingerprint of the same model and data
     lines = stdout.splitlines()
     assert any(line.startswith("# loss: training loss of each example") for line in lines)

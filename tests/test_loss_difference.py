@@ -119,6 +119,18 @@ def test_forward_difference_step_is_sqrt_eps_times_the_relative_size(setup) -> N
         forward_difference_step(blocks, {blocks[0].name: torch.full((blocks[0].numel,), math.inf)})
 
 
+def test_recorded_losses_are_the_training_losses_of_the_same_batches(setup) -> None:
+    from datainf.baselines import training_losses
+
+    model, task, train, _, _ = setup
+    source = _source(setup)
+    assert source.recorded_losses() is None  # no gradient pass yet
+    source.to_dict()
+    recorded = source.recorded_losses()
+    assert recorded is not None and recorded.dtype == torch.float64
+    assert torch.equal(recorded, training_losses(model, task, train, batch_size=source.batch_size))
+
+
 # ---------------------------------------------------------------------------- the scoring pass
 @pytest.mark.parametrize("normalize", [False, True])
 def test_loss_difference_scores_follow_the_store_path(setup, small_check, normalize: bool) -> None:

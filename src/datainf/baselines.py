@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from datainf.errors import EmptyInputError
+from datainf.errors import ConfigError, EmptyInputError
 from datainf.scores import LOSS_METHOD, LOSS_SIGN_CONVENTION, Scores
 
 __all__ = ["LOSS_METHOD", "LOSS_SIGN_CONVENTION", "training_losses", "loss_scores"]
@@ -67,6 +67,7 @@ def loss_scores(
     *,
     batch_size: int = 64,
     fingerprint: Mapping[str, Any] | None = None,
+    values: torch.Tensor | None = None,
 ) -> Scores:
     """The training-loss baseline as :class:`~datainf.scores.Scores` (``method="loss"``, ``mode="self"``).
 
@@ -78,11 +79,18 @@ def loss_scores(
         fingerprint: the training gradient store's fingerprint (same model, adapter and task),
             recorded in ``settings`` so :meth:`~datainf.scores.Scores.matches` can tell whether
             finished scores belong to that store.
+        values: the losses when they are known already, float64 ``(n,)`` in record order (e.g.
+            :meth:`datainf.gradients.OnTheFlyGradients.recorded_losses`, taken by the gradient
+            passes with batches of ``batch_size``): no forward pass is made.
     """
     from datainf.gradients import example_ids
 
     started = time.perf_counter()
-    values = training_losses(model, task, records, batch_size=batch_size)
+    recorded = values is not None
+    if values is None:
+        values = training_losses(model, task, records, batch_size=batch_size)
+    elif tuple(values.shape) != (len(records),):
+        raise ConfigError(f"values holds {tuple(values.shape)} losses for {len(records)} records; give one per record.")
     return Scores(
         values=values,
         train_ids=example_ids(records),
@@ -90,6 +98,6 @@ def loss_scores(
         method=LOSS_METHOD,
         mode="self",
         settings={"baseline": "training loss", "batch_size": batch_size, "fingerprint": dict(fingerprint or {})},
-        diagnostics={"seconds": time.perf_counter() - started},
+        diagnostics={"seconds": time.perf_counter() - started, "recorded_losses": recorded},
         sign_convention=LOSS_SIGN_CONVENTION,
     )

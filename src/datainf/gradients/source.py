@@ -293,6 +293,20 @@ class OnTheFlyGradients:
                 parts[name].append(tensor.cpu())
         return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
+    def recorded_losses(self) -> torch.Tensor | None:
+        """Each example's loss ``L_k(theta)`` as its last gradient pass computed it: float64 ``(n,)``, or
+        ``None`` when some example's loss is not known (no gradient pass over it yet, e.g. a run whose
+        passes were all read back from checkpoints).
+
+        The very losses of :func:`datainf.baselines.training_losses` with batches of ``batch_size``
+        (the same forward pass, with autograd on). Under ``torch.distributed`` each rank contributes
+        its own rows; every rank must call this at the same point (it gathers).
+        """
+        ctx = dist_context()
+        own = self._losses[ctx.shard(self.num_examples)] if ctx.is_distributed else self._losses
+        gathered = ctx.all_gather_cat(own.contiguous())
+        return None if bool(gathered.isnan().any()) else gathered.clone()
+
     # ------------------------------------------------------------------ loss differences
     def loss_difference_problem(self) -> str | None:
         """Why :meth:`directional_derivatives` cannot serve this source's rows, or ``None`` when it can.

@@ -30,6 +30,8 @@ from datainf.workflows.steps import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from datainf.influence import InfluenceConfig
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: boo
             ``overwrite``), bad influence settings.
         DatasetError: unreadable data, test labels never seen in training.
     """
+    from datainf.gradients import OnTheFlyGradients
     from datainf.influence import InfluenceConfig, influence_from_config
 
     ctx = dist_context()
@@ -123,7 +126,7 @@ def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: boo
             )
             for name in methods
         }
-        losses: Callable[[GradientSource], Scores] | None = None
+        losses: Callable[[GradientSource, torch.Tensor | None], Scores] | None = None
         train_store: GradientSource
         test_store: GradientStore | None
         if from_stores:
@@ -150,6 +153,8 @@ def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: boo
             rows.append(_write_scores(ctx, run, settings, name, scores, reused))
         if with_loss and losses is not None:
             compute_losses = losses
+            # the losses the gradient passes computed (every rank gathers): then the baseline needs no pass
+            recorded = train_store.recorded_losses() if isinstance(train_store, OnTheFlyGradients) else None
 
             def loss_row() -> tuple[Scores, bool]:
                 done = run.load_finished(
@@ -158,7 +163,7 @@ def score_run(settings: ScoreSettings, *, overwrite: bool = False, progress: boo
                 if done is not None:
                     return done, True
                 with run.timed("loss-baseline"):
-                    return compute_losses(train_store), False
+                    return compute_losses(train_store, recorded), False
 
             scores, reused = on_main(ctx, "Computing the training-loss baseline", loss_row)
             rows.append(_write_scores(ctx, run, settings, _LOSS_STAGE, scores, reused))
@@ -210,7 +215,9 @@ def _score_inputs_from_stores(
 
 def _score_inputs_from_data(
     ctx: DistributedContext, settings: ScoreSettings, overwrite: bool, progress: bool
-) -> tuple[ScoreSettings, RunDir, GradientSource, GradientStore | None, Callable[[GradientSource], Scores]]:
+) -> tuple[
+    ScoreSettings, RunDir, GradientSource, GradientStore | None, Callable[[GradientSource, torch.Tensor | None], Scores]
+]:
     """The training gradients (computed on the fly, or into a store with ``keep_train_store``), the
     test gradients (computed from ``test_data`` into a store, or the ``test_grads`` store), and the
     training-loss baseline of the same model (a function of the training gradients, whose
@@ -296,8 +303,10 @@ def _score_inputs_from_data(
             )
     batch_size = int(settings.grad_batch_size)
 
-    def losses(store: GradientSource) -> Scores:
-        return loss_scores(model, task, encoded["training"], batch_size=batch_size, fingerprint=store.fingerprint)
+    def losses(store: GradientSource, recorded: torch.Tensor | None) -> Scores:
+        return loss_scores(
+            model, task, encoded["training"], batch_size=batch_size, fingerprint=store.fingerprint, values=recorded
+        )
 
     return settings, run, train_store, test_store, losses
 
