@@ -71,7 +71,9 @@ def _job(rank: int, port: int, root: str) -> None:
     source._batches = counted  # type: ignore[method-assign]
     datainf.influence(source, test, progress=False)
     rows_of_datainf = list(computed)  # pilot (all 12: the default 128 > 12), fused pass, scoring: 12 rows each
+    recorded = source.recorded_losses()  # each rank computed 12 rows: gathered
     results: dict[str, Any] = _scores(source, test)
+    results["recorded_losses"] = recorded
 
     work = Path(root) / "work"  # shared by both ranks: rank 0 writes, both read
     first = datainf.influence(
@@ -199,3 +201,14 @@ def test_two_ranks_loss_difference_scoring_checks_every_rank_and_matches_one_pro
         scale = float(single.abs().max())
         torch.testing.assert_close(values, single, rtol=2e-2, atol=2e-2 * scale)  # both approximate
     assert torch.equal(ranks[1]["lossdiff"][0], ranks[0]["lossdiff"][0])  # every rank returns the same scores
+
+
+def test_two_ranks_gather_the_recorded_losses(ranks) -> None:
+    from datainf.baselines import training_losses
+
+    model, task = regressor(), HalfSquaredError()
+    expected = training_losses(model, task, regression_records(N_TRAIN, 0), batch_size=4)
+    for rank in ranks:
+        assert rank["recorded_losses"] is not None
+        torch.testing.assert_close(rank["recorded_losses"], expected, rtol=1e-6, atol=0)
+    assert torch.equal(ranks[0]["recorded_losses"], ranks[1]["recorded_losses"])
