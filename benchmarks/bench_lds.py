@@ -103,12 +103,10 @@ def main() -> None:
         seed=0,
     )
     stage: dict[str, float] = {}
-    if args.partial:  # the stages before the retrains are finished: read their outputs, do not rerun them
-        log = json.loads((out / "finetune" / "adapter" / "training_log.json").read_text())
-        files = sorted(str(p) for p in (out / "scores").glob("scores-*.safetensors")) + [
-            str(out / "scores-random.safetensors")
-        ]
-        settings = LDSSettings(
+
+    def lds_settings(files: list[str]) -> LDSSettings:
+        """The LDS run over the score files ``files`` (the recipe, test set, subsets and fraction of this run)."""
+        return LDSSettings(
             out=str(out / "lds"),
             scores=tuple(files),
             recipe=recipe,
@@ -116,7 +114,13 @@ def main() -> None:
             subsets=args.subsets,
             fraction=args.fraction,
         )
-        results, done, retrain_seconds = _partial(settings)
+
+    if args.partial:  # the stages before the retrains are finished: read their outputs, do not rerun them
+        log = json.loads((out / "finetune" / "adapter" / "training_log.json").read_text())
+        files = sorted(str(p) for p in (out / "scores").glob("scores-*.safetensors")) + [
+            str(out / "scores-random.safetensors")
+        ]
+        results, done, retrain_seconds = _partial(lds_settings(files))
         note = f"PARTIAL: {done} of {args.subsets} retrains had finished when the run was stopped"
         full_eval = log["epochs"][-1]
         _write(args, command, load_before, _load(), results, note, stage, retrain_seconds, full_eval, math.nan)
@@ -153,15 +157,7 @@ def main() -> None:
             mode="pairwise",
         ).save(random_path)
     files.append(str(random_path))
-    settings = LDSSettings(
-        out=str(out / "lds"),
-        scores=tuple(files),
-        recipe=recipe,
-        test_data=str(test),
-        subsets=args.subsets,
-        fraction=args.fraction,
-        jobs=args.jobs,
-    )
+    settings = replace(lds_settings(files), jobs=args.jobs)
     t0 = time.perf_counter()
     run = lds_run(settings, progress=True)
     results = dict(run.results)

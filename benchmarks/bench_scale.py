@@ -217,7 +217,7 @@ def second_pass_worker(n: int, folder: Path) -> dict[str, Any]:
     from torch.func import functional_call
 
     from datainf.gradients import OnTheFlyGradients, find_lora_blocks
-    from datainf.gradients.collect import GradientSession
+    from datainf.gradients.session import GradientSession
 
     torch.set_num_threads(THREADS)
     model, task = _model_and_task(folder)

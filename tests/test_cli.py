@@ -179,9 +179,9 @@ def test_grads_store_and_config(env, stores):
 
 
 def test_grads_interrupted_then_resumed(env, stores, capsys, tmp_path, monkeypatch):
-    import datainf.gradients.collect as collect
+    import datainf.gradients.session as session
 
-    original = collect.batch_gradients
+    original = session.batch_gradients
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -207,12 +207,12 @@ def test_grads_interrupted_then_resumed(env, stores, capsys, tmp_path, monkeypat
         tmp_path / "g",
         "-q",
     ]
-    monkeypatch.setattr(collect, "batch_gradients", flaky)
+    monkeypatch.setattr(session, "batch_gradients", flaky)
     code, _, err = run(capsys, *args)
     assert code == 130 and "interrupted; rerun the same command to resume" in err
     partial = GradientStore.open(tmp_path / "g")
     assert not partial.is_complete and partial.num_examples == 8  # two finished shards survive
-    monkeypatch.setattr(collect, "batch_gradients", original)
+    monkeypatch.setattr(session, "batch_gradients", original)
     code, _, err = run(capsys, *args)
     assert code == 0, err
     resumed = GradientStore.open(tmp_path / "g").to_dict()

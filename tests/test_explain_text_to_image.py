@@ -139,9 +139,9 @@ def test_style_end_to_end_and_cached_rerun(tmp_path, base_dir, encoder, monkeypa
 
     monkeypatch.setattr(t2i, "_finetune", boom)
     monkeypatch.setattr(t2i, "sample_images", boom)
-    import datainf.gradients.collect as collect
+    import datainf.gradients.session as session
 
-    monkeypatch.setattr(collect, "batch_gradients", boom)
+    monkeypatch.setattr(session, "batch_gradients", boom)
     again = run_text_to_image(config, out_dir=tmp_path, progress=False, base_unet_path=base_dir, encoder=encoder)
     assert again.cache == result.cache
     assert json.loads((result.cache / "config.json").read_text()) == {

@@ -521,8 +521,8 @@ def _measure_seconds(settings: PlanSettings, folder: Path, projection: Any) -> t
     """Seconds per example of one gradient batch (random tokens) through the real hooks, and of one
     forward pass without autograd (what a loss difference costs), on the CPU."""
     from datainf.gradients import find_lora_blocks
-    from datainf.gradients.collect import GradientSession
     from datainf.gradients.projection import projector_for
+    from datainf.gradients.session import GradientSession
     from datainf.models import load_model
     from datainf.tasks import GradientTask, TaskBatch
 

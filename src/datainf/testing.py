@@ -18,9 +18,10 @@ from torch import nn
 
 from datainf.errors import ConfigError, DataInfError, EmptyInputError
 from datainf.gradients import GradientTask
-from datainf.gradients.collect import _on_device, batch_gradients, example_ids
 from datainf.gradients.hooks import PerExampleGradients, row_block_name
 from datainf.gradients.lora import find_lora_blocks, gradient_mode
+from datainf.gradients.records import example_ids
+from datainf.gradients.session import _on_device, batch_gradients
 
 __all__ = ["GradientCheckReport", "GradientCheckError", "check_per_example_gradients", "loop_gradients"]
 

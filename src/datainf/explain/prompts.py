@@ -229,21 +229,23 @@ def top_examples(
     return [make(i) for i in helpful], [make(i) for i in harmful]
 
 
+def _column_renames(settings: ExplainSettings) -> dict[str, str]:
+    """Our column name -> the file's, for the prompts and the training file: the columns given, except a
+    ``response`` column named ``response`` (no rename, and a prompts file need not have one)."""
+    given = (
+        ("prompt", settings.prompt_column),
+        ("response", settings.response_column),
+        ("id", settings.id_column),
+    )
+    return {ours: theirs for ours, theirs in given if theirs and (ours != "response" or theirs != "response")}
+
+
 def _read_prompts(settings: ExplainSettings) -> list[dict[str, Any]]:
     from datainf.data.tabular import load_records
 
     records: list[dict[str, Any]] = []
     if settings.prompts:
-        columns = {
-            ours: theirs
-            for ours, theirs in (
-                ("prompt", settings.prompt_column),
-                ("response", settings.response_column),
-                ("id", settings.id_column),
-            )
-            if theirs and (ours != "response" or theirs != "response")
-        }
-        records = load_records(settings.prompts, columns=columns, required=["prompt"])
+        records = load_records(settings.prompts, columns=_column_renames(settings), required=["prompt"])
     if settings.prompt:
         taken = {r["id"] for r in records}
         records.append(
@@ -330,16 +332,7 @@ def explain_causal_lm(settings: ExplainSettings, progress: bool = True) -> tuple
     if not settings.adapter:
         raise ConfigError("explain needs the fine-tuned LoRA adapter: pass --adapter DIR.")
     prompts = _read_prompts(settings)
-    columns = {
-        ours: theirs
-        for ours, theirs in (
-            ("prompt", settings.prompt_column),
-            ("response", settings.response_column),
-            ("id", settings.id_column),
-        )
-        if theirs
-    }
-    train_records = load_records(settings.train_data, columns=columns) if settings.train_data else []
+    train_records = load_records(settings.train_data, columns=_column_renames(settings)) if settings.train_data else []
     model, tokenizer = load_model(
         _base_model(settings), kind="causal-lm", adapter=settings.adapter, device=settings.device
     )

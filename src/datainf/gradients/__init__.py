@@ -15,17 +15,12 @@
 Check the fast path on your own model with :func:`datainf.testing.check_per_example_gradients`.
 """
 
-from datainf.gradients.collect import (
-    batch_gradients,
-    collect_gradients,
-    collect_kronecker_factors,
-    dataset_fingerprint,
-    example_ids,
-    gradient_fingerprint,
-)
+from datainf.gradients.collect import collect_gradients, collect_kronecker_factors
 from datainf.gradients.hooks import PerExampleGradients, row_block_name, split_block_dims
 from datainf.gradients.lora import GradientBlock, LoRABlocks, find_lora_blocks, gradient_mode, model_fingerprint
 from datainf.gradients.projection import GradientProjector, ProjectionConfig
+from datainf.gradients.records import dataset_fingerprint, example_ids, gradient_fingerprint
+from datainf.gradients.session import batch_gradients
 from datainf.gradients.source import OnTheFlyGradients
 from datainf.tasks import (
     DEFAULT_DIFFUSION_TIMESTEPS,

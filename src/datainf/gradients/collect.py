@@ -7,13 +7,10 @@ per-example loss is (:mod:`datainf.tasks`).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,166 +24,29 @@ from datainf.errors import (
     ConfigError,
     EmptyInputError,
     FingerprintMismatchError,
-    NonFiniteGradientError,
     StoreCorruptedError,
-    TaskInputError,
 )
 from datainf.factors import FACTORS_FOLDER, FactorFolder, KroneckerFactors, attach_factors, check_factor_memory
 from datainf.gradients.factors import FactorAccumulator, factor_shapes
-from datainf.gradients.hooks import PerExampleGradients, split_block_dims
-from datainf.gradients.lora import LoRABlocks, find_lora_blocks, gradient_mode, model_fingerprint
-from datainf.gradients.projection import PROJECTION_KEY, GradientProjector, ProjectionConfig, projector_for
+from datainf.gradients.hooks import split_block_dims
+from datainf.gradients.lora import LoRABlocks, find_lora_blocks
+from datainf.gradients.projection import GradientProjector, ProjectionConfig, projector_for
+from datainf.gradients.records import (
+    _ids_text,
+    _validate_all,
+    dataset_fingerprint,
+    example_ids,
+    gradient_block_dims,
+    gradient_fingerprint,
+)
+from datainf.gradients.session import GradientSession
 from datainf.store import DiskGradientStore, GradientStore
 from datainf.store.base import _checked_seconds
-from datainf.tasks import GradientTask, TaskBatch
+from datainf.tasks import GradientTask
 
-__all__ = [
-    "collect_gradients",
-    "collect_kronecker_factors",
-    "example_ids",
-    "batch_gradients",
-    "gradient_fingerprint",
-    "dataset_fingerprint",
-    "gradient_block_dims",
-    "GradientSession",
-]
+__all__ = ["collect_gradients", "collect_kronecker_factors"]
 
 logger = logging.getLogger(__name__)
-
-_LISTED = 10
-
-
-def _ids_text(ids: Sequence[str]) -> str:
-    shown = ", ".join(repr(i) for i in ids[:_LISTED])
-    return shown + (f" and {len(ids) - _LISTED} more" if len(ids) > _LISTED else "")
-
-
-def example_ids(dataset: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Each example's id: its ``"id"`` field when present, else its index in ``dataset`` (as a string).
-
-    Raises:
-        TaskInputError: when two examples share an id.
-    """
-    columns = getattr(dataset, "column_names", None)  # a datasets.Dataset: read one column, decode nothing
-    if isinstance(columns, list):
-        table: Any = dataset  # a datasets.Dataset: indexing by a column name gives the whole column
-        raw = list(table["id"]) if "id" in columns else [None] * len(dataset)
-        ids = [str(i) if value is None else str(value) for i, value in enumerate(raw)]
-    else:
-        ids = []
-        for index in range(len(dataset)):
-            ex = dataset[index]
-            if not isinstance(ex, Mapping):
-                raise TaskInputError(
-                    f"Dataset item {index} is a {type(ex).__name__}; examples must be dict records "
-                    "(e.g. {'text': ..., 'label': ...})."
-                )
-            ids.append(str(ex["id"]) if "id" in ex and ex["id"] is not None else str(index))
-    seen: set[str] = set()
-    dupes = sorted({i for i in ids if i in seen or seen.add(i)})  # type: ignore[func-returns-value]
-    if dupes:
-        raise TaskInputError(f"Example ids must be unique; repeated: {_ids_text(dupes)}. Fix the 'id' fields.")
-    return ids
-
-
-def gradient_fingerprint(
-    model: nn.Module, task: GradientTask, blocks: LoRABlocks, projection: ProjectionConfig | None = None
-) -> dict[str, str]:
-    """The store fingerprint: ``{"model": hash of base model + adapter, "task": task.describe(), "adapter": name}``,
-    plus ``"projection"`` (:meth:`ProjectionConfig.describe`) for projected gradients."""
-    fingerprint = {"model": model_fingerprint(model, blocks), "task": task.describe(), "adapter": blocks.adapter_name}
-    if projection is not None:
-        fingerprint[PROJECTION_KEY] = projection.describe()
-    return fingerprint
-
-
-def gradient_block_dims(
-    blocks: LoRABlocks, task: GradientTask, projection: ProjectionConfig | None = None
-) -> dict[str, int]:
-    """The ``block_dims`` of the gradients of ``blocks`` under ``task``: per row label when the task labels
-    rows, projected sizes with ``projection``."""
-    dims = blocks.block_dims if projection is None else GradientProjector(projection, blocks.blocks).block_dims()
-    return split_block_dims(dims, task.row_labels())
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-@contextmanager
-def _on_device(model: nn.Module, device: torch.device | str | None) -> Iterator[torch.device]:
-    current = _model_device(model)
-    if device is None or torch.device(device) == current:
-        yield current
-        return
-    target = torch.device(device)
-    logger.info("Moving the model from %s to %s for gradient collection (moved back afterwards).", current, target)
-    model.to(target)
-    try:
-        yield target
-    finally:
-        model.to(current)
-
-
-def _non_finite_rows(g: torch.Tensor) -> list[int]:
-    """Rows of ``g`` (b, d) holding NaN/inf. One cheap reduction per block; the exact elementwise test
-    only runs when a row sum is not finite (NaN/inf propagate into the sum; a finite overflow does not
-    count)."""
-    if bool(torch.isfinite(g.sum(dim=1)).all()):
-        return []
-    return torch.nonzero(~torch.isfinite(g).all(dim=1)).flatten().tolist()
-
-
-def _checked_losses(task: GradientTask, batch: TaskBatch, losses: Any) -> torch.Tensor:
-    """``losses`` when it is one finite loss per example of ``batch``, else one clear error."""
-    if not isinstance(losses, torch.Tensor) or losses.shape != (len(batch),):
-        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise TaskInputError(
-            f"{type(task).__name__}.per_example_loss returned {shape} for {len(batch)} examples; it must return one "
-            "loss per example, shape (b,) (a per-example mean, never a batch mean)."
-        )
-    finite = torch.isfinite(losses.detach())
-    if not bool(finite.all()):
-        bad = [batch.ids[i] for i in torch.nonzero(~finite).flatten().tolist()]
-        raise NonFiniteGradientError(
-            f"Non-finite loss for examples {_ids_text(bad)}. Check these examples (extreme inputs, empty targets) and "
-            "the model's weights (a diverged fine-tune gives NaN losses)."
-        )
-    return losses
-
-
-def batch_gradients(
-    model: nn.Module,
-    task: GradientTask,
-    batch: TaskBatch,
-    capture: PerExampleGradients,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One forward + one backward pass: ``(losses (b,), {block: grads (b, d_l)})``.
-
-    ``batch`` must already be on the model's device and ``capture`` open (inside its ``with``).
-
-    Raises:
-        TaskInputError: the task's loss vector has the wrong shape.
-        NonFiniteGradientError: a loss or gradient is NaN/inf (the message names the example ids).
-    """
-    capture.clear()
-    losses = _checked_losses(task, batch, task.per_example_loss(model, batch))
-    grads = capture.compute(losses)
-    bad_blocks: dict[str, list[str]] = {}
-    for name, g in grads.items():
-        rows = _non_finite_rows(g)
-        if rows:
-            bad_blocks[name] = [batch.ids[i] for i in rows]
-    if bad_blocks:
-        bad_ids = sorted({i for ids in bad_blocks.values() for i in ids})
-        first = next(iter(bad_blocks))
-        raise NonFiniteGradientError(
-            f"Non-finite gradients for examples {_ids_text(bad_ids)} in {len(bad_blocks)} block(s), e.g. {first!r}. "
-            "The losses were finite: look for overflow (use a float32 model) or extreme inputs in these examples."
-        )
-    return losses.detach(), grads
 
 
 def collect_gradients(
@@ -516,98 +376,6 @@ def _factors_missing(folder: FactorFolder, out: GradientStore, ids: Sequence[str
     return [i for i, example in enumerate(ids) if example in stored and example not in covered]
 
 
-class GradientSession:
-    """What :func:`collect_gradients` does around and in each batch, as a reusable context manager.
-
-    Inside ``with GradientSession(model, task, blocks, device=...) as session:`` the model is on
-    ``device`` (moved back on exit) in eval mode with the block tensors trainable
-    (:func:`~datainf.gradients.lora.gradient_mode`), :meth:`GradientTask.setup` has run and the
-    hooks are attached (:class:`~datainf.gradients.hooks.PerExampleGradients`, with ``observer``:
-    e.g. a :class:`~datainf.gradients.factors.FactorAccumulator`'s ``observe``);
-    :meth:`compute` turns raw records into per-example gradients. On exit every flag is restored,
-    the hooks are removed and the modules that never ran get one warning.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        task: GradientTask,
-        blocks: LoRABlocks,
-        *,
-        device: torch.device | str | None = None,
-        observer: Any = None,
-        projector: GradientProjector | None = None,
-    ) -> None:
-        self.model, self.task, self.blocks, self._device, self._observer = model, task, blocks, device, observer
-        self._projector = projector
-        self._stack: ExitStack | None = None
-        self._capture: PerExampleGradients | None = None
-        self.device: torch.device = _model_device(model)
-
-    def __enter__(self) -> GradientSession:
-        stack = ExitStack()
-        try:
-            self.device = stack.enter_context(_on_device(self.model, self._device))
-            stack.enter_context(gradient_mode(self.model, self.blocks))
-            self.task.setup(self.model)
-            self._capture = stack.enter_context(
-                PerExampleGradients(
-                    self.blocks.blocks,
-                    row_labels=self.task.row_labels(),
-                    observer=self._observer,
-                    projector=self._projector,
-                )
-            )
-        except BaseException:
-            stack.close()
-            raise
-        self._stack = stack
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        capture, stack = self._capture, self._stack
-        self._capture, self._stack = None, None
-        unused = capture.never_called() if capture is not None else []
-        if stack is not None:
-            stack.close()
-        if unused and exc_type is None:
-            logger.warning(
-                "%d LoRA/head module(s) never ran in the forward pass, so their gradients are all zero: %s",
-                len(unused),
-                ", ".join(unused[:5]) + (" ..." if len(unused) > 5 else ""),
-            )
-
-    def compute(
-        self, records: Sequence[Mapping[str, Any]], ids: Sequence[str]
-    ) -> tuple[TaskBatch, torch.Tensor, dict[str, torch.Tensor]]:
-        """``b`` records -> ``(their collated batch (CPU), losses (b,), {block: (b, d_l) gradients})``.
-
-        The losses and gradients are on the session's device.
-
-        Raises:
-            TaskInputError / NonFiniteGradientError: see :func:`batch_gradients`.
-        """
-        if self._capture is None:
-            raise RuntimeError("GradientSession.compute is only usable inside `with GradientSession(...)`.")
-        batch = self.task.collate(records, list(ids))
-        losses, grads = batch_gradients(self.model, self.task, batch.to(self.device), self._capture)
-        return batch, losses, grads
-
-    def forward_losses(self, records: Sequence[Mapping[str, Any]], ids: Sequence[str]) -> torch.Tensor:
-        """``b`` records -> their losses ``(b,)`` from one forward pass without autograd (no hook records).
-
-        Raises:
-            TaskInputError: the loss vector has the wrong shape.
-            NonFiniteGradientError: a loss is NaN/inf.
-        """
-        if self._capture is None:
-            raise RuntimeError("GradientSession.forward_losses is only usable inside `with GradientSession(...)`.")
-        batch = self.task.collate(records, list(ids)).to(self.device)
-        with torch.no_grad():
-            losses = self.task.per_example_loss(self.model, batch)
-        return _checked_losses(self.task, batch, losses)
-
-
 def _contiguous_runs(indices: Sequence[int]) -> list[list[int]]:
     """Split increasing ``indices`` into runs of consecutive integers: ``[0, 1, 4, 5] -> [[0, 1], [4, 5]]``."""
     runs: list[list[int]] = []
@@ -726,27 +494,6 @@ def _save_piece(folder: FactorFolder | None, accumulator: FactorAccumulator | No
     if folder is not None and accumulator is not None and accumulator.num_examples:
         sums, covered = accumulator.take()
         folder.add_piece(covered, sums)
-
-
-def dataset_fingerprint(dataset: Sequence[Mapping[str, Any]], ids: Sequence[str]) -> str:
-    """A short hash of a dataset, to check that every process was given the same one.
-
-    Hashes the ids and, for plain sequences of dict records, every field holding a string, number,
-    bool or ``None`` (other values, e.g. images, are skipped). A ``datasets.Dataset`` contributes its
-    own ``_fingerprint`` instead (nothing is decoded).
-    """
-    digest = hashlib.sha256()
-    digest.update(json.dumps(list(ids)).encode())
-    hf_fingerprint = getattr(dataset, "_fingerprint", None)
-    if isinstance(getattr(dataset, "column_names", None), list) and isinstance(hf_fingerprint, str):
-        digest.update(hf_fingerprint.encode())
-        return digest.hexdigest()[:16]
-    plain = (str, int, float, bool, type(None))
-    for index in range(len(dataset)):
-        record = dataset[index]
-        fields = sorted((str(k), v) for k, v in record.items() if isinstance(v, plain))
-        digest.update(json.dumps(fields, default=str).encode())
-    return digest.hexdigest()[:16]
 
 
 def _collect_distributed(
@@ -907,20 +654,6 @@ def _collect_distributed(
             error = err
     ctx.raise_if_any(error, "Merging the gradient store")
     return GradientStore.open(path)
-
-
-def _validate_all(task: GradientTask, dataset: Sequence[Mapping[str, Any]], ids: list[str], pending: list[int]) -> None:
-    """Run the task's checks over every pending example; raise one error listing every problem."""
-    messages: list[str] = []
-    step = 2048
-    for start in range(0, len(pending), step):
-        chunk = pending[start : start + step]
-        try:
-            task.validate([dataset[i] for i in chunk], [ids[i] for i in chunk])
-        except TaskInputError as err:
-            messages.append(str(err))
-    if messages:
-        raise TaskInputError("\n".join(messages))
 
 
 def _progress(total: int, enabled: bool, initial: int = 0) -> Any:

@@ -4,7 +4,7 @@
 engine and the methods make (:class:`~datainf.methods.MethodContext`): batches of rows per block
 over a row range, and each example's recorded squared norms ``||g_il||^2``. Every streaming pass
 recomputes the gradients batch by batch with the same hooks as :func:`collect_gradients`
-(:class:`~datainf.gradients.collect.GradientSession`); the norms come from one extra pass, made the
+(:class:`~datainf.gradients.session.GradientSession`); the norms come from one extra pass, made the
 first time they are asked for and kept in memory, unless a method records them on the way
 (:meth:`OnTheFlyGradients.record_norms`: DataInf's fused norms pass, docs/method.md section 6.1).
 No training gradient is ever written to disk.
@@ -48,8 +48,9 @@ from torch import nn
 
 from datainf.distributed import dist_context
 from datainf.errors import ConfigError, EmptyInputError, GradientSourceChangedError, NonFiniteGradientError
-from datainf.gradients.collect import (
-    GradientSession,
+from datainf.gradients.lora import find_lora_blocks, model_fingerprint
+from datainf.gradients.projection import ProjectionConfig, projector_for
+from datainf.gradients.records import (
     _ids_text,
     _validate_all,
     dataset_fingerprint,
@@ -57,8 +58,7 @@ from datainf.gradients.collect import (
     gradient_block_dims,
     gradient_fingerprint,
 )
-from datainf.gradients.lora import find_lora_blocks, model_fingerprint
-from datainf.gradients.projection import ProjectionConfig, projector_for
+from datainf.gradients.session import GradientSession
 from datainf.store import STORAGE_DTYPES, atomic_write_bytes, row_squared_norms
 from datainf.tasks import GradientTask
 

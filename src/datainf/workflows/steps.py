@@ -143,7 +143,7 @@ def _compute_store(
     computes its share of the missing examples (:func:`~datainf.gradients.collect_gradients`).
     """
     from datainf.gradients import collect_gradients, find_lora_blocks, gradient_fingerprint
-    from datainf.gradients.collect import gradient_block_dims
+    from datainf.gradients.records import gradient_block_dims
 
     blocks = find_lora_blocks(model)
     projection = _projection_of(settings)
