@@ -275,6 +275,47 @@ def second_pass_worker(n: int, folder: Path) -> dict[str, Any]:
     }
 
 
+def score_run_worker(n: int, folder: Path, recorded: bool) -> dict[str, Any]:
+    """``datainf score --train-data`` end to end (DataInf + the training-loss baseline) on ``n`` examples.
+
+    ``recorded=False`` makes the baseline run its own forward pass, as before the losses of the gradient
+    passes were kept (``OnTheFlyGradients.recorded_losses`` returns ``None``).
+    """
+    import torch
+
+    from datainf.gradients import OnTheFlyGradients
+    from datainf.scores import Scores
+    from datainf.workflows import ScoreSettings, score_run
+
+    torch.set_num_threads(THREADS)
+    data = folder / "score-run"
+    data.mkdir(exist_ok=True)
+    for name, count, seed in (("train", n, 0), ("test", TEST_M, 1)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(count, seed)))
+    if not recorded:
+        OnTheFlyGradients.recorded_losses = lambda self: None  # type: ignore[method-assign]
+    out = data / f"out-{'recorded' if recorded else 'own-pass'}"
+    shutil.rmtree(out, ignore_errors=True)
+    settings = ScoreSettings(
+        out=str(out),
+        model=str(folder / "base"),
+        adapter=str(folder / "adapter"),
+        kind="causal-lm",
+        train_data=str(data / "train.jsonl"),
+        test_data=str(data / "test.jsonl"),
+        max_length=MAX_LENGTH,
+        grad_batch_size=GRAD_BATCH,
+    )
+    start = time.perf_counter()
+    result = score_run(settings, progress=False)
+    seconds = time.perf_counter() - start
+    losses = Scores.load(out / "scores-loss.safetensors").values
+    save_file(
+        {"values": losses.contiguous()}, str(data / f"losses-{'recorded' if recorded else 'own-pass'}.safetensors")
+    )
+    return {"n": n, "recorded": recorded, "seconds": seconds, "stages": result.stage_seconds, "load": _uptime()}
+
+
 def curve_worker(n: int, folder: Path) -> dict[str, Any]:
     """Spearman of sketched-store DataInf scores with the unprojected ones, for each k in CURVE_K."""
     import torch
@@ -600,6 +641,29 @@ def render(results: dict[str, Any]) -> str:
                 f"| {k} | {row['numbers_per_example']:,} | {row['bytes_ratio']:.1f}x | {row['spearman']:.4f} |"
                 + (f" {row['auc']:.4f} |" if has_auc else "")
             )
+    cli = results.get("score_run")
+    if cli:
+        by = {run["recorded"]: run for run in cli["runs"]}
+        if True in by and False in by:
+            new, old = by[True], by[False]
+            lines += [
+                "",
+                f"`datainf score --train-data` end to end (DataInf average + the training-loss baseline, n = "
+                f"{new['n']:,}, `--score-run-only`): the baseline from the losses the gradient passes recorded, "
+                "against its own forward pass (the loss values are "
+                + ("identical, bit for bit" if cli["same_losses"] else "NOT identical")
+                + "):",
+                "",
+                "| baseline losses | total s | DataInf s | baseline s | load |",
+                "|---|---|---|---|---|",
+            ]
+            for label, run in (("recorded by the gradient passes", new), ("its own forward pass", old)):
+                stages = run["stages"]
+                lines.append(
+                    f"| {label} | {run['seconds']:.1f} | {stages.get('influence-datainf', float('nan')):.1f} | "
+                    f"{stages.get('loss-baseline', float('nan')):.2f} | {run['load']} |"
+                )
+            lines.append(f"| ratio | {new['seconds'] / old['seconds']:.2f} | | | |")
     probe = results.get("second_pass")
     if probe:
         lines += [
@@ -723,6 +787,11 @@ def main() -> int:
     parser.add_argument("--no-demo", action="store_true")
     parser.add_argument("--no-curve", action="store_true", help="keep the recorded k curve (do not sketch again)")
     parser.add_argument(
+        "--score-run-only",
+        action="store_true",
+        help="only time `datainf score --train-data` at the first --n, with and without the recorded losses",
+    )
+    parser.add_argument(
         "--second-pass-only",
         action="store_true",
         help="only time the ways of taking the scoring pass on 256 examples (gradients, forward AD, loss differences)",
@@ -737,6 +806,8 @@ def main() -> int:
             result = curve_worker(args.worker_n, WORK)
         elif args.worker == "second-pass":
             result = second_pass_worker(args.worker_n, WORK)
+        elif args.worker.startswith("score-run-"):
+            result = score_run_worker(args.worker_n, WORK, recorded=args.worker == "score-run-recorded")
         elif args.worker.startswith("plan-"):
             mode = args.worker[len("plan-") :]
             scoring = "loss-difference" if mode == "onthefly-lossdiff" else "gradients"
@@ -759,6 +830,18 @@ def main() -> int:
                 p for p in results["plans"] if not (p["n"] == run["n"] and p["mode"] == run["mode"])
             ] + [entry]
             write(results)
+        return 0
+    if args.score_run_only:
+        WORK.mkdir(parents=True, exist_ok=True)
+        build_model(WORK)
+        runs = [
+            _spawn("--worker", f"score-run-{way}", "--worker-n", str(args.n[0])) for way in ("recorded", "own-pass")
+        ]
+        same = load_file(str(WORK / "score-run" / "losses-recorded.safetensors"))["values"].equal(
+            load_file(str(WORK / "score-run" / "losses-own-pass.safetensors"))["values"]
+        )
+        results["score_run"] = {"runs": runs, "same_losses": bool(same)}
+        write(results)
         return 0
     if args.second_pass_only:
         WORK.mkdir(parents=True, exist_ok=True)
