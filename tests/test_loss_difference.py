@@ -177,6 +177,35 @@ def test_a_failed_check_falls_back_to_the_exact_gradient_pass(setup, small_check
     assert source.forward_rows == len(scoring.STEP_FACTORS) * CHECK
 
 
+class BFloat16Inputs(CrossEntropy):
+    """The classifier's loss with a bfloat16 base: inputs in bfloat16, the loss taken in float32."""
+
+    def collate(self, examples: Any, ids: Any) -> Any:
+        batch = super().collate(examples, ids)
+        batch.inputs["x"] = batch.inputs["x"].to(torch.bfloat16)
+        return batch
+
+    def per_example_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        logits = model(batch.inputs["x"]).float()
+        return nn.functional.cross_entropy(logits, batch.inputs["y"], reduction="none")
+
+
+def test_a_bfloat16_base_fails_the_check_and_stays_exact(small_check) -> None:
+    model, task = classifier(), BFloat16Inputs()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora" not in name:  # the adapter stays float32, as peft keeps it
+                parameter.data = parameter.data.to(torch.bfloat16)
+    train, test_records = class_records(N_TRAIN, 0), class_records(N_TEST, 1)
+    test = collect_gradients(model, task, test_records, batch_size=16, progress=False)
+    store = collect_gradients(model, task, train, batch_size=16, progress=False)
+    source = OnTheFlyGradients(model, task, train, batch_size=16, pilot_rows=PILOT, progress=False)
+    got = datainf.influence(source, test, batch_size=40, scoring="loss-difference", progress=False)
+    checked = got.diagnostics["loss_difference"]
+    assert not checked["used"] and checked["check_error"] > 0.1  # losses rounded to bfloat16: far off
+    _close(got.values, datainf.influence(store, test, batch_size=40, progress=False).values, rtol=1e-4)
+
+
 def test_a_resumed_run_recomputes_the_losses_it_did_not_see(setup, small_check, tmp_path: Path) -> None:
     _, _, _, _, test = setup
     first = datainf.influence(

@@ -391,7 +391,8 @@ class GradientPlan:
             verdict = "fits" if self.collection_peak_bytes <= limit * 2**30 else "DOES NOT FIT"
             lines.append(f"  gradient collection in {limit:g} GiB of memory: {verdict}")
         for method in self.methods:
-            cost = f"{method.gradient_passes} forward/backward passes over the training data" + (
+            plural = "" if method.gradient_passes == 1 else "es"
+            cost = f"{method.gradient_passes} forward/backward pass{plural} over the training data" + (
                 f" (+ {method.pilot_rows} examples computed twice: pilot / check)" if method.pilot_rows else ""
             )
             if method.forward_rows:
@@ -752,5 +753,10 @@ def make_plan(settings: PlanSettings) -> GradientPlan:
     if settings.mode == "on-the-fly":
         plan.notes.append(
             "on the fly, every method's passes recompute the training gradients (collection peak each time)"
+        )
+    if settings.scoring == "loss-difference" and settings.model_dtype in ("bfloat16", "float16"):
+        plan.notes.append(
+            f"loss differences of a {settings.model_dtype} model round at that precision: the 64-row check is likely "
+            "to fail and fall back to the gradient pass (one more forward/backward pass than planned here)"
         )
     return plan
