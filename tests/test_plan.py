@@ -246,6 +246,52 @@ def test_every_registered_method_is_planned_or_named(tmp_path: Path) -> None:
         PlanSettings(model="x", n=10, seq_len=8, methods=("magic",))
 
 
+@pytest.mark.filterwarnings("ignore::datainf.methods.LissaDivergenceWarning")
+def test_self_influence_passes_match_what_the_methods_make(tmp_path: Path) -> None:
+    import datainf
+    from datainf.methods import available_methods
+
+    model = llama_lm()
+    model.base_model.model.config.save_pretrained(tmp_path / "base")
+    n, chunk = 30, 8  # 4 chunks of training rows
+    store = collect_gradients(
+        model, CausalLMTask(word_tokenizer("lm")), lm_data(n), collect_factors=True, progress=False
+    )
+    methods = tuple(name for name in available_methods())
+    plan = make_plan(
+        PlanSettings(
+            model=str(tmp_path / "base"), n=n, seq_len=16, r=4, target_modules=("q_proj", "v_proj"),
+            methods=methods, score_batch_size=chunk, self_influence=True, lissa_iterations=3,
+        )
+    )  # fmt: skip
+    rows = {row.name: row for row in plan.methods}
+    assert rows["datainf"].passes == 4 + 1 and rows["lissa"].passes == 3 * 4 + 1 and rows["hessian_free"].passes == 0
+    for name in methods:
+        options = {"iterations": 3} if name == "lissa" else {}
+        scores = datainf.influence(
+            store, mode="self", method=name, batch_size=chunk, method_options=options, progress=False
+        )
+        made = scores.diagnostics["passes"]
+        if name == "exact":  # "up to 2 groups": a group whose blocks all take the direct branch needs 1
+            assert 1 <= made <= rows[name].passes, (name, made, rows[name].passes)
+        else:
+            assert made == rows[name].passes, (name, made, rows[name].passes)
+    assert "self-influence: no scoring pass" in plan.format() and ", self-influence" in plan.format()
+    on_the_fly = make_plan(
+        PlanSettings(
+            model=str(tmp_path / "base"), n=n, seq_len=16, r=4, target_modules=("q_proj", "v_proj"),
+            mode="on-the-fly", score_batch_size=chunk, self_influence=True,
+        )
+    )  # fmt: skip
+    assert on_the_fly.methods[0].gradient_passes == 5 + 1 and on_the_fly.methods[0].pilot_rows == 0  # + norms pass
+    source = datainf.OnTheFlyGradients(model, CausalLMTask(word_tokenizer("lm")), lm_data(n), progress=False)
+    datainf.influence(source, mode="self", batch_size=chunk, progress=False)
+    assert source.rows_computed == n * on_the_fly.methods[0].gradient_passes  # what the source really computed
+    assert any("far cheaper" in note for note in on_the_fly.notes)
+    with pytest.raises(ConfigError, match="not both"):
+        PlanSettings(model="x", n=10, seq_len=8, pairwise=True, self_influence=True)
+
+
 def test_plan_factor_bytes_match_collected_factors(tmp_path: Path) -> None:
     from datainf.factors import factor_bytes, load_factors
 

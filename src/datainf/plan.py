@@ -92,6 +92,11 @@ class MethodCost:
         fused_terms: on the fly, the method fuses the norms pass into its first pass (DataInf,
             docs/method.md section 6.1): no norms pass but a pilot of ``DEFAULT_PILOT_ROWS`` examples, and
             this many more ``m D_s`` accumulators (the Taylor terms) during that pass; ``0``: no fusion.
+        self_passes: streaming passes of its self-influence (``mode="self"``, no scoring pass): a number, or
+            ``"chunks+1"`` (one pass per chunk of ``score_batch_size`` training rows, plus the pass that reads
+            the chunks), ``"iterations*chunks+1"`` (LiSSA), ``"2groups"`` (Exact, at most), ``"uncovered+1"``
+            (K-FAC).
+        self_chunk: its self-influence holds a chunk of ``score_batch_size`` training rows as test vectors.
     """
 
     state: int
@@ -101,19 +106,21 @@ class MethodCost:
     factor_passes: int = 0
     needs_factors: bool = False
     fused_terms: int = 0
+    self_passes: int | str = 1
+    self_chunk: bool = False
 
 
 #: The one table of every modelled method's state and pass counts (``src/datainf/methods/``). Exact,
 #: K-FAC and EK-FAC also get their own float64 matrices counted by :func:`method_bytes`.
 METHOD_COSTS: dict[str, MethodCost] = {
     # V_l and the running sum C_l X_l; on the fly its K more Taylor terms replace the norms pass
-    "datainf": MethodCost(2, 0, 1, fused_terms=DataInf.taylor_order),
-    "hessian_free": MethodCost(1, 0, 0),  # R = V
-    "lissa": MethodCost(3, 0, "iterations"),  # V, the estimate, one Hessian-vector product
-    "diagonal": MethodCost(2, 1, 1),  # V and R, plus the per-parameter sum of squares
-    "exact": MethodCost(1, 0, "groups"),  # R, plus the d_l x d_l Gram matrices (or n x d_l rows): method_bytes
-    "kfac": MethodCost(1, 0, "uncovered", factor_passes=1, needs_factors=True),  # R, plus factors and eigenbases
-    "ekfac": MethodCost(1, 0, 1, factor_passes=1, needs_factors=True),  # R, plus factors, eigenbases, D_l
+    "datainf": MethodCost(2, 0, 1, fused_terms=DataInf.taylor_order, self_passes="chunks+1", self_chunk=True),
+    "hessian_free": MethodCost(1, 0, 0, self_passes=0),  # R = V; self: the recorded norms
+    "lissa": MethodCost(3, 0, "iterations", self_passes="iterations*chunks+1", self_chunk=True),
+    "diagonal": MethodCost(2, 1, 1, self_passes=2),  # V and R, plus the per-parameter sum of squares
+    "exact": MethodCost(1, 0, "groups", self_passes="2groups"),  # R, plus the Gram matrices: method_bytes
+    "kfac": MethodCost(1, 0, "uncovered", factor_passes=1, needs_factors=True, self_passes="uncovered+1"),
+    "ekfac": MethodCost(1, 0, 1, factor_passes=1, needs_factors=True, self_passes=2),  # + eigenbases, D_l
 }
 
 _DTYPE_SIZES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
@@ -232,6 +239,9 @@ class PlanSettings:
         measure: time one batch here (``None``: when the folder has weights and the model has under
             500 million parameters).
         out: where the store would go: its free space is compared with the store bytes.
+        self_influence: plan ``mode="self"`` (each training example's self-influence: no test set and no
+            scoring pass; the methods' own self-influence passes, e.g. DataInf one per chunk of
+            ``score_batch_size`` rows).
         scoring: the scoring pass (:attr:`datainf.influence.InfluenceConfig.scoring`): ``gradients``, or
             ``loss-difference`` (on the fly, average mode: forward-only passes instead of the last
             gradient pass, plus the check's rows; docs/method.md section 6.2).
@@ -263,13 +273,16 @@ class PlanSettings:
     measure: bool | None = None
     out: str | None = None
     scoring: str = "gradients"
+    self_influence: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in PLAN_MODES:
             raise ConfigError(f"mode must be one of {PLAN_MODES}, got {self.mode!r}.")
         if self.scoring not in ("gradients", "loss-difference"):
             raise ConfigError(f"scoring must be 'gradients' or 'loss-difference', got {self.scoring!r}.")
-        if self.scoring == "loss-difference" and (self.mode != "on-the-fly" or self.pairwise):
+        if self.self_influence and self.pairwise:
+            raise ConfigError("Plan either pairwise scores or self-influence (no test set), not both.")
+        if self.scoring == "loss-difference" and (self.mode != "on-the-fly" or self.pairwise or self.self_influence):
             raise ConfigError(
                 "scoring 'loss-difference' is the scoring pass of on-the-fly training gradients in average mode: plan "
                 "it with --mode on-the-fly and without --pairwise, or use --scoring gradients."
@@ -352,6 +365,7 @@ class GradientPlan:
         lines = [
             f"Plan: {self.model_type}, {s['kind']}, n={s['n']:,} training examples, m={s['test_examples']:,} test, "
             f"{s['seq_len']} tokens, mode {s['mode']}"
+            + (", self-influence" if s.get("self_influence") else "")
             + (f" (k={s['project_dim']})" if s["mode"] == "projected" else ""),
             f"  model: {self.parameters:,} parameters, weights {format_bytes(self.weights_bytes)} ({s['model_dtype']})",
             f"  blocks: {self.blocks}, D = sum_l d_l = {self.numbers_per_example:,} numbers per example, largest "
@@ -390,6 +404,7 @@ class GradientPlan:
         if limit is not None:
             verdict = "fits" if self.collection_peak_bytes <= limit * 2**30 else "DOES NOT FIT"
             lines.append(f"  gradient collection in {limit:g} GiB of memory: {verdict}")
+        scoring = "self-influence: no scoring pass" if s.get("self_influence") else "scoring included"
         for method in self.methods:
             plural = "" if method.gradient_passes == 1 else "es"
             cost = f"{method.gradient_passes} forward/backward pass{plural} over the training data" + (
@@ -401,7 +416,7 @@ class GradientPlan:
             own = f" (its float64 matrices {format_bytes(method.own_bytes)})" if method.own_bytes else ""
             fits = "" if method.fits is None else f"; in {limit:g} GiB: " + ("fits" if method.fits else "DOES NOT FIT")
             lines.append(
-                f"  {method.name}: {method.passes} streaming passes (scoring included), {cost}{when}; peak memory "
+                f"  {method.name}: {method.passes} streaming passes ({scoring}), {cost}{when}; peak memory "
                 f"{format_bytes(method.peak_bytes)}{own}{fits}"
             )
             if method.note:
@@ -656,11 +671,21 @@ def make_plan(settings: PlanSettings) -> GradientPlan:
         state = cost.state
         pilot = 0
         forward_rows = 0
+        if settings.self_influence:  # no test rows, no scoring pass; some methods hold a chunk of training rows
+            chunks = -(-n // rows)
+            self_table = {
+                "chunks+1": chunks + 1,
+                "iterations*chunks+1": settings.lissa_iterations * chunks + 1,
+                "2groups": 2 * len(groups),
+                "uncovered+1": int(bool(uncovered)) + 1,
+            }
+            passes = self_table[cost.self_passes] if isinstance(cost.self_passes, str) else cost.self_passes
+            state = rows if cost.self_chunk else 0  # the chunk (rows x D_s), counted as m = 1 below
         if settings.mode == "on-the-fly":
             # the model runs in this process; one pass's batches are assembled into streamed batches (concatenated)
             reading = collection + 2 * streamed
             norms_passes = cost.norms_passes
-            if cost.fused_terms:  # the norms pass fused into the first pass (falls back to 1 more pass on a bad pilot)
+            if cost.fused_terms and not settings.self_influence:  # the norms pass fused into the first pass
                 norms_passes, pilot, state = 0, min(DEFAULT_PILOT_ROWS, n), state + cost.fused_terms
             gradient_passes = passes + norms_passes + cost.factor_passes
             if settings.scoring == "loss-difference":  # the scoring pass forward only, after a checked sample
@@ -675,7 +700,8 @@ def make_plan(settings: PlanSettings) -> GradientPlan:
             name, stored_dims, n, test_rows=m, rows=rows, compute=compute, factor_shapes=shapes,
             max_memory_gb=settings.max_memory_gb,
         )  # fmt: skip
-        peak = reading + test_grads + state * m * stored * compute + cost.extra * stored * compute + n * 8 * (m + 2)
+        tests = 0 if settings.self_influence else test_grads
+        peak = reading + tests + state * m * stored * compute + cost.extra * stored * compute + n * 8 * (m + 2)
         peak += max(0, own - streamed)  # the method's own phase, while no scoring batch is held
         if settings.mode == "on-the-fly" and cost.needs_factors:
             peak = max(peak, collection + factor_collection)  # the pass that collects the factors
@@ -754,6 +780,13 @@ def make_plan(settings: PlanSettings) -> GradientPlan:
         plan.notes.append(
             "on the fly, every method's passes recompute the training gradients (collection peak each time)"
         )
+    if settings.self_influence and settings.mode == "on-the-fly":
+        costly = [method.name for method in plan.methods if method.gradient_passes > 3]
+        if costly:
+            plan.notes.append(
+                f"self-influence on the fly recomputes the training gradients once per streaming pass ({', '.join(costly)}"
+                "); for these, --mode store (one collection, then reads) is far cheaper"
+            )
     if settings.scoring == "loss-difference" and settings.model_dtype in ("bfloat16", "float16"):
         plan.notes.append(
             f"loss differences of a {settings.model_dtype} model round at that precision: the 64-row check is likely "

@@ -697,6 +697,15 @@ def _plan_options() -> list[Option]:
         ),
         Option("pairwise", ("--pairwise",), _to_bool, False, "plan pairwise scores (m x D state)", action="flag"),
         Option(
+            "self_influence",
+            ("--self-influence",),
+            _to_bool,
+            False,
+            "plan self-influence (score --mode self: no test set; e.g. DataInf makes one pass per chunk of "
+            "--score-batch-size training rows)",
+            action="flag",
+        ),
+        Option(
             "scoring",
             ("--scoring",),
             _to_str,
