@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-import datainf.report as report_module
+import datainf.report.mislabel as report_module
 from datainf.errors import DatasetError, EmptyInputError
 from datainf.report import SIGN_NOTE, write_mislabel_report, write_scores_report
 from datainf.scores import Scores

@@ -552,7 +552,7 @@ def test_output_errors_are_datainf_errors():
 
 
 def test_report_folder_follows_the_umask(tmp_path):
-    from datainf.report import _publish
+    from datainf.report.html import _publish
 
     previous = os.umask(0o022)
     try:
