@@ -39,7 +39,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from datainf.cli.commands import HANDLERS, cmd_demo
-from datainf.cli.options import COMMANDS, CONFIG_FILE, build_parser, resolve_config
+from datainf.cli.options import COMMANDS, CONFIG_FILE
+from datainf.cli.parser import build_parser, resolve_config
 from datainf.distributed import is_main_process
 from datainf.errors import DataInfError
 from datainf.runs import check_device, removed_on_error

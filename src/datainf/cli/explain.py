@@ -7,7 +7,7 @@ import json
 import textwrap
 from typing import Any
 
-from datainf.cli.options import Option, _optional, _to_bool, _to_float, _to_int, _to_path, _to_str
+from datainf.cli.option_types import Option, _optional, _to_bool, _to_float, _to_int, _to_path, _to_str
 
 __all__ = ["explain_options", "cmd_explain"]
 

@@ -1,4 +1,4 @@
-"""The command line's settings: one :class:`Option` table per subcommand, the parser, config files.
+"""The command line's settings: one :class:`Option` table per subcommand (the parser: :mod:`datainf.cli.parser`).
 
 Every setting has a flag, a converter and a default; :func:`resolve_config` merges the defaults, a
 ``--config`` file (``.yaml``/``.yml``/``.json``, e.g. a previous run's ``config.json``) and the flags
@@ -8,133 +8,26 @@ settings dataclasses in :mod:`datainf.workflows`, with the same defaults.
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
-from datainf.errors import ConfigError, DataInfError
+from datainf.cli.option_types import (
+    NOT_SAVED,
+    Option,
+    _optional,
+    _to_bool,
+    _to_float,
+    _to_int,
+    _to_json_mapping,
+    _to_list,
+    _to_out_path,
+    _to_path,
+    _to_paths,
+    _to_str,
+)
 from datainf.runs import CONFIG_FILE
 
-__all__ = ["Option", "COMMANDS", "CONFIG_FILE", "NOT_SAVED", "build_parser", "resolve_config", "options"]
+__all__ = ["Option", "COMMANDS", "CONFIG_FILE", "NOT_SAVED", "options"]
 
-#: Options that change how a command runs, not what it computes: never written to config.json.
-NOT_SAVED = frozenset({"config", "overwrite", "quiet", "verbose", "json"})
-
-
-class _UsageError(DataInfError):
-    """A command-line usage problem (unknown flag, bad value)."""
-
-
-# ---------------------------------------------------------------------------------------------- value parsing
-
-
-def _to_str(value: Any) -> str:
-    if isinstance(value, (dict, list)):
-        raise ValueError(f"expected a string, got {type(value).__name__}")
-    return str(value)
-
-
-def _to_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected an integer, got a boolean")
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"expected an integer, got {value}")
-        return int(value)
-    return int(str(value).strip())
-
-
-def _to_float(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError("expected a number, got a boolean")
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError(f"expected a finite number, got {value}")
-    return out
-
-
-def _optional(conv: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    def parse(value: Any) -> Any:
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
-            return None
-        return conv(value)
-
-    parse.__name__ = getattr(conv, "__name__", "value")
-    return parse
-
-
-def _to_list(value: Any) -> list[str]:
-    """A list from a JSON list, a comma-separated string, or repeated flags (a list of such strings)."""
-    items = value if isinstance(value, (list, tuple)) else [value]
-    out: list[str] = []
-    for item in items:
-        out.extend(part.strip() for part in str(item).split(",") if part.strip())
-    return out
-
-
-def _to_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true/false, got {value!r}")
-
-
-def _to_json_mapping(value: Any) -> dict[str, Any]:
-    if isinstance(value, Mapping):
-        return {str(k): v for k, v in value.items()}
-    try:
-        data = json.loads(str(value))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"not valid JSON ({err.msg})") from err
-    if not isinstance(data, dict):
-        raise ValueError("expected a JSON object")
-    return data
-
-
-def _to_path(value: Any) -> str:
-    """An input path: absolute when it exists (relative paths are taken from the current folder);
-    a path that does not exist is kept as given, so error messages show what was typed (e.g. a hub id)."""
-    text = os.path.expanduser(_to_str(value))
-    return str(Path(text).absolute()) if Path(text).exists() else text
-
-
-def _to_out_path(value: Any) -> str:
-    """An output path, always made absolute."""
-    return str(Path(os.path.expanduser(_to_str(value))).absolute())
-
-
-def _to_paths(value: Any) -> list[str]:
-    return [_to_path(v) for v in _to_list(value)]
-
-
-# ---------------------------------------------------------------------------------------------- options
-
-
-@dataclass(frozen=True)
-class Option:
-    """One setting of a subcommand: its flag(s), converter, default and help text."""
-
-    dest: str
-    flags: tuple[str, ...]
-    conv: Callable[[Any], Any]
-    default: Any = None
-    help: str = ""
-    choices: tuple[str, ...] | None = None
-    action: str = "value"  # value | flag (--x) | switch (--x / --no-x) | append | positional
-    saved: bool = True
-    metavar: str | None = None
-
-
-#: ``--out`` help of the commands that have a default output folder (the others require ``--out``).
 _OUT_HELP = {
     "plan": "where the store would go: its free space is compared with the planned bytes (nothing is written)",
     "demo": "output folder (default: datainf-out/demo for the mislabel demo, "
@@ -798,131 +691,3 @@ def options(command: str) -> list[Option]:
 
 
 # ---------------------------------------------------------------------------------------------- parser
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(f"{message} (see `{self.prog} --help`)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of every subcommand. Defaults are suppressed: :func:`resolve_config` fills
-    them in after the ``--config`` file, so that only flags actually given override the file."""
-    from datainf import __version__
-
-    parser = _Parser(
-        prog="datainf",
-        description="DataInf influence scores for LoRA-tuned models (Kwon et al., ICLR 2024). "
-        "Sign convention: positive influence = harmful (raises the test loss). "
-        "Every command takes --config FILE and writes <out>/config.json, which replays it.",
-    )
-    parser.add_argument("--version", action="version", version=f"datainf {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name, (help_text, _) in COMMANDS.items():
-        p = sub.add_parser(
-            name,
-            help=help_text,
-            description=help_text + ("" if "positive = harmful" in help_text else ". Positive influence = harmful."),
-            argument_default=argparse.SUPPRESS,
-        )
-        p.add_argument(
-            "--config",
-            type=str,
-            metavar="FILE",
-            help="settings file (.yaml/.yml/.json), e.g. a previous run's config.json",
-        )
-        for opt in options(name):
-            shown = (
-                ""
-                if opt.default in (None, False, [], {})
-                else f" [default: {','.join(map(str, opt.default)) if isinstance(opt.default, list) else opt.default}]"
-            )
-            kwargs: dict[str, Any] = {"dest": opt.dest, "help": opt.help + shown}
-            if opt.action == "positional":
-                p.add_argument(opt.dest, choices=opt.choices, help=opt.help)
-                continue
-            if opt.action == "flag":
-                kwargs["action"] = "store_true"
-            elif opt.action == "switch":
-                kwargs["action"] = argparse.BooleanOptionalAction
-            else:
-                kwargs["action"] = "append" if opt.action == "append" else "store"
-                if opt.choices:
-                    kwargs["choices"] = opt.choices
-                if opt.metavar:
-                    kwargs["metavar"] = opt.metavar
-            p.add_argument(*opt.flags, **kwargs)
-    return parser
-
-
-def _read_config_file(path: str) -> dict[str, Any]:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"Config file {file} does not exist.")
-    text = file.read_text(encoding="utf-8")
-    try:
-        if file.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        elif file.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"Config file {file}: use a .json, .yaml or .yml file.")
-    except ConfigError:
-        raise
-    except Exception as err:  # yaml and json raise their own error types
-        raise ConfigError(f"Config file {file} cannot be parsed ({type(err).__name__}: {err}).") from err
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"Config file {file} must hold a mapping of settings, not a {type(data).__name__}.")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def resolve_config(command: str, explicit: Mapping[str, Any], config_file: str | None = None) -> dict[str, Any]:
-    """Merge defaults, the ``--config`` file and explicit flags (in that order of precedence, lowest first).
-
-    Every value goes through the option's converter (paths become absolute), unknown keys in the file
-    are refused with the list of known ones.
-
-    Returns:
-        ``{dest: value}`` for every option of ``command``, the unsaved ones (``overwrite``, ``quiet``,
-        ``verbose``) included.
-    """
-    known = {o.dest: o for o in options(command)}
-    resolved: dict[str, Any] = {d: o.default for d, o in known.items()}
-    if config_file:
-        data = _read_config_file(config_file)
-        stored_command = data.pop("command", None)
-        if stored_command is not None and stored_command != command:
-            raise ConfigError(
-                f"The config file {config_file} is for `datainf {stored_command}`, not `datainf {command}`."
-            )
-        for key in ("format", "datainf_version"):
-            data.pop(key, None)
-        unknown = sorted(k for k in data if k not in known or k in ("config",))
-        if unknown:
-            raise ConfigError(
-                f"Unknown setting(s) {unknown} in {config_file} for `datainf {command}`; known: {sorted(d for d in known if d != 'config')}."
-            )
-        for key, value in data.items():
-            resolved[key] = _convert(known[key], value, f"{key!r} in {config_file}")
-    for key, value in explicit.items():
-        if key in ("config", "command"):
-            continue
-        opt = known[key]
-        if opt.action == "append":
-            value = [item for v in value for item in _to_list(v)]
-        resolved[key] = _convert(opt, value, opt.flags[0])
-    return resolved
-
-
-def _convert(opt: Option, value: Any, where: str) -> Any:
-    try:
-        out = opt.conv(value)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"Bad value {value!r} for {where}: {err}.") from err
-    if opt.choices and out is not None and out not in opt.choices:
-        raise ConfigError(f"Bad value {out!r} for {where}: choose one of {list(opt.choices)}.")
-    return out
