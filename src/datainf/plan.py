@@ -789,7 +789,8 @@ def make_plan(settings: PlanSettings) -> GradientPlan:
             )
     if settings.scoring == "loss-difference" and settings.model_dtype in ("bfloat16", "float16"):
         plan.notes.append(
-            f"loss differences of a {settings.model_dtype} model round at that precision: the 64-row check is likely "
-            "to fail and fall back to the gradient pass (one more forward/backward pass than planned here)"
+            f"loss differences of a {settings.model_dtype} model round at that precision: the "
+            f"{LOSS_DIFFERENCE_CHECK_ROWS}-row check is likely to fail and fall back to the gradient pass (one more "
+            "forward/backward pass than planned here)"
         )
     return plan
