@@ -290,15 +290,14 @@ def _demo_summary(config: dict[str, Any]) -> dict[str, Any]:
     progress = not config.get("quiet", False)
     recompute = bool(config.get("recompute", False))
     if task == "mislabel":
-        from datainf.demos.mislabel import CLEANING_SHARES, demo_rows
+        from datainf.demos.mislabel import demo_options
 
-        chosen: dict[str, Any] = {}  # only what the flags change: without them the demo runs exactly as before
-        if any(config.get(key) for _, key in _DEMO_ROW_FLAGS):
-            chosen = demo_rows(
-                config.get("methods"), config.get("variants"), no_variants=bool(config.get("no_variants"))
-            )
-        if config.get("cleaning"):
-            chosen["cleaning_shares"] = CLEANING_SHARES
+        chosen = demo_options(
+            config.get("methods"),
+            config.get("variants"),
+            no_variants=bool(config.get("no_variants")),
+            cleaning=bool(config.get("cleaning")),
+        )
         result = demos.run_mislabel_demo(
             demos.MislabelDemoConfig(seed=seed),
             out_dir=config.get("out") or "datainf-out/demo",

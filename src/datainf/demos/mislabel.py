@@ -55,6 +55,7 @@ __all__ = [
     "METHODS",
     "parse_variants",
     "demo_rows",
+    "demo_options",
     "MislabelDemoResult",
     "run_mislabel_demo",
     "mislabel_cache",
@@ -178,6 +179,25 @@ def demo_rows(
     if rank_by is None:
         logger.info("No relabel suggestions: the table has no %r row.", RELABEL_RANK_BY)
     return {"methods": tuple(chosen_methods), "variants": chosen, "relabel_rank_by": rank_by}
+
+
+def demo_options(
+    methods: Sequence[str] | None = None,
+    variants: Sequence[str] | None = None,
+    *,
+    no_variants: bool = False,
+    cleaning: bool = False,
+) -> dict[str, Any]:
+    """:func:`run_mislabel_demo`'s keyword arguments from ``datainf demo``'s flags: only what they change.
+
+    The rows of :func:`demo_rows` when ``--methods``, ``--variants`` or ``--no-variants`` is given (else
+    none: the demo runs with its defaults), and :data:`CLEANING_SHARES` with ``--cleaning``.
+    """
+    given = methods is not None or variants is not None or no_variants
+    options = demo_rows(methods, variants, no_variants=no_variants) if given else {}
+    if cleaning:
+        options["cleaning_shares"] = CLEANING_SHARES
+    return options
 
 
 def factors_needed(methods: Sequence[str], variants: Sequence[ScoreVariant]) -> bool:
@@ -652,18 +672,20 @@ def main_mislabel_demo(args: argparse.Namespace) -> int:
     """``datainf demo`` (``--task mislabel``, the default): run the demo, print the table and the report's path."""
     config = MislabelDemoConfig(seed=getattr(args, "seed", 0) or 0)
     progress = not getattr(args, "quiet", False)
-    methods, variants = getattr(args, "methods", None), getattr(args, "variants", None)
-    no_variants = bool(getattr(args, "no_variants", False))
-    given = methods is not None or variants is not None or no_variants
-    rows = demo_rows(methods, variants, no_variants=no_variants) if given else {}  # none given: the defaults
+    chosen = demo_options(
+        getattr(args, "methods", None),
+        getattr(args, "variants", None),
+        no_variants=bool(getattr(args, "no_variants", False)),
+        cleaning=bool(getattr(args, "cleaning", False)),
+    )
     started = time.perf_counter()
     result = run_mislabel_demo(
         config,
         out_dir=getattr(args, "out", None) or "datainf-out/demo",
         recompute=getattr(args, "recompute", False),
         progress=progress,
-        cleaning_shares=CLEANING_SHARES if getattr(args, "cleaning", False) else None,
-        **rows,
+        cleaning_shares=chosen.pop("cleaning_shares", None),
+        **chosen,
     )
     print("\nMislabeled-data detection on BBC News (20% of training labels flipped).")
     print("Influence > 0 = harmful (raises the validation loss); flipped labels should rank first.")
