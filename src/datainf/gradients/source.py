@@ -281,9 +281,9 @@ class OnTheFlyGradients:
         if unknown:
             raise ConfigError(f"Unknown blocks {unknown[:5]}; this source has {list(self._block_dims)[:5]}...")
         self.passes += 1
-        self._check_unchanged("before a pass")
+        self._check_unchanged(f"before pass {self.passes}")
         yield from self._batches(wanted, names, batch_size)
-        self._check_unchanged("after a pass")
+        self._check_unchanged(f"after pass {self.passes}")
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         """Every block as one ``(n, d_l)`` tensor (computes and keeps every gradient in memory)."""
@@ -465,7 +465,7 @@ class OnTheFlyGradients:
         if changed:
             problem = GradientSourceChangedError(
                 f"On-the-fly training gradients: {' and '.join(changed)} changed since the source was created "
-                f"(detected {when} {self.passes}). Every pass recomputes the gradients, so the passes would mix "
+                f"(detected {when}). Every pass recomputes the gradients, so the passes would mix "
                 "two models or datasets. Leave the model and records untouched while scoring, or create a new "
                 "OnTheFlyGradients after changing them."
             )
