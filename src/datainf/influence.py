@@ -519,7 +519,7 @@ def influence_from_config(
     if test_store is not None:
         _check_compatible(train_store, test_store)
     if config.scoring == "loss-difference":
-        problem = loss_difference_problem(train_store, config.mode)
+        problem = loss_difference_problem(train_store)
         if problem is not None:
             raise ConfigError(f"scoring='loss-difference' cannot be used here: {problem}.")
     method = get_method(config.method, config.method_options)
@@ -629,7 +629,7 @@ def influence_from_config(
 
     method_ctx.checkpoints = _pass_checkpoints(train_store, config, lambdas, vectors)
     fused_passes: dict[str, Any] = {}
-    passes_description = f"{method.passes_description} + 1 scoring pass"
+    passes_description = method.passes_description  # what precedes the scoring pass (which is added below)
     if fused is not None:
         finished = method.finish_fused(fused, vectors, method_ctx)
         # full passes of gradient computation (the fused pass, the method's, scoring), beside the pilot's rows
@@ -642,11 +642,10 @@ def influence_from_config(
             preconditioned = method.precondition(vectors, method_ctx)
             passes_description = (
                 f"{pilot_text}1 fused norms pass (its sums unused: bound not met), {method.passes_description}"
-                " + 1 scoring pass"
             )
         else:
             preconditioned = finished
-            passes_description = f"{pilot_text}1 fused norms pass ({method.passes_description}) + 1 scoring pass"
+            passes_description = f"{pilot_text}1 fused norms pass ({method.passes_description})"
     else:
         preconditioned = method.precondition(vectors, method_ctx)
     precondition_seconds = time.perf_counter() - started
@@ -656,10 +655,10 @@ def influence_from_config(
     if config.scoring == "loss-difference":
         values, checked = loss_difference_scores(method_ctx, preconditioned.vectors)
         scoring["loss_difference"] = checked
-        if values is not None:
-            passes_description = passes_description.replace("1 scoring pass", "1 scoring pass of loss differences")
+    scoring_pass = "1 scoring pass" if values is None else "1 scoring pass of loss differences"
     if values is None:
         values = gradient_scores(method_ctx, preconditioned.vectors, f"Scores ({method.name})")  # (m, n), store order
+    passes_description = f"{passes_description} + {scoring_pass}"
 
     diagnostics = {
         **preconditioned.diagnostics,

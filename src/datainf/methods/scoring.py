@@ -65,13 +65,9 @@ class _LossDifferences(Protocol):
     ) -> torch.Tensor: ...
 
 
-def loss_difference_problem(train: Any, mode: str) -> str | None:
-    """Why loss-difference scoring cannot be used for ``train`` in ``mode``, or ``None`` when it can."""
-    if mode != "average":
-        return (
-            f"mode={mode!r} has one test row per test example, and each would need its own forward pass over the "
-            "training data; use mode='average' (one direction), or scoring='gradients'"
-        )
+def loss_difference_problem(train: Any) -> str | None:
+    """Why loss-difference scoring cannot be used for the training gradients ``train``, or ``None`` when it can
+    (the ``average`` mode it needs is :class:`~datainf.influence.InfluenceConfig`'s own check)."""
     if not callable(getattr(train, "directional_derivatives", None)):
         return (
             f"the training gradients ({type(train).__name__}) are read, not recomputed, so the gradient scoring pass "
@@ -120,7 +116,7 @@ def loss_difference_scores(
     """
     if next(iter(vectors.values())).shape[0] != 1:
         raise ConfigError("Loss-difference scoring takes one test row (mode='average').")
-    problem = loss_difference_problem(ctx.train, "average")
+    problem = loss_difference_problem(ctx.train)
     if problem is not None:
         raise ConfigError(f"Loss-difference scoring cannot be used here: {problem}.")
     train: _LossDifferences = ctx.train  # type: ignore[assignment]
