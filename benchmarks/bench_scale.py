@@ -259,7 +259,7 @@ def second_pass_worker(n: int, folder: Path) -> dict[str, Any]:
     source = OnTheFlyGradients(model, task, train, batch_size=GRAD_BATCH, progress=False)
     source.to_dict()  # a gradient pass: the losses L(theta) recorded
     step = source.loss_difference_step(direction)
-    difference_s, differences = timed(lambda part: source.directional_derivatives(direction, part, step=step))
+    difference_s, differences = timed(lambda part: source.directional_derivatives(direction, part, steps=[step])[0])
 
     def error(values: Any) -> float:
         return float((values - exact).abs().max() / exact.abs().max())

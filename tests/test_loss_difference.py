@@ -73,7 +73,7 @@ def test_directional_derivatives_match_per_example_autograd(setup) -> None:
     gen = torch.Generator().manual_seed(3)
     direction = {b.name: torch.randn(b.numel, generator=gen) for b in blocks}
     rows = range(10, 42)
-    estimated = source.directional_derivatives(direction, rows)
+    (estimated,) = source.directional_derivatives(direction, rows)  # the default: one step
     assert source.forward_rows == 2 * len(rows)  # no gradient pass yet: L(theta) is one more forward pass each
     reference = torch.empty(len(rows), dtype=torch.float64)  # slow: one autograd call per example, float64 dots
     model.eval()

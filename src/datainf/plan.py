@@ -580,7 +580,7 @@ def _measure_seconds(settings: PlanSettings, folder: Path, projection: Any) -> t
         session.compute(records, ids)
         gradient = (time.perf_counter() - start) / settings.batch_size
         start = time.perf_counter()
-        session.forward_losses(records, ids)
+        session.forward_losses(session.task.collate(records, ids))
         return gradient, (time.perf_counter() - start) / settings.batch_size
 
 

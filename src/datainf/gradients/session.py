@@ -186,8 +186,9 @@ class GradientSession:
         losses, grads = batch_gradients(self.model, self.task, batch.to(self.device), self._capture)
         return batch, losses, grads
 
-    def forward_losses(self, records: Sequence[Mapping[str, Any]], ids: Sequence[str]) -> torch.Tensor:
-        """``b`` records -> their losses ``(b,)`` from one forward pass without autograd (no hook records).
+    def forward_losses(self, batch: TaskBatch) -> torch.Tensor:
+        """A collated batch (``task.collate``) -> its losses ``(b,)`` from one forward pass without autograd
+        (no hook records); the batch is moved to the session's device.
 
         Raises:
             TaskInputError: the loss vector has the wrong shape.
@@ -195,7 +196,7 @@ class GradientSession:
         """
         if self._capture is None:
             raise RuntimeError("GradientSession.forward_losses is only usable inside `with GradientSession(...)`.")
-        batch = self.task.collate(records, list(ids)).to(self.device)
+        batch = batch.to(self.device)
         with torch.no_grad():
             losses = self.task.per_example_loss(self.model, batch)
         return _checked_losses(self.task, batch, losses)

@@ -335,26 +335,32 @@ class OnTheFlyGradients:
         return forward_difference_step(self._blocks.blocks, direction)
 
     def directional_derivatives(
-        self, direction: Mapping[str, torch.Tensor], rows: range, *, step: float | None = None, progress: bool = False
+        self,
+        direction: Mapping[str, torch.Tensor],
+        rows: range,
+        *,
+        steps: Sequence[float] | None = None,
+        progress: bool = False,
     ) -> torch.Tensor:
-        """``g_k . u`` for every example ``k`` in ``rows``, by a forward difference of its loss (docs/method.md 6.2).
+        """``g_k . u`` for every example ``k`` in ``rows``, by forward differences of its loss (docs/method.md 6.2).
 
-        ``(L_k(theta + h u) - L_k(theta)) / h``: one forward pass without autograd per example at the
-        moved weights (:func:`~datainf.gradients.directional.perturbed_blocks`); ``L_k(theta)`` is the
-        loss of the example's last gradient pass when there was one, else one more forward pass.
+        ``(L_k(theta + h u) - L_k(theta)) / h`` for each step ``h``: one forward pass without autograd
+        per example and step at the moved weights (:func:`~datainf.gradients.directional.perturbed_blocks`),
+        each batch collated once; ``L_k(theta)`` is the loss of the example's last gradient pass when
+        there was one, else one more forward pass.
 
         Args:
             direction: block name -> ``u_l`` (``d_l`` numbers, the served rows' layout); blocks left
                 out do not move.
             rows: a contiguous range of rows.
-            step: ``h``; default :func:`~datainf.gradients.directional.forward_difference_step`.
+            steps: the steps ``h``; default one, :meth:`loss_difference_step`.
             progress: show a progress bar.
 
         Returns:
-            float64 ``(len(rows),)``, an approximation of ``g_k . u`` (its error: docs/method.md 6.2).
+            float64 ``(len(steps), len(rows))``, approximations of ``g_k . u`` (their error: docs/method.md 6.2).
 
         Raises:
-            ConfigError: :meth:`loss_difference_problem` names a reason, a bad direction or range.
+            ConfigError: :meth:`loss_difference_problem` names a reason, a bad direction, step or range.
             GradientSourceChangedError: the adapter or the records changed since the source was created.
             NonFiniteGradientError: a non-finite loss.
         """
@@ -369,26 +375,27 @@ class OnTheFlyGradients:
         if rows.step != 1 or rows.start < 0 or rows.stop > n or rows.start > rows.stop:
             raise ConfigError(f"rows must be a contiguous range inside range({n}), got {rows!r}.")
         blocks = self._blocks.blocks
-        h = self.loss_difference_step(direction) if step is None else float(step)
-        if not (math.isfinite(h) and h > 0):
-            raise ConfigError(f"The loss-difference step must be a finite number > 0, got {step!r}.")
+        hs = [self.loss_difference_step(direction)] if steps is None else [float(h) for h in steps]
+        if not hs or not all(math.isfinite(h) and h > 0 for h in hs):
+            raise ConfigError(f"Loss-difference steps must be finite numbers > 0, got {steps!r}.")
         self._check_unchanged("before a loss-difference pass")
-        out = torch.empty(len(rows), dtype=torch.float64)
+        out = torch.empty(len(hs), len(rows), dtype=torch.float64)
         with (
             self._opened() as session,
             tqdm(total=len(rows), desc="loss differences", unit="ex", disable=not progress, leave=False) as bar,
         ):
             for start in range(rows.start, rows.stop, self.batch_size):
                 chunk = range(start, min(start + self.batch_size, rows.stop))
-                records, ids = [self._records[i] for i in chunk], [self._ids[i] for i in chunk]
+                batch = self._task.collate([self._records[i] for i in chunk], [self._ids[i] for i in chunk])
                 base = self._losses[chunk.start : chunk.stop]
                 if bool(base.isnan().any()):
-                    base = session.forward_losses(records, ids).to("cpu", torch.float64)
+                    base = session.forward_losses(batch).to("cpu", torch.float64)
                     self.forward_rows += len(chunk)
-                with perturbed_blocks(blocks, direction, h):
-                    moved = session.forward_losses(records, ids).to("cpu", torch.float64)
-                self.forward_rows += len(chunk)
-                out[chunk.start - rows.start : chunk.stop - rows.start] = (moved - base) / h
+                for j, h in enumerate(hs):
+                    with perturbed_blocks(blocks, direction, h):
+                        moved = session.forward_losses(batch).to("cpu", torch.float64)
+                    out[j, chunk.start - rows.start : chunk.stop - rows.start] = (moved - base) / h
+                self.forward_rows += len(chunk) * len(hs)
                 bar.update(len(chunk))
         self._check_unchanged("after a loss-difference pass")
         return out

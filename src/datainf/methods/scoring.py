@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -61,7 +61,12 @@ class _LossDifferences(Protocol):
     def loss_difference_step(self, direction: Mapping[str, torch.Tensor]) -> float: ...
 
     def directional_derivatives(
-        self, direction: Mapping[str, torch.Tensor], rows: range, *, step: float | None = None, progress: bool = False
+        self,
+        direction: Mapping[str, torch.Tensor],
+        rows: range,
+        *,
+        steps: Sequence[float] | None = None,
+        progress: bool = False,
     ) -> torch.Tensor: ...
 
 
@@ -129,12 +134,13 @@ def loss_difference_scores(
     steps = [textbook * factor for factor in STEP_FACTORS]
     scales = ctx.example_scales
 
-    def estimate(part: range, step: float, progress: bool) -> torch.Tensor:
-        values = train.directional_derivatives(direction, part, step=step, progress=progress)
+    def estimate(part: range, hs: list[float], progress: bool) -> torch.Tensor:
+        """``(len(hs), len(part))`` estimates of the scores of the rows ``part``, one row per step."""
+        values = train.directional_derivatives(direction, part, steps=hs, progress=progress)
         if scales is not None:  # unit-normalised rows: g_k / ||g_k||
             values = values * scales[part.start : part.stop]
         if not bool(torch.isfinite(values).all()):
-            bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+            bad = (~torch.isfinite(values)).any(dim=0).nonzero().flatten().tolist()
             raise NonFiniteGradientError(
                 f"The loss differences of training examples {[train_ids[part.start + i] for i in bad[:5]]} are not "
                 "finite; use scoring='gradients'."
@@ -149,7 +155,7 @@ def loss_difference_scores(
         exact = gradient_scores(alone, vectors, "loss-difference check")[0]  # (C,)
         if not len(check):
             return exact, ([0.0] * len(steps), 0.0, 0)
-        errors = [float((estimate(check, step, progress=False) - exact).abs().max()) for step in steps]
+        errors = (estimate(check, steps, progress=False) - exact).abs().amax(dim=1).tolist()  # one per step
         return exact, (errors, float(exact.abs().max()), len(check))
 
     exact, report = on_every_rank(processes, "Checking the loss differences", check_rows)
@@ -184,7 +190,7 @@ def loss_difference_scores(
     rest = on_every_rank(
         processes,
         "Scoring by loss differences",
-        lambda: estimate(range(check.stop, rows.stop), step, progress=ctx.progress),
+        lambda: estimate(range(check.stop, rows.stop), [step], progress=ctx.progress)[0],
     )
     local = torch.cat([exact, rest]).unsqueeze(0)  # (1, rows of this process)
     return processes.all_gather_cat(local, dim=1), diagnostics
