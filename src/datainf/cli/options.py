@@ -361,8 +361,8 @@ def _score_options() -> list[Option]:
             "the last pass, which turns the preconditioned test gradients into scores. gradients: one pass over the "
             "training gradients (exact). loss-difference: with --train-data and --mode average only, each "
             "example's score is a forward difference of its loss, one forward pass per example instead of a "
-            "forward/backward pass (1.4-1.5x instead of 1.7-1.8x a store's collection + DataInf on the benchmark "
-            "model). It is approximate (about 1e-3 of the largest score there) and is checked against exact scores "
+            "forward/backward pass (about 1.4x instead of 1.7-1.8x a store's collection + DataInf on the benchmark "
+            "model from 2,000 examples on). It is approximate (about 1e-3 of the largest score there) and is checked against exact scores "
             "on 64 rows: above 1 %% it falls back to the gradient pass",
             choices=("gradients", "loss-difference"),
         ),
