@@ -127,3 +127,25 @@ def test_influence_from_collected_gradients_equals_loop(train_and_test_gradients
     assert fast.values.abs().max() > 0
     scale = float(slow.values.abs().max())
     torch.testing.assert_close(fast.values.double(), slow.values.double(), rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_an_adapted_module_that_never_runs_is_warned_about_once(caplog) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from test_onthefly_fused import CrossEntropy, TinyClassifier, class_records
+
+    class Skipping(TinyClassifier):
+        """``spare`` is adapted but the forward pass never calls it: its gradient is all zero."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.spare = torch.nn.Linear(32, 32)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Skipping(), LoraConfig(r=2, target_modules=["hidden", "spare"], init_lora_weights=False))
+    with caplog.at_level(logging.WARNING, logger="datainf.gradients.session"):
+        store = collect_gradients(model, CrossEntropy(), class_records(6, 0), batch_size=3, progress=False)
+    warnings = [r.message for r in caplog.records if "never ran" in r.message]
+    assert len(warnings) == 1 and "spare" in warnings[0]
+    spare = [name for name in store.block_dims if ".spare." in name]
+    assert spare and all(float(store.to_dict()[name].abs().max()) == 0.0 for name in spare)

@@ -135,9 +135,11 @@ class GradientSession:
         self._projector = projector
         self._stack: ExitStack | None = None
         self._capture: PerExampleGradients | None = None
+        self._computed = False  # some batch's gradients were taken (what the never-ran warning is about)
         self.device: torch.device = _model_device(model)
 
     def __enter__(self) -> GradientSession:
+        self._computed = False
         stack = ExitStack()
         try:
             self.device = stack.enter_context(_on_device(self.model, self._device))
@@ -160,7 +162,7 @@ class GradientSession:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         capture, stack = self._capture, self._stack
         self._capture, self._stack = None, None
-        unused = capture.never_called() if capture is not None else []
+        unused = capture.never_called() if capture is not None and self._computed else []
         if stack is not None:
             stack.close()
         if unused and exc_type is None:
@@ -184,6 +186,7 @@ class GradientSession:
             raise RuntimeError("GradientSession.compute is only usable inside `with GradientSession(...)`.")
         batch = self.task.collate(records, list(ids))
         losses, grads = batch_gradients(self.model, self.task, batch.to(self.device), self._capture)
+        self._computed = True
         return batch, losses, grads
 
     def forward_losses(self, batch: TaskBatch) -> torch.Tensor:
